@@ -1,0 +1,291 @@
+"""`vmetal serve` and `vmetal.server`: argument handling without a server, process handling with small
+stand-in children, and one slow test per stop signal against a real server with the demo model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from vmetal import envs
+from vmetal.cli import serve as serve_cmd
+from vmetal.cli.app import app
+from vmetal.server import ServerError, ServerProcess, check_port_free, free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    # The contract's variables and the API key come from the flags under test only.
+    for var in envs.VARIABLES:
+        monkeypatch.delenv(var.name, raising=False)
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+
+
+class FakeServer:
+    """Stands in for ServerProcess in `vmetal serve`: records how it was built, exits at once."""
+
+    built: list[FakeServer] = []
+
+    def __init__(self, model, **kwargs):
+        self.model, self.kwargs = model, kwargs
+        self.killed = False
+        self.events: list[str] = []
+        FakeServer.built.append(self)
+
+    def start(self):
+        self.events.append("start")
+
+    def wait_ready(self, timeout, cancel=None):
+        self.events.append(f"wait_ready {timeout:g}")
+        return True
+
+    def wait(self, timeout=None):
+        return 0
+
+    def kill(self):
+        self.killed = True
+
+    def stop(self, grace=15.0):
+        self.events.append("stop")
+        return 0
+
+
+@pytest.fixture
+def fake_server(monkeypatch):
+    FakeServer.built = []
+    monkeypatch.setattr(serve_cmd, "ServerProcess", FakeServer)
+    return FakeServer.built
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["serve", *args])
+
+
+def test_help_lists_flags():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for flag in ("--demo", "--host", "--port", "--api-key", "--max-model-len", "--max-num-seqs", "--paged",
+                 "--memory-fraction", "--block-size", "--prefix-cache", "--device", "--served-model-name",
+                 "--ready-timeout"):
+        assert flag in result.stdout
+
+
+def test_no_arguments_shows_help_and_version_is_data():
+    assert "serve" in runner.invoke(app, []).output
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("vmetal ")
+
+
+def test_invalid_combination_stops_before_any_process(fake_server):
+    result = invoke("--demo", "--memory-fraction", "0.7")
+    assert result.exit_code == 2
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("error: ") and "VLLM_METAL_MEMORY_FRACTION=0.7" in first
+    assert "`--paged`" in result.stderr and result.stdout == ""
+    assert fake_server == []
+
+
+@pytest.mark.parametrize("args, variable", [
+    (["--paged", "--block-size", "12"], "VLLM_METAL_BLOCK_SIZE=12"),
+    (["--paged", "--memory-fraction", "1.5"], "VLLM_METAL_MEMORY_FRACTION=1.5"),
+])
+def test_invalid_values_exit_2(fake_server, args, variable):
+    result = invoke("--demo", *args)
+    assert result.exit_code == 2 and variable in result.stderr and fake_server == []
+
+
+def test_invalid_environment_is_caught_too(fake_server, monkeypatch):
+    monkeypatch.setattr(serve_cmd, "_demo_model", lambda: "/demo")
+    monkeypatch.setenv(envs.MEMORY_FRACTION, "0.7")
+    assert invoke("--demo").exit_code == 2
+    # Flags and environment are validated together: `--paged` makes the variable's fraction valid.
+    assert invoke("--demo", "--paged", "--port", str(free_port())).exit_code == 0
+    assert fake_server[0].kwargs["config"].memory_fraction == 0.7
+
+
+def test_missing_local_model_exits_2_naming_it(fake_server, tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = invoke(str(missing))
+    assert result.exit_code == 2
+    assert str(missing) in result.stderr and fake_server == []
+
+
+def test_model_and_demo_together_exit_2(fake_server):
+    assert invoke("./somewhere", "--demo").exit_code == 2
+
+
+def test_port_in_use_exits_2(fake_server):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = invoke("--demo", "--port", str(port))
+    assert result.exit_code == 2
+    assert f"port {port}" in result.stderr and "in use" in result.stderr and fake_server == []
+
+
+def test_flags_reach_the_server(fake_server, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    port = free_port()
+    result = invoke(str(tmp_path), "--port", str(port), "--paged", "--memory-fraction", "0.7",
+                    "--block-size", "32", "--prefix-cache", "--device", "cpu", "--max-model-len", "512",
+                    "--max-num-seqs", "4", "--api-key", "k", "--ready-timeout", "9",
+                    "--", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    (server,) = fake_server
+    assert server.model == str(tmp_path.resolve())
+    cfg = server.kwargs["config"]
+    assert (cfg.use_paged_attention, cfg.memory_fraction, cfg.block_size, cfg.prefix_cache,
+            cfg.mlx_device) == (True, 0.7, 32, True, "cpu")
+    assert cfg.sources[envs.MEMORY_FRACTION] == "flag"
+    assert server.kwargs["vllm_args"] == ["--max-num-seqs", "4", "--max-model-len", "512",
+                                          "--dtype", "float32"]
+    assert server.kwargs["served_model_name"] == str(tmp_path) and server.kwargs["api_key"] == "k"
+    assert server.events == ["start", "wait_ready 9", "stop", "stop"]
+    assert f"vmetal: serving {tmp_path} at http://127.0.0.1:{port}/v1" in result.stderr
+    assert result.stdout == ""
+
+
+def test_vllm_arguments_after_double_dash_without_model(fake_server, monkeypatch):
+    monkeypatch.setattr(serve_cmd, "_demo_model", lambda: "/demo")
+    result = invoke("--demo", "--port", str(free_port()), "--", "--enforce-eager")
+    assert result.exit_code == 0, result.output
+    (server,) = fake_server
+    assert server.model == "/demo" and server.kwargs["served_model_name"] == "vmetal-demo"
+    assert server.kwargs["vllm_args"] == ["--enforce-eager"]
+
+
+def test_default_model_is_a_hub_id_passed_through(fake_server):
+    assert invoke("--port", str(free_port())).exit_code == 0
+    assert fake_server[0].model == serve_cmd.DEFAULT_MODEL == "Qwen/Qwen3-0.6B"
+
+
+def test_public_host_without_key_warns(fake_server, monkeypatch):
+    monkeypatch.setattr(serve_cmd, "_demo_model", lambda: "/demo")
+    result = invoke("--demo", "--host", "0.0.0.0", "--port", str(free_port()))
+    assert result.exit_code == 0 and "warning: " in result.stderr and "--api-key" in result.stderr
+    result = invoke("--demo", "--port", str(free_port()))
+    assert "warning" not in result.stderr
+
+
+def test_main_maps_errors_to_exit_codes():
+    # The console script path, in a fresh interpreter: also shows that nothing heavy is imported.
+    code = ("import sys; sys.argv = ['vmetal', 'serve', '--memory-fraction', '0.7']\n"
+            "from vmetal.cli.app import main\n"
+            "try:\n    main()\nfinally:\n"
+            "    assert not {'vllm', 'torch', 'mlx'} & set(sys.modules), sorted(sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: VLLM_METAL_MEMORY_FRACTION=0.7")
+
+
+def still_running(procs: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
+    """Those of `procs` still running after `timeout` s; zombies left for PID 1 to reap count as gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    running.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.05)
+
+
+# ServerProcess with stand-in children: the process-group handling without vLLM's 10 s start.
+
+def stand_in(script: str, **kwargs) -> ServerProcess:
+    server = ServerProcess("unused", port=free_port(), echo=False, **kwargs)
+    server.argv = [sys.executable, "-c", script]
+    return server
+
+
+def test_child_dying_before_ready_reports_its_last_lines():
+    server = stand_in("print('loading'); import sys; sys.exit('boom: no such model')")
+    server.start()
+    with pytest.raises(ServerError) as info:
+        server.wait_ready(timeout=30)
+    assert "exited with code 1" in str(info.value) and "boom: no such model" in str(info.value)
+    assert server.stop() == 1
+
+
+def test_stop_ends_the_whole_group_even_when_sigterm_is_ignored(tmp_path):
+    log = tmp_path / "server.log"
+    script = ("import signal, subprocess, sys, time\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print('up', flush=True); time.sleep(60)\n")
+    server = stand_in(script, log_path=log)
+    server.start()
+    deadline = time.monotonic() + 20
+    while "up" not in server.tail and time.monotonic() < deadline:
+        time.sleep(0.05)
+    family = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
+    assert len(family) == 2
+    server.stop(grace=0.5)
+    assert server.killed
+    assert still_running(family) == [] and log.read_text() == "up\n"
+
+
+# One real server per stop signal: `vmetal serve --demo`, one completion, then the signal.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_demo_end_to_end(stop_signal, tmp_path):
+    from openai import OpenAI
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_METAL_", "VLLM_MLX_"))}
+    vmetal = Path(sys.executable).with_name("vmetal")
+    cmd = [str(vmetal)] if vmetal.exists() else [sys.executable, "-m", "vmetal.cli.app"]
+    proc = subprocess.Popen([*cmd, "serve", "--demo", "--port", str(port), "--max-model-len", "256"],
+                            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    stderr: list[str] = []
+    ready = threading.Event()
+
+    def read_stderr():
+        for line in proc.stderr:
+            stderr.append(line)
+            if line.startswith("vmetal: serving"):
+                ready.set()
+
+    readers = [threading.Thread(target=read_stderr, daemon=True),
+               threading.Thread(target=proc.stdout.read, daemon=True)]  # vLLM logs to stdout: drain it
+    for reader in readers:
+        reader.start()
+    try:
+        assert ready.wait(180), "".join(stderr[-30:])
+        ready_line = next(line for line in stderr if line.startswith("vmetal: serving"))
+        url = f"http://127.0.0.1:{port}/v1"
+        assert ready_line.strip() == f"vmetal: serving vmetal-demo at {url}"
+
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        completion = client.completions.create(model="vmetal-demo", prompt="Hello", max_tokens=8,
+                                               temperature=0)
+        assert completion.choices[0].text and completion.usage.completion_tokens == 8
+
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert any("EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name() for p in family)
+        proc.send_signal(stop_signal)
+        assert proc.wait(timeout=60) == 0, "".join(stderr[-30:])
+        assert still_running(family) == []
+        check_port_free("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,213 @@
+"""`vmetal serve`: check everything that can be checked cheaply, then run vLLM's OpenAI server on MLX.
+
+Every refusal (bad flag combination, missing model folder, busy port) happens before a process starts,
+because vLLM itself takes ~10 s to reach the point where it would notice. The server runs as a child
+(`vmetal.server.ServerProcess`); this module owns what a terminal user sees: the ready line, Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vmetal import envs
+from vmetal.cli.errors import USAGE, VmetalError, warn
+from vmetal.server import (DEFAULT_HOST, DEFAULT_PORT, READY_TIMEOUT_S, ServerProcess, check_port_free,
+                           is_loopback)
+
+DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+DEMO_SERVED_NAME = "vmetal-demo"
+
+COMMAND_SETTINGS: dict[str, Any] = {
+    # Whatever follows `--` is for `vllm serve`; Click hands it over in ctx.args.
+    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "epilog": "Arguments after `--` go to `vllm serve` unchanged, e.g. "
+              "`vmetal serve --demo -- --max-num-batched-tokens 512`.",
+}
+
+_KV = "KV cache and device (the VLLM_METAL_* variables)"
+_VLLM = "vLLM"
+
+
+class Device(str, enum.Enum):
+    gpu = "gpu"
+    cpu = "cpu"
+
+
+# Shared with the commands that start or reach a server (chat, bench) when they come.
+HostOption = Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable "
+                                              "from other machines.")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+ModelArgument = Annotated[str | None, typer.Argument(
+    show_default=False, metavar="MODEL",
+    help=f"Local model folder or Hugging Face id. Default: {DEFAULT_MODEL}.")]
+
+# flag -> variable of ENV.md it sets, for hints that name the flag the user actually typed.
+FLAG_VARIABLES = {
+    "--paged": envs.USE_PAGED_ATTENTION,
+    "--memory-fraction": envs.MEMORY_FRACTION,
+    "--block-size": envs.BLOCK_SIZE,
+    "--prefix-cache": envs.PREFIX_CACHE,
+    "--device": envs.MLX_DEVICE,
+}
+
+
+def load_flags_config(*, paged: bool, memory_fraction: str | None, block_size: int | None,
+                      prefix_cache: bool, device: str | None) -> envs.MetalConfig:
+    """The environment with the flags on top, validated as the engine will validate it."""
+    # An unset switch (False) must not override `VLLM_METAL_*=1` from the environment.
+    flags = {
+        envs.USE_PAGED_ATTENTION: "1" if paged else None,
+        envs.MEMORY_FRACTION: memory_fraction,
+        envs.BLOCK_SIZE: None if block_size is None else str(block_size),
+        envs.PREFIX_CACHE: "1" if prefix_cache else None,
+        envs.MLX_DEVICE: device,
+    }
+    try:
+        cfg = envs.load_config(os.environ, overrides=flags)
+        if cfg.mlx_device == "gpu":
+            # Only an explicit `gpu` is checked here: it must fail now rather than in the engine, and
+            # probing MLX costs an import that `cpu` and unset do not need.
+            envs.resolve_mlx_device(cfg)
+    except envs.EnvError as exc:
+        named = [f"`{flag}` sets {var}" for flag, var in FLAG_VARIABLES.items() if var in str(exc)]
+        raise VmetalError(str(exc), hint="; ".join(named) or None, exit_code=USAGE) from None
+    return cfg
+
+
+def _looks_local(model: str) -> bool:
+    # Hub ids are `name` or `org/name`; anything else with a path shape is meant as a folder.
+    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def resolve_model(model: str | None, demo: bool) -> tuple[str | None, str]:
+    """(what vLLM loads, or None for the demo model still to build; the name the user gave it)."""
+    if demo:
+        if model is not None:
+            raise VmetalError(f"give a MODEL or `--demo`, not both (MODEL was `{model}`)", exit_code=USAGE)
+        return None, DEMO_SERVED_NAME
+    model = model or DEFAULT_MODEL
+    path = Path(model).expanduser()
+    if path.exists():
+        # Absolute, so the server does not depend on its working directory.
+        return str(path.resolve()), model
+    if _looks_local(model):
+        raise VmetalError(f"model folder `{model}` does not exist",
+                          hint=f"pass an existing folder, a Hugging Face id such as `{DEFAULT_MODEL}`, "
+                               "or `--demo` for a tiny local model", exit_code=USAGE)
+    return model, model
+
+
+def _demo_model() -> str:
+    from vmetal.demo import default_demo_dir, ensure_demo_model
+
+    if not (default_demo_dir() / "config.json").is_file():
+        say(f"building the demo model in {default_demo_dir()}")
+    return str(ensure_demo_model())
+
+
+def say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"vmetal: {message}", markup=False, soft_wrap=True)
+
+
+def _exit_code(code: int) -> int:
+    # A child killed by a signal reports -N; shells report that as 128+N.
+    return 128 - code if code < 0 else code
+
+
+def supervise(server: ServerProcess, name: str, shown_url: str, ready_timeout: float) -> int:
+    """Run `server` until it exits or we get SIGINT/SIGTERM; the exit code for `vmetal serve`."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stopping.is_set():
+            server.kill()  # a second Ctrl-C: the user does not want to wait for a graceful stop
+        else:
+            say("stopping the server (press Ctrl-C again to kill it)")
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        if server.wait_ready(ready_timeout, cancel=stopping):
+            say(f"serving {name} at {shown_url}")
+            while not stopping.is_set():
+                code = server.wait(0.25)
+                if code is not None:
+                    server.stop()  # whatever the child left behind in its group
+                    say(f"the server exited by itself with code {code}")
+                    return _exit_code(code)
+        server.stop()
+        if server.killed:
+            warn("the server did not stop in time and was killed")
+        return 0
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(
+    ctx: typer.Context,
+    model: ModelArgument = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Serve a tiny random-weight model built locally "
+                                                      "(works offline).")] = False,
+    host: HostOption = DEFAULT_HOST,
+    port: PortOption = DEFAULT_PORT,
+    api_key: Annotated[str | None, typer.Option(help="Require this key from clients (vLLM's `--api-key`; "
+                                                     "VLLM_API_KEY works too).", show_default=False)] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="Model name clients send. Default: MODEL as given, `vmetal-demo` with --demo.",
+        show_default=False, rich_help_panel=_VLLM)] = None,
+    max_model_len: Annotated[int | None, typer.Option(min=1, help="Longest prompt + output in tokens.",
+                                                      show_default=False, rich_help_panel=_VLLM)] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(min=1, help="Most requests in one batch.",
+                                                     show_default=False, rich_help_panel=_VLLM)] = None,
+    paged: Annotated[bool, typer.Option("--paged", help="Use the paged KV cache managed by vLLM.",
+                                        rich_help_panel=_KV)] = False,
+    memory_fraction: Annotated[str | None, typer.Option(
+        metavar="auto|FRACTION", help="Device-memory fraction for the paged KV cache (needs --paged).",
+        show_default=False, rich_help_panel=_KV)] = None,
+    block_size: Annotated[int | None, typer.Option(help="KV cache block size in tokens: 8, 16 or 32.",
+                                                   show_default=False, rich_help_panel=_KV)] = None,
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache", help="Reuse the KV of shared prompt "
+                                               "prefixes.", rich_help_panel=_KV)] = False,
+    device: Annotated[Device | None, typer.Option(help="MLX device. Default: gpu where MLX has one.",
+                                                  show_default=False, rich_help_panel=_KV)] = None,
+    ready_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the server to answer "
+                                                 "/health.")] = READY_TIMEOUT_S,
+) -> None:
+    """Serve MODEL through vLLM's OpenAI-compatible API, computed with MLX."""
+    vllm_args = list(ctx.args)
+    if model is not None and model.startswith("-"):
+        # Click gives the first word after `--` to MODEL when none was given before it.
+        vllm_args.insert(0, model)
+        model = None
+
+    cfg = load_flags_config(paged=paged, memory_fraction=memory_fraction, block_size=block_size,
+                            prefix_cache=prefix_cache, device=device.value if device else None)
+    target, given_name = resolve_model(model, demo)
+    check_port_free(host, port)
+    if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY")):
+        warn(f"`--host {host}` accepts connections from other machines and no `--api-key` is set: "
+             "anyone who can reach this port can use the server")
+    if target is None:
+        target = _demo_model()
+
+    if max_model_len is not None:
+        vllm_args[:0] = ["--max-model-len", str(max_model_len)]
+    if max_num_seqs is not None:
+        vllm_args[:0] = ["--max-num-seqs", str(max_num_seqs)]
+    name = served_model_name or given_name
+    server = ServerProcess(target, host=host, port=port, served_model_name=name, api_key=api_key,
+                           config=cfg, vllm_args=vllm_args)
+    shown_host = f"[{host}]" if ":" in host else host
+    raise typer.Exit(supervise(server, name, f"http://{shown_host}:{port}/v1", ready_timeout))

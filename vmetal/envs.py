@@ -1,0 +1,296 @@
+"""The environment variable contract of vmetal (see ENV.md), parsed and validated in one place.
+
+The engine, `vmetal serve` and `vmetal doctor` all go through `load_config`, so a value that one of them
+accepts is accepted by all of them, and every rejection reads the same. This module is imported by the
+platform plugin in every vLLM process, so it imports nothing heavy: mlx is only imported lazily when the
+MLX device has to be probed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+MEMORY_FRACTION = "VLLM_METAL_MEMORY_FRACTION"
+USE_MLX = "VLLM_METAL_USE_MLX"
+MLX_DEVICE = "VLLM_MLX_DEVICE"
+BLOCK_SIZE = "VLLM_METAL_BLOCK_SIZE"
+USE_PAGED_ATTENTION = "VLLM_METAL_USE_PAGED_ATTENTION"
+DEBUG = "VLLM_METAL_DEBUG"
+USE_MODELSCOPE = "VLLM_USE_MODELSCOPE"
+MODELSCOPE_CACHE = "VLLM_METAL_MODELSCOPE_CACHE"
+PREFIX_CACHE = "VLLM_METAL_PREFIX_CACHE"
+PREFIX_CACHE_FRACTION = "VLLM_METAL_PREFIX_CACHE_FRACTION"
+
+# What `auto` means once the paged KV cache has to be given an explicit budget.
+AUTO_KV_FRACTION = 0.9
+# The block sizes the paged attention kernels are compiled for.
+SUPPORTED_BLOCK_SIZES = (8, 16, 32)
+
+Source = Literal["default", "environment", "flag"]
+
+
+class Variable(NamedTuple):
+    name: str
+    default: str | None  # None: unset by default
+    meaning: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(MEMORY_FRACTION, "auto",
+             "`auto` sizes memory to fit plus a minimal KV cache; `0.x` is the device-memory fraction "
+             "for the paged KV cache"),
+    Variable(USE_MLX, "1", "compute with MLX (`1`) or with PyTorch on the torch device (`0`, the baseline)"),
+    Variable(MLX_DEVICE, "gpu", "MLX device, `gpu` (Metal or CUDA) or `cpu`; unset falls back to `cpu` "
+             "when MLX has no GPU"),
+    Variable(BLOCK_SIZE, "16", "KV cache block size in tokens: 8, 16 or 32"),
+    Variable(USE_PAGED_ATTENTION, "0", "enable the paged KV cache managed by vLLM's KV cache manager"),
+    Variable(DEBUG, "0", "debug logging"),
+    Variable(USE_MODELSCOPE, "False", "download models from ModelScope instead of Hugging Face, with no "
+             "fallback"),
+    Variable(MODELSCOPE_CACHE, None, "absolute path of a local ModelScope model or cache to load from"),
+    Variable(PREFIX_CACHE, None, "set to enable prefix caching for shared prompt reuse"),
+    Variable(PREFIX_CACHE_FRACTION, "0.05", "fraction of the MLX working set for the prefix cache, in (0, 1]"),
+)
+
+_NAMES = tuple(v.name for v in VARIABLES)
+
+_TRUE = ("1", "true", "yes")
+_FALSE = ("0", "false", "no")
+_BOOL_ALLOWED = "one of 1/0, true/false, yes/no (any case)"
+_FRACTION_ALLOWED = "a number in (0, 1]"
+
+
+class EnvError(ValueError):
+    """A user-facing configuration error, one line, naming the variable, the value seen and what is allowed."""
+
+    def __init__(self, message: str, *, variable: str, value: str | None = None,
+                 allowed: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable
+        self.value = value
+        self.allowed = allowed
+
+
+def _show(value: str) -> str:
+    # Quote only values that would otherwise be ambiguous or break the one-line message.
+    if value == "" or any(c.isspace() or not c.isprintable() for c in value):
+        return repr(value)
+    return value
+
+
+def _invalid(name: str, value: str, allowed: str) -> EnvError:
+    return EnvError(f"{name}={_show(value)} is invalid: expected {allowed}",
+                    variable=name, value=value, allowed=allowed)
+
+
+@dataclass(frozen=True)
+class MetalConfig:
+    memory_fraction: Literal["auto"] | float = "auto"
+    use_mlx: bool = True
+    mlx_device: Literal["gpu", "cpu"] | None = None  # None: unset, resolved by `resolve_mlx_device`
+    block_size: int = 16
+    use_paged_attention: bool = False
+    debug: bool = False
+    use_modelscope: bool = False
+    modelscope_cache: str | None = None
+    prefix_cache: bool = False
+    prefix_cache_fraction: float = 0.05
+    # Provenance is about how a config was reached, not what it is: two configs that behave the same
+    # compare equal whatever their sources, which is what lets a child process be checked against its parent.
+    sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    raw: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def kv_fraction(self) -> float:
+        """Device-memory fraction for the paged KV cache; only the paged path uses it."""
+        return AUTO_KV_FRACTION if self.memory_fraction == "auto" else float(self.memory_fraction)
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    low = value.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise _invalid(name, value, _BOOL_ALLOWED)
+
+
+def _parse_fraction(name: str, value: str, allowed: str = _FRACTION_ALLOWED) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise _invalid(name, value, allowed) from None
+    # Written so that NaN fails too.
+    if not 0.0 < number <= 1.0:
+        raise _invalid(name, value, allowed)
+    return number
+
+
+def _parse_memory_fraction(name: str, value: str) -> Literal["auto"] | float:
+    if value.lower() == "auto":
+        return "auto"
+    return _parse_fraction(name, value, f"`auto` or {_FRACTION_ALLOWED}")
+
+
+def _parse_device(name: str, value: str) -> Literal["gpu", "cpu"]:
+    low = value.lower()
+    if low not in ("gpu", "cpu"):
+        raise _invalid(name, value, "`gpu` or `cpu`")
+    return low  # type: ignore[return-value]
+
+
+def _parse_block_size(name: str, value: str) -> int:
+    allowed = f"one of {', '.join(map(str, SUPPORTED_BLOCK_SIZES))} (the paged kernels' block sizes)"
+    try:
+        size = int(value)
+    except ValueError:
+        raise _invalid(name, value, allowed) from None
+    if size not in SUPPORTED_BLOCK_SIZES:
+        raise _invalid(name, value, allowed)
+    return size
+
+
+def _parse_abspath(name: str, value: str) -> str:
+    if not os.path.isabs(value):
+        raise _invalid(name, value, "an absolute path")
+    return value
+
+
+# (field, parser) per variable, in table order, which is also the order errors are reported in.
+_PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    MEMORY_FRACTION: ("memory_fraction", _parse_memory_fraction),
+    USE_MLX: ("use_mlx", _parse_bool),
+    MLX_DEVICE: ("mlx_device", _parse_device),
+    BLOCK_SIZE: ("block_size", _parse_block_size),
+    USE_PAGED_ATTENTION: ("use_paged_attention", _parse_bool),
+    DEBUG: ("debug", _parse_bool),
+    USE_MODELSCOPE: ("use_modelscope", _parse_bool),
+    MODELSCOPE_CACHE: ("modelscope_cache", _parse_abspath),
+    PREFIX_CACHE: ("prefix_cache", _parse_bool),
+    PREFIX_CACHE_FRACTION: ("prefix_cache_fraction", lambda n, v: _parse_fraction(n, v)),
+}
+assert tuple(_PARSERS) == _NAMES
+
+
+def _seen(mapping: Mapping[str, object] | None, name: str) -> str | None:
+    if mapping is None or name not in mapping or mapping[name] is None:
+        return None
+    # Flags may arrive already typed (a Typer bool or float); their str() parses the same way.
+    value = str(mapping[name]).strip()
+    return value or None  # empty counts as unset, as `VAR= cmd` is how shells unset for one command
+
+
+def load_config(environ: Mapping[str, str] | None = None,
+                overrides: Mapping[str, str] | None = None) -> MetalConfig:
+    """Parse and validate the contract; `overrides` are flag values keyed by variable name and win.
+
+    Raises `EnvError` on the first invalid variable in table order, then on an invalid combination.
+    """
+    env = os.environ if environ is None else environ
+    unknown = sorted(set(overrides or ()) - set(_NAMES))
+    if unknown:
+        # A caller bug, not a user error: a flag mapped onto a name that is not in the contract.
+        raise ValueError(f"unknown vmetal variable(s) in overrides: {', '.join(unknown)}")
+
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    raw: dict[str, str] = {}
+    for name, (attr, parse) in _PARSERS.items():
+        value, source = _seen(overrides, name), "flag"
+        if value is None:
+            value, source = _seen(env, name), "environment"
+        if value is None:
+            sources[name] = "default"
+            continue
+        values[attr] = parse(name, value)
+        sources[name] = source
+        raw[name] = value
+
+    cfg = MetalConfig(**values, sources=sources, raw=raw)  # type: ignore[arg-type]
+    if cfg.memory_fraction != "auto" and not cfg.use_paged_attention:
+        shown = _show(raw[MEMORY_FRACTION])
+        raise EnvError(
+            f"{MEMORY_FRACTION}={shown} requires {USE_PAGED_ATTENTION}=1 (the MLX-managed path sizes its own "
+            f"cache); set {USE_PAGED_ATTENTION}=1 or {MEMORY_FRACTION}=auto",
+            variable=MEMORY_FRACTION, value=raw[MEMORY_FRACTION],
+            allowed=f"`auto` unless {USE_PAGED_ATTENTION}=1")
+    return cfg
+
+
+def _bool(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def to_environ(cfg: MetalConfig) -> dict[str, str]:
+    """Every variable of the contract as a string, so a child process loads an equal config.
+
+    Unset values are exported as "" (which reads as unset) so a stale value inherited by the child
+    cannot shadow them.
+    """
+    return {
+        MEMORY_FRACTION: "auto" if cfg.memory_fraction == "auto" else repr(float(cfg.memory_fraction)),
+        USE_MLX: _bool(cfg.use_mlx),
+        MLX_DEVICE: cfg.mlx_device or "",
+        BLOCK_SIZE: str(cfg.block_size),
+        USE_PAGED_ATTENTION: _bool(cfg.use_paged_attention),
+        DEBUG: _bool(cfg.debug),
+        # vLLM reads this one itself and only understands true/1, so `yes` must not reach it as is.
+        USE_MODELSCOPE: "True" if cfg.use_modelscope else "False",
+        MODELSCOPE_CACHE: cfg.modelscope_cache or "",
+        PREFIX_CACHE: _bool(cfg.prefix_cache),
+        PREFIX_CACHE_FRACTION: repr(float(cfg.prefix_cache_fraction)),
+    }
+
+
+def describe(cfg: MetalConfig) -> list[tuple[str, str, str]]:
+    """(name, effective value, source) per variable in table order, for `vmetal doctor`."""
+    env = to_environ(cfg)
+    return [(name, env[name] or "unset", cfg.sources.get(name, "default")) for name in _NAMES]
+
+
+def _default_gpu_available() -> bool:
+    try:
+        import mlx.core as mx
+    except Exception:  # noqa: BLE001 - an mlx that cannot even import has no GPU for us
+        return False
+    probes = [getattr(getattr(mx, "metal", None), "is_available", None),
+              getattr(getattr(mx, "cuda", None), "is_available", None)]
+    if hasattr(mx, "is_available") and hasattr(mx, "gpu"):
+        probes.append(lambda: mx.is_available(mx.gpu))
+    for probe in probes:
+        try:
+            if probe is not None and probe():
+                return True
+        except Exception:  # noqa: BLE001 - a probe that fails means that backend is missing
+            continue
+    return False
+
+
+def resolve_mlx_device(cfg: MetalConfig,
+                       gpu_available: Callable[[], bool] | None = None) -> tuple[str, str | None]:
+    """The MLX device to use, plus an info line when it differs from what an unset variable would suggest.
+
+    An explicit `cpu` never probes, so it works even where importing mlx is slow or broken.
+    """
+    if cfg.mlx_device == "cpu":
+        return "cpu", None
+    probe = _default_gpu_available if gpu_available is None else gpu_available
+    if probe():
+        return "gpu", None
+    if cfg.mlx_device == "gpu":
+        raise EnvError(
+            f"{MLX_DEVICE}=gpu is invalid on this host: MLX has no GPU here (neither Metal nor CUDA); "
+            f"set {MLX_DEVICE}=cpu, or install mlx with Metal (Apple Silicon) or `mlx[cuda]`",
+            variable=MLX_DEVICE, value="gpu", allowed="`cpu` on a host without an MLX GPU")
+    return "cpu", (f"{MLX_DEVICE} is unset and MLX has no GPU on this host; using `cpu` "
+                   f"(set {MLX_DEVICE}=cpu to silence this)")
+
+
+@functools.lru_cache(maxsize=1)
+def get_config() -> MetalConfig:
+    """The process-wide config from `os.environ`, loaded once; `get_config.cache_clear()` reloads it."""
+    return load_config()

@@ -1,0 +1,1 @@
+"""The model runner: scheduler output in, one batched MLX forward, sampled tokens out."""

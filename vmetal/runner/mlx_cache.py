@@ -1,0 +1,85 @@
+"""The MLX-managed KV path: per-request caches for prefill, one batched cache for decode.
+
+A request's prompt (or a chunk of it) runs alone on its own mlx-lm `KVCache`, so a
+long prompt never pads the decode batch. Once its prompt is done the request's
+cache is merged into the decode batch (mlx-lm's left-padded `BatchKVCache`), and
+from then on every decoding request advances in one forward per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DecodeBatch:
+    """The decoding requests, one row each, in one left-padded cache per layer."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.req_ids: list[str] = []
+        self._caches: list[Any] | None = None
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.req_ids
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    @property
+    def caches(self) -> list[Any]:
+        assert self._caches is not None
+        return self._caches
+
+    def add(self, req_id: str, request_cache: list[Any]) -> None:
+        from mlx_lm.models.cache import BatchKVCache
+
+        rows = [BatchKVCache.merge([c]) for c in request_cache]
+        if self._caches is None:
+            self._caches = rows
+        else:
+            for batch, row in zip(self._caches, rows):
+                batch.extend(row)
+        self.req_ids.append(req_id)
+
+    def remove(self, req_ids: set[str]) -> None:
+        keep = [i for i, r in enumerate(self.req_ids) if r not in req_ids]
+        if len(keep) == len(self.req_ids):
+            return
+        self.req_ids = [self.req_ids[i] for i in keep]
+        if not keep:
+            self._caches = None
+            return
+        for c in self.caches:
+            c.filter(keep)
+
+    def extract(self, req_id: str) -> list[Any]:
+        """Take one row out as a per-request cache (for a request paused by the scheduler)."""
+        idx = self.req_ids.index(req_id)
+        request_cache = [c.extract(idx) for c in self.caches]
+        self.remove({req_id})
+        return request_cache
+
+    def forward(self, model: Any, tokens: list[int]) -> Any:
+        """One decode step for every row; `tokens[i]` is row i's last token. Returns [B, V]."""
+        import mlx.core as mx
+
+        inputs = mx.array(tokens, dtype=mx.int32)[:, None]
+        return model(inputs, cache=self.caches)[:, -1, :]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._caches or [])
+
+
+def new_request_cache(model: Any) -> list[Any]:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def prefill(model: Any, cache: list[Any], tokens: list[int]) -> Any:
+    """Run `tokens` through `model` on a per-request cache; returns the last position's logits [V]."""
+    import mlx.core as mx
+
+    inputs = mx.array(tokens, dtype=mx.int32)[None]
+    return model(inputs, cache=cache)[0, -1, :]

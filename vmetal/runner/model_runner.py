@@ -1,0 +1,271 @@
+"""MetalModelRunner: vLLM's SchedulerOutput -> MLX forward passes -> ModelRunnerOutput.
+
+Two-phase like vLLM's GPU runner: `execute_model` runs the forward and keeps the
+logits, `sample_tokens` samples them. The engine calls the two back to back, so
+vLLM's scheduler and output processing never wait on a half-built batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vmetal.runner import mlx_cache
+from vmetal.runner.sampling import MetalSampler, needs_torch_sampler
+
+logger = logging.getLogger("vmetal")
+
+
+class MetalModelRunner:
+    def __init__(self, vllm_config: Any, device: Any):
+        self.vllm_config = vllm_config
+        self.model_config = vllm_config.model_config
+        self.scheduler_config = vllm_config.scheduler_config
+        self.cache_config = vllm_config.cache_config
+        self.device = device  # torch device of the sampler: always CPU
+        self.max_num_reqs = self.scheduler_config.max_num_seqs
+        self.max_model_len = self.model_config.max_model_len
+        self.loaded = None
+        self.model = None
+        # req_id -> vLLM's CachedRequestState (prompt, outputs, params, generator)
+        self.requests: dict[str, Any] = {}
+        # Per-request caches: requests in prefill, or decoders the scheduler paused.
+        self.request_caches: dict[str, list[Any]] = {}
+        # Tokens held in each request's KV cache (per-request or decode row).
+        self.cache_len: dict[str, int] = {}
+        self.torch_reqs: set[str] = set()
+        self.decode: mlx_cache.DecodeBatch | None = None
+        self.input_batch = None
+        self.sampler: MetalSampler | None = None
+        self._pending: tuple[dict[str, Any], set[str], dict[str, int]] | None = None
+
+    # ---------------------------------------------------------------- set-up
+    def load_model(self) -> None:
+        from vmetal import models
+
+        self.loaded = models.load(self.model_config.model, revision=self.model_config.revision)
+        self.model = self.loaded.model
+        self.decode = mlx_cache.DecodeBatch(self.loaded.num_layers)
+        self._build_input_batch()
+        logprobs_mode = getattr(self.model_config, "logprobs_mode", "raw_logprobs")
+        self.sampler = MetalSampler(str(getattr(logprobs_mode, "value", logprobs_mode)))
+
+    def _build_input_batch(self) -> None:
+        from vllm.utils.math_utils import cdiv
+        from vllm.v1.sample.logits_processor import build_logitsprocs
+        from vllm.v1.worker.gpu_input_batch import InputBatch
+
+        block_size = self.cache_config.block_size
+        self.input_batch = InputBatch(
+            max_num_reqs=self.max_num_reqs,
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens,
+            device=self.device,
+            vocab_size=self.model_config.get_vocab_size(),
+            block_sizes=[block_size],
+            max_num_blocks_per_req=[cdiv(self.max_model_len, block_size)],
+            logitsprocs=build_logitsprocs(self.vllm_config, self.device, False, False),
+        )
+
+    def kv_bytes_per_token(self) -> int:
+        assert self.loaded is not None
+        return self.loaded.kv_bytes_per_token
+
+    def warm_up(self) -> None:
+        """One tiny prefill and decode so MLX compiles its kernels before traffic."""
+        import mlx.core as mx
+
+        cache = mlx_cache.new_request_cache(self.model)
+        logits = mlx_cache.prefill(self.model, cache, [0, 1, 2, 3])
+        batch = mlx_cache.DecodeBatch(self.loaded.num_layers)
+        batch.add("warm-up", cache)
+        mx.eval(logits, batch.forward(self.model, [int(mx.argmax(logits).item())]))
+
+    # ------------------------------------------------------------ state sync
+    def _drop(self, req_id: str) -> None:
+        """Forget a request's KV (finished, aborted or preempted)."""
+        assert self.decode is not None
+        self.decode.remove({req_id})
+        self.request_caches.pop(req_id, None)
+        self.cache_len.pop(req_id, None)
+
+    def _update_states(self, so: Any) -> None:
+        import torch
+        from vllm.sampling_params import SamplingType
+        from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+        ib = self.input_batch
+        for req_id in so.finished_req_ids:
+            self._drop(req_id)
+            self.requests.pop(req_id, None)
+            self.torch_reqs.discard(req_id)
+            ib.remove_request(req_id)
+        for req_id in so.preempted_req_ids or ():
+            # vLLM freed its blocks; it will be resumed from scratch (recompute).
+            self._drop(req_id)
+
+        scheduled = so.num_scheduled_tokens.keys()
+        resumed = so.scheduled_cached_reqs.resumed_req_ids
+        for req_id in ib.req_id_to_index.keys() - (scheduled - resumed):
+            ib.remove_request(req_id)
+
+        to_add = []
+        for new in so.scheduled_new_reqs:
+            params = new.sampling_params
+            generator = None
+            if params is not None and params.sampling_type == SamplingType.RANDOM_SEED:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed)
+            state = CachedRequestState(
+                req_id=new.req_id,
+                prompt_token_ids=new.prompt_token_ids,
+                prompt_embeds=None,
+                mm_features=[],
+                sampling_params=params,
+                generator=generator,
+                block_ids=new.block_ids,
+                num_computed_tokens=new.num_computed_tokens,
+                output_token_ids=[],
+                lora_request=None,
+            )
+            self.requests[new.req_id] = state
+            if needs_torch_sampler(params):
+                self.torch_reqs.add(new.req_id)
+            to_add.append(state)
+
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.requests[req_id]
+            state.num_computed_tokens = cached.num_computed_tokens[i]
+            num_output = cached.num_output_tokens[i]
+            if num_output < len(state.output_token_ids):
+                del state.output_token_ids[num_output:]
+            if req_id in resumed:
+                self._drop(req_id)
+                if cached.new_block_ids[i] is not None:
+                    state.block_ids = cached.new_block_ids[i]
+            index = ib.req_id_to_index.get(req_id)
+            if index is None:
+                to_add.append(state)
+            else:
+                ib.num_computed_tokens_cpu[index] = state.num_computed_tokens
+                ib.num_tokens_no_spec[index] = state.num_tokens
+
+        for state in to_add:
+            ib.add_request(state)
+        ib.condense()
+        ib.refresh_metadata()
+
+    def _all_tokens(self, state: Any) -> list[int]:
+        return list(state.prompt_token_ids) + list(state.output_token_ids)
+
+    def _cache_for_prefill(self, req_id: str, start: int) -> list[Any]:
+        """The request's own cache, holding exactly `start` tokens."""
+        assert self.decode is not None
+        if req_id in self.decode:
+            self.request_caches[req_id] = self.decode.extract(req_id)
+        cache = self.request_caches.get(req_id)
+        held = self.cache_len.get(req_id, 0)
+        if cache is None or held < start:
+            if start > 0 and held < start:
+                # Only reachable if vLLM claimed cached tokens we never computed
+                # (prefix caching is switched off on this path for that reason).
+                raise RuntimeError(
+                    f"request {req_id}: scheduler says {start} tokens are computed, "
+                    f"the MLX cache holds {held}"
+                )
+            cache = mlx_cache.new_request_cache(self.model)
+            held = 0
+        if held > start:
+            for layer in cache:
+                layer.trim(held - start)
+        self.request_caches[req_id] = cache
+        self.cache_len[req_id] = start
+        return cache
+
+    # ---------------------------------------------------------------- steps
+    def execute_model(self, so: Any) -> Any:
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+        self._update_states(so)
+        self._pending = None
+        if so.total_num_scheduled_tokens == 0:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        assert self.decode is not None
+
+        decoding, prefilling = [], []
+        for req_id, n in so.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            is_decode = (
+                n == 1
+                and req_id in self.decode
+                and self.cache_len.get(req_id) == state.num_computed_tokens
+            )
+            (decoding if is_decode else prefilling).append(req_id)
+
+        # Decode rows the scheduler skipped this step keep their KV aside.
+        for req_id in [r for r in self.decode.req_ids if r not in decoding]:
+            if req_id in self.requests and req_id not in prefilling:
+                self.request_caches[req_id] = self.decode.extract(req_id)
+
+        logits: dict[str, Any] = {}
+        partial: set[str] = set()
+        for req_id in prefilling:
+            state = self.requests[req_id]
+            start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
+            cache = self._cache_for_prefill(req_id, start)
+            tokens = self._all_tokens(state)[start : start + n]
+            logits[req_id] = mlx_cache.prefill(self.model, cache, tokens)
+            if start + n < state.num_tokens:
+                partial.add(req_id)
+
+        if decoding:
+            order = list(self.decode.req_ids)
+            tokens = [self.requests[r].get_token_id(self.requests[r].num_computed_tokens) for r in order]
+            batch_logits = self.decode.forward(self.model, tokens)
+            for i, req_id in enumerate(order):
+                logits[req_id] = batch_logits[i]
+
+        self._pending = (logits, partial, dict(so.num_scheduled_tokens))
+        return None
+
+    def sample_tokens(self, grammar_output: Any = None) -> Any:
+        import mlx.core as mx
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+        if self._pending is None:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        logits, partial, num_scheduled = self._pending
+        self._pending = None
+        ib = self.input_batch
+        req_ids = list(ib.req_ids)
+        stacked = mx.stack([logits[r] for r in req_ids])
+        use_torch = any(r in self.torch_reqs for r in req_ids)
+        tokens, logprobs = self.sampler.sample(stacked, ib, use_torch)
+
+        sampled: list[list[int]] = []
+        for i, req_id in enumerate(req_ids):
+            state = self.requests[req_id]
+            self.cache_len[req_id] = self.cache_len.get(req_id, 0) + num_scheduled[req_id]
+            if req_id in partial:
+                sampled.append([])
+                if use_torch and state.generator is not None:
+                    # The sampler drew for this row; give the draw back so a
+                    # seeded request samples the same with or without chunking.
+                    state.generator.set_offset(state.generator.get_offset() - 4)
+                continue
+            token = int(tokens[i])
+            state.output_token_ids.append(token)
+            end = state.num_tokens
+            ib.token_ids_cpu[i, end - 1] = token
+            ib.num_tokens_no_spec[i] = end
+            sampled.append([token])
+            if req_id in self.request_caches:
+                self.decode.add(req_id, self.request_caches.pop(req_id))
+
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index=dict(ib.req_id_to_index),
+            sampled_token_ids=sampled,
+            logprobs=logprobs,
+        )

@@ -1,0 +1,62 @@
+"""Sampling: greedy stays in MLX, everything else goes through vLLM's own Sampler.
+
+vLLM's `Sampler` already implements every SamplingParams field the OpenAI API
+exposes (temperature, top-p/k, min-p, seeds, penalties, logit bias, min tokens,
+allowed/bad words, logprobs), driven by the `SamplingMetadata` that vLLM's
+`InputBatch` builds. Re-implementing that would only add bugs, so the runner
+keeps an `InputBatch` and hands logits to the sampler on the CPU torch device
+(never MPS: its `exponential_()` has returned exact zeros).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def needs_torch_sampler(params: Any) -> bool:
+    """True when a request's params change the argmax or ask for logprobs."""
+    if params is None:
+        return False
+    from vllm.sampling_params import SamplingType
+
+    return bool(
+        params.sampling_type != SamplingType.GREEDY
+        or params.logprobs is not None
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or params.repetition_penalty != 1.0
+        or params.logit_bias
+        or params.min_tokens
+        or params.allowed_token_ids
+        or params.bad_words_token_ids
+    )
+
+
+class MetalSampler:
+    def __init__(self, logprobs_mode: str = "raw_logprobs"):
+        from vllm.v1.sample.sampler import Sampler
+
+        self._sampler = Sampler(logprobs_mode=logprobs_mode)
+
+    def sample(self, logits: Any, input_batch: Any, use_torch: bool):
+        """`logits` is an MLX [num_reqs, vocab] array in `input_batch` row order.
+
+        Returns (token ids as a list of ints, LogprobsLists or None).
+        """
+        import mlx.core as mx
+
+        if not use_torch:
+            tokens = mx.argmax(logits, axis=-1)
+            return tokens.tolist(), None
+
+        import torch
+
+        # np.array on an MLX array goes through the buffer protocol; float32 keeps
+        # the sampler's maths (softmax, penalties) at full precision.
+        torch_logits = torch.from_numpy(np.array(logits.astype(mx.float32), copy=False))
+        out = self._sampler(torch_logits, input_batch.sampling_metadata)
+        tokens = out.sampled_token_ids[:, 0].tolist()
+        logprobs = out.logprobs_tensors.tolists() if out.logprobs_tensors is not None else None
+        return tokens, logprobs

@@ -1,0 +1,153 @@
+"""MetalWorker: vLLM's worker interface over an MLX model runner.
+
+vLLM's engine core drives one worker (the `uni` executor): it loads the model,
+asks how much KV memory there is, hands back the block budget it chose, then
+calls `execute_model` / `sample_tokens` once per scheduler step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+from vmetal import envs
+
+logger = logging.getLogger("vmetal")
+
+
+def device_memory_bytes(device: str) -> int:
+    """Memory MLX may use on `device`: Metal's recommended working set, else system RAM."""
+    import mlx.core as mx
+
+    info = mx.device_info() if device == "gpu" else {}
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info.get(key):
+            return int(info[key])
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+class MetalWorker(WorkerBase):
+    def __init__(self, vllm_config, local_rank, rank, distributed_init_method, is_driver_worker=False):
+        super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
+        self.metal_config = envs.get_config()
+        self.mlx_device = "cpu"
+        self.weights_bytes = 0
+        self.peak_activation_bytes = 0
+
+    # ------------------------------------------------------------- lifecycle
+    def init_device(self) -> None:
+        import mlx.core as mx
+        import torch
+
+        device, info = envs.resolve_mlx_device(self.metal_config)
+        if info:
+            logger.info(info)
+        self.mlx_device = device
+        mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        # The sampler's tensors live on the CPU torch device on every host.
+        self.device = torch.device("cpu")
+        from vmetal.runner.model_runner import MetalModelRunner
+
+        self.model_runner = MetalModelRunner(self.vllm_config, self.device)
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        import mlx.core as mx
+
+        before = mx.get_active_memory()
+        self.model_runner.load_model()
+        self.weights_bytes = mx.get_active_memory() - before
+        logger.info(
+            "vmetal: loaded %s on MLX %s (%.1f MiB of weights)",
+            self.model_config.model,
+            self.mlx_device,
+            self.weights_bytes / 2**20,
+        )
+
+    def get_model(self) -> Any:
+        return self.model_runner.model
+
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        # The default asks the platform for a torch attention backend; ours is
+        # MLX. Per-layer pools [num_blocks, block_size, kv_heads, head_dim] are
+        # vLLM's LBNHC layout.
+        return ["LBNHC"]
+
+    def get_kv_cache_spec(self) -> dict[str, Any]:
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from vmetal.runner.torch_dtypes import torch_dtype_of
+
+        loaded = self.model_runner.loaded
+        spec = FullAttentionSpec(
+            block_size=self.cache_config.block_size,
+            num_kv_heads=loaded.num_kv_heads,
+            head_size=loaded.head_dim,
+            dtype=torch_dtype_of(loaded.dtype),
+        )
+        return {f"model.layers.{i}.self_attn": spec for i in range(loaded.num_layers)}
+
+    def determine_available_memory(self) -> int:
+        """KV bytes vLLM may plan with.
+
+        The MLX-managed cache grows on demand, so what matters is that the
+        scheduler never admits more tokens than memory holds: the device budget
+        (vLLM's `gpu_memory_utilization` of it) less weights and the activation
+        peak of a warm-up, and never more than `max_num_seqs` full-length
+        sequences, which is all the engine could ever hold at once.
+        """
+        import mlx.core as mx
+
+        if self.cache_config.kv_cache_memory_bytes:
+            return int(self.cache_config.kv_cache_memory_bytes)
+        mx.reset_peak_memory()
+        self.model_runner.warm_up()
+        self.peak_activation_bytes = max(0, mx.get_peak_memory() - mx.get_active_memory())
+        total = device_memory_bytes(self.mlx_device)
+        utilization = self.cache_config.gpu_memory_utilization
+        budget = int(total * utilization) - self.weights_bytes - self.peak_activation_bytes
+        per_token = self.model_runner.kv_bytes_per_token()
+        ceiling = self.scheduler_config.max_num_seqs * self.model_config.max_model_len * per_token
+        available = max(0, min(budget, ceiling))
+        logger.info(
+            "vmetal: KV budget %.1f MiB (device %.1f GiB x %.2f, weights %.1f MiB, "
+            "activations %.1f MiB, ceiling %.1f MiB)",
+            available / 2**20, total / 2**30, utilization, self.weights_bytes / 2**20,
+            self.peak_activation_bytes / 2**20, ceiling / 2**20,
+        )
+        return available
+
+    def initialize_from_config(self, kv_cache_config: Any) -> None:
+        # MLX-managed path: nothing to allocate up front, the caches grow per request.
+        self.kv_cache_config = kv_cache_config
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        start = time.perf_counter()
+        self.model_runner.warm_up()
+        logger.info("vmetal: warm-up took %.2f s", time.perf_counter() - start)
+        return CompilationTimes(language_model=0.0, encoder=0.0)
+
+    # ----------------------------------------------------------------- steps
+    def execute_model(self, scheduler_output: Any) -> Any:
+        return self.model_runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_output: Any) -> Any:
+        return self.model_runner.sample_tokens(grammar_output)
+
+    def check_health(self) -> None:
+        return
+
+    def synchronize_device(self) -> None:
+        import mlx.core as mx
+
+        mx.synchronize()
+
+    def shutdown(self) -> None:
+        self.model_runner = None

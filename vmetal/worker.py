@@ -71,6 +71,14 @@ class MetalWorker(WorkerBase):
     def get_model(self) -> Any:
         return self.model_runner.model
 
+    def get_model_inspection(self) -> str:
+        # vLLM's default walks torch modules; the model here is an MLX module.
+        loaded = self.model_runner.loaded
+        return (
+            f"{type(loaded.model).__module__}.{type(loaded.model).__name__} (MLX, {loaded.dtype}): "
+            f"{loaded.num_layers} layers, {loaded.num_kv_heads} KV heads x {loaded.head_dim}"
+        )
+
     def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)
 

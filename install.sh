@@ -409,6 +409,20 @@ if [ -n "$P_REMOVE" ]; then
   done_step
 fi
 
+if [ "$P_VLLM_DIST" != vllm ]; then
+  # vLLM's own `vllm` script dies at start under any other distribution name (its
+  # --version reads importlib.metadata.version("vllm")); point it at vmetal's
+  # launcher, which answers that lookup and then runs vLLM's CLI unchanged.
+  step "making the \`vllm\` command work under the ${P_VLLM_DIST} distribution"
+  run "check that $VENV/bin is writable" "$VPY" -c '
+import sys, pathlib
+script = pathlib.Path(sys.argv[1])
+script.write_text("#!" + sys.argv[2] + "\nimport sys\nfrom vmetal.vllm_cli import main\nif __name__ == \"__main__\":\n    sys.exit(main())\n")
+script.chmod(0o755)
+' "$VENV/bin/vllm" "$VPY"
+  done_step
+fi
+
 step "checking the installed versions, then the smoke test"
 run_in_root "the venv does not match the pins above; re-run install.sh to rebuild it" \
   "$VPY" "$PLAN_PY" --check --with-vmetal ${plan_args[@]+"${plan_args[@]}"}

@@ -294,3 +294,25 @@ def resolve_mlx_device(cfg: MetalConfig,
 def get_config() -> MetalConfig:
     """The process-wide config from `os.environ`, loaded once; `get_config.cache_clear()` reloads it."""
     return load_config()
+
+
+def check_available(cfg: MetalConfig) -> None:
+    """Valid settings whose code path this release does not have stop the engine.
+
+    Running the default path instead would look like success while ignoring
+    what the user asked for.
+    """
+    from vmetal import __version__
+
+    unbuilt = [
+        (cfg.use_paged_attention, USE_PAGED_ATTENTION, "1", "the paged KV cache path"),
+        (not cfg.use_mlx, USE_MLX, "0", "the PyTorch compute path"),
+        (cfg.prefix_cache, PREFIX_CACHE, "1", "prefix reuse on the MLX-managed path"),
+    ]
+    for asked, name, value, what in unbuilt:
+        if asked:
+            raise EnvError(
+                f"{name}={value} asks for {what}, which vmetal {__version__} does not have yet; "
+                f"unset {name} to use the MLX-managed KV path",
+                variable=name, value=value, allowed="unset",
+            )

@@ -78,6 +78,7 @@ class MetalPlatform(Platform):
         from vllm.config.compilation import CUDAGraphMode
 
         cfg = envs.get_config()  # raises EnvError on an invalid combination
+        envs.check_available(cfg)
 
         parallel = vllm_config.parallel_config
         if parallel.world_size > 1:

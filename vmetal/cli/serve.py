@@ -71,6 +71,7 @@ def load_flags_config(*, paged: bool, memory_fraction: str | None, block_size: i
     }
     try:
         cfg = envs.load_config(os.environ, overrides=flags)
+        envs.check_available(cfg)
         if cfg.mlx_device == "gpu":
             # Only an explicit `gpu` is checked here: it must fail now rather than in the engine, and
             # probing MLX costs an import that `cpu` and unset do not need.

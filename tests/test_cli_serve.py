@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from vmetal import envs
@@ -26,7 +27,7 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
-    # The contract's variables and the API key come from the flags under test only.
+    # The contract's variables and the API key come only from what each test sets.
     for var in envs.VARIABLES:
         monkeypatch.delenv(var.name, raising=False)
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
@@ -75,10 +76,12 @@ def invoke(*args: str):
 def test_help_lists_flags():
     result = invoke("--help")
     assert result.exit_code == 0
-    for flag in ("--demo", "--host", "--port", "--api-key", "--max-model-len", "--max-num-seqs", "--paged",
-                 "--memory-fraction", "--block-size", "--prefix-cache", "--device", "--served-model-name",
-                 "--ready-timeout"):
+    for flag in ("--demo", "--host", "--port", "--api-key", "--max-model-len", "--max-num-seqs",
+                 "--block-size", "--device", "--served-model-name", "--ready-timeout"):
         assert flag in result.stdout
+    # This release has neither the paged KV path nor the MLX-path prefix cache: no flags that can only fail.
+    for flag in ("--paged", "--memory-fraction", "--prefix-cache"):
+        assert flag not in result.stdout
 
 
 def test_no_arguments_shows_help_and_version_is_data():
@@ -87,31 +90,66 @@ def test_no_arguments_shows_help_and_version_is_data():
     assert result.exit_code == 0 and result.stdout.startswith("vmetal ")
 
 
-def test_invalid_combination_stops_before_any_process(fake_server):
-    result = invoke("--demo", "--memory-fraction", "0.7")
+def test_invalid_combination_stops_before_any_process(fake_server, monkeypatch):
+    monkeypatch.setenv(envs.MEMORY_FRACTION, "0.7")
+    result = invoke("--demo")
     assert result.exit_code == 2
     first = result.stderr.splitlines()[0]
     assert first.startswith("error: ") and "VLLM_METAL_MEMORY_FRACTION=0.7" in first
-    assert "`--paged`" in result.stderr and result.stdout == ""
-    assert fake_server == []
+    assert "VLLM_METAL_USE_PAGED_ATTENTION=1" in first
+    # The hint names only flags that exist and were given; here there are none.
+    assert "hint" not in result.stderr and "--paged" not in result.stderr
+    assert result.stdout == "" and fake_server == []
 
 
-@pytest.mark.parametrize("args, variable", [
-    (["--paged", "--block-size", "12"], "VLLM_METAL_BLOCK_SIZE=12"),
-    (["--paged", "--memory-fraction", "1.5"], "VLLM_METAL_MEMORY_FRACTION=1.5"),
+@pytest.mark.parametrize("environ, message", [
+    # Valid settings whose code path this release does not have.
+    ({envs.USE_PAGED_ATTENTION: "1"}, "VLLM_METAL_USE_PAGED_ATTENTION=1 asks for the paged KV cache path"),
+    ({envs.USE_PAGED_ATTENTION: "1", envs.MEMORY_FRACTION: "0.7"},
+     "VLLM_METAL_USE_PAGED_ATTENTION=1 asks for the paged KV cache path"),
+    ({envs.PREFIX_CACHE: "1"}, "VLLM_METAL_PREFIX_CACHE=1 asks for prefix reuse"),
+    ({envs.USE_MLX: "0"}, "VLLM_METAL_USE_MLX=0 asks for the PyTorch compute path"),
+    # Invalid values.
+    ({envs.USE_PAGED_ATTENTION: "1", envs.MEMORY_FRACTION: "1.5"}, "VLLM_METAL_MEMORY_FRACTION=1.5"),
+    ({envs.BLOCK_SIZE: "12"}, "VLLM_METAL_BLOCK_SIZE=12"),
 ])
-def test_invalid_values_exit_2(fake_server, args, variable):
+def test_invalid_environment_exits_2(fake_server, monkeypatch, environ, message):
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    result = invoke("--demo", "--port", str(free_port()))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert "hint" not in result.stderr  # no flag was given, so none is named
+    assert result.stdout == "" and fake_server == []
+
+
+@pytest.mark.parametrize("args, variable, hint", [
+    (["--block-size", "12"], "VLLM_METAL_BLOCK_SIZE=12", "`--block-size` sets VLLM_METAL_BLOCK_SIZE"),
+    (["--block-size", "0"], "VLLM_METAL_BLOCK_SIZE=0", "`--block-size` sets VLLM_METAL_BLOCK_SIZE"),
+])
+def test_invalid_flag_values_exit_2(fake_server, args, variable, hint):
     result = invoke("--demo", *args)
-    assert result.exit_code == 2 and variable in result.stderr and fake_server == []
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and variable in result.stderr.splitlines()[0]
+    assert hint in result.stderr and fake_server == []
 
 
-def test_invalid_environment_is_caught_too(fake_server, monkeypatch):
+@pytest.mark.parametrize("flag", ["--paged", "--memory-fraction", "--prefix-cache"])
+def test_removed_flags_are_not_options(flag):
+    # Not `vmetal serve` options any more (what is not an option goes on to `vllm serve`).
+    params = {opt for param in typer.main.get_command(app).commands["serve"].params for opt in param.opts}
+    assert flag not in params
+
+
+def test_flags_and_environment_are_validated_together(fake_server, monkeypatch):
     monkeypatch.setattr(serve_cmd, "_demo_model", lambda: "/demo")
-    monkeypatch.setenv(envs.MEMORY_FRACTION, "0.7")
-    assert invoke("--demo").exit_code == 2
-    # Flags and environment are validated together: `--paged` makes the variable's fraction valid.
-    assert invoke("--demo", "--paged", "--port", str(free_port())).exit_code == 0
-    assert fake_server[0].kwargs["config"].memory_fraction == 0.7
+    monkeypatch.setenv(envs.BLOCK_SIZE, "12")
+    assert invoke("--demo", "--port", str(free_port())).exit_code == 2
+    # The flag wins over the environment, so the variable's invalid value is never used.
+    assert invoke("--demo", "--block-size", "8", "--port", str(free_port())).exit_code == 0
+    cfg = fake_server[0].kwargs["config"]
+    assert cfg.block_size == 8 and cfg.sources[envs.BLOCK_SIZE] == "flag"
 
 
 def test_missing_local_model_exits_2_naming_it(fake_server, tmp_path):
@@ -138,8 +176,8 @@ def test_port_in_use_exits_2(fake_server):
 def test_flags_reach_the_server(fake_server, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     port = free_port()
-    result = invoke(str(tmp_path), "--port", str(port), "--paged", "--memory-fraction", "0.7",
-                    "--block-size", "32", "--prefix-cache", "--device", "cpu", "--max-model-len", "512",
+    result = invoke(str(tmp_path), "--port", str(port),
+                    "--block-size", "32", "--device", "cpu", "--max-model-len", "512",
                     "--max-num-seqs", "4", "--api-key", "k", "--ready-timeout", "9",
                     "--", "--dtype", "float32")
     assert result.exit_code == 0, result.output
@@ -147,8 +185,8 @@ def test_flags_reach_the_server(fake_server, tmp_path):
     assert server.model == str(tmp_path.resolve())
     cfg = server.kwargs["config"]
     assert (cfg.use_paged_attention, cfg.memory_fraction, cfg.block_size, cfg.prefix_cache,
-            cfg.mlx_device) == (True, 0.7, 32, True, "cpu")
-    assert cfg.sources[envs.MEMORY_FRACTION] == "flag"
+            cfg.mlx_device) == (False, "auto", 32, False, "cpu")
+    assert cfg.sources[envs.BLOCK_SIZE] == cfg.sources[envs.MLX_DEVICE] == "flag"
     assert server.kwargs["vllm_args"] == ["--max-num-seqs", "4", "--max-model-len", "512",
                                           "--dtype", "float32"]
     assert server.kwargs["served_model_name"] == str(tmp_path) and server.kwargs["api_key"] == "k"
@@ -181,11 +219,13 @@ def test_public_host_without_key_warns(fake_server, monkeypatch):
 
 def test_main_maps_errors_to_exit_codes():
     # The console script path, in a fresh interpreter: also shows that nothing heavy is imported.
-    code = ("import sys; sys.argv = ['vmetal', 'serve', '--memory-fraction', '0.7']\n"
+    code = ("import sys; sys.argv = ['vmetal', 'serve']\n"
             "from vmetal.cli.app import main\n"
             "try:\n    main()\nfinally:\n"
             "    assert not {'vllm', 'torch', 'mlx'} & set(sys.modules), sorted(sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_METAL_", "VLLM_MLX_"))}
+    env[envs.MEMORY_FRACTION] = "0.7"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: VLLM_METAL_MEMORY_FRACTION=0.7")
 

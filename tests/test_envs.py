@@ -61,7 +61,7 @@ def test_explicit_fraction_without_paged_attention_is_invalid():
         load_config({"VLLM_METAL_MEMORY_FRACTION": "0.7", "VLLM_METAL_USE_PAGED_ATTENTION": "0"})
     assert str(exc.value) == (
         "VLLM_METAL_MEMORY_FRACTION=0.7 requires VLLM_METAL_USE_PAGED_ATTENTION=1 (the MLX-managed path "
-        "sizes its own cache); set VLLM_METAL_USE_PAGED_ATTENTION=1 or VLLM_METAL_MEMORY_FRACTION=auto"
+        "sizes its own cache); set VLLM_METAL_MEMORY_FRACTION=auto"
     )
     assert exc.value.variable == "VLLM_METAL_MEMORY_FRACTION"
     assert exc.value.value == "0.7"

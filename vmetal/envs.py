@@ -215,7 +215,7 @@ def load_config(environ: Mapping[str, str] | None = None,
         shown = _show(raw[MEMORY_FRACTION])
         raise EnvError(
             f"{MEMORY_FRACTION}={shown} requires {USE_PAGED_ATTENTION}=1 (the MLX-managed path sizes its own "
-            f"cache); set {USE_PAGED_ATTENTION}=1 or {MEMORY_FRACTION}=auto",
+            f"cache); set {MEMORY_FRACTION}=auto",
             variable=MEMORY_FRACTION, value=raw[MEMORY_FRACTION],
             allowed=f"`auto` unless {USE_PAGED_ATTENTION}=1")
     return cfg

@@ -49,24 +49,19 @@ ModelArgument = Annotated[str | None, typer.Argument(
     help=f"Local model folder or Hugging Face id. Default: {DEFAULT_MODEL}.")]
 
 # flag -> variable of ENV.md it sets, for hints that name the flag the user actually typed.
+# The paged KV path and the MLX-path prefix cache have no flags: this release does not have them, and
+# their variables (VLLM_METAL_USE_PAGED_ATTENTION, VLLM_METAL_MEMORY_FRACTION, VLLM_METAL_PREFIX_CACHE)
+# are still validated from the environment below.
 FLAG_VARIABLES = {
-    "--paged": envs.USE_PAGED_ATTENTION,
-    "--memory-fraction": envs.MEMORY_FRACTION,
     "--block-size": envs.BLOCK_SIZE,
-    "--prefix-cache": envs.PREFIX_CACHE,
     "--device": envs.MLX_DEVICE,
 }
 
 
-def load_flags_config(*, paged: bool, memory_fraction: str | None, block_size: int | None,
-                      prefix_cache: bool, device: str | None) -> envs.MetalConfig:
+def load_flags_config(*, block_size: int | None, device: str | None) -> envs.MetalConfig:
     """The environment with the flags on top, validated as the engine will validate it."""
-    # An unset switch (False) must not override `VLLM_METAL_*=1` from the environment.
     flags = {
-        envs.USE_PAGED_ATTENTION: "1" if paged else None,
-        envs.MEMORY_FRACTION: memory_fraction,
         envs.BLOCK_SIZE: None if block_size is None else str(block_size),
-        envs.PREFIX_CACHE: "1" if prefix_cache else None,
         envs.MLX_DEVICE: device,
     }
     try:
@@ -77,7 +72,9 @@ def load_flags_config(*, paged: bool, memory_fraction: str | None, block_size: i
             # probing MLX costs an import that `cpu` and unset do not need.
             envs.resolve_mlx_device(cfg)
     except envs.EnvError as exc:
-        named = [f"`{flag}` sets {var}" for flag, var in FLAG_VARIABLES.items() if var in str(exc)]
+        # Only flags that were given: a value from the environment is not the flag's doing.
+        named = [f"`{flag}` sets {var}" for flag, var in FLAG_VARIABLES.items()
+                 if flags[var] is not None and var in str(exc)]
         raise VmetalError(str(exc), hint="; ".join(named) or None, exit_code=USAGE) from None
     return cfg
 
@@ -172,15 +169,8 @@ def serve(
                                                       show_default=False, rich_help_panel=_VLLM)] = None,
     max_num_seqs: Annotated[int | None, typer.Option(min=1, help="Most requests in one batch.",
                                                      show_default=False, rich_help_panel=_VLLM)] = None,
-    paged: Annotated[bool, typer.Option("--paged", help="Use the paged KV cache managed by vLLM.",
-                                        rich_help_panel=_KV)] = False,
-    memory_fraction: Annotated[str | None, typer.Option(
-        metavar="auto|FRACTION", help="Device-memory fraction for the paged KV cache (needs --paged).",
-        show_default=False, rich_help_panel=_KV)] = None,
     block_size: Annotated[int | None, typer.Option(help="KV cache block size in tokens: 8, 16 or 32.",
                                                    show_default=False, rich_help_panel=_KV)] = None,
-    prefix_cache: Annotated[bool, typer.Option("--prefix-cache", help="Reuse the KV of shared prompt "
-                                               "prefixes.", rich_help_panel=_KV)] = False,
     device: Annotated[Device | None, typer.Option(help="MLX device. Default: gpu where MLX has one.",
                                                   show_default=False, rich_help_panel=_KV)] = None,
     ready_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the server to answer "
@@ -193,8 +183,7 @@ def serve(
         vllm_args.insert(0, model)
         model = None
 
-    cfg = load_flags_config(paged=paged, memory_fraction=memory_fraction, block_size=block_size,
-                            prefix_cache=prefix_cache, device=device.value if device else None)
+    cfg = load_flags_config(block_size=block_size, device=device.value if device else None)
     target, given_name = resolve_model(model, demo)
     check_port_free(host, port)
     if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY")):

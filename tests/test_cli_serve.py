@@ -77,11 +77,11 @@ def test_help_lists_flags():
     result = invoke("--help")
     assert result.exit_code == 0
     for flag in ("--demo", "--host", "--port", "--api-key", "--max-model-len", "--max-num-seqs",
-                 "--block-size", "--device", "--served-model-name", "--ready-timeout"):
+                 "--paged", "--memory-fraction", "--block-size", "--device", "--served-model-name",
+                 "--ready-timeout"):
         assert flag in result.stdout
-    # This release has neither the paged KV path nor the MLX-path prefix cache: no flags that can only fail.
-    for flag in ("--paged", "--memory-fraction", "--prefix-cache"):
-        assert flag not in result.stdout
+    # This release has no MLX-path prefix cache: no flag that can only fail.
+    assert "--prefix-cache" not in result.stdout
 
 
 def test_no_arguments_shows_help_and_version_is_data():
@@ -96,17 +96,24 @@ def test_invalid_combination_stops_before_any_process(fake_server, monkeypatch):
     assert result.exit_code == 2
     first = result.stderr.splitlines()[0]
     assert first.startswith("error: ") and "VLLM_METAL_MEMORY_FRACTION=0.7" in first
-    assert "VLLM_METAL_USE_PAGED_ATTENTION=1" in first
-    # The hint names only flags that exist and were given; here there are none.
+    assert "set VLLM_METAL_MEMORY_FRACTION=auto" in first
+    # The hint names only flags that were given; here there are none.
     assert "hint" not in result.stderr and "--paged" not in result.stderr
     assert result.stdout == "" and fake_server == []
 
 
+def test_memory_fraction_flag_needs_paged(fake_server):
+    result = invoke("--demo", "--memory-fraction", "0.7", "--port", str(free_port()))
+    assert result.exit_code == 2
+    assert "VLLM_METAL_MEMORY_FRACTION=0.7 requires VLLM_METAL_USE_PAGED_ATTENTION=1" in result.stderr
+    assert "`--memory-fraction` sets VLLM_METAL_MEMORY_FRACTION" in result.stderr and fake_server == []
+    assert invoke("--demo", "--paged", "--memory-fraction", "0.7", "--port", str(free_port())).exit_code == 0
+    cfg = fake_server[0].kwargs["config"]
+    assert cfg.use_paged_attention and cfg.memory_fraction == 0.7 and cfg.sources[envs.MEMORY_FRACTION] == "flag"
+
+
 @pytest.mark.parametrize("environ, message", [
     # Valid settings whose code path this release does not have.
-    ({envs.USE_PAGED_ATTENTION: "1"}, "VLLM_METAL_USE_PAGED_ATTENTION=1 asks for the paged KV cache path"),
-    ({envs.USE_PAGED_ATTENTION: "1", envs.MEMORY_FRACTION: "0.7"},
-     "VLLM_METAL_USE_PAGED_ATTENTION=1 asks for the paged KV cache path"),
     ({envs.PREFIX_CACHE: "1"}, "VLLM_METAL_PREFIX_CACHE=1 asks for prefix reuse"),
     ({envs.USE_MLX: "0"}, "VLLM_METAL_USE_MLX=0 asks for the PyTorch compute path"),
     # Invalid values.
@@ -135,7 +142,7 @@ def test_invalid_flag_values_exit_2(fake_server, args, variable, hint):
     assert hint in result.stderr and fake_server == []
 
 
-@pytest.mark.parametrize("flag", ["--paged", "--memory-fraction", "--prefix-cache"])
+@pytest.mark.parametrize("flag", ["--prefix-cache"])
 def test_removed_flags_are_not_options(flag):
     # Not `vmetal serve` options any more (what is not an option goes on to `vllm serve`).
     params = {opt for param in typer.main.get_command(app).commands["serve"].params for opt in param.opts}

@@ -305,7 +305,6 @@ def check_available(cfg: MetalConfig) -> None:
     from vmetal import __version__
 
     unbuilt = [
-        (cfg.use_paged_attention, USE_PAGED_ATTENTION, "1", "the paged KV cache path"),
         (not cfg.use_mlx, USE_MLX, "0", "the PyTorch compute path"),
         (cfg.prefix_cache, PREFIX_CACHE, "1", "prefix reuse on the MLX-managed path"),
     ]

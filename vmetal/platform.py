@@ -77,7 +77,8 @@ class MetalPlatform(Platform):
         from vllm.config import CompilationMode
         from vllm.config.compilation import CUDAGraphMode
 
-        cfg = envs.get_config()  # raises EnvError on an invalid combination
+        # Read afresh: one process (a test run, a notebook) may build several engines.
+        cfg = envs.load_config()  # raises EnvError on an invalid combination
         envs.check_available(cfg)
 
         parallel = vllm_config.parallel_config

@@ -51,9 +51,11 @@ class MetalWorker(WorkerBase):
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         # The sampler's tensors live on the CPU torch device on every host.
         self.device = torch.device("cpu")
-        from vmetal.runner.model_runner import MetalModelRunner
-
-        self.model_runner = MetalModelRunner(self.vllm_config, self.device)
+        if self.metal_config.use_paged_attention:
+            from vmetal.runner.paged_runner import PagedModelRunner as Runner
+        else:
+            from vmetal.runner.model_runner import MetalModelRunner as Runner
+        self.model_runner = Runner(self.vllm_config, self.device)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         import mlx.core as mx
@@ -103,13 +105,14 @@ class MetalWorker(WorkerBase):
         return {f"model.layers.{i}.self_attn": spec for i in range(loaded.num_layers)}
 
     def determine_available_memory(self) -> int:
-        """KV bytes vLLM may plan with.
+        """KV bytes vLLM may plan with, after a profiling forward.
 
-        The MLX-managed cache grows on demand, so what matters is that the
-        scheduler never admits more tokens than memory holds: the device budget
-        (vLLM's `gpu_memory_utilization` of it) less weights and the activation
-        peak of a warm-up, and never more than `max_num_seqs` full-length
-        sequences, which is all the engine could ever hold at once.
+        MLX-managed path: the cache grows on demand, so what matters is that the
+        scheduler never admits more tokens than memory holds: vLLM's
+        `gpu_memory_utilization` of the device, less weights and the activation
+        peak, and never more than `max_num_seqs` full-length sequences.
+        Paged path: `VLLM_METAL_MEMORY_FRACTION` of the device (`auto` = 0.9) less
+        the same, allocated up front as block pools.
         """
         import mlx.core as mx
 
@@ -119,22 +122,47 @@ class MetalWorker(WorkerBase):
         self.model_runner.warm_up()
         self.peak_activation_bytes = max(0, mx.get_peak_memory() - mx.get_active_memory())
         total = device_memory_bytes(self.mlx_device)
-        utilization = self.cache_config.gpu_memory_utilization
-        budget = int(total * utilization) - self.weights_bytes - self.peak_activation_bytes
+        paged = self.metal_config.use_paged_attention
+        fraction = self.metal_config.kv_fraction if paged else self.cache_config.gpu_memory_utilization
+        budget = int(total * fraction) - self.weights_bytes - self.peak_activation_bytes
         per_token = self.model_runner.kv_bytes_per_token()
-        ceiling = self.scheduler_config.max_num_seqs * self.model_config.max_model_len * per_token
-        available = max(0, min(budget, ceiling))
+        if paged:
+            self._check_fits_one_sequence(budget, per_token, total)
+            available = budget
+        else:
+            ceiling = self.scheduler_config.max_num_seqs * self.model_config.max_model_len * per_token
+            available = max(0, min(budget, ceiling))
         logger.info(
-            "vmetal: KV budget %.1f MiB (device %.1f GiB x %.2f, weights %.1f MiB, "
-            "activations %.1f MiB, ceiling %.1f MiB)",
-            available / 2**20, total / 2**30, utilization, self.weights_bytes / 2**20,
-            self.peak_activation_bytes / 2**20, ceiling / 2**20,
+            "vmetal: KV budget %.1f MiB (device %.1f GiB x %.2f, weights %.1f MiB, activations %.1f MiB)",
+            available / 2**20, total / 2**30, fraction, self.weights_bytes / 2**20,
+            self.peak_activation_bytes / 2**20,
         )
         return available
 
+    def _check_fits_one_sequence(self, budget: int, per_token: int, total: int) -> None:
+        """Refuse to start when not even one max-length sequence fits, naming what to change."""
+        need = self.model_config.max_model_len * per_token
+        if budget >= need:
+            return
+        fixed = self.weights_bytes + self.peak_activation_bytes
+        fraction_needed = (fixed + need) / total
+        fits_tokens = max(0, budget) // per_token
+        hint = (f"set VLLM_METAL_MEMORY_FRACTION to at least {fraction_needed:.2f}"
+                if fraction_needed <= 1 else "use a smaller or quantized model")
+        raise envs.EnvError(
+            f"the paged KV cache gets {max(0, budget) / 2**20:.0f} MiB "
+            f"(VLLM_METAL_MEMORY_FRACTION={self.metal_config.memory_fraction}), but one "
+            f"{self.model_config.max_model_len}-token sequence needs {need / 2**20:.0f} MiB; "
+            f"{hint}, or lower --max-model-len to {fits_tokens} or less",
+            variable=envs.MEMORY_FRACTION, value=str(self.metal_config.memory_fraction),
+            allowed=f">= {fraction_needed:.2f}",
+        )
+
     def initialize_from_config(self, kv_cache_config: Any) -> None:
-        # MLX-managed path: nothing to allocate up front, the caches grow per request.
         self.kv_cache_config = kv_cache_config
+        if self.metal_config.use_paged_attention:
+            self.model_runner.allocate_pools(kv_cache_config.num_blocks)
+        # MLX-managed path: nothing to allocate up front, the caches grow per request.
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()

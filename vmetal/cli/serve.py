@@ -49,18 +49,22 @@ ModelArgument = Annotated[str | None, typer.Argument(
     help=f"Local model folder or Hugging Face id. Default: {DEFAULT_MODEL}.")]
 
 # flag -> variable of ENV.md it sets, for hints that name the flag the user actually typed.
-# The paged KV path and the MLX-path prefix cache have no flags: this release does not have them, and
-# their variables (VLLM_METAL_USE_PAGED_ATTENTION, VLLM_METAL_MEMORY_FRACTION, VLLM_METAL_PREFIX_CACHE)
-# are still validated from the environment below.
+# The MLX-path prefix cache has no flag: this release does not have it, and its variable
+# (VLLM_METAL_PREFIX_CACHE) is still validated from the environment below.
 FLAG_VARIABLES = {
+    "--paged": envs.USE_PAGED_ATTENTION,
+    "--memory-fraction": envs.MEMORY_FRACTION,
     "--block-size": envs.BLOCK_SIZE,
     "--device": envs.MLX_DEVICE,
 }
 
 
-def load_flags_config(*, block_size: int | None, device: str | None) -> envs.MetalConfig:
+def load_flags_config(*, block_size: int | None, device: str | None, paged: bool = False,
+                      memory_fraction: str | None = None) -> envs.MetalConfig:
     """The environment with the flags on top, validated as the engine will validate it."""
     flags = {
+        envs.USE_PAGED_ATTENTION: "1" if paged else None,
+        envs.MEMORY_FRACTION: memory_fraction,
         envs.BLOCK_SIZE: None if block_size is None else str(block_size),
         envs.MLX_DEVICE: device,
     }
@@ -100,6 +104,29 @@ def resolve_model(model: str | None, demo: bool) -> tuple[str | None, str]:
                           hint=f"pass an existing folder, a Hugging Face id such as `{DEFAULT_MODEL}`, "
                                "or `--demo` for a tiny local model", exit_code=USAGE)
     return model, model
+
+
+def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str]) -> None:
+    """Refuse a local model that cannot fit in the memory MLX may use; warn when it fits only tightly.
+
+    Judged for one sequence of the context length vLLM will use (it refuses to start below that); vLLM
+    itself would find out only after loading the weights.
+    """
+    from vmetal import fit
+
+    given = fit.vllm_arg(vllm_args, "--max-model-len")  # after `--`, it wins over the flag
+    if given is not None:
+        if not given.isdigit():
+            return  # `auto`, `1k`, …: vLLM sizes it; nothing firm to judge
+        max_model_len = int(given)
+    report = fit.estimate_folder(folder, max_model_len=max_model_len)
+    if report is None:  # no weights or no shape in config.json: vLLM will say what is wrong
+        return
+    if report.verdict == "does not fit":
+        raise VmetalError(f"model `{folder}` is too big for this machine: {report.describe()}",
+                          hint=report.advice(), exit_code=USAGE)
+    if report.verdict == "tight":
+        warn(f"model `{folder}` leaves little memory free: {report.describe()}; {report.advice()}")
 
 
 def _demo_model() -> str:
@@ -169,6 +196,11 @@ def serve(
                                                       show_default=False, rich_help_panel=_VLLM)] = None,
     max_num_seqs: Annotated[int | None, typer.Option(min=1, help="Most requests in one batch.",
                                                      show_default=False, rich_help_panel=_VLLM)] = None,
+    paged: Annotated[bool, typer.Option("--paged", help="Use the paged KV cache managed by vLLM's block "
+                                        "manager (prefix caching, chunked prefill).", rich_help_panel=_KV)] = False,
+    memory_fraction: Annotated[str | None, typer.Option(
+        metavar="auto|FRACTION", help="Device-memory fraction for the paged KV cache (needs --paged).",
+        show_default=False, rich_help_panel=_KV)] = None,
     block_size: Annotated[int | None, typer.Option(help="KV cache block size in tokens: 8, 16 or 32.",
                                                    show_default=False, rich_help_panel=_KV)] = None,
     device: Annotated[Device | None, typer.Option(help="MLX device. Default: gpu where MLX has one.",
@@ -183,12 +215,15 @@ def serve(
         vllm_args.insert(0, model)
         model = None
 
-    cfg = load_flags_config(block_size=block_size, device=device.value if device else None)
+    cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
+                            memory_fraction=memory_fraction)
     target, given_name = resolve_model(model, demo)
     check_port_free(host, port)
     if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY")):
         warn(f"`--host {host}` accepts connections from other machines and no `--api-key` is set: "
              "anyone who can reach this port can use the server")
+    if target is not None and Path(target).is_dir():
+        check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
         target = _demo_model()
 

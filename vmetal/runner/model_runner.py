@@ -123,7 +123,7 @@ class MetalModelRunner:
                 mm_features=[],
                 sampling_params=params,
                 generator=generator,
-                block_ids=new.block_ids,
+                block_ids=tuple(list(ids) for ids in new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 output_token_ids=[],
                 lora_request=None,
@@ -140,10 +140,14 @@ class MetalModelRunner:
             num_output = cached.num_output_tokens[i]
             if num_output < len(state.output_token_ids):
                 del state.output_token_ids[num_output:]
+            new_blocks = cached.new_block_ids[i]
             if req_id in resumed:
                 self._drop(req_id)
-                if cached.new_block_ids[i] is not None:
-                    state.block_ids = cached.new_block_ids[i]
+                if new_blocks is not None:
+                    state.block_ids = tuple(list(ids) for ids in new_blocks)
+            elif new_blocks is not None:
+                for ids, more in zip(state.block_ids, new_blocks):
+                    ids.extend(more)
             index = ib.req_id_to_index.get(req_id)
             if index is None:
                 to_add.append(state)

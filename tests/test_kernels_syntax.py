@@ -63,7 +63,10 @@ def compile_cpp(source: str, tmp_path: Path, *, syntax_only: bool, name: str = "
     cxx = compiler()
     quiet = "-Wno-unknown-attributes" if "clang" in Path(cxx).name else "-Wno-attributes"
     cmd = [cxx, "-std=c++14", quiet]
-    cmd += ["-fsyntax-only", str(path)] if syntax_only else ["-O1", "-pthread", str(path), "-o", str(tmp_path / name)]
+    if syntax_only:
+        cmd += ["-fsyntax-only", str(path)]
+    else:
+        cmd += ["-O1", "-pthread", str(path), "-o", str(tmp_path / name)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -76,7 +79,9 @@ def template_args(launch: kernels.Launch) -> str:
 
 
 def parameters(spec: kernels.KernelSpec, source: str, launch: kernels.Launch) -> list[tuple[str, str, str]]:
-    """(kind, C++ declaration, name) of each parameter, in MLX's order; kind: input/shape/strides/ndim/output/attr."""
+    """(kind, C++ declaration, name) of each parameter, in MLX's order.
+
+    kind: input, shape, strides, ndim, output or attr."""
     params = []
     for name, arr in zip(spec.input_names, launch.inputs):
         space = "constant" if arr.size < MAX_CONSTANT_ARRAY_SIZE else "device"
@@ -188,6 +193,7 @@ def test_syntax_check_catches_errors(tmp_path):
 HARNESS = r"""
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -221,7 +227,10 @@ template <typename U>
 std::vector<U> load(const char* path, size_t n) {
   std::vector<U> v(n > 0 ? n : 1);
   FILE* f = std::fopen(path, "rb");
-  if (!f || std::fread(v.data(), sizeof(U), n, f) != n) { std::fprintf(stderr, "cannot read %s\n", path); std::exit(2); }
+  if (!f || std::fread(v.data(), sizeof(U), n, f) != n) {
+    std::fprintf(stderr, "cannot read %s\n", path);
+    std::exit(2);
+  }
   std::fclose(f);
   return v;
 }
@@ -277,7 +286,9 @@ int main() {{
   {' '.join(setup)}
   const uint3 grid = {{{gx}u, {gy}u, {gz}u}}, tg = {{{tx}u, {ty}u, {tz}u}};
   const uint3 groups = {{(grid.x + tg.x - 1) / tg.x, (grid.y + tg.y - 1) / tg.y, (grid.z + tg.z - 1) / tg.z}};
-  for (uint bz = 0; bz < groups.z; ++bz) for (uint by = 0; by < groups.y; ++by) for (uint bx = 0; bx < groups.x; ++bx) {{
+  for (uint bz = 0; bz < groups.z; ++bz)
+  for (uint by = 0; by < groups.y; ++by)
+  for (uint bx = 0; bx < groups.x; ++bx) {{
     const uint3 group = {{bx, by, bz}};
     const uint size = tg.x * tg.y * tg.z;
     std::vector<SimdGroup> simd((size + 31) / 32);

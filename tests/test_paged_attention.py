@@ -254,8 +254,8 @@ def test_plans_cover_the_grid():
     assert list(np.bincount(seq, minlength=len(qlens))) == qlens
     assert all(pos[seq == i].max() == c - 1 for i, c in enumerate(ctx))
     slots = [5, -1, 9]
-    cache = kernels.plan_reshape_and_cache(mx.ones((3, NUM_KV_HEADS, HEAD_DIM)), mx.ones((3, NUM_KV_HEADS, HEAD_DIM)),
-                                           k, v, slots)
+    new = mx.ones((3, NUM_KV_HEADS, HEAD_DIM))
+    cache = kernels.plan_reshape_and_cache(new, new, k, v, slots)
     slot_token = np.array(cache.inputs[-1])
     assert slot_token.shape == (k.shape[0] * 8,) and slot_token[5] == 0 and slot_token[9] == 2
     assert (np.delete(slot_token, [5, 9]) == -1).all()

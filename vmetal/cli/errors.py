@@ -44,12 +44,20 @@ def _from_server_error(exc: Exception) -> VmetalError:
 
 
 def _known() -> list[tuple[type[BaseException], Callable[[Exception], VmetalError]]]:
-    # Built on demand so that importing this module stays as cheap as `typer` itself; both modules
+    # Built on demand so that importing this module stays as cheap as `typer` itself; the modules
     # named here import nothing heavy.
     from vmetal.envs import EnvError
+    from vmetal.hub import HubError
+    from vmetal.models import ModelNotFoundError, UnsupportedModelError
     from vmetal.server import ServerError
 
-    return [(EnvError, _from_env_error), (ServerError, _from_server_error)]
+    return [
+        (EnvError, _from_env_error),
+        (ServerError, _from_server_error),
+        (HubError, lambda e: VmetalError(e.message, e.hint, e.exit_code)),
+        (UnsupportedModelError, lambda e: VmetalError(str(e), exit_code=USAGE)),
+        (ModelNotFoundError, lambda e: VmetalError(str(e), exit_code=USAGE)),
+    ]
 
 
 def explain(exc: BaseException) -> VmetalError | None:

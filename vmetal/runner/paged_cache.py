@@ -19,7 +19,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from vmetal.runner import paged_attention as pa
+from vmetal import kernels as pa  # Metal kernels where chosen, the pure-MLX reference elsewhere
 
 _HOOKED: set[str] = set()
 
@@ -29,7 +29,7 @@ class StepLayout:
     """Where this step's T packed tokens sit: computed once per step, shared by all layers."""
 
     positions: Any  # mx.int32 [T]: each token's position in its sequence (RoPE offset)
-    slot_mapping: Any  # mx.int32 [T]: pool slot each token's K/V is written to
+    slot_mapping: Any  # np.int32 [T] (host): pool slot each token's K/V is written to, -1 = none
     block_tables: Any  # mx.int32 [B, max_blocks]
     context_lens: Any  # mx.int32 [B]: tokens in context after this step
     query_lens: Any  # np.int32 [B] (host): tokens of each sequence in this step

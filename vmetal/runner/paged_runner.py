@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from vmetal.runner import paged_attention as pa
+from vmetal import kernels as pa
 from vmetal.runner.model_runner import MetalModelRunner
 from vmetal.runner.paged_cache import PagedLayerCache, StepLayout, install_attention_hook, logits_of
 
@@ -56,7 +56,7 @@ class PagedModelRunner(MetalModelRunner):
         n = min(8, self.cache_config.block_size)
         layout = StepLayout(
             positions=mx.arange(n, dtype=mx.int32),
-            slot_mapping=mx.full((n,), -1, dtype=mx.int32),
+            slot_mapping=np.full((n,), -1, dtype=np.int32),
             block_tables=mx.zeros((1, 1), dtype=mx.int32),
             context_lens=mx.array([n], dtype=mx.int32),
             query_lens=np.array([n], dtype=np.int32),
@@ -117,7 +117,8 @@ class PagedModelRunner(MetalModelRunner):
             block_tables[i, : len(t)] = t
         layout = StepLayout(
             positions=mx.array(np.concatenate(positions).astype(np.int32)),
-            slot_mapping=mx.array(np.concatenate(slots).astype(np.int32)),
+            # On the host: padding slots are dropped there, so the pool write stays in place.
+            slot_mapping=np.concatenate(slots).astype(np.int32),
             block_tables=mx.array(block_tables),
             context_lens=mx.array(np.asarray(context_lens, dtype=np.int32)),
             # On the host: it sets the padded query width, and a host copy avoids a sync per layer.

@@ -77,11 +77,9 @@ def test_help_lists_flags():
     result = invoke("--help")
     assert result.exit_code == 0
     for flag in ("--demo", "--host", "--port", "--api-key", "--max-model-len", "--max-num-seqs",
-                 "--paged", "--memory-fraction", "--block-size", "--device", "--served-model-name",
-                 "--ready-timeout"):
+                 "--paged", "--memory-fraction", "--prefix-cache", "--block-size", "--device",
+                 "--served-model-name", "--ready-timeout"):
         assert flag in result.stdout
-    # This release has no MLX-path prefix cache: no flag that can only fail.
-    assert "--prefix-cache" not in result.stdout
 
 
 def test_no_arguments_shows_help_and_version_is_data():
@@ -114,7 +112,7 @@ def test_memory_fraction_flag_needs_paged(fake_server):
 
 @pytest.mark.parametrize("environ, message", [
     # Valid settings whose code path this release does not have.
-    ({envs.PREFIX_CACHE: "1"}, "VLLM_METAL_PREFIX_CACHE=1 asks for prefix reuse"),
+    ({envs.PREFIX_CACHE: "maybe"}, "VLLM_METAL_PREFIX_CACHE=maybe"),
     ({envs.USE_MLX: "0"}, "VLLM_METAL_USE_MLX=0 asks for the PyTorch compute path"),
     # Invalid values.
     ({envs.USE_PAGED_ATTENTION: "1", envs.MEMORY_FRACTION: "1.5"}, "VLLM_METAL_MEMORY_FRACTION=1.5"),
@@ -140,13 +138,6 @@ def test_invalid_flag_values_exit_2(fake_server, args, variable, hint):
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and variable in result.stderr.splitlines()[0]
     assert hint in result.stderr and fake_server == []
-
-
-@pytest.mark.parametrize("flag", ["--prefix-cache"])
-def test_removed_flags_are_not_options(flag):
-    # Not `vmetal serve` options any more (what is not an option goes on to `vllm serve`).
-    params = {opt for param in typer.main.get_command(app).commands["serve"].params for opt in param.opts}
-    assert flag not in params
 
 
 def test_flags_and_environment_are_validated_together(fake_server, monkeypatch):

@@ -306,7 +306,6 @@ def check_available(cfg: MetalConfig) -> None:
 
     unbuilt = [
         (not cfg.use_mlx, USE_MLX, "0", "the PyTorch compute path"),
-        (cfg.prefix_cache, PREFIX_CACHE, "1", "prefix reuse on the MLX-managed path"),
     ]
     for asked, name, value, what in unbuilt:
         if asked:

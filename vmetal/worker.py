@@ -63,6 +63,10 @@ class MetalWorker(WorkerBase):
         before = mx.get_active_memory()
         self.model_runner.load_model()
         self.weights_bytes = mx.get_active_memory() - before
+        cfg = self.metal_config
+        if cfg.prefix_cache and not cfg.use_paged_attention:
+            budget = int(device_memory_bytes(self.mlx_device) * cfg.prefix_cache_fraction)
+            self.model_runner.enable_prefix_cache(budget)
         logger.info(
             "vmetal: loaded %s on MLX %s (%.1f MiB of weights)",
             self.model_config.model,

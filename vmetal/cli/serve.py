@@ -49,20 +49,20 @@ ModelArgument = Annotated[str | None, typer.Argument(
     help=f"Local model folder or Hugging Face id. Default: {DEFAULT_MODEL}.")]
 
 # flag -> variable of ENV.md it sets, for hints that name the flag the user actually typed.
-# The MLX-path prefix cache has no flag: this release does not have it, and its variable
-# (VLLM_METAL_PREFIX_CACHE) is still validated from the environment below.
 FLAG_VARIABLES = {
     "--paged": envs.USE_PAGED_ATTENTION,
     "--memory-fraction": envs.MEMORY_FRACTION,
+    "--prefix-cache": envs.PREFIX_CACHE,
     "--block-size": envs.BLOCK_SIZE,
     "--device": envs.MLX_DEVICE,
 }
 
 
 def load_flags_config(*, block_size: int | None, device: str | None, paged: bool = False,
-                      memory_fraction: str | None = None) -> envs.MetalConfig:
+                      memory_fraction: str | None = None, prefix_cache: bool = False) -> envs.MetalConfig:
     """The environment with the flags on top, validated as the engine will validate it."""
     flags = {
+        envs.PREFIX_CACHE: "1" if prefix_cache else None,
         envs.USE_PAGED_ATTENTION: "1" if paged else None,
         envs.MEMORY_FRACTION: memory_fraction,
         envs.BLOCK_SIZE: None if block_size is None else str(block_size),
@@ -201,6 +201,9 @@ def serve(
     memory_fraction: Annotated[str | None, typer.Option(
         metavar="auto|FRACTION", help="Device-memory fraction for the paged KV cache (needs --paged).",
         show_default=False, rich_help_panel=_KV)] = None,
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache", help="Reuse the KV of shared prompt prefixes "
+                                               "on the MLX-managed path (the paged path uses vLLM's own).",
+                                               rich_help_panel=_KV)] = False,
     block_size: Annotated[int | None, typer.Option(help="KV cache block size in tokens: 8, 16 or 32.",
                                                    show_default=False, rich_help_panel=_KV)] = None,
     device: Annotated[Device | None, typer.Option(help="MLX device. Default: gpu where MLX has one.",
@@ -216,7 +219,7 @@ def serve(
         model = None
 
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
-                            memory_fraction=memory_fraction)
+                            memory_fraction=memory_fraction, prefix_cache=prefix_cache)
     target, given_name = resolve_model(model, demo)
     check_port_free(host, port)
     if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY")):

@@ -38,6 +38,7 @@ class MetalModelRunner:
         self.input_batch = None
         self.sampler: MetalSampler | None = None
         self._pending: tuple[dict[str, Any], set[str], dict[str, int]] | None = None
+        self.prefix_cache = None  # vmetal.runner.prefix_cache.PrefixCache when enabled
 
     # ---------------------------------------------------------------- set-up
     def load_model(self) -> None:
@@ -66,6 +67,23 @@ class MetalModelRunner:
             max_num_blocks_per_req=[cdiv(self.max_model_len, block_size)],
             logitsprocs=build_logitsprocs(self.vllm_config, self.device, False, False),
         )
+
+    def enable_prefix_cache(self, budget_bytes: int) -> None:
+        from vmetal.runner.prefix_cache import PrefixCache
+
+        self.prefix_cache = PrefixCache(budget_bytes, self.cache_config.block_size)
+        logger.info("vmetal: MLX-path prefix cache on, %.1f MiB", budget_bytes / 2**20)
+
+    def _reuse_prefix(self, req_id: str, state: Any, cache: list[Any], limit: int) -> int:
+        """Seed a fresh request cache from the prefix cache; returns the tokens now held."""
+        hit = self.prefix_cache.lookup(list(state.prompt_token_ids), limit)
+        if hit is None:
+            return 0
+        keys, values, n = hit
+        for layer, k, v in zip(cache, keys, values):
+            layer.state = (k, v, n)
+        self.cache_len[req_id] = n
+        return n
 
     def kv_bytes_per_token(self) -> int:
         assert self.loaded is not None
@@ -218,7 +236,11 @@ class MetalModelRunner:
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
             cache = self._cache_for_prefill(req_id, start)
-            tokens = self._all_tokens(state)[start : start + n]
+            begin = start
+            if start == 0 and self.prefix_cache is not None:
+                # At least the chunk's last token is computed: its logits are needed.
+                begin = self._reuse_prefix(req_id, state, cache, limit=n - 1)
+            tokens = self._all_tokens(state)[begin : start + n]
             logits[req_id] = mlx_cache.prefill(self.model, cache, tokens)
             if start + n < state.num_tokens:
                 partial.add(req_id)
@@ -250,7 +272,7 @@ class MetalModelRunner:
         sampled: list[list[int]] = []
         for i, req_id in enumerate(req_ids):
             state = self.requests[req_id]
-            self.cache_len[req_id] = self.cache_len.get(req_id, 0) + num_scheduled[req_id]
+            self.cache_len[req_id] = state.num_computed_tokens + num_scheduled[req_id]
             if req_id in partial:
                 sampled.append([])
                 if use_torch and state.generator is not None:
@@ -265,7 +287,10 @@ class MetalModelRunner:
             ib.num_tokens_no_spec[i] = end
             sampled.append([token])
             if req_id in self.request_caches:
-                self.decode.add(req_id, self.request_caches.pop(req_id))
+                cache = self.request_caches.pop(req_id)
+                if self.prefix_cache is not None:
+                    self.prefix_cache.insert(list(state.prompt_token_ids), cache)
+                self.decode.add(req_id, cache)
 
         return ModelRunnerOutput(
             req_ids=req_ids,

@@ -1,0 +1,1 @@
+complete --command vmetal --no-files --arguments "(env _VMETAL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) vmetal)" --condition "env _VMETAL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) vmetal"

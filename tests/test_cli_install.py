@@ -373,7 +373,12 @@ def test_an_unfinished_build_of_install_sh_counts_as_vmetal_s(home, venv_templat
 def test_deletes_the_venv_it_runs_from_and_says_so(home, venv_template):
     venv = copy_venv(venv_template, home / ".venv-vllm-metal")
     # The venv's own Python, finding vmetal and its dependencies where this test's Python finds them.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    # (An editable install may find vmetal through an import hook that a bare PYTHONPATH does not
+    # replay, so the package's own folder goes first.)
+    import vmetal
+
+    roots = [str(Path(vmetal.__file__).resolve().parents[1])] + [p for p in sys.path if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(roots)}
     out = subprocess.run([str(venv / "bin" / "python"), "-m", "vmetal.cli.app", "uninstall", "--yes"],
                          capture_output=True, text=True, env=env, cwd=home, stdin=subprocess.DEVNULL, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -134,7 +134,10 @@ class MetalWorker(WorkerBase):
             self._check_fits_one_sequence(budget, per_token, total)
             available = budget
         else:
-            ceiling = self.scheduler_config.max_num_seqs * self.model_config.max_model_len * per_token
+            # Whole blocks per sequence, plus the null block vLLM's block pool keeps aside.
+            bs = self.cache_config.block_size
+            blocks = self.scheduler_config.max_num_seqs * -(-self.model_config.max_model_len // bs) + 1
+            ceiling = blocks * bs * per_token
             available = max(0, min(budget, ceiling))
         logger.info(
             "vmetal: KV budget %.1f MiB (device %.1f GiB x %.2f, weights %.1f MiB, activations %.1f MiB)",

@@ -10,6 +10,12 @@ import typer
 
 from vmetal import __version__
 from vmetal.cli import errors, make_app, serve
+from vmetal.cli import doctor as doctor_cmd
+from vmetal.cli import pull as pull_cmd
+from vmetal.cli import chat as chat_cmd
+from vmetal.cli import completion as completion_cmd
+from vmetal.cli import install as install_cmd
+from vmetal.cli import uninstall as uninstall_cmd
 
 app = make_app(help="Run LLMs with vLLM on MLX (Apple Silicon; MLX CPU or CUDA elsewhere).")
 
@@ -36,6 +42,14 @@ def _root(
 
 
 mount(app, "serve", serve.serve, **serve.COMMAND_SETTINGS)
+mount(app, "doctor", doctor_cmd.doctor, **doctor_cmd.COMMAND_SETTINGS)
+mount(app, "chat", chat_cmd.chat, **chat_cmd.COMMAND_SETTINGS)
+mount(app, "pull", pull_cmd.pull)
+mount(app, "list", pull_cmd.list_models)
+mount(app, "rm", pull_cmd.rm)
+mount(app, "install", install_cmd.install, **install_cmd.COMMAND_SETTINGS)
+mount(app, "uninstall", uninstall_cmd.uninstall, **uninstall_cmd.COMMAND_SETTINGS)
+mount(app, "completion", completion_cmd.completion)
 
 
 def main() -> None:

@@ -1,0 +1,348 @@
+"""A local hub on 127.0.0.1 that speaks enough of the Hugging Face protocol for huggingface_hub itself.
+
+Endpoints (what huggingface_hub 2.x calls for `model_info`, `list_models`, `hf_hub_download` / `http_get`):
+- `GET /api/models/{repo}[/revision/{rev}]` -> `{id, sha, siblings: [{rfilename, size, blobId, lfs?}]}`
+- `GET /api/models?search=…&limit=…`       -> `[{id, modelId}]`
+- `HEAD|GET /{repo}/resolve/{rev}/{path}`   -> the bytes, with `ETag`, `X-Repo-Commit`, `Content-Length`,
+  `X-Linked-Etag`/`X-Linked-Size` for LFS files, and `Range: bytes=N-` answered with 206.
+Errors carry the Hub's `X-Error-Code` (`RepoNotFound`, `GatedRepo`, `RevisionNotFound`, `EntryNotFound`), so
+huggingface_hub raises the same exception types as against huggingface.co.
+
+Faults a test can inject: an HTTP status for a file, a connection dropped after N bytes, a stall after N
+bytes (until released), damaged bytes, a listed size that differs from the real one. Every request is
+logged with its Range and the body bytes sent.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+LFS_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pth")
+_CHUNK = 64 * 1024
+
+
+def git_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    files: dict[str, bytes]
+    commit: str = ""
+    revisions: dict[str, str] = field(default_factory=dict)  # extra branch/tag -> commit
+    private: bool = False
+    gated: bool = False
+    listed_sizes: dict[str, int] = field(default_factory=dict)   # lie about a size in the metadata
+    redirect_lfs: bool = False    # answer LFS files with a 302 to `/cdn/...`, as huggingface.co does
+
+    def __post_init__(self) -> None:
+        if not self.commit:
+            self.commit = hashlib.sha1(self.repo_id.encode()).hexdigest()  # noqa: S324
+
+    def is_lfs(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) for p in LFS_PATTERNS)
+
+    def etag(self, path: str) -> str:
+        data = self.files[path]
+        return hashlib.sha256(data).hexdigest() if self.is_lfs(path) else git_oid(data)
+
+    def resolve(self, rev: str) -> str | None:
+        if rev in ("main", self.commit):
+            return self.commit
+        return self.revisions.get(rev)
+
+    def sibling(self, path: str) -> dict:
+        data = self.files[path]
+        size = self.listed_sizes.get(path, len(data))
+        entry: dict = {"rfilename": path, "size": size, "blobId": git_oid(data)}
+        if self.is_lfs(path):
+            entry["lfs"] = {"size": size, "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+        return entry
+
+
+@dataclass
+class Logged:
+    method: str
+    path: str
+    range: str | None
+    status: int = 0
+    sent: int = 0
+    auth: str | None = None
+
+
+class HubServer:
+    """`with HubServer() as hub: hub.add(Repo(...)); os.environ["HF_ENDPOINT"] = hub.url`."""
+
+    def __init__(self, tokens: set[str] | None = None) -> None:
+        self.repos: dict[str, Repo] = {}
+        self.tokens = tokens or {"hf_good"}
+        self.log: list[Logged] = []
+        self.lock = threading.Lock()
+        self.fail_status: dict[str, tuple[int, int]] = {}    # path -> (status, times; -1 = always)
+        self.api_status: int | None = None                   # status for every /api/models call
+        self.drops: dict[str, int] = {}                      # path -> drop after N bytes (once)
+        self.stalls: dict[str, int] = {}                     # path -> stall after N bytes (once)
+        self.stalled = threading.Event()                     # set when a stall point is reached
+        self.release = threading.Event()
+        self.damaged: set[str] = set()                       # serve these with one byte flipped
+        self.delay_per_chunk = 0.0
+        self._server: ThreadingHTTPServer | None = None
+
+    # -- set-up
+    def add(self, repo: Repo) -> Repo:
+        self.repos[repo.repo_id.lower()] = repo
+        return repo
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> HubServer:
+        hub = self
+
+        class Handler(_Handler):
+            server_hub = hub
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def __enter__(self) -> HubServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- inspection
+    def downloads(self, path_suffix: str | None = None) -> list[Logged]:
+        """GETs that carried file bytes (a redirect's 302 is not one)."""
+        with self.lock:
+            return [r for r in self.log if r.method == "GET" and r.status != 302
+                    and ("/resolve/" in r.path or r.path.startswith("/cdn/"))
+                    and (path_suffix is None or r.path.endswith("/" + path_suffix))]
+
+    def bytes_sent(self, path_suffix: str | None = None) -> int:
+        return sum(r.sent for r in self.downloads(path_suffix))
+
+    def resolved_files(self) -> set[str]:
+        out = set()
+        for r in self.downloads():
+            if r.path.startswith("/cdn/"):
+                out.add(r.path.split("/", 4)[4])
+            else:
+                out.add(r.path.split("/resolve/", 1)[1].split("/", 1)[1])
+        return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_hub: HubServer
+
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # a client that went away, or a connection this server cut on purpose
+            pass
+
+    # -- helpers
+    def _record(self) -> Logged:
+        entry = Logged(self.command, urlsplit(self.path).path, self.headers.get("Range"),
+                       auth=self.headers.get("Authorization"))
+        with self.server_hub.lock:
+            self.server_hub.log.append(entry)
+        return entry
+
+    def _send(self, entry: Logged, status: int, body: bytes = b"", headers: dict | None = None,
+              content_type: str = "application/json") -> None:
+        entry.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+            entry.sent += len(body)
+
+    def _error(self, entry: Logged, status: int, code: str | None = None, message: str | None = None,
+               extra: dict | None = None) -> None:
+        headers = dict(extra or {})
+        if code:
+            headers["X-Error-Code"] = code
+        if message:
+            headers["X-Error-Message"] = message
+        body = json.dumps({"error": message or code or "error"}).encode()
+        self._send(entry, status, body, headers)
+
+    def _auth_problem(self, entry: Logged, repo: Repo | None) -> bool:
+        """Answer like the Hub would for a missing repo or one this caller may not read; True if answered."""
+        auth = self.headers.get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        if token is not None and token not in self.server_hub.tokens:
+            self._error(entry, 401, message="Invalid credentials in Authorization header")
+            return True
+        if repo is None:
+            self._error(entry, 404, "RepoNotFound", "Repository not found")
+            return True
+        if (repo.private or repo.gated) and token is None:
+            if repo.gated:
+                self._error(entry, 401, "GatedRepo", "Access to this model is restricted.")
+            else:
+                self._error(entry, 401, "RepoNotFound", "Invalid username or password.")
+            return True
+        return False
+
+    def _split_repo(self, rest: str) -> tuple[Repo | None, str, str]:
+        # rest: "{org}/{name}/<more>" or "{name}/<more>"; the longest known repo id wins.
+        parts = rest.split("/")
+        for n in (2, 1):
+            rid = "/".join(parts[:n])
+            if rid.lower() in self.server_hub.repos:
+                return self.server_hub.repos[rid.lower()], rid, "/".join(parts[n:])
+        return None, "/".join(parts[:2]), "/".join(parts[2:])
+
+    # -- routes
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        entry = self._record()
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        try:
+            if path == "/api/models":
+                return self._search(entry, parse_qs(url.query))
+            if path.startswith("/api/models/"):
+                return self._info(entry, path[len("/api/models/"):])
+            if "/resolve/" in path:
+                return self._resolve(entry, path.lstrip("/"))
+            if path.startswith("/cdn/"):
+                # /cdn/{repo id with -- for /}/{commit}/{file}: the bytes, no auth needed (a signed URL).
+                _, _, rid, commit, fpath = path.split("/", 4)
+                return self._resolve(entry, f"{rid.replace('--', '/')}/resolve/{commit}/{fpath}", cdn=True)
+            self._error(entry, 404, message="no such route")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _search(self, entry: Logged, query: dict) -> None:
+        if self.server_hub.api_status:
+            return self._error(entry, self.server_hub.api_status, message="server error")
+        term = (query.get("search") or [""])[0].lower()
+        limit = int((query.get("limit") or ["20"])[0])
+        ids = [r.repo_id for r in self.server_hub.repos.values()
+               if term in r.repo_id.lower() and not r.private][:limit]
+        self._send(entry, 200, json.dumps([{"id": i, "modelId": i} for i in ids]).encode())
+
+    def _info(self, entry: Logged, rest: str) -> None:
+        hub = self.server_hub
+        if hub.api_status:
+            return self._error(entry, hub.api_status, message="server error")
+        repo, rid, more = self._split_repo(rest)
+        if self._auth_problem(entry, repo):
+            return
+        assert repo is not None
+        rev = "main"
+        if more.startswith("revision/"):
+            rev = more[len("revision/"):]
+        commit = repo.resolve(rev)
+        if commit is None:
+            return self._error(entry, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        body = {"id": repo.repo_id, "modelId": repo.repo_id, "sha": commit, "private": repo.private,
+                "gated": "auto" if repo.gated else False, "disabled": False, "tags": [],
+                "siblings": [repo.sibling(p) for p in sorted(repo.files)]}
+        self._send(entry, 200, json.dumps(body).encode())
+
+    def _resolve(self, entry: Logged, rest: str, cdn: bool = False) -> None:
+        hub = self.server_hub
+        repo, rid, more = self._split_repo(rest)
+        if not cdn and self._auth_problem(entry, repo):
+            return
+        if repo is None:
+            return self._error(entry, 404, "RepoNotFound", "Repository not found")
+        assert repo is not None
+        _, rev, fpath = more.split("/", 2)
+        commit = repo.resolve(rev)
+        if commit is None:
+            return self._error(entry, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        if fpath not in repo.files:
+            return self._error(entry, 404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
+        with hub.lock:
+            status, times = hub.fail_status.get(fpath, (0, 0))
+            if status and times:
+                hub.fail_status[fpath] = (status, times - 1 if times > 0 else times)
+        if status and times:
+            return self._error(entry, status, message="injected failure")
+        if repo.redirect_lfs and repo.is_lfs(fpath) and not cdn:
+            location = f"/cdn/{repo.repo_id.replace('/', '--')}/{commit}/{fpath}"
+            return self._send(entry, 302, b"", {"Location": location, "X-Repo-Commit": commit,
+                                                "X-Linked-Etag": f'"{repo.etag(fpath)}"',
+                                                "X-Linked-Size": str(len(repo.files[fpath]))})
+        data = repo.files[fpath]
+        if fpath in hub.damaged:
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        size = len(data)
+        etag = repo.etag(fpath)
+        headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
+        if repo.is_lfs(fpath):
+            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
+        start = 0
+        rng = self.headers.get("Range")
+        status = 200
+        if rng and rng.startswith("bytes=") and self.command == "GET":
+            start = int(rng[6:].split("-")[0] or 0)
+            if start >= size:
+                return self._error(entry, 416, message="range not satisfiable",
+                                   extra={"Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        body = data[start:]
+        entry.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with hub.lock:
+            drop = hub.drops.pop(fpath, None)
+            stall = hub.stalls.pop(fpath, None)
+        cut = drop if drop is not None else stall
+        sent = 0
+        while sent < len(body):
+            if cut is not None and sent >= cut:
+                if stall is not None:
+                    hub.stalled.set()
+                    hub.release.wait(60)
+                self.close_connection = True
+                self.wfile.flush()
+                self.connection.shutdown(2)  # the client sees a body shorter than Content-Length
+                return
+            n = _CHUNK if cut is None else min(_CHUNK, cut - sent)
+            self.wfile.write(body[sent:sent + n])
+            sent += n
+            entry.sent = sent
+            if hub.delay_per_chunk:
+                time.sleep(hub.delay_per_chunk)

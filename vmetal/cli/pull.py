@@ -1,0 +1,382 @@
+"""`vmetal pull`, `vmetal list`, `vmetal rm`: the model-management commands ollama users expect.
+
+`pull` checks everything it can from the repo's metadata and `config.json` (id, access, architecture,
+memory fit) before the first weight byte, then downloads through `vmetal.hub` with one progress line per
+file and a total, and records the model in `vmetal.registry` only once every file is verified. Data
+(`--json`, the `list` table) goes to stdout, everything else to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vmetal.cli.errors import USAGE, VmetalError, warn
+
+_SOURCE_HELP = ("Where to pull from: `huggingface` (`hf`, the default) or `modelscope`. "
+                "Default: `modelscope` when VLLM_USE_MODELSCOPE is true.")
+
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
+                                         help="Hub id (`org/name`) or a local model folder (checked, not copied).")]
+SourceOption = Annotated[str | None, typer.Option("--source", help=_SOURCE_HELP, show_default=False)]
+RevisionOption = Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit. Default: main.",
+                                                    show_default=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+
+
+def _say(message: str, *, quiet: bool = False) -> None:
+    if quiet:
+        return
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"vmetal: {message}", markup=False, soft_wrap=True)
+
+
+def human_size(n: int | float) -> str:
+    """Decimal units, as ollama and the Hub show sizes."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def human_ago(when: float | None, now: float | None = None) -> str:
+    if not when:
+        return "never"
+    delta = max(0.0, (now or time.time()) - when)
+    for size, unit in ((86400 * 7, "week"), (86400, "day"), (3600, "hour"), (60, "minute")):
+        if delta >= size:
+            count = int(delta // size)
+            return f"{count} {unit}{'s' if count > 1 else ''} ago"
+    return "just now"
+
+
+# ----------------------------------------------------------------------------------------- progress
+
+
+class RichProgress:
+    """Per-file and total bars (bytes, rate, ETA) on stderr; only used when stderr is a terminal."""
+
+    def __init__(self, model: str) -> None:
+        from rich.console import Console
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        self.console = Console(stderr=True, highlight=False)
+        self.progress = Progress(
+            TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+            TransferSpeedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
+        self.model = model
+        self.total: Any = None
+        self.tasks: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def plan(self, total: int, present: int) -> None:
+        self.total = self.progress.add_task(f"{self.model} (total)", total=total, completed=present)
+
+    def file_started(self, file: Any, done: int) -> None:
+        with self.lock:
+            task = self.tasks.get(file.path)
+            if task is None:
+                self.tasks[file.path] = self.progress.add_task(file.path, total=file.size, completed=done)
+                return
+            before = self.progress.tasks[task].completed if task < len(self.progress.tasks) else 0
+            self.progress.update(task, completed=done)
+            if self.total is not None:
+                self.progress.advance(self.total, done - before)
+
+    def advance(self, file: Any, n: int) -> None:
+        task = self.tasks.get(file.path)
+        if task is not None:
+            self.progress.advance(task, n)
+        if self.total is not None:
+            self.progress.advance(self.total, n)
+
+    def file_finished(self, file: Any) -> None:
+        task = self.tasks.get(file.path)
+        if task is not None:
+            self.progress.update(task, completed=file.size)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(f"vmetal: {message}", markup=False, soft_wrap=True)
+
+
+class LineProgress:
+    """Not a terminal (or `--quiet`): no bars; notes as plain lines unless quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def plan(self, total: int, present: int) -> None: ...
+    def file_started(self, file: Any, done: int) -> None: ...
+    def advance(self, file: Any, n: int) -> None: ...
+
+    def file_finished(self, file: Any) -> None:
+        _say(f"fetched {file.path} ({human_size(file.size)})", quiet=self.quiet)
+
+    def note(self, message: str) -> None:
+        _say(message, quiet=self.quiet)
+
+
+def _progress_for(model: str, quiet: bool) -> Any:
+    from rich.console import Console
+
+    if not quiet and Console(stderr=True).is_terminal:
+        return RichProgress(model)
+    return LineProgress(quiet)
+
+
+# ----------------------------------------------------------------------------------------- checks
+
+
+def _check_architecture(config: dict, where: str) -> str:
+    from vmetal.models import UnsupportedModelError, check_architecture, supported_list
+
+    try:
+        return check_architecture(config, where=where)
+    except UnsupportedModelError as exc:
+        raise VmetalError(str(exc), hint=f"vmetal serves {supported_list()}; nothing was downloaded") from None
+
+
+def _fit(config: dict, weight_bytes: int, max_model_len: int | None, force: bool, quiet: bool,
+         model: str) -> Any:
+    from vmetal import fit
+
+    length = max_model_len or fit.default_max_model_len(config)
+    try:
+        report = fit.estimate(config, weight_bytes, max_model_len=length)
+    except fit.ConfigShapeError as exc:
+        warn(f"no fit check for `{model}`: {exc}")
+        return None
+    line = f"fit: {report.describe()}"
+    if report.verdict == "does not fit":
+        if not force:
+            raise VmetalError(f"`{model}` does not fit in this machine's memory: {report.describe()}",
+                              hint=f"{report.advice()}; `--force` pulls it anyway")
+        warn(f"{line} (pulling anyway: --force)")
+    elif report.verdict == "tight":
+        warn(f"{line}; {report.advice()}")
+    else:
+        _say(line, quiet=quiet)
+    return report
+
+
+def _check_local(path: Path, max_model_len: int | None, force: bool, quiet: bool, json_out: bool) -> None:
+    from vmetal import fit
+    from vmetal.models import ModelNotFoundError, UnsupportedModelError, read_config
+
+    try:
+        config = read_config(path)
+    except (ModelNotFoundError, UnsupportedModelError) as exc:
+        raise VmetalError(str(exc), exit_code=USAGE) from None
+    _check_architecture(config, str(path / "config.json"))
+    weights = sorted(p.name for p in path.glob("model*.safetensors"))
+    if not weights:
+        raise VmetalError(f"`{path}` has no `model*.safetensors` weights, which is what vmetal loads",
+                          exit_code=USAGE)
+    report = _fit(config, fit.weight_bytes_of(path), max_model_len, force, quiet or json_out, str(path))
+    _say(f"`{path}` is a local model folder: checked, nothing to download", quiet=quiet or json_out)
+    if json_out:
+        print(json.dumps({"model": str(path), "source": "local", "path": str(path),
+                          "fit": report.as_dict() if report else None}))
+
+
+# ----------------------------------------------------------------------------------------- pull
+
+
+def pull(
+    model: ModelArg,
+    source: SourceOption = None,
+    revision: RevisionOption = None,
+    include: Annotated[list[str] | None, typer.Option(
+        "--include", help="Also download files matching this pattern (repeatable), e.g. `'*.gguf'`; "
+                          "by default only what serving needs.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Pull even when the fit check says it does not fit "
+                                                        "or the repo has no safetensors weights.")] = False,
+    max_model_len: Annotated[int | None, typer.Option(
+        min=1, help="Context length for the fit check. Default: what `serve` would use.",
+        show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress and no messages; errors only.")]
+    = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Download MODEL for serving: config, tokenizer and safetensors weights, resumable and verified."""
+    from vmetal import hub
+
+    try:
+        _pull(model, source, revision, include or [], force, max_model_len, quiet, json_out)
+    except hub.HubError as exc:
+        raise VmetalError(exc.message, hint=exc.hint, exit_code=exc.exit_code) from None
+
+
+def _pull(model: str, source: str | None, revision: str | None, include: list[str], force: bool,
+          max_model_len: int | None, quiet: bool, json_out: bool) -> None:
+    from vmetal import hub, registry
+
+    src = hub.resolve_source(source)
+    if hub.looks_local(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise VmetalError(f"model folder `{model}` does not exist", exit_code=USAGE)
+        _check_local(path.resolve(), max_model_len, force, quiet, json_out)
+        return
+    if src == hub.MODELSCOPE:
+        from vmetal import envs
+
+        hub.require_modelscope()
+        # The package is there but this release pulls from Hugging Face only; say so rather than
+        # quietly going to Hugging Face.
+        cache = envs.load_config().modelscope_cache
+        raise VmetalError("`vmetal pull --source modelscope` is not implemented in this release",
+                          hint=(f"VLLM_METAL_MODELSCOPE_CACHE={cache} is used by `serve`; " if cache else "")
+                          + "download with `modelscope download --model ID` and pass the folder")
+
+    quiet_msgs = quiet or json_out
+    remote = hub.fetch_info(model, revision=revision)
+    names = hub.select_files([f.path for f in remote.files], include)
+    files = [f for f in remote.files if f.path in set(names)]
+    weights = hub.weight_files(names)
+    if not weights:
+        others = hub.other_weights(f.path for f in remote.files)
+        listed = ", ".join(f"`{p}`" for p in others[:5]) or "none"
+        message = (f"`{remote.repo_id}` has no `model*.safetensors` weights (other weight files: {listed}); "
+                   "vmetal loads safetensors only")
+        if not force:
+            raise VmetalError(message, hint="pick a safetensors (or MLX) conversion of this model; `--force` "
+                                            "downloads the rest anyway")
+        warn(message)
+    weight_bytes = sum(f.size for f in files if f.path in weights)
+    total = sum(f.size for f in files)
+    _say(f"{remote.repo_id} @ {remote.revision} ({remote.commit[:12]}): {len(files)} files, "
+         f"{human_size(total)}", quiet=quiet_msgs)
+    skipped = [f.path for f in remote.files if f.path not in set(names)]
+    if skipped and not quiet_msgs:
+        heavy = hub.other_weights(skipped)
+        if heavy:
+            _say(f"skipping {len(heavy)} weight file(s) serving does not load ({', '.join(heavy[:3])}"
+                 f"{', …' if len(heavy) > 3 else ''}); `--include PATTERN` fetches them")
+
+    with hub.pull_lock(remote.repo_id):
+        config = hub.fetch_json(remote, "config.json")
+        _check_architecture(config, f"{remote.repo_id}/config.json")
+        report = _fit(config, weight_bytes, max_model_len, force, quiet_msgs, remote.repo_id) if weights \
+            else None
+
+        entry = registry.PulledModel(id=remote.repo_id, source=src, revision=remote.revision,
+                                     commit=remote.commit, path=str(hub.snapshot_path(remote)),
+                                     size=total, files=len(files), status=registry.INCOMPLETE)
+        # Incomplete until every file is verified again: a damaged blob is deleted before its refetch.
+        registry.upsert(entry)
+        with _progress_for(remote.repo_id, quiet_msgs) as view:
+            stats = hub.download(remote, files, progress=view)
+        snap = hub.finalize(remote, files)
+        entry.path = str(snap)
+        entry.status = registry.COMPLETE
+        entry.pulled_at = time.time()
+        registry.upsert(entry)
+
+    if stats.downloaded == 0 and not stats.refetched:
+        _say(f"{remote.repo_id} is up to date ({len(stats.reused)} files verified)", quiet=quiet_msgs)
+    else:
+        resumed = f", resumed {len(stats.resumed_from)} partial file(s)" if stats.resumed_from else ""
+        _say(f"pulled {remote.repo_id}: {human_size(stats.downloaded)} downloaded{resumed}, every file "
+             "verified", quiet=quiet_msgs)
+    _say(f"serve it with `vmetal serve {remote.repo_id}`", quiet=quiet_msgs)
+    if json_out:
+        print(json.dumps({
+            "model": remote.repo_id, "source": src, "revision": remote.revision, "commit": remote.commit,
+            "path": str(snap), "files": [f.path for f in files], "size": total,
+            "downloaded": stats.downloaded, "resumed": stats.resumed_from, "refetched": stats.refetched,
+            "reused": stats.reused, "fit": report.as_dict() if report else None,
+        }))
+
+
+# ----------------------------------------------------------------------------------------- list / rm
+
+
+def _status(m: Any) -> str:
+    if not m.complete:
+        return "incomplete"
+    return "ok" if Path(m.path).is_dir() else "missing"
+
+
+def list_models(json_out: JsonOption = False) -> None:
+    """List the models pulled: size, source, revision, when pulled and last used."""
+    from vmetal import registry
+
+    models = registry.pulled_models()
+    if json_out:
+        print(json.dumps([{**m.__dict__, "state": _status(m)} for m in models]))
+        return
+    if not models:
+        _say("no models pulled yet; `vmetal pull MODEL` fetches one")
+        return
+    # Plain aligned columns, as `ollama list`: the same on a terminal and in a pipe, never truncated.
+    rows = [("MODEL", "SIZE", "SOURCE", "REVISION", "PULLED", "LAST USED", "STATUS")]
+    now = time.time()
+    for m in models:
+        rev = m.revision if m.revision == (m.commit or "") else f"{m.revision} ({(m.commit or '?')[:7]})"
+        rows.append((m.id, human_size(m.size), m.source, rev,
+                     human_ago(m.pulled_at, now) if m.complete else "-", human_ago(m.last_used, now), _status(m)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def rm(
+    model: Annotated[str, typer.Argument(metavar="MODEL", show_default=False, help="Hub id as pulled.")],
+    revision: RevisionOption = None,
+    source: SourceOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Remove a pulled model (its files in the hub cache and its entry in `vmetal list`)."""
+    from vmetal import hub, registry
+
+    src = hub.SOURCE_ALIASES.get(source.lower()) if source else None
+    if source and src is None:
+        raise VmetalError(f"unknown source `{source}`: expected `huggingface` or `modelscope`", exit_code=USAGE)
+    entries = registry.find(model, source=src, revision=revision)
+    if not entries:
+        if Path(model).expanduser().is_dir():
+            raise VmetalError(f"`{model}` is a local folder vmetal did not pull; it is left alone",
+                              exit_code=USAGE)
+        raise VmetalError(f"`{model}` is not among the pulled models", hint="`vmetal list` shows them",
+                          exit_code=USAGE)
+    total = sum(e.size for e in entries)
+    what = ", ".join(f"{e.id} @ {e.revision}" for e in entries)
+    if not yes:
+        if not sys.stdin.isatty() and sys.stdin is sys.__stdin__:
+            raise VmetalError(f"not removing {what} without confirmation", hint="pass `--yes`",
+                              exit_code=USAGE)
+        if not typer.confirm(f"Remove {what} ({human_size(total)})?", default=False, err=True):
+            _say("nothing removed")
+            raise typer.Exit(1)
+    for e in entries:
+        others = [o for o in registry.pulled_models() if o.key != e.key and o.id.lower() == e.id.lower()
+                  and o.source == e.source]
+        if e.source == hub.HUGGINGFACE:
+            if not any(o.commit == e.commit for o in others):
+                hub.remove_snapshot(e.id, e.commit)
+        registry.remove(e)
+    _say(f"removed {what} ({human_size(total)})")

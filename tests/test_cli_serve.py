@@ -202,9 +202,16 @@ def test_vllm_arguments_after_double_dash_without_model(fake_server, monkeypatch
     assert server.kwargs["vllm_args"] == ["--enforce-eager"]
 
 
-def test_default_model_is_a_hub_id_passed_through(fake_server):
-    assert invoke("--port", str(free_port())).exit_code == 0
+def test_default_model_is_a_hub_id_passed_through_with_no_pull(fake_server):
+    assert invoke("--no-pull", "--port", str(free_port())).exit_code == 0
     assert fake_server[0].model == serve_cmd.DEFAULT_MODEL == "Qwen/Qwen3-0.6B"
+
+
+def test_hub_model_is_pulled_before_the_server_starts(fake_server, monkeypatch):
+    # Offline (as in these tests) the pull fails and nothing starts, with pull's own message.
+    result = invoke("Qwen/Qwen3-0.6B", "--port", str(free_port()))
+    assert result.exit_code != 0 and fake_server == []
+    assert "HF_HUB_OFFLINE" in result.stderr
 
 
 def test_public_host_without_key_warns(fake_server, monkeypatch):

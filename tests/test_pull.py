@@ -411,3 +411,22 @@ def test_select_files():
                                                "model.safetensors.index.json", "tokenizer.model",
                                                "chat_template.jinja", "merges.txt"])
     assert "model.gguf" in vhub.select_files(names, ["*.gguf"])
+
+
+def test_serve_pulls_a_hub_model_then_serves_its_folder(hub, monkeypatch):
+    from vmetal.cli import serve as serve_cmd
+    from vmetal.server import free_port
+
+    started = []
+
+    class FakeServer:
+        def __init__(self, model, **kw):
+            started.append(model)
+
+    monkeypatch.setattr(serve_cmd, "ServerProcess", FakeServer)
+    monkeypatch.setattr(serve_cmd, "supervise", lambda *a, **k: 0)
+    result = CliRunner().invoke(app, ["serve", REPO, "--port", str(free_port())])
+    assert result.exit_code == 0, result.output
+    assert len(started) == 1 and Path(started[0]).is_dir()
+    assert (Path(started[0]) / "config.json").is_file() and Path(started[0]) == storage() / "snapshots" / \
+        Path(started[0]).name

@@ -106,6 +106,26 @@ def resolve_model(model: str | None, demo: bool) -> tuple[str | None, str]:
     return model, model
 
 
+def pull_first(model_id: str, max_model_len: int | None) -> str:
+    """Pull a Hub model (a no-op when it is complete) and return its local snapshot folder.
+
+    Pulling here rather than in the engine gives the user `vmetal pull`'s progress, checks
+    and resumability, and the engine then loads from disk only.
+    """
+    from vmetal import hub, registry
+    from vmetal.cli import pull as pull_cmd
+
+    pull_cmd._pull(model_id, None, None, [], False, max_model_len, quiet=False, json_out=False)
+    done = [e for e in registry.find(model_id, source=hub.resolve_source(None))
+            if e.complete and Path(e.path).is_dir()]
+    entry = max(done, key=lambda e: e.pulled_at or 0, default=None)
+    if entry is None:
+        raise VmetalError(f"`{model_id}` was pulled but its folder is not complete", hint="run `vmetal pull "
+                          f"{model_id}` again, or `--no-pull` to let vLLM fetch it")
+    registry.touch(entry.path)
+    return entry.path
+
+
 def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str]) -> None:
     """Refuse a local model that cannot fit in the memory MLX may use; warn when it fits only tightly.
 
@@ -208,6 +228,8 @@ def serve(
                                                    show_default=False, rich_help_panel=_KV)] = None,
     device: Annotated[Device | None, typer.Option(help="MLX device. Default: gpu where MLX has one.",
                                                   show_default=False, rich_help_panel=_KV)] = None,
+    no_pull: Annotated[bool, typer.Option("--no-pull", help="Do not pull a Hub model first; vLLM and mlx-lm "
+                                          "then resolve it themselves.")] = False,
     ready_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the server to answer "
                                                  "/health.")] = READY_TIMEOUT_S,
 ) -> None:
@@ -225,6 +247,8 @@ def serve(
     if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY")):
         warn(f"`--host {host}` accepts connections from other machines and no `--api-key` is set: "
              "anyone who can reach this port can use the server")
+    if target is not None and not Path(target).is_dir() and not no_pull:
+        target = pull_first(target, max_model_len)
     if target is not None and Path(target).is_dir():
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:

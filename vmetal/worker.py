@@ -35,6 +35,8 @@ class MetalWorker(WorkerBase):
     def __init__(self, vllm_config, local_rank, rank, distributed_init_method, is_driver_worker=False):
         super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
         self.metal_config = envs.get_config()
+        if self.metal_config.debug:
+            logger.setLevel(logging.DEBUG)
         self.mlx_device = "cpu"
         self.weights_bytes = 0
         self.peak_activation_bytes = 0

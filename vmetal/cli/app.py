@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -37,8 +38,13 @@ def _print_version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print vmetal's version and exit.",
                                           callback=_print_version, is_eager=True)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug output: tracebacks for errors, "
+                                          "debug logs from the engine (sets VLLM_METAL_DEBUG=1).")] = False,
 ) -> None:
     """Run LLMs with vLLM on MLX (Apple Silicon; MLX CPU or CUDA elsewhere)."""
+    if verbose:
+        # Through the environment, so the server and engine processes started below see it too.
+        os.environ[errors.DEBUG_ENV] = "1"
 
 
 mount(app, "serve", serve.serve, **serve.COMMAND_SETTINGS)

@@ -253,6 +253,9 @@ class MetalModelRunner:
                 logits[req_id] = batch_logits[i]
 
         self._pending = (logits, partial, dict(so.num_scheduled_tokens))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("vmetal step: %d decoding in one batch, %d prefilling (%d partial)",
+                         len(decoding), len(prefilling), len(partial))
         return None
 
     def sample_tokens(self, grammar_output: Any = None) -> Any:

@@ -1,0 +1,80 @@
+"""CLI start-up time: `vmetal --help` and a completion request must not import mlx, torch or vllm.
+
+Target (issue: the vmetal CLI): under 0.3 s on this machine. Median of N runs of a fresh process,
+wall time, recorded in RESULTS.md between the `cli` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+BEGIN, END = "<!-- cli:begin -->", "<!-- cli:end -->"
+TARGET_S = 0.3
+
+
+def timed(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def write_section(text: str) -> None:
+    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    if BEGIN in body and END in body:
+        body = body[: body.index(BEGIN)] + block + body[body.index(END) + len(END):]
+    else:
+        body = body.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    exe = Path(sys.executable).with_name("vmetal")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("_VMETAL_COMPLETE")}
+    cases = {
+        "vmetal --help": ([str(exe), "--help"], base),
+        "vmetal --version": ([str(exe), "--version"], base),
+        "Tab: `vmetal s`": ([str(exe)], {**base, "_VMETAL_COMPLETE": "complete_bash",
+                                          "COMP_WORDS": "vmetal s", "COMP_CWORD": "1"}),
+    }
+    rows = []
+    for name, (argv, env) in cases.items():
+        t = timed(argv, env, args.runs)
+        med = statistics.median(t)
+        rows.append(f"| {name} | {med:.3f} | {min(t):.3f} | {max(t):.3f} | "
+                    f"{'yes' if med < TARGET_S else 'no'} |")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
+    text = "\n".join([
+        "## CLI start-up",
+        "",
+        f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"`python benchmarks/bench_cli.py --runs {args.runs}` (fresh process each run, wall time, seconds).",
+        "",
+        f"| command | median | min | max | < {TARGET_S} s |",
+        "|---|---|---|---|---|",
+        *rows,
+    ])
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -331,20 +331,6 @@ def test_local_folder_is_checked_not_copied(hub, qwen3_model):
     assert r.exit_code == 2
 
 
-@pytest.mark.parametrize("how", ["flag", "env"])
-def test_modelscope_never_falls_back_to_hugging_face(hub, monkeypatch, how):
-    args = [REPO]
-    if how == "flag":
-        args += ["--source", "modelscope"]
-    else:
-        monkeypatch.setenv("VLLM_USE_MODELSCOPE", "true")
-    r = pull(*args)
-    assert r.exit_code != 0
-    assert "modelscope" in r.stderr.lower()
-    assert hub.log == []  # the Hugging Face server was never asked anything
-    assert registry.pulled_models() == []
-
-
 def test_invalid_modelscope_variable_is_a_usage_error(hub, monkeypatch):
     monkeypatch.setenv("VLLM_USE_MODELSCOPE", "maybe")
     r = pull(REPO)

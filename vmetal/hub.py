@@ -18,6 +18,9 @@ the only thing vmetal adds is keeping `<blob>.incomplete` across runs: huggingfa
 download away when its process stops, and a 10 GB shard should not start over after a Ctrl-C.
 
 huggingface_hub is imported inside the functions: the CLI imports this module for `--help`.
+
+ModelScope (`--source modelscope`, VLLM_USE_MODELSCOPE=true) follows the same order in `vmetal.modelscope_hub`,
+through ModelScope's own client; nothing there ever reaches Hugging Face.
 """
 
 from __future__ import annotations
@@ -185,14 +188,11 @@ def _check_online() -> None:
 
 
 def require_modelscope() -> Any:
-    """The `modelscope` package, or a HubError saying how to get it (never a silent Hugging Face pull)."""
-    try:
-        import modelscope  # noqa: F401
-    except ImportError:
-        raise HubError("ModelScope support needs the `modelscope` package: pip install modelscope",
-                       hint="or pull from Hugging Face with `--source huggingface` (and unset "
-                            "VLLM_USE_MODELSCOPE if it is set)", kind="source") from None
-    return modelscope
+    """ModelScope's hub client (`modelscope_hub`, installed with `modelscope`), or a HubError saying how to get
+    it (never a silent Hugging Face pull). `import modelscope` itself is not needed and costs seconds (torch)."""
+    from vmetal import modelscope_hub
+
+    return modelscope_hub.require_client()
 
 
 def fetch_info(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,

@@ -25,8 +25,8 @@ _SOURCE_HELP = ("Where to pull from: `huggingface` (`hf`, the default) or `model
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
                                          help="Hub id (`org/name`) or a local model folder (checked, not copied).")]
 SourceOption = Annotated[str | None, typer.Option("--source", help=_SOURCE_HELP, show_default=False)]
-RevisionOption = Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit. Default: main.",
-                                                    show_default=False)]
+RevisionOption = Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit. Default: main "
+                                                    "(master on ModelScope).", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 
 
@@ -242,15 +242,8 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
         _check_local(path.resolve(), max_model_len, force, quiet, json_out)
         return
     if src == hub.MODELSCOPE:
-        from vmetal import envs
-
-        hub.require_modelscope()
-        # The package is there but this release pulls from Hugging Face only; say so rather than
-        # quietly going to Hugging Face.
-        cache = envs.load_config().modelscope_cache
-        raise VmetalError("`vmetal pull --source modelscope` is not implemented in this release",
-                          hint=(f"VLLM_METAL_MODELSCOPE_CACHE={cache} is used by `serve`; " if cache else "")
-                          + "download with `modelscope download --model ID` and pass the folder")
+        _pull_modelscope(model, revision, include, force, max_model_len, quiet, json_out)
+        return
 
     quiet_msgs = quiet or json_out
     remote = hub.fetch_info(model, revision=revision)
@@ -312,6 +305,75 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
         }))
 
 
+def _pull_modelscope(model: str, revision: str | None, include: list[str], force: bool,
+                     max_model_len: int | None, quiet: bool, json_out: bool) -> None:
+    """`pull` from ModelScope (`vmetal.modelscope_hub`): the same checks, order and output as from Hugging Face."""
+    from vmetal import hub, registry
+    from vmetal import modelscope_hub as ms
+
+    hub.require_modelscope()
+    quiet_msgs = quiet or json_out
+    remote = ms.fetch_info(model, revision=revision)
+    names = hub.select_files([f.path for f in remote.files], include)
+    files = [f for f in remote.files if f.path in set(names)]
+    weights = hub.weight_files(names)
+    if not weights:
+        others = hub.other_weights(f.path for f in remote.files)
+        listed = ", ".join(f"`{p}`" for p in others[:5]) or "none"
+        message = (f"`{remote.repo_id}` has no `model*.safetensors` weights (other weight files: {listed}); "
+                   "vmetal loads safetensors only")
+        if not force:
+            raise VmetalError(message, hint="pick a safetensors (or MLX) conversion of this model; `--force` "
+                                            "downloads the rest anyway")
+        warn(message)
+    weight_bytes = sum(f.size for f in files if f.path in weights)
+    total = sum(f.size for f in files)
+    _say(f"{remote.repo_id} @ {remote.revision} from ModelScope ({remote.endpoint}): {len(files)} files, "
+         f"{human_size(total)}", quiet=quiet_msgs)
+    skipped = [f.path for f in remote.files if f.path not in set(names)]
+    if skipped and not quiet_msgs:
+        heavy = hub.other_weights(skipped)
+        if heavy:
+            _say(f"skipping {len(heavy)} weight file(s) serving does not load ({', '.join(heavy[:3])}"
+                 f"{', …' if len(heavy) > 3 else ''}); `--include PATTERN` fetches them")
+
+    with ms.pull_lock(remote.repo_id, remote.cache):
+        with _progress_for(remote.repo_id, True) as silent:
+            config = ms.fetch_json(remote, "config.json", progress=silent)
+        _check_architecture(config, f"{remote.repo_id}/config.json")
+        report = _fit(config, weight_bytes, max_model_len, force, quiet_msgs, remote.repo_id) if weights \
+            else None
+
+        entry = registry.PulledModel(id=remote.repo_id, source=hub.MODELSCOPE, revision=remote.revision,
+                                     commit=None, path=str(remote.snapshot), size=total, files=len(files),
+                                     status=registry.INCOMPLETE, extra={"endpoint": remote.endpoint})
+        # Incomplete until every file is verified and in the snapshot folder.
+        registry.upsert(entry)
+        with _progress_for(remote.repo_id, quiet_msgs) as view:
+            stats = ms.download(remote, files, progress=view)
+            snap = ms.finalize(remote, files, progress=view)
+        entry.path = str(snap)
+        entry.status = registry.COMPLETE
+        entry.pulled_at = time.time()
+        registry.upsert(entry)
+
+    if stats.downloaded == 0 and not stats.refetched:
+        _say(f"{remote.repo_id} is up to date ({len(stats.reused)} files verified)", quiet=quiet_msgs)
+    else:
+        resumed = f", resumed {len(stats.resumed_from)} partial file(s)" if stats.resumed_from else ""
+        _say(f"pulled {remote.repo_id} from ModelScope: {human_size(stats.downloaded)} downloaded{resumed}, "
+             "every file verified", quiet=quiet_msgs)
+    _say(f"serve it with `vmetal serve {snap}` (or `VLLM_USE_MODELSCOPE=true vmetal serve {remote.repo_id}`)",
+         quiet=quiet_msgs)
+    if json_out:
+        print(json.dumps({
+            "model": remote.repo_id, "source": hub.MODELSCOPE, "revision": remote.revision, "commit": None,
+            "endpoint": remote.endpoint, "path": str(snap), "files": [f.path for f in files], "size": total,
+            "downloaded": stats.downloaded, "resumed": stats.resumed_from, "refetched": stats.refetched,
+            "reused": stats.reused, "fit": report.as_dict() if report else None,
+        }))
+
+
 # ----------------------------------------------------------------------------------------- list / rm
 
 
@@ -336,7 +398,7 @@ def list_models(json_out: JsonOption = False) -> None:
     rows = [("MODEL", "SIZE", "SOURCE", "REVISION", "PULLED", "LAST USED", "STATUS")]
     now = time.time()
     for m in models:
-        rev = m.revision if m.revision == (m.commit or "") else f"{m.revision} ({(m.commit or '?')[:7]})"
+        rev = m.revision if m.commit is None or m.revision == m.commit else f"{m.revision} ({m.commit[:7]})"
         rows.append((m.id, human_size(m.size), m.source, rev,
                      human_ago(m.pulled_at, now) if m.complete else "-", human_ago(m.last_used, now), _status(m)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -378,5 +440,11 @@ def rm(
         if e.source == hub.HUGGINGFACE:
             if not any(o.commit == e.commit for o in others):
                 hub.remove_snapshot(e.id, e.commit)
+        elif e.source == hub.MODELSCOPE:
+            from vmetal import modelscope_hub
+
+            # The folder recorded at pull time: the cache settings may have changed since.
+            if not modelscope_hub.remove_snapshot(e.path, e.revision) and Path(e.path).exists():
+                warn(f"left {e.path} alone: not a ModelScope snapshot folder")
         registry.remove(e)
     _say(f"removed {what} ({human_size(total)})")

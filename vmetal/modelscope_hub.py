@@ -1,0 +1,547 @@
+"""ModelScope resolution and download for `vmetal pull --source modelscope` (and VLLM_USE_MODELSCOPE=true).
+
+The same order as the Hugging Face path in `vmetal.hub`, so a wrong id or an oversized model costs no gigabytes:
+
+1. `fetch_info`: the revisions (is `--revision` a branch or tag?) and the file list (sizes, sha256).
+2. `select_files` (from `vmetal.hub`): only what serving needs.
+3. `fetch_json(remote, "config.json")`: the caller checks the architecture and the fit before any weight.
+4. `download`: the rest, through ModelScope's own client, each file checked against the sha256 ModelScope lists.
+5. `finalize`: only now does `snapshots/<revision>` appear (or get the new files), so an interrupted pull never
+   leaves a folder that `serve` or an offline ModelScope lookup would take for a model.
+
+Every request goes through `modelscope_hub`, the hub client that `modelscope` (>= 1.38) delegates
+`snapshot_download` / `model_file_download` / `HubApi.get_model_files` to: `HubApi.list_repo_revisions`,
+`list_repo_files`, `download_repo`. vmetal adds the staging folder and the checks around it:
+
+- Files are fetched into `<repo>/.vmetal-partial/<revision>/` (`download_repo(local_dir=…)`), where ModelScope keeps
+  `<file>.incomplete` across runs and resumes it with an HTTP Range request: a pull stopped by Ctrl-C, a crash or a
+  dropped connection continues from its last byte when run again. (With MODELSCOPE_DOWNLOAD_PARALLEL_WORKERS > 1,
+  files over 500 MB come in ranged parts that are kept and resumed the same way; `resumed` then does not count
+  them.) Each file gets a day in all unless MODELSCOPE_DOWNLOAD_TOTAL_TIMEOUT says otherwise (ModelScope's own
+  default, an hour, is too short for a large shard on a slow line); stalls are still cut after a minute.
+- ModelScope's client verifies each download against the listed sha256 (and size) and fetches a mismatch again;
+  vmetal verifies what is already on disk before reusing it, and a damaged copy is fetched again.
+- The cache is ModelScope's own layout (`<cache>/models/<owner>--<name>/snapshots/<revision>/`), so ModelScope's
+  own tools (its offline lookups, `snapshot_download`, vLLM with VLLM_USE_MODELSCOPE=true) reuse what vmetal
+  pulled. The cache is VLLM_METAL_MODELSCOPE_CACHE when set, else MODELSCOPE_CACHE, else `~/.cache/modelscope`
+  (ModelScope's default).
+- The endpoint is MODELSCOPE_ENDPOINT, else MODELSCOPE_DOMAIN (`https://` is assumed without a scheme), else
+  ModelScope's default (modelscope.cn, with its own fallback to modelscope.ai). Never Hugging Face.
+
+`modelscope_hub` is imported inside the functions (and only for ModelScope pulls): `import modelscope` costs seconds
+(it imports torch), `modelscope_hub` a tenth of that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmetal.hub import (MODELSCOPE, DownloadStats, HubError, Interrupted, PullProgress, RemoteFile, file_digest_ok)
+
+DEFAULT_REVISION = "master"        # ModelScope's default branch
+DEFAULT_ENDPOINT = "https://modelscope.cn"
+REPO_TYPE = "model"
+STAGING = ".vmetal-partial"
+MIN_CLIENT = (0, 5)                # modelscope_hub: `download_repo(file_list=…)`, `download_file(file_size=…)`
+PACKAGE_HINT = "pip install 'modelscope>=1.40,<2'"
+TOKEN_HINT = "set MODELSCOPE_API_TOKEN to a ModelScope access token (or run `modelscope login`)"
+DEFAULT_WORKERS = 4
+_COMMITISH = re.compile(r"^[0-9a-f]{7,64}$")
+
+
+# --------------------------------------------------------------------------------------------- where
+
+
+def require_client() -> Any:
+    """`modelscope_hub` (installed with `modelscope`), or a HubError saying how to get it."""
+    try:
+        import modelscope_hub
+    except ImportError:
+        raise HubError(f"ModelScope support needs the `modelscope` package: {PACKAGE_HINT}",
+                       hint="or pull from Hugging Face with `--source huggingface` (and unset "
+                            "VLLM_USE_MODELSCOPE if it is set)", kind="source") from None
+    version = getattr(modelscope_hub, "__version__", "0")
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if parts < MIN_CLIENT:
+        raise HubError(f"ModelScope support needs modelscope-hub >= {'.'.join(map(str, MIN_CLIENT))} "
+                       f"(installed: {version})", hint=PACKAGE_HINT.replace("install", "install -U"),
+                       kind="source")
+    return modelscope_hub
+
+
+def configured_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
+    """MODELSCOPE_ENDPOINT, else MODELSCOPE_DOMAIN, as ModelScope's client reads them; None when neither is set."""
+    env = os.environ if environ is None else environ
+    value = (env.get("MODELSCOPE_ENDPOINT") or "").strip() or (env.get("MODELSCOPE_DOMAIN") or "").strip()
+    if not value:
+        return None
+    if not value.lower().startswith(("http://", "https://")):
+        value = "https://" + value
+    return value.rstrip("/")
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """VLLM_METAL_MODELSCOPE_CACHE, else MODELSCOPE_CACHE, else ModelScope's default `~/.cache/modelscope`."""
+    from vmetal import envs
+
+    env = os.environ if environ is None else environ
+    ours = envs.load_config(env).modelscope_cache
+    if ours:
+        path = Path(ours)
+        if (path / "config.json").is_file():
+            raise HubError(f"{envs.MODELSCOPE_CACHE}={ours} is a model folder (it has a config.json), not a "
+                           "cache to pull into", hint=f"serve that folder directly, or point "
+                           f"{envs.MODELSCOPE_CACHE} at a cache directory", kind="usage", exit_code=2)
+        return path
+    return Path(env.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope").expanduser()
+
+
+def repo_folder(repo_id: str, cache: Path) -> Path:
+    return cache / "models" / repo_id.replace("/", "--")
+
+
+def snapshot_path(repo_id: str, revision: str, cache: Path) -> Path:
+    return repo_folder(repo_id, cache) / "snapshots" / revision
+
+
+def staging_path(repo_id: str, revision: str, cache: Path) -> Path:
+    return repo_folder(repo_id, cache) / STAGING / revision.replace("/", "--")
+
+
+@dataclass
+class MsModel:
+    repo_id: str
+    revision: str
+    files: list[RemoteFile]
+    endpoint: str
+    cache: Path
+    api: Any = field(repr=False, default=None)
+    source: str = MODELSCOPE
+    commit: str | None = None       # ModelScope's revision listing names no commit for a branch
+
+    def file(self, path: str) -> RemoteFile | None:
+        return next((f for f in self.files if f.path == path), None)
+
+    @property
+    def snapshot(self) -> Path:
+        return snapshot_path(self.repo_id, self.revision, self.cache)
+
+    @property
+    def staging(self) -> Path:
+        return staging_path(self.repo_id, self.revision, self.cache)
+
+
+# ----------------------------------------------------------------------------------------- metadata
+
+
+def _api(endpoint: str | None, cache: Path) -> Any:
+    from modelscope_hub import HubApi, HubConfig
+
+    # A fresh config per pull (the process-wide default would keep a token or cache read earlier). The token is
+    # ModelScope's own: MODELSCOPE_API_TOKEN, else what `modelscope login` stored. With no endpoint configured,
+    # HubConfig falls back to its default and lets `resolve_endpoint_for_read` pick modelscope.cn or .ai.
+    return HubApi(config=HubConfig(endpoint=endpoint, cache_dir=cache))
+
+
+def fetch_info(repo_id: str, *, revision: str | None = None, endpoint: str | None = None,
+               cache: Path | None = None) -> MsModel:
+    """The file list (sizes, sha256) of `repo_id` at `revision` on ModelScope."""
+    require_client()
+    cache = cache or cache_dir()
+    endpoint = endpoint or configured_endpoint()
+    revision = revision or DEFAULT_REVISION
+    if "/" not in repo_id.strip("/"):
+        raise HubError(f"`{repo_id}` is not a ModelScope model id: expected `owner/name`", kind="usage",
+                       exit_code=2)
+    api = _api(endpoint, cache)
+    shown = endpoint or DEFAULT_ENDPOINT
+    try:
+        with _quiet_client(PullProgress()):
+            if endpoint is None:
+                shown = endpoint = api.resolve_endpoint_for_read(repo_id, repo_type=REPO_TYPE)
+                api = _api(endpoint, cache)
+            revisions = api.list_repo_revisions(repo_id, REPO_TYPE)
+    except Exception as exc:  # noqa: BLE001 - translated into what the user should do, or re-raised
+        raise explain_error(exc, repo_id, endpoint=shown) from exc
+    names = [r.get("Revision") for r in revisions if isinstance(r, dict) and r.get("Revision")]
+    if revision not in names and not _COMMITISH.fullmatch(revision):
+        listed = ", ".join(f"`{n}`" for n in names[:8]) or "none"
+        raise HubError(f"revision `{revision}` of `{repo_id}` does not exist on ModelScope",
+                       hint=f"its branches and tags: {listed}; pass one of them (or a commit) to `--revision`",
+                       kind="revision")
+    try:
+        with _quiet_client(PullProgress()):
+            listing = api.list_repo_files(repo_id, REPO_TYPE, revision=revision, recursive=True)
+    except Exception as exc:  # noqa: BLE001
+        from modelscope_hub.errors import NotExistError
+
+        if isinstance(exc, NotExistError):
+            raise HubError(f"revision `{revision}` of `{repo_id}` does not exist on ModelScope",
+                           hint="pass a branch, tag or commit of that model to `--revision`",
+                           kind="revision") from exc
+        raise explain_error(exc, repo_id, endpoint=shown) from exc
+    files = [RemoteFile(path=f.path, size=int(f.size or 0), sha256=(f.sha256 or "").lower() or None)
+             for f in listing if not f.is_dir and f.path]
+    return MsModel(repo_id=repo_id, revision=revision, files=files, endpoint=shown, cache=cache, api=api)
+
+
+def explain_error(exc: BaseException, repo_id: str, *, endpoint: str, revision: str | None = None,
+                  what: str | None = None) -> BaseException:
+    """The HubError a user should see for a `modelscope_hub` / network exception (or `exc` itself)."""
+    import requests
+    from modelscope_hub import errors as mse
+
+    if isinstance(exc, HubError):
+        return exc
+    if isinstance(exc, mse.FileDownloadError) and exc.failed_files:
+        # Report the first real failure, not a sibling that was merely cancelled because of it.
+        failures = list(exc.failed_files.items())
+        path, first = next(((p, e) for p, e in failures if isinstance(e, mse.HubError)), failures[0])
+        return explain_error(first, repo_id, endpoint=endpoint, revision=revision, what=path)
+    status = getattr(exc, "status_code", None)
+    headline = (str(getattr(exc, "message", "") or exc).splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, mse.FileSizeMismatchError):
+        return HubError(f"`{what or '?'}` of `{repo_id}` keeps arriving with a size other than the one ModelScope "
+                        f"lists: {headline}", hint="run the pull again later", kind="integrity")
+    if isinstance(exc, mse.FileIntegrityError):
+        return HubError(f"`{what or '?'}` of `{repo_id}` does not match the sha256 ModelScope lists, after "
+                        "every retry", hint="ModelScope or a proxy is serving damaged data; try again later",
+                        kind="integrity")
+    if isinstance(exc, mse.NotExistError):
+        if what:
+            return HubError(f"`{what}` of `{repo_id}` is listed by ModelScope but could not be fetched "
+                            f"(HTTP {status or 404})", hint="run the pull again later", kind="server")
+        return HubError(f"model `{repo_id}` does not exist on {endpoint} (HTTP {status or 404})",
+                        hint=f"check the id (`owner/name`, as in {endpoint}/models/owner/name); a private model "
+                             f"reads as missing without a login: {TOKEN_HINT}", kind="not_found")
+    if isinstance(exc, mse.AuthenticationError):
+        return HubError(f"ModelScope refused the credentials for `{repo_id}` (HTTP {status or 401}): {headline}",
+                        hint=TOKEN_HINT, kind="auth")
+    if isinstance(exc, mse.PermissionDeniedError):
+        return HubError(f"ModelScope refused access to `{repo_id}` (HTTP {status or 403})", hint=TOKEN_HINT,
+                        kind="auth")
+    if isinstance(exc, mse.RateLimitError):
+        return HubError(f"{endpoint} is rate limiting this client (HTTP 429) while fetching `{what or repo_id}`",
+                        hint="wait a little and run the same `vmetal pull` again (it resumes)", kind="server")
+    if isinstance(exc, mse.ServerError):
+        return HubError(f"{endpoint} failed with HTTP {status or '5xx'} while fetching `{what or repo_id}`",
+                        hint="ModelScope is having trouble; run the same `vmetal pull` again later (it resumes "
+                             "where it stopped)", kind="server")
+    kind = type(exc).__name__
+    if kind == "_DownloadDeadlineError":
+        return HubError(f"`{what or repo_id}` took longer than ModelScope's time budget for one file "
+                        "(MODELSCOPE_DOWNLOAD_TOTAL_TIMEOUT); what arrived is kept",
+                        hint="run the same `vmetal pull` again to continue where it stopped, or raise "
+                             "MODELSCOPE_DOWNLOAD_TOTAL_TIMEOUT (seconds)", kind="network")
+    if kind == "_DownloadTooSlowError":
+        return HubError(f"the download of `{what or repo_id}` from {endpoint} stalled (under "
+                        "MODELSCOPE_DOWNLOAD_MIN_BYTES_PER_SECOND for a minute); what arrived is kept",
+                        hint="check the network, then run the same `vmetal pull` again to continue",
+                        kind="network")
+    if isinstance(exc, (mse.NetworkError, requests.exceptions.RequestException)):
+        timeout = isinstance(exc, (mse.RequestTimeoutError, requests.exceptions.Timeout))
+        detail = "no answer in time" if timeout else (headline if headline.isascii() else type(exc).__name__)
+        return HubError(f"cannot reach {endpoint} (fetching `{what or repo_id}`): {detail}",
+                        hint="check the network (and MODELSCOPE_ENDPOINT / MODELSCOPE_DOMAIN, proxies); the pull "
+                             "resumes when run again", kind="network")
+    if isinstance(exc, mse.APIError):
+        return HubError(f"{endpoint} answered HTTP {status} for `{what or repo_id}`: {headline}", kind="server")
+    return exc
+
+
+# ----------------------------------------------------------------------------------------- download
+
+
+class _NoBar:
+    """Stands in for the tqdm bars `modelscope_hub` draws; vmetal shows its own progress."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None: ...
+    def update(self, n: Any = 1) -> None: ...
+    def close(self) -> None: ...
+
+
+class _ToProgress(logging.Handler):
+    """ModelScope's retry warnings ("retrying in 1s") as vmetal notes; its errors are reported by vmetal."""
+
+    def __init__(self, progress: PullProgress) -> None:
+        super().__init__(logging.WARNING)
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            return
+        with contextlib.suppress(Exception):
+            self.progress.note("modelscope: " + record.getMessage().splitlines()[0])
+
+
+_quiet_lock = threading.Lock()
+
+
+# ModelScope's client gives each file one hour in all (MODELSCOPE_DOWNLOAD_TOTAL_TIMEOUT), which a 10 GB shard on a
+# slow line exceeds. A stalled connection is caught anyway (60 s read timeout, a minimum rate over a minute), so
+# unless the user set the variable, a pull gives each file a day.
+FILE_TIME_BUDGET_S = 24 * 3600
+
+
+@contextlib.contextmanager
+def _quiet_client(progress: PullProgress) -> Iterator[None]:
+    """No tqdm bars and no log lines of ModelScope's own on the terminal while vmetal drives it (and the per-file
+    time budget above). Both are module attributes of `modelscope_hub._download`, left alone if they move."""
+    import modelscope_hub._download as msdl
+
+    with _quiet_lock:
+        logger = logging.getLogger("modelscope_hub")
+        saved = (logger.handlers[:], logger.level, logger.propagate, getattr(msdl, "tqdm", None),
+                 getattr(msdl, "DOWNLOAD_TOTAL_TIMEOUT", None))
+        logger.handlers = [_ToProgress(progress)]
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+        if saved[3] is not None:
+            msdl.tqdm = _NoBar
+        if saved[4] is not None and "MODELSCOPE_DOWNLOAD_TOTAL_TIMEOUT" not in os.environ:
+            msdl.DOWNLOAD_TOTAL_TIMEOUT = max(saved[4], FILE_TIME_BUDGET_S)
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            logger.handlers, level, logger.propagate, bar, budget = saved
+            logger.setLevel(level)
+            if bar is not None:
+                msdl.tqdm = bar
+            if budget is not None:
+                msdl.DOWNLOAD_TOTAL_TIMEOUT = budget
+
+
+@contextlib.contextmanager
+def pull_lock(repo_id: str, cache: Path) -> Iterator[None]:
+    """One `vmetal pull` per model at a time (two would write the same partial files)."""
+    folder = repo_folder(repo_id, cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".vmetal-pull.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HubError(f"another `vmetal pull` of `{repo_id}` is running", kind="busy") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _ok(path: Path, f: RemoteFile) -> bool:
+    return path.is_file() and file_digest_ok(path, f)
+
+
+def local_copy(remote: MsModel, f: RemoteFile) -> Path | None:
+    """The verified copy of `f` on disk (in the snapshot or the staging folder), if there is one."""
+    for base in (remote.snapshot, remote.staging):
+        if _ok(base / f.path, f):
+            return base / f.path
+    return None
+
+
+def download(remote: MsModel, files: Sequence[RemoteFile], *, progress: PullProgress | None = None,
+             workers: int = DEFAULT_WORKERS) -> DownloadStats:
+    """Bring every file of `files` to disk, verified: in the snapshot already, or in the staging folder.
+
+    Verified copies are kept; a damaged copy is fetched again; `<file>.incomplete` from an earlier run is resumed
+    from its last byte (by ModelScope's client). Raises `Interrupted` on Ctrl-C.
+    """
+    progress = progress or PullProgress()
+    stats = DownloadStats()
+    snap, staging = remote.snapshot, remote.staging
+    pending: list[RemoteFile] = []
+    present = 0
+    for f in files:
+        in_snap, in_staging = snap / f.path, staging / f.path
+        if in_snap.is_file():
+            if _ok(in_snap, f):
+                stats.reused.append(f.path)
+                present += f.size
+                continue
+            # Left in place until its verified replacement lands (finalize), so no file goes missing meanwhile.
+            progress.note(f"the cached `{f.path}` does not match what ModelScope lists ({_what_differs(in_snap, f)}:"
+                          " damaged, or updated upstream); fetching it again")
+            stats.refetched.append(f.path)
+        if in_staging.is_file():
+            if _ok(in_staging, f):
+                stats.reused.append(f.path)
+                present += f.size
+                continue
+            in_staging.unlink()
+        pending.append(f)
+    resumed: dict[str, int] = {}
+    for f in pending:
+        part = staging / (f.path + ".incomplete")
+        if part.is_file() and 0 < part.stat().st_size <= f.size:
+            resumed[f.path] = part.stat().st_size
+    stats.resumed_from.update(resumed)
+    progress.plan(sum(f.size for f in files), present + sum(resumed.values()))
+    if not pending:
+        return stats
+    unchecked = [f.path for f in pending if not f.sha256]
+    if unchecked:
+        progress.note("ModelScope lists no sha256 for " + ", ".join(f"`{p}`" for p in unchecked[:3])
+                      + (", …" if len(unchecked) > 3 else "") + "; checked by size only")
+
+    from modelscope_hub import ProgressCallback
+
+    by_path = {f.path: f for f in pending}
+    lock = threading.Lock()
+
+    class Callback(ProgressCallback):
+        """One per file, made by ModelScope's downloader: bytes to vmetal's progress and stats."""
+
+        def __init__(self, filename: str, file_size: int) -> None:
+            super().__init__(filename, file_size)
+            self.file = by_path.get(filename) or RemoteFile(filename, int(file_size or 0))
+            self.resume = resumed.get(filename, 0)
+            self.first = True
+            progress.file_started(self.file, self.resume)
+
+        def update(self, size: int) -> None:
+            if self.first:
+                self.first = False
+                if self.resume and size == self.resume:
+                    return  # the bytes an earlier run left, which ModelScope counts first
+            if size > 0:
+                with lock:
+                    stats.downloaded += size
+            progress.advance(self.file, size)
+
+        def end(self) -> None:
+            if (staging / self.file.path).is_file():
+                progress.file_finished(self.file)
+
+    staging.mkdir(parents=True, exist_ok=True)
+    listing = [{"Path": f.path, "Size": f.size, "Sha256": f.sha256, "Type": "blob"} for f in pending]
+    try:
+        with _quiet_client(progress):
+            remote.api.download_repo(remote.repo_id, REPO_TYPE, revision=remote.revision, cache_dir=remote.cache,
+                                     local_dir=staging, file_list=listing, max_workers=max(1, workers),
+                                     progress_callbacks=[Callback])
+    except KeyboardInterrupt:
+        raise Interrupted(f"pull of `{remote.repo_id}` interrupted; what arrived so far is kept",
+                          hint="run the same `vmetal pull` again to continue where it stopped") from None
+    except Exception as exc:  # noqa: BLE001 - translated, or re-raised as is
+        raise explain_error(exc, remote.repo_id, endpoint=remote.endpoint, revision=remote.revision) from exc
+    for f in pending:
+        got = staging / f.path
+        if not got.is_file() or got.stat().st_size != f.size:
+            raise HubError(f"`{f.path}` is missing or truncated after its download from ModelScope",
+                           hint="run the pull again", kind="integrity")
+    return stats
+
+
+def _what_differs(path: Path, f: RemoteFile) -> str:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return "unreadable"
+    return "size mismatch" if size != f.size else "sha256 mismatch"
+
+
+def fetch_json(remote: MsModel, path: str, *, progress: PullProgress | None = None) -> dict[str, Any]:
+    """Download (verified) and parse one small JSON file of `remote`, e.g. `config.json`."""
+    f = remote.file(path)
+    if f is None:
+        raise HubError(f"`{remote.repo_id}` has no `{path}`: not a transformers-style model repo",
+                       hint="vmetal serves transformers-style checkpoints (config.json + safetensors)",
+                       kind="not_a_model")
+    download(remote, [f], progress=progress)
+    copy = local_copy(remote, f)
+    if copy is None:
+        raise HubError(f"`{path}` of `{remote.repo_id}` is missing after its download", kind="integrity")
+    try:
+        return json.loads(copy.read_text())
+    except ValueError as exc:
+        raise HubError(f"`{path}` of `{remote.repo_id}` is not valid JSON: {exc}", kind="not_a_model") from exc
+
+
+def finalize(remote: MsModel, files: Sequence[RemoteFile], *, progress: PullProgress | None = None) -> Path:
+    """Move the verified files from the staging folder into `snapshots/<revision>`; the snapshot folder.
+
+    A new snapshot appears in one rename, complete; an existing one gets each new file by an atomic replace.
+    Root-level `model*.safetensors` the revision no longer lists are removed from it (mlx-lm loads every one).
+    """
+    progress = progress or PullProgress()
+    snap, staging = remote.snapshot, remote.staging
+    if not snap.is_dir() or not any(snap.iterdir()):
+        # Exactly the files of this pull: not partials, not what an earlier, different pull left in staging.
+        wanted = {f.path for f in files}
+        for leftover in [p for p in staging.rglob("*") if p.is_file() or p.is_symlink()]:
+            if leftover.relative_to(staging).as_posix() not in wanted:
+                leftover.unlink()
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        if snap.is_dir():
+            snap.rmdir()
+        staging.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, snap)
+    else:
+        for f in files:
+            src = staging / f.path
+            if src.is_file():
+                (snap / f.path).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, snap / f.path)
+        listed = {f.path for f in remote.files}
+        for stale in sorted(snap.glob("model*.safetensors")):
+            if stale.name not in listed:
+                progress.note(f"removing `{stale.name}` from {snap}: revision `{remote.revision}` no longer has it")
+                stale.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (repo_folder(remote.repo_id, remote.cache) / STAGING).rmdir()   # only when empty
+    missing = [f.path for f in files if not (snap / f.path).is_file()]
+    if missing:
+        raise HubError(f"`{missing[0]}` is missing from {snap} after the pull", hint="run the pull again",
+                       kind="integrity")
+    return snap
+
+
+# ----------------------------------------------------------------------------------------- removal
+
+
+def remove_snapshot(path: str | Path, revision: str) -> int:
+    """Delete the snapshot folder a pull recorded (`…/models/<owner>--<name>/snapshots/<revision>`), its staging
+    folder, and the repo folder once no snapshot is left. Returns bytes freed; 0 for a path of another shape."""
+    snap = Path(path)
+    depth = len(Path(revision).parts)
+    snapshots = snap
+    for _ in range(depth):
+        snapshots = snapshots.parent
+    try:
+        if snapshots.name != "snapshots" or snap.relative_to(snapshots).as_posix() != revision:
+            return 0
+    except ValueError:
+        return 0
+    repo = snapshots.parent
+    freed = 0
+    for d in (snap, repo / STAGING / revision.replace("/", "--")):
+        if d.is_dir():
+            freed += sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
+            shutil.rmtree(d, ignore_errors=True)
+    # Empty parents of a revision with a `/` in it, then the repo folder when nothing else is in it.
+    parent = snap.parent
+    while parent != snapshots and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+    with contextlib.suppress(OSError):
+        (repo / STAGING).rmdir()
+    if not (snapshots.is_dir() and any(snapshots.iterdir())):
+        shutil.rmtree(repo, ignore_errors=True)
+    return freed

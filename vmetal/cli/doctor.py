@@ -672,7 +672,7 @@ def cache_dirs(environ: Mapping[str, str]) -> dict[str, Path]:
     else:
         hf = Path(environ.get("HF_HOME") or xdg / "huggingface") / "hub"
     ms = Path(environ.get(envs.MODELSCOPE_CACHE) or environ.get("MODELSCOPE_CACHE")
-              or home / ".cache" / "modelscope" / "hub")
+              or home / ".cache" / "modelscope")
     vm = Path(environ["VMETAL_HOME"]) if environ.get("VMETAL_HOME") else xdg / "vmetal"
     return {"huggingface": hf.expanduser(), "modelscope": ms.expanduser(), "vmetal": vm.expanduser()}
 

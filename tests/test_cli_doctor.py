@@ -404,7 +404,7 @@ def test_disk_uses_the_cache_folders(tmp_path):
     env = {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "VMETAL_HOME": str(tmp_path / "vm")}
     dirs = doctor.cache_dirs(env)
     assert dirs["huggingface"] == tmp_path / "hf" / "hub" and dirs["vmetal"] == tmp_path / "vm"
-    assert dirs["modelscope"] == tmp_path / ".cache" / "modelscope" / "hub"
+    assert dirs["modelscope"] == tmp_path / ".cache" / "modelscope"
     check = doctor.check_disk(env)  # none of them exists yet: their nearest existing parent counts
     assert all(c["free_bytes"] is not None for c in check.details["caches"])
 

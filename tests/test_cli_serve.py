@@ -113,7 +113,8 @@ def test_memory_fraction_flag_needs_paged(fake_server):
 @pytest.mark.parametrize("environ, message", [
     # Valid settings whose code path this release does not have.
     ({envs.PREFIX_CACHE: "maybe"}, "VLLM_METAL_PREFIX_CACHE=maybe"),
-    ({envs.USE_MLX: "0"}, "VLLM_METAL_USE_MLX=0 asks for the PyTorch compute path"),
+    ({envs.USE_MLX: "0", envs.USE_PAGED_ATTENTION: "1"}, "the PyTorch path runs with the MLX-managed KV layout only"),
+    ({envs.USE_MLX: "maybe"}, "VLLM_METAL_USE_MLX=maybe"),
     # Invalid values.
     ({envs.USE_PAGED_ATTENTION: "1", envs.MEMORY_FRACTION: "1.5"}, "VLLM_METAL_MEMORY_FRACTION=1.5"),
     ({envs.BLOCK_SIZE: "12"}, "VLLM_METAL_BLOCK_SIZE=12"),

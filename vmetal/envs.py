@@ -302,15 +302,18 @@ def check_available(cfg: MetalConfig) -> None:
     Running the default path instead would look like success while ignoring
     what the user asked for.
     """
-    from vmetal import __version__
-
+    if cfg.use_mlx:
+        return
+    # The PyTorch compute path (USE_MLX=0) keeps its KV the MLX-managed way, per request then one
+    # batched decode cache: neither the paged pools nor the MLX prefix cache exist there.
     unbuilt = [
-        (not cfg.use_mlx, USE_MLX, "0", "the PyTorch compute path"),
+        (cfg.use_paged_attention, USE_PAGED_ATTENTION, "the PyTorch path runs with the MLX-managed KV layout only"),
+        (cfg.prefix_cache, PREFIX_CACHE, "the prefix cache holds MLX KV, which the PyTorch path does not use"),
     ]
-    for asked, name, value, what in unbuilt:
+    for asked, name, why in unbuilt:
         if asked:
+            value = cfg.raw.get(name, "1")
             raise EnvError(
-                f"{name}={value} asks for {what}, which vmetal {__version__} does not have yet; "
-                f"unset {name} to use the MLX-managed KV path",
-                variable=name, value=value, allowed="unset",
+                f"{name}={_show(value)} with {USE_MLX}={_show(cfg.raw.get(USE_MLX, '0'))}: {why}; unset {name}",
+                variable=name, value=value, allowed=f"unset when {USE_MLX}=0",
             )

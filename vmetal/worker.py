@@ -53,7 +53,10 @@ class MetalWorker(WorkerBase):
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
         # The sampler's tensors live on the CPU torch device on every host.
         self.device = torch.device("cpu")
-        if self.metal_config.use_paged_attention:
+        if not self.metal_config.use_mlx:
+            # The PyTorch baseline (VLLM_METAL_USE_MLX=0): same runner, the forward in torch.
+            from vmetal.runner.torch_runner import TorchModelRunner as Runner
+        elif self.metal_config.use_paged_attention:
             from vmetal.runner.paged_runner import PagedModelRunner as Runner
         else:
             from vmetal.runner.model_runner import MetalModelRunner as Runner
@@ -65,14 +68,16 @@ class MetalWorker(WorkerBase):
         before = mx.get_active_memory()
         self.model_runner.load_model()
         self.weights_bytes = mx.get_active_memory() - before
+        if not self.metal_config.use_mlx:
+            self.weights_bytes = self.model_runner.weights_nbytes()
         cfg = self.metal_config
         if cfg.prefix_cache and not cfg.use_paged_attention:
             budget = int(device_memory_bytes(self.mlx_device) * cfg.prefix_cache_fraction)
             self.model_runner.enable_prefix_cache(budget)
         logger.info(
-            "vmetal: loaded %s on MLX %s (%.1f MiB of weights)",
+            "vmetal: loaded %s on %s (%.1f MiB of weights)",
             self.model_config.model,
-            self.mlx_device,
+            f"MLX {self.mlx_device}" if self.metal_config.use_mlx else f"torch {self.model_runner.torch_device}",
             self.weights_bytes / 2**20,
         )
 
@@ -82,8 +87,9 @@ class MetalWorker(WorkerBase):
     def get_model_inspection(self) -> str:
         # vLLM's default walks torch modules; the model here is an MLX module.
         loaded = self.model_runner.loaded
+        backend = "MLX" if self.metal_config.use_mlx else f"torch {self.model_runner.torch_device}"
         return (
-            f"{type(loaded.model).__module__}.{type(loaded.model).__name__} (MLX, {loaded.dtype}): "
+            f"{type(loaded.model).__module__}.{type(loaded.model).__name__} ({backend}, {loaded.dtype}): "
             f"{loaded.num_layers} layers, {loaded.num_kv_heads} KV heads x {loaded.head_dim}"
         )
 

@@ -28,7 +28,8 @@ def device_memory_bytes(device: str) -> int:
             return int(info[key])
     import psutil
 
-    return int(psutil.virtual_memory().total)
+    # On the CPU, MLX shares RAM with every other process: what is free now, not the total.
+    return int(psutil.virtual_memory().available)
 
 
 class MetalWorker(WorkerBase):
@@ -141,6 +142,14 @@ class MetalWorker(WorkerBase):
         if paged:
             self._check_fits_one_sequence(budget, per_token, total)
             available = budget
+            if self.mlx_device == "cpu":
+                # System RAM is shared with everything else on the host (not a GPU's
+                # memory): pools no larger than twice what max_num_seqs full-length
+                # sequences can use, the second half for vLLM's prefix cache.
+                bs = self.cache_config.block_size
+                seq_blocks = -(-self.model_config.max_model_len // bs)
+                cap = (2 * self.scheduler_config.max_num_seqs * seq_blocks + 1) * bs * per_token
+                available = min(available, cap)
         else:
             # Whole blocks per sequence, plus the null block vLLM's block pool keeps aside.
             bs = self.cache_config.block_size

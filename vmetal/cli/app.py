@@ -17,6 +17,7 @@ from vmetal.cli import chat as chat_cmd
 from vmetal.cli import completion as completion_cmd
 from vmetal.cli import install as install_cmd
 from vmetal.cli import uninstall as uninstall_cmd
+from vmetal.cli import bench as bench_cmd
 
 app = make_app(help="Run LLMs with vLLM on MLX (Apple Silicon; MLX CPU or CUDA elsewhere).")
 
@@ -56,6 +57,7 @@ mount(app, "rm", pull_cmd.rm)
 mount(app, "install", install_cmd.install, **install_cmd.COMMAND_SETTINGS)
 mount(app, "uninstall", uninstall_cmd.uninstall, **uninstall_cmd.COMMAND_SETTINGS)
 mount(app, "completion", completion_cmd.completion)
+app.add_typer(bench_cmd.app, name="bench")  # a group: `bench online`, `bench offline`
 
 
 def main() -> None:

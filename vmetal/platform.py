@@ -16,7 +16,7 @@ from vllm.platforms.interface import Platform, PlatformEnum
 from vmetal import envs
 from vmetal.models import SUPPORTED_ARCHITECTURES, UnsupportedModelError, supported_list
 
-logger = logging.getLogger("vmetal")
+logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
 
 class MetalPlatform(Platform):

@@ -15,7 +15,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vmetal import envs
 
-logger = logging.getLogger("vmetal")
+logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
 
 def device_memory_bytes(device: str) -> int:

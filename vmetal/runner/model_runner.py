@@ -13,7 +13,7 @@ from typing import Any
 from vmetal.runner import mlx_cache
 from vmetal.runner.sampling import MetalSampler, needs_torch_sampler
 
-logger = logging.getLogger("vmetal")
+logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
 
 class MetalModelRunner:
@@ -39,6 +39,8 @@ class MetalModelRunner:
         self.sampler: MetalSampler | None = None
         self._pending: tuple[dict[str, Any], set[str], dict[str, int]] | None = None
         self.prefix_cache = None  # vmetal.runner.prefix_cache.PrefixCache when enabled
+        # The next decode step, started at the end of sample_tokens (see _start_next_decode).
+        self._next_decode: tuple[tuple[str, ...], tuple[int, ...], Any] | None = None
 
     # ---------------------------------------------------------------- set-up
     def load_model(self) -> None:
@@ -225,6 +227,8 @@ class MetalModelRunner:
             )
             (decoding if is_decode else prefilling).append(req_id)
 
+        ahead = self._take_next_decode(decoding)
+
         # Decode rows the scheduler skipped this step keep their KV aside.
         for req_id in [r for r in self.decode.req_ids if r not in decoding]:
             if req_id in self.requests and req_id not in prefilling:
@@ -247,8 +251,11 @@ class MetalModelRunner:
 
         if decoding:
             order = list(self.decode.req_ids)
-            tokens = [self.requests[r].get_token_id(self.requests[r].num_computed_tokens) for r in order]
-            batch_logits = self.decode.forward(self.model, tokens)
+            if ahead is not None:
+                batch_logits = ahead
+            else:
+                tokens = [self.requests[r].get_token_id(self.requests[r].num_computed_tokens) for r in order]
+                batch_logits = self.decode.forward(self.model, tokens)
             for i, req_id in enumerate(order):
                 logits[req_id] = batch_logits[i]
 
@@ -295,9 +302,53 @@ class MetalModelRunner:
                     self.prefix_cache.insert(list(state.prompt_token_ids), cache)
                 self.decode.add(req_id, cache)
 
+        self._start_next_decode()
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index=dict(ib.req_id_to_index),
             sampled_token_ids=sampled,
             logprobs=logprobs,
         )
+
+    # ------------------------------------------------------- decode ahead
+    # MLX computes on its own thread; vLLM's per-step Python (output handling,
+    # scheduling) would otherwise run while that thread idles. So once a step's
+    # tokens are known, the next decode forward of the same rows is queued with
+    # `mx.async_eval` before control returns to vLLM, as mlx-lm's generate loop
+    # does. The next step uses it when vLLM schedules exactly those rows for one
+    # token each (the steady state); otherwise the extra KV position is trimmed
+    # off again and the step runs as usual.
+    def _start_next_decode(self) -> None:
+        import mlx.core as mx
+
+        if self.decode is None or not len(self.decode):
+            return
+        order = tuple(self.decode.req_ids)
+        tokens = []
+        for req_id in order:
+            state = self.requests.get(req_id)
+            if state is None or self.cache_len.get(req_id) != state.num_tokens - 1:
+                return
+            tokens.append(state.output_token_ids[-1])
+        logits = self.decode.forward(self.model, tokens)
+        mx.async_eval(logits)
+        self._next_decode = (order, tuple(tokens), logits)
+
+    def _take_next_decode(self, decoding: list[str]) -> Any:
+        """The decode-ahead logits if this step is exactly that step, else None (KV rolled back)."""
+        if self._next_decode is None:
+            return None
+        order, tokens, logits = self._next_decode
+        self._next_decode = None
+        rows = tuple(self.decode.req_ids)
+        usable = rows == order and set(decoding) == set(rows) and all(
+            self.requests[r].get_token_id(self.requests[r].num_computed_tokens) == t
+            for r, t in zip(rows, tokens)
+        )
+        if usable:
+            return logits
+        if len(self.decode):
+            # Every row still in the batch holds the decode-ahead position; drop it.
+            for layer in self.decode.caches:
+                layer.trim(1)
+        return None

@@ -17,7 +17,7 @@ from vmetal import kernels as pa
 from vmetal.runner.model_runner import MetalModelRunner
 from vmetal.runner.paged_cache import PagedLayerCache, StepLayout, install_attention_hook, logits_of
 
-logger = logging.getLogger("vmetal")
+logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
 
 class PagedModelRunner(MetalModelRunner):

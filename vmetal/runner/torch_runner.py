@@ -21,7 +21,7 @@ from typing import Any
 from vmetal.runner.model_runner import MetalModelRunner
 from vmetal.runner.sampling import MetalSampler
 
-logger = logging.getLogger("vmetal")
+logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
 _SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 

@@ -180,6 +180,29 @@ class MetalModelRunner:
         ib.condense()
         ib.refresh_metadata()
 
+    # Compute hooks: the one place the MLX runner and the PyTorch baseline
+    # (torch_runner.py) differ; scheduling, caching policy and sampling are shared.
+    def _new_request_cache(self) -> Any:
+        return mlx_cache.new_request_cache(self.model)
+
+    def _trim_request_cache(self, cache: Any, drop: int) -> None:
+        for layer in cache:
+            layer.trim(drop)
+
+    def _prefill(self, cache: Any, tokens: list[int], start: int) -> Any:
+        return mlx_cache.prefill(self.model, cache, tokens)
+
+    def _stack(self, rows: list[Any]) -> Any:
+        import mlx.core as mx
+
+        return mx.stack(rows)
+
+    def _compute(self) -> Any:
+        """Context for a step's forwards (torch: inference mode)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
     def _all_tokens(self, state: Any) -> list[int]:
         return list(state.prompt_token_ids) + list(state.output_token_ids)
 
@@ -198,11 +221,10 @@ class MetalModelRunner:
                     f"request {req_id}: scheduler says {start} tokens are computed, "
                     f"the MLX cache holds {held}"
                 )
-            cache = mlx_cache.new_request_cache(self.model)
+            cache = self._new_request_cache()
             held = 0
         if held > start:
-            for layer in cache:
-                layer.trim(held - start)
+            self._trim_request_cache(cache, held - start)
         self.request_caches[req_id] = cache
         self.cache_len[req_id] = start
         return cache
@@ -236,28 +258,30 @@ class MetalModelRunner:
 
         logits: dict[str, Any] = {}
         partial: set[str] = set()
-        for req_id in prefilling:
-            state = self.requests[req_id]
-            start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
-            cache = self._cache_for_prefill(req_id, start)
-            begin = start
-            if start == 0 and self.prefix_cache is not None:
-                # At least the chunk's last token is computed: its logits are needed.
-                begin = self._reuse_prefix(req_id, state, cache, limit=n - 1)
-            tokens = self._all_tokens(state)[begin : start + n]
-            logits[req_id] = mlx_cache.prefill(self.model, cache, tokens)
-            if start + n < state.num_tokens:
-                partial.add(req_id)
+        with self._compute():
+            for req_id in prefilling:
+                state = self.requests[req_id]
+                start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
+                cache = self._cache_for_prefill(req_id, start)
+                begin = start
+                if start == 0 and self.prefix_cache is not None:
+                    # At least the chunk's last token is computed: its logits are needed.
+                    begin = self._reuse_prefix(req_id, state, cache, limit=n - 1)
+                tokens = self._all_tokens(state)[begin : start + n]
+                logits[req_id] = self._prefill(cache, tokens, begin)
+                if start + n < state.num_tokens:
+                    partial.add(req_id)
 
-        if decoding:
-            order = list(self.decode.req_ids)
-            if ahead is not None:
-                batch_logits = ahead
-            else:
-                tokens = [self.requests[r].get_token_id(self.requests[r].num_computed_tokens) for r in order]
-                batch_logits = self.decode.forward(self.model, tokens)
-            for i, req_id in enumerate(order):
-                logits[req_id] = batch_logits[i]
+            if decoding:
+                order = list(self.decode.req_ids)
+                if ahead is not None:
+                    batch_logits = ahead
+                else:
+                    tokens = [self.requests[r].get_token_id(self.requests[r].num_computed_tokens)
+                              for r in order]
+                    batch_logits = self.decode.forward(self.model, tokens)
+                for i, req_id in enumerate(order):
+                    logits[req_id] = batch_logits[i]
 
         self._pending = (logits, partial, dict(so.num_scheduled_tokens))
         if logger.isEnabledFor(logging.DEBUG):
@@ -266,7 +290,6 @@ class MetalModelRunner:
         return None
 
     def sample_tokens(self, grammar_output: Any = None) -> Any:
-        import mlx.core as mx
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
         if self._pending is None:
@@ -275,7 +298,7 @@ class MetalModelRunner:
         self._pending = None
         ib = self.input_batch
         req_ids = list(ib.req_ids)
-        stacked = mx.stack([logits[r] for r in req_ids])
+        stacked = self._stack([logits[r] for r in req_ids])
         use_torch = any(r in self.torch_reqs for r in req_ids)
         tokens, logprobs = self.sampler.sample(stacked, ib, use_torch)
 

@@ -258,114 +258,31 @@ class TorchModelRunner(MetalModelRunner):
             batch.add("warm-up", cache)
             batch.forward(self.model, [int(torch.argmax(logits))]).sum().item()
 
-    # ------------------------------------------------------------ state sync
-    def _cache_for_prefill(self, req_id: str, start: int) -> Any:
-        """The request's own cache, holding exactly `start` tokens."""
-        if req_id in self.decode:
-            self.request_caches[req_id] = self.decode.extract(req_id)
-        cache = self.request_caches.get(req_id)
-        held = self.cache_len.get(req_id, 0)
-        if cache is None or held < start:
-            if start > 0 and held < start:
-                raise RuntimeError(
-                    f"request {req_id}: scheduler says {start} tokens are computed, "
-                    f"the torch cache holds {held}"
-                )
-            cache = _new_cache(self.model)
-            held = 0
-        if held > start:
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, :start], layer.values[:, :, :start]
-        self.request_caches[req_id] = cache
-        self.cache_len[req_id] = start
-        return cache
+    # ------------------------------------------------------- compute hooks
+    # Everything else (scheduler state, decode batching policy, sampling) is
+    # MetalModelRunner's; only the tensors differ.
+    def _new_request_cache(self) -> Any:
+        return _new_cache(self.model)
 
-    # ---------------------------------------------------------------- steps
-    def execute_model(self, so: Any) -> Any:
+    def _trim_request_cache(self, cache: Any, drop: int) -> None:
+        for layer in cache.layers:
+            keep = layer.keys.shape[2] - drop
+            layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
+
+    def _prefill(self, cache: Any, tokens: list[int], start: int) -> Any:
+        return prefill(self.model, cache, tokens, start)
+
+    def _stack(self, rows: list[Any]) -> Any:
         import torch
-        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
-        self._update_states(so)
-        self._pending = None
-        if so.total_num_scheduled_tokens == 0:
-            return EMPTY_MODEL_RUNNER_OUTPUT
+        return torch.stack(rows)
 
-        decoding, prefilling = [], []
-        for req_id, n in so.num_scheduled_tokens.items():
-            state = self.requests[req_id]
-            is_decode = (
-                n == 1
-                and req_id in self.decode
-                and self.cache_len.get(req_id) == state.num_computed_tokens
-            )
-            (decoding if is_decode else prefilling).append(req_id)
-
-        # Decode rows the scheduler skipped this step keep their KV aside.
-        for req_id in [r for r in self.decode.req_ids if r not in decoding]:
-            if req_id in self.requests and req_id not in prefilling:
-                self.request_caches[req_id] = self.decode.extract(req_id)
-
-        logits: dict[str, Any] = {}
-        partial: set[str] = set()
-        with torch.inference_mode():
-            for req_id in prefilling:
-                state = self.requests[req_id]
-                start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
-                cache = self._cache_for_prefill(req_id, start)
-                tokens = self._all_tokens(state)[start : start + n]
-                logits[req_id] = prefill(self.model, cache, tokens, start)
-                if start + n < state.num_tokens:
-                    partial.add(req_id)
-
-            if decoding:
-                order = list(self.decode.req_ids)
-                tokens = [self.requests[r].get_token_id(self.requests[r].num_computed_tokens) for r in order]
-                batch_logits = self.decode.forward(self.model, tokens)
-                for i, req_id in enumerate(order):
-                    logits[req_id] = batch_logits[i]
-
-        self._pending = (logits, partial, dict(so.num_scheduled_tokens))
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("vmetal torch step: %d decoding in one batch, %d prefilling (%d partial)",
-                         len(decoding), len(prefilling), len(partial))
-        return None
-
-    def sample_tokens(self, grammar_output: Any = None) -> Any:
+    def _compute(self) -> Any:
         import torch
-        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
-        if self._pending is None:
-            return EMPTY_MODEL_RUNNER_OUTPUT
-        logits, partial, num_scheduled = self._pending
-        self._pending = None
-        ib = self.input_batch
-        req_ids = list(ib.req_ids)
-        stacked = torch.stack([logits[r] for r in req_ids])
-        use_torch = any(r in self.torch_reqs for r in req_ids)
-        tokens, logprobs = self.sampler.sample(stacked, ib, use_torch)
+        return torch.inference_mode()
 
-        sampled: list[list[int]] = []
-        for i, req_id in enumerate(req_ids):
-            state = self.requests[req_id]
-            self.cache_len[req_id] = state.num_computed_tokens + num_scheduled[req_id]
-            if req_id in partial:
-                sampled.append([])
-                if use_torch and state.generator is not None:
-                    # Give the draw back, so a seeded request samples the same with or without chunking.
-                    state.generator.set_offset(state.generator.get_offset() - 4)
-                continue
-            token = int(tokens[i])
-            state.output_token_ids.append(token)
-            end = state.num_tokens
-            ib.token_ids_cpu[i, end - 1] = token
-            ib.num_tokens_no_spec[i] = end
-            sampled.append([token])
-            if req_id in self.request_caches:
-                self.decode.add(req_id, self.request_caches.pop(req_id))
-
-        return ModelRunnerOutput(
-            req_ids=req_ids,
-            req_id_to_index=dict(ib.req_id_to_index),
-            sampled_token_ids=sampled,
-            logprobs=logprobs,
-        )
+    def _start_next_decode(self) -> None:
+        # Decode-ahead relies on MLX's asynchronous evaluation; torch on the CPU
+        # computes eagerly, so there is nothing to overlap.
+        return

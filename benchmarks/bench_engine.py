@@ -442,11 +442,12 @@ def profile_engine_core(llm, single, max_tokens: int, seconds: float, log) -> di
         k = _classify(frames[1:])
         cats[k] = cats.get(k, 0) + int(n)
         total += int(n)
+    shutil.rmtree(out.parent, ignore_errors=True)
     shares = sorted(((k, v / total) for k, v in cats.items()), key=lambda kv: -kv[1]) if total else []
     log("EngineCore main thread: " + "; ".join(f"{100 * v:.1f}% {k}" for k, v in shares[:6]))
     return {"samples": total, "shares": shares, "rates": rates, "foreign": foreign,
             "cpu_core_cores": cpu_core, "cpu_front_cores": cpu_front,
-            "ms_per_token": 1e3 * dt / max(1, steps), "raw": str(out)}
+            "ms_per_token": 1e3 * dt / max(1, steps)}
 
 
 def decode_loop_diagnostic(model, prompt: list[int], max_tokens: int, reps: int, log,

@@ -354,7 +354,13 @@ def file_digest_ok(path: Path, f: RemoteFile) -> bool:
 @contextlib.contextmanager
 def pull_lock(repo_id: str, cache_dir: Path | None = None) -> Iterator[None]:
     """One `vmetal pull` per model at a time (two would append to the same partial files)."""
-    folder = storage_folder(repo_id, cache_dir)
+    with folder_lock(storage_folder(repo_id, cache_dir), repo_id):
+        yield
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, repo_id: str) -> Iterator[None]:
+    """An exclusive, non-blocking lock on a model's cache folder, for either hub's pull."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".vmetal-pull.lock", "a") as fh:
         try:

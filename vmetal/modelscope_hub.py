@@ -35,7 +35,6 @@ Every request goes through `modelscope_hub`, the hub client that `modelscope` (>
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -47,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmetal.hub import (MODELSCOPE, DownloadStats, HubError, Interrupted, PullProgress, RemoteFile, file_digest_ok)
+from vmetal.hub import (MODELSCOPE, DownloadStats, HubError, Interrupted, PullProgress, RemoteFile, file_digest_ok,
+                        folder_lock)
 
 DEFAULT_REVISION = "master"        # ModelScope's default branch
 DEFAULT_ENDPOINT = "https://modelscope.cn"
@@ -327,20 +327,9 @@ def _quiet_client(progress: PullProgress) -> Iterator[None]:
                 msdl.DOWNLOAD_TOTAL_TIMEOUT = budget
 
 
-@contextlib.contextmanager
-def pull_lock(repo_id: str, cache: Path) -> Iterator[None]:
+def pull_lock(repo_id: str, cache: Path) -> contextlib.AbstractContextManager[None]:
     """One `vmetal pull` per model at a time (two would write the same partial files)."""
-    folder = repo_folder(repo_id, cache)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".vmetal-pull.lock", "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise HubError(f"another `vmetal pull` of `{repo_id}` is running", kind="busy") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return folder_lock(repo_folder(repo_id, cache), repo_id)
 
 
 def _ok(path: Path, f: RemoteFile) -> bool:

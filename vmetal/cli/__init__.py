@@ -23,3 +23,15 @@ def make_app(**settings: Any) -> typer.Typer:
         "add_completion": False,
     }
     return typer.Typer(**{**defaults, **settings})
+
+
+def model_and_passthrough(model: str | None, ctx_args: list[str]) -> tuple[str | None, list[str]]:
+    """MODEL and the arguments meant for vLLM (those after `--`).
+
+    Click gives the first word after `--` to an optional MODEL argument when none
+    was given before it; no model name starts with `-`, so such a word goes back.
+    """
+    passthrough = list(ctx_args)
+    if model is not None and model.startswith("-"):
+        return None, [model, *passthrough]
+    return model, passthrough

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal.cli import make_app
+from vmetal.cli import make_app, model_and_passthrough
 from vmetal.cli.errors import USAGE, VmetalError, exits_on_error
 from vmetal.cli.serve import DEMO_SERVED_NAME, ModelArgument, check_memory_fit, pull_first, resolve_model, say
 from vmetal.server import READY_TIMEOUT_S
@@ -157,10 +157,7 @@ def online(
     from vmetal.bench import online as on
     from vmetal.bench import report as rep
 
-    vllm_args = list(ctx.args)
-    if model is not None and model.startswith("-"):
-        vllm_args.insert(0, model)  # Click gives the first word after `--` to MODEL when none came before
-        model = None
+    model, vllm_args = model_and_passthrough(model, ctx.args)
     workload = on.Workload(concurrencies=on.parse_concurrency(concurrency),
                            request_rate=on.parse_request_rate(request_rate), num_prompts=num_prompts,
                            input_len=input_len, output_len=output_len, warmup=warmup, vllm_args=vllm_args)

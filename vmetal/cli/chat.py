@@ -28,6 +28,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
+from vmetal.cli import model_and_passthrough
 from vmetal.chat_session import (COMMANDS, SETTINGS, APIError, ChatClient, ChatError, Conversation, Delta,
                                  Reply, ServerUnreachable, check_setting, is_command,
                                  parse_command)
@@ -581,11 +582,7 @@ def chat(
         = READY_TIMEOUT_S,
 ) -> None:
     """Chat with a model: a running server's, or one started for the session."""
-    vllm_args = list(ctx.args)
-    if model is not None and model.startswith("-"):
-        # Click gives the first word after `--` to MODEL when none was given before it.
-        vllm_args.insert(0, model)
-        model = None
+    model, vllm_args = model_and_passthrough(model, ctx.args)
 
     conv = Conversation(system=system)
     for name, value in (("temperature", temperature), ("top_p", top_p), ("max_tokens", max_tokens)):

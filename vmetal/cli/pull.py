@@ -205,6 +205,37 @@ def _check_local(path: Path, max_model_len: int | None, force: bool, quiet: bool
 # ----------------------------------------------------------------------------------------- pull
 
 
+def _plan_files(remote, include: list[str], force: bool, quiet_msgs: bool, where: str):
+    """The files to fetch from either hub's listing: (files, weight names, weight bytes, total bytes).
+
+    Refuses a repo without safetensors weights unless `force`, and says which weights it skips.
+    """
+    from vmetal import hub
+
+    names = hub.select_files([f.path for f in remote.files], include)
+    files = [f for f in remote.files if f.path in set(names)]
+    weights = hub.weight_files(names)
+    if not weights:
+        others = hub.other_weights(f.path for f in remote.files)
+        listed = ", ".join(f"`{p}`" for p in others[:5]) or "none"
+        message = (f"`{remote.repo_id}` has no `model*.safetensors` weights (other weight files: {listed}); "
+                   "vmetal loads safetensors only")
+        if not force:
+            raise VmetalError(message, hint="pick a safetensors (or MLX) conversion of this model; `--force` "
+                                            "downloads the rest anyway")
+        warn(message)
+    weight_bytes = sum(f.size for f in files if f.path in weights)
+    total = sum(f.size for f in files)
+    _say(f"{remote.repo_id} @ {where}: {len(files)} files, {human_size(total)}", quiet=quiet_msgs)
+    skipped = [f.path for f in remote.files if f.path not in set(names)]
+    if skipped and not quiet_msgs:
+        heavy = hub.other_weights(skipped)
+        if heavy:
+            _say(f"skipping {len(heavy)} weight file(s) serving does not load ({', '.join(heavy[:3])}"
+                 f"{', …' if len(heavy) > 3 else ''}); `--include PATTERN` fetches them")
+    return files, weights, weight_bytes, total
+
+
 def pull(
     model: ModelArg,
     source: SourceOption = None,
@@ -247,28 +278,8 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
 
     quiet_msgs = quiet or json_out
     remote = hub.fetch_info(model, revision=revision)
-    names = hub.select_files([f.path for f in remote.files], include)
-    files = [f for f in remote.files if f.path in set(names)]
-    weights = hub.weight_files(names)
-    if not weights:
-        others = hub.other_weights(f.path for f in remote.files)
-        listed = ", ".join(f"`{p}`" for p in others[:5]) or "none"
-        message = (f"`{remote.repo_id}` has no `model*.safetensors` weights (other weight files: {listed}); "
-                   "vmetal loads safetensors only")
-        if not force:
-            raise VmetalError(message, hint="pick a safetensors (or MLX) conversion of this model; `--force` "
-                                            "downloads the rest anyway")
-        warn(message)
-    weight_bytes = sum(f.size for f in files if f.path in weights)
-    total = sum(f.size for f in files)
-    _say(f"{remote.repo_id} @ {remote.revision} ({remote.commit[:12]}): {len(files)} files, "
-         f"{human_size(total)}", quiet=quiet_msgs)
-    skipped = [f.path for f in remote.files if f.path not in set(names)]
-    if skipped and not quiet_msgs:
-        heavy = hub.other_weights(skipped)
-        if heavy:
-            _say(f"skipping {len(heavy)} weight file(s) serving does not load ({', '.join(heavy[:3])}"
-                 f"{', …' if len(heavy) > 3 else ''}); `--include PATTERN` fetches them")
+    files, weights, weight_bytes, total = _plan_files(
+        remote, include, force, quiet_msgs, f"{remote.revision} ({remote.commit[:12]})")
 
     with hub.pull_lock(remote.repo_id):
         config = hub.fetch_json(remote, "config.json")
@@ -314,28 +325,8 @@ def _pull_modelscope(model: str, revision: str | None, include: list[str], force
     hub.require_modelscope()
     quiet_msgs = quiet or json_out
     remote = ms.fetch_info(model, revision=revision)
-    names = hub.select_files([f.path for f in remote.files], include)
-    files = [f for f in remote.files if f.path in set(names)]
-    weights = hub.weight_files(names)
-    if not weights:
-        others = hub.other_weights(f.path for f in remote.files)
-        listed = ", ".join(f"`{p}`" for p in others[:5]) or "none"
-        message = (f"`{remote.repo_id}` has no `model*.safetensors` weights (other weight files: {listed}); "
-                   "vmetal loads safetensors only")
-        if not force:
-            raise VmetalError(message, hint="pick a safetensors (or MLX) conversion of this model; `--force` "
-                                            "downloads the rest anyway")
-        warn(message)
-    weight_bytes = sum(f.size for f in files if f.path in weights)
-    total = sum(f.size for f in files)
-    _say(f"{remote.repo_id} @ {remote.revision} from ModelScope ({remote.endpoint}): {len(files)} files, "
-         f"{human_size(total)}", quiet=quiet_msgs)
-    skipped = [f.path for f in remote.files if f.path not in set(names)]
-    if skipped and not quiet_msgs:
-        heavy = hub.other_weights(skipped)
-        if heavy:
-            _say(f"skipping {len(heavy)} weight file(s) serving does not load ({', '.join(heavy[:3])}"
-                 f"{', …' if len(heavy) > 3 else ''}); `--include PATTERN` fetches them")
+    files, weights, weight_bytes, total = _plan_files(
+        remote, include, force, quiet_msgs, f"{remote.revision} from ModelScope ({remote.endpoint})")
 
     with ms.pull_lock(remote.repo_id, remote.cache):
         with _progress_for(remote.repo_id, True) as silent:

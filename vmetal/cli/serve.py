@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from vmetal import envs
+from vmetal.cli import model_and_passthrough
 from vmetal.cli.errors import USAGE, VmetalError, warn
 from vmetal.server import (DEFAULT_HOST, DEFAULT_PORT, READY_TIMEOUT_S, ServerProcess, check_port_free,
                            is_loopback)
@@ -234,11 +235,7 @@ def serve(
                                                  "/health.")] = READY_TIMEOUT_S,
 ) -> None:
     """Serve MODEL through vLLM's OpenAI-compatible API, computed with MLX."""
-    vllm_args = list(ctx.args)
-    if model is not None and model.startswith("-"):
-        # Click gives the first word after `--` to MODEL when none was given before it.
-        vllm_args.insert(0, model)
-        model = None
+    model, vllm_args = model_and_passthrough(model, ctx.args)
 
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)

@@ -203,8 +203,13 @@ class MetalModelRunner:
 
         return contextlib.nullcontext()
 
-    def _all_tokens(self, state: Any) -> list[int]:
-        return list(state.prompt_token_ids) + list(state.output_token_ids)
+    def _tokens(self, state: Any, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence every step."""
+        prompt = state.prompt_token_ids
+        n = len(prompt)
+        if end <= n:
+            return list(prompt[start:end])
+        return list(prompt[start:n]) + state.output_token_ids[max(0, start - n) : end - n]
 
     def _cache_for_prefill(self, req_id: str, start: int) -> list[Any]:
         """The request's own cache, holding exactly `start` tokens."""
@@ -267,7 +272,7 @@ class MetalModelRunner:
                 if start == 0 and self.prefix_cache is not None:
                     # At least the chunk's last token is computed: its logits are needed.
                     begin = self._reuse_prefix(req_id, state, cache, limit=n - 1)
-                tokens = self._all_tokens(state)[begin : start + n]
+                tokens = self._tokens(state, begin, start + n)
                 logits[req_id] = self._prefill(cache, tokens, begin)
                 if start + n < state.num_tokens:
                     partial.add(req_id)

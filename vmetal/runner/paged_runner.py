@@ -99,7 +99,7 @@ class PagedModelRunner(MetalModelRunner):
         for req_id in req_ids:
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
-            tokens.extend(self._all_tokens(state)[start : start + n])
+            tokens.extend(self._tokens(state, start, start + n))
             pos = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(state.block_ids[0], dtype=np.int64)
             positions.append(pos)

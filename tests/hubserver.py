@@ -42,6 +42,10 @@ class Repo:
     gated: bool = False
     listed_sizes: dict[str, int] = field(default_factory=dict)   # lie about a size in the metadata
     redirect_lfs: bool = False    # answer LFS files with a 302 to `/cdn/...`, as huggingface.co does
+    # A hostile hub: raw entries added to the listing as is (`rfilename` such as `../../x.json`), and
+    # siblings whose listed digests are replaced (`{"config.json": {"blobId": "../../x"}}`).
+    extra_siblings: list[dict] = field(default_factory=list)
+    forged: dict[str, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -65,6 +69,11 @@ class Repo:
         entry: dict = {"rfilename": path, "size": size, "blobId": git_oid(data)}
         if self.is_lfs(path):
             entry["lfs"] = {"size": size, "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+        for key, value in self.forged.get(path, {}).items():
+            if key == "sha256":
+                entry.setdefault("lfs", {"size": size, "pointerSize": 134})["sha256"] = value
+            else:
+                entry[key] = value
         return entry
 
 
@@ -270,7 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(entry, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
         body = {"id": repo.repo_id, "modelId": repo.repo_id, "sha": commit, "private": repo.private,
                 "gated": "auto" if repo.gated else False, "disabled": False, "tags": [],
-                "siblings": [repo.sibling(p) for p in sorted(repo.files)]}
+                "siblings": [repo.sibling(p) for p in sorted(repo.files)] + list(repo.extra_siblings)}
         self._send(entry, 200, json.dumps(body).encode())
 
     def _resolve(self, entry: Logged, rest: str, cdn: bool = False) -> None:
@@ -285,6 +294,12 @@ class _Handler(BaseHTTPRequestHandler):
         commit = repo.resolve(rev)
         if commit is None:
             return self._error(entry, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        extra = {e["rfilename"]: e for e in repo.extra_siblings}
+        if fpath in extra and "content" in extra[fpath]:
+            # A hostile listing's file is served too, so only vmetal's own checks keep it off the disk.
+            data = extra[fpath]["content"].encode()
+            return self._send(entry, 200, data, {"ETag": f'"{git_oid(data)}"', "X-Repo-Commit": commit},
+                              content_type="application/octet-stream")
         if fpath not in repo.files:
             return self._error(entry, 404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
         with hub.lock:

@@ -203,6 +203,7 @@ def fetch_info(repo_id: str, *, revision: str | None = None, token: str | bool |
 
     endpoint = hf_endpoint(endpoint)
     revision = revision or DEFAULT_REVISION
+    _check_revision(revision)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
@@ -217,8 +218,44 @@ def fetch_info(repo_id: str, *, revision: str | None = None, token: str | bool |
         size = lfs.size if lfs is not None else s.size
         files.append(RemoteFile(path=s.rfilename, size=int(size or 0),
                                 sha256=lfs.sha256 if lfs is not None else None, git_oid=s.blob_id))
-    return RemoteModel(repo_id=info.id or repo_id, source=HUGGINGFACE, revision=revision, commit=info.sha,
-                       files=files, endpoint=endpoint)
+    return check_listing(RemoteModel(repo_id=info.id or repo_id, source=HUGGINGFACE, revision=revision,
+                                     commit=info.sha, files=files, endpoint=endpoint))
+
+
+def _check_revision(revision: str) -> None:
+    # `refs/pr/1` is a revision; `../x` would put the revision's ref file outside the cache.
+    from vmetal.safe_paths import UnsafePathError, check_relative
+
+    try:
+        check_relative(revision, "revision")
+    except UnsafePathError as exc:
+        raise HubError(str(exc), hint="pass a branch, tag or commit to `--revision`", kind="usage",
+                       exit_code=2) from None
+
+
+def check_listing(remote: RemoteModel) -> RemoteModel:
+    """Refuse a listing whose names would reach outside the cache: file paths, digests (blob names), commit.
+
+    Names come from the hub and are joined onto cache folders; git never produces such names, so a hub that
+    sends one is broken or hostile, and nothing of it is downloaded.
+    """
+    from vmetal.safe_paths import UnsafePathError, check_component, check_digest, check_relative
+
+    try:
+        if remote.source == HUGGINGFACE:
+            check_digest(remote.commit, "sha1", f"the commit of `{remote.repo_id}`")
+        for f in remote.files:
+            check_relative(f.path, "file")
+            check_digest(f.sha256, "sha256", f"`{f.path}`")
+            if remote.source == HUGGINGFACE:
+                check_digest(f.git_oid, "sha1", f"`{f.path}`")
+        if remote.commit:
+            check_component(remote.commit, "commit")
+    except UnsafePathError as exc:
+        raise HubError(f"{remote.endpoint} listed an unsafe name for `{remote.repo_id}`: {exc}; nothing was "
+                       "downloaded", hint="the hub (or HF_ENDPOINT / a proxy) is broken or hostile; do not "
+                       "pull from it", kind="unsafe") from None
+    return remote
 
 
 def select_files(paths: Iterable[str], include: Sequence[str] = ()) -> list[str]:
@@ -275,7 +312,7 @@ def explain_hub_error(exc: BaseException, repo_id: str, *, revision: str | None 
                       what: str | None = None) -> BaseException:
     """The HubError a user should see for a huggingface_hub / network exception (or `exc` itself)."""
     import httpx2
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, HfHubHTTPError, OfflineModeIsEnabled,
                                         RemoteEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
@@ -284,6 +321,11 @@ def explain_hub_error(exc: BaseException, repo_id: str, *, revision: str | None 
     status = _status(exc)
     if isinstance(exc, HubError):
         return exc
+    if isinstance(exc, HFValidationError):
+        # huggingface_hub's own check of the id (`..`, `--`, characters): nothing was sent anywhere.
+        return HubError(f"`{repo_id}` is not a valid model id: {str(exc).splitlines()[0]}",
+                        hint="a Hub id is `org/name`; a local folder is a path such as `./my-model`",
+                        kind="usage", exit_code=2)
     if isinstance(exc, OfflineModeIsEnabled):
         return HubError("HF_HUB_OFFLINE is set, and `vmetal pull` needs the network",
                         hint="unset HF_HUB_OFFLINE", kind="offline")
@@ -416,6 +458,8 @@ def _fetch_one(remote: RemoteModel, f: RemoteFile, blobs: Path, *, token: str | 
     headers = build_hf_headers(token=token)
     headers["Accept-Encoding"] = "identity"  # sizes and resume offsets are about the bytes on disk
     for attempt in (1, 2):
+        if partial.is_symlink():
+            partial.unlink()  # vmetal never makes one: appending through it would write outside the cache
         done = partial.stat().st_size if partial.exists() else 0
         if done > f.size:
             partial.unlink()
@@ -571,6 +615,8 @@ def fetch_json(remote: RemoteModel, path: str, *, cache_dir: Path | None = None,
 
 def finalize(remote: RemoteModel, files: Sequence[RemoteFile], *, cache_dir: Path | None = None) -> Path:
     """Link every (verified) blob into the snapshot folder and write the revision's ref; the folder."""
+    from vmetal.safe_paths import is_inside
+
     storage = storage_folder(remote.repo_id, cache_dir)
     snap = storage / "snapshots" / remote.commit
     for f in files:
@@ -579,6 +625,9 @@ def finalize(remote: RemoteModel, files: Sequence[RemoteFile], *, cache_dir: Pat
             raise HubError(f"`{f.path}` is missing from the cache after its download", kind="integrity")
         target = snap / f.path
         target.parent.mkdir(parents=True, exist_ok=True)
+        if not is_inside(storage, target.parent):
+            raise HubError(f"`{f.path}` would land outside {storage} (a folder on its way is a symbolic link)",
+                           hint=f"remove the link, or the folder {storage}, and pull again", kind="unsafe")
         rel = os.path.relpath(blob, target.parent)
         if target.is_symlink() or target.exists():
             if target.is_symlink() and os.readlink(target) == rel:
@@ -611,7 +660,22 @@ def remove_snapshot(repo_id: str, commit: str | None, *, cache_dir: Path | None 
     links to; the whole repo folder when no snapshot is left. Returns bytes freed."""
     import shutil
 
-    storage = storage_folder(repo_id, cache_dir)
+    from vmetal.safe_paths import UnsafePathError, check_component, linked_component
+
+    root = cache_dir or hf_cache_dir()
+    storage = storage_folder(repo_id, root)
+    if commit is not None:
+        try:
+            check_component(commit, "commit")
+        except UnsafePathError as exc:
+            raise HubError(f"not removing `{repo_id}`: its recorded {exc}", kind="unsafe",
+                           hint="the registry of pulled models looks damaged; nothing was deleted") from None
+    for folder in (storage, storage / "snapshots", storage / "blobs", storage / "refs"):
+        link = linked_component(root, folder)
+        if link is not None:
+            # vmetal never links these folders; following one would delete whatever it points to.
+            raise HubError(f"not removing `{repo_id}`: `{link}` is a symbolic link, which vmetal never makes",
+                           hint="delete the link yourself if you want it gone; nothing was deleted", kind="unsafe")
     if not storage.exists():
         return 0
     snaps = storage / "snapshots"

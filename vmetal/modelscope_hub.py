@@ -161,6 +161,9 @@ def fetch_info(repo_id: str, *, revision: str | None = None, endpoint: str | Non
     cache = cache or cache_dir()
     endpoint = endpoint or configured_endpoint()
     revision = revision or DEFAULT_REVISION
+    from vmetal.hub import _check_revision, check_listing
+
+    _check_revision(revision)
     if "/" not in repo_id.strip("/"):
         raise HubError(f"`{repo_id}` is not a ModelScope model id: expected `owner/name`", kind="usage",
                        exit_code=2)
@@ -193,7 +196,9 @@ def fetch_info(repo_id: str, *, revision: str | None = None, endpoint: str | Non
         raise explain_error(exc, repo_id, endpoint=shown) from exc
     files = [RemoteFile(path=f.path, size=int(f.size or 0), sha256=(f.sha256 or "").lower() or None)
              for f in listing if not f.is_dir and f.path]
-    return MsModel(repo_id=repo_id, revision=revision, files=files, endpoint=shown, cache=cache, api=api)
+    remote = MsModel(repo_id=repo_id, revision=revision, files=files, endpoint=shown, cache=cache, api=api)
+    check_listing(remote)  # type: ignore[arg-type] - reads only repo_id, source, commit, files, endpoint
+    return remote
 
 
 def explain_error(exc: BaseException, repo_id: str, *, endpoint: str, revision: str | None = None,
@@ -508,6 +513,12 @@ def finalize(remote: MsModel, files: Sequence[RemoteFile], *, progress: PullProg
 def remove_snapshot(path: str | Path, revision: str) -> int:
     """Delete the snapshot folder a pull recorded (`…/models/<owner>--<name>/snapshots/<revision>`), its staging
     folder, and the repo folder once no snapshot is left. Returns bytes freed; 0 for a path of another shape."""
+    from vmetal.safe_paths import UnsafePathError, check_relative, linked_component
+
+    try:
+        check_relative(revision, "revision")
+    except UnsafePathError:
+        return 0  # not a shape a pull records: nothing of it is vmetal's to delete
     snap = Path(path)
     depth = len(Path(revision).parts)
     snapshots = snap
@@ -519,6 +530,8 @@ def remove_snapshot(path: str | Path, revision: str) -> int:
     except ValueError:
         return 0
     repo = snapshots.parent
+    if linked_component(repo.parent, snap) is not None or repo.is_symlink():
+        return 0  # vmetal never links these folders; following one would delete what it points to
     freed = 0
     for d in (snap, repo / STAGING / revision.replace("/", "--")):
         if d.is_dir():

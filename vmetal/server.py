@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from vmetal import ACTIVATE_ENV, envs
+from vmetal import ACTIVATE_ENV, envs, redact
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -118,6 +118,26 @@ def server_environ(cfg: envs.MetalConfig, base: Mapping[str, str] | None = None,
     return env
 
 
+# vmetal.api_auth guards what vLLM's own `--api-key` check leaves open; named, not imported (it imports vLLM).
+API_AUTH_MIDDLEWARE = "vmetal.api_auth.ApiKeyEverywhere"
+API_KEYS_ENV = "VMETAL_API_KEYS"
+
+
+def passthrough_api_keys(vllm_args: Sequence[str]) -> list[str]:
+    """The keys given to vLLM after `--` (`--api-key A [B …]`, `--api-key=A`), which vLLM prefers to VLLM_API_KEY."""
+    keys: list[str] = []
+    args = list(vllm_args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--api-key="):
+            keys.append(arg.split("=", 1)[1])
+        elif arg == "--api-key":
+            for value in args[i + 1:]:
+                if value.startswith("-"):
+                    break
+                keys.append(value)
+    return [k for k in keys if k]
+
+
 def vllm_serve_argv(model: str, *, host: str, port: int, served_model_name: str | None = None,
                     vllm_args: Sequence[str] = ()) -> list[str]:
     # -P keeps the working directory off sys.path: a folder there named `vllm` or `vmetal` (a checkout)
@@ -164,10 +184,19 @@ class ServerProcess:
         self.host = host
         self.port = port
         self.served_model_name = served_model_name
-        self.argv = vllm_serve_argv(model, host=host, port=port, served_model_name=served_model_name,
-                                    vllm_args=vllm_args)
         cfg = envs.load_config(os.environ if environ is None else environ) if config is None else config
         self.environ = server_environ(cfg, environ, api_key)
+        passed_keys = passthrough_api_keys(vllm_args)
+        self.environ.pop(API_KEYS_ENV, None)
+        if passed_keys:
+            self.environ[API_KEYS_ENV] = "\n".join(passed_keys)
+        if passed_keys or self.environ.get("VLLM_API_KEY"):
+            vllm_args = ["--middleware", API_AUTH_MIDDLEWARE, *vllm_args]
+        self.argv = vllm_serve_argv(model, host=host, port=port, served_model_name=served_model_name,
+                                    vllm_args=vllm_args)
+        # vLLM logs its non-default arguments (an `--api-key` after `--` among them) and debug logs may
+        # carry tokens: what we echo and keep is masked.
+        self._secrets = redact.secret_values(self.environ, passed_keys)
         self.echo = echo
         self.log_path = Path(log_path) if log_path else None
         self.killed = False  # set when the group had to be SIGKILLed
@@ -216,7 +245,7 @@ class ServerProcess:
 
     def _pump(self, pipe: IO[bytes], target: IO[str]) -> None:
         for raw in iter(pipe.readline, b""):
-            line = raw.decode("utf-8", errors="replace")
+            line = redact.mask(raw.decode("utf-8", errors="replace"), self._secrets)
             self._tail.append(line.rstrip("\n"))
             if self.echo:
                 try:

@@ -66,7 +66,7 @@ def main() -> None:
         app(prog_name="vmetal")
     except Exception as exc:  # noqa: BLE001 - commands handle known errors; this catches what escaped
         if errors.debug_enabled():
-            raise
+            errors.print_traceback()  # masked: a traceback can quote a token or an API key
         err = errors.explain(exc)
         if err is None:
             sys.exit(errors.report_unexpected(exc))

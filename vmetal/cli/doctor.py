@@ -84,7 +84,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal import ACTIVATE_ENV, PLATFORM_QUALNAME, __version__, envs
+from vmetal import ACTIVATE_ENV, PLATFORM_QUALNAME, __version__, envs, redact
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "warn", "fail")
@@ -102,11 +102,7 @@ GiB = 1024**3
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 DEFAULT_MODELSCOPE_DOMAIN = "www.modelscope.cn"
 
-SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "VLLM_API_KEY", "MODELSCOPE_API_TOKEN",
-                    "OPENAI_API_KEY")
-# Names like these hold credentials (TOKENIZERS_PARALLELISM does not end like them).
-_SECRET_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD", "_PASSWD", "_CREDENTIALS")
-_NOT_SECRETS = ("true", "false", "none", "null", "unset")
+SECRET_VARIABLES = redact.SECRET_VARIABLES
 # Shown in the env check and the bug report besides the ENV.md table (secrets only as set/unset).
 RELATED_VARIABLES = ("VMETAL_ENABLE", "VMETAL_HOME", "VLLM_TARGET_DEVICE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
                      "HF_HOME", "HF_HUB_CACHE", "MODELSCOPE_CACHE", "MODELSCOPE_DOMAIN", "HF_TOKEN",
@@ -160,32 +156,8 @@ def _pip(requirement: str) -> str:
 # --- Secrets ---------------------------------------------------------------------------------------
 
 
-def is_secret_name(name: str) -> bool:
-    upper = name.upper()
-    return (upper in SECRET_VARIABLES or upper.endswith(_SECRET_SUFFIXES)
-            or "SECRET" in upper or "PASSWORD" in upper)
-
-
-def secret_values(environ: Mapping[str, str]) -> list[str]:
-    # Short or boolean values are switches, not secrets, and masking them would garble the output.
-    values = {v for k, v in environ.items()
-              if is_secret_name(k) and len(v.strip()) >= 4 and v.strip().lower() not in _NOT_SECRETS}
-    # Credentials inside URLs (HF_ENDPOINT, HTTPS_PROXY, …): the password, and the user:password pair.
-    for value in environ.values():
-        if "://" in value and "@" in value:
-            userinfo = value.split("://", 1)[1].split("@", 1)[0]
-            if ":" in userinfo and "/" not in userinfo:
-                values.update(p for p in (userinfo, userinfo.split(":", 1)[1]) if len(p) >= 4)
-    return sorted(values, key=len, reverse=True)
-
-
-def mask(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "****")
-        escaped = json.dumps(secret)[1:-1]
-        if escaped != secret:
-            text = text.replace(escaped, "****")
-    return text
+# One implementation for doctor, error lines and the server's echoed log (vmetal.redact).
+is_secret_name, secret_values, mask = redact.is_secret_name, redact.secret_values, redact.mask
 
 
 def _shown(name: str, environ: Mapping[str, str]) -> str:
@@ -194,14 +166,7 @@ def _shown(name: str, environ: Mapping[str, str]) -> str:
     return "set (masked)" if is_secret_name(name) else _url_without_credentials(environ[name])
 
 
-def _url_without_credentials(url: str) -> str:
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    netloc, slash, path = rest.partition("/")
-    if "@" not in netloc:
-        return url
-    return f"{scheme}://****@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+_url_without_credentials = redact.url_without_credentials
 
 
 # --- Host, Python, packages -----------------------------------------------------------------------

@@ -79,6 +79,11 @@ def report(err: VmetalError) -> None:
     from rich.console import Console
     from rich.text import Text
 
+    from vmetal.redact import mask, secret_values
+
+    # A message may quote a URL with credentials or a server's line holding a token.
+    secrets = secret_values()
+    err = VmetalError(mask(err.message, secrets), mask(err.hint, secrets) if err.hint else None, err.exit_code)
     console = Console(stderr=True, highlight=False)
     # soft_wrap: Rich would otherwise hard-wrap at 80 columns when stderr is not a terminal, and a
     # one-line error must stay one line for the scripts that grep it.
@@ -111,13 +116,21 @@ def exits_on_error(func: F) -> F:
             if err is None:
                 raise
             if debug_enabled():
-                import traceback
-
-                traceback.print_exc()
+                print_traceback()
             report(err)
             raise typer.Exit(err.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def print_traceback() -> None:
+    """The current exception's traceback on stderr (`-v`), with secrets masked as in every other line."""
+    import sys
+    import traceback
+
+    from vmetal.redact import mask, secret_values
+
+    sys.stderr.write(mask(traceback.format_exc(), secret_values()))
 
 
 def report_unexpected(exc: BaseException) -> int:

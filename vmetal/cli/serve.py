@@ -20,7 +20,7 @@ from vmetal import envs
 from vmetal.cli import model_and_passthrough
 from vmetal.cli.errors import USAGE, VmetalError, warn
 from vmetal.server import (DEFAULT_HOST, DEFAULT_PORT, READY_TIMEOUT_S, ServerProcess, check_port_free,
-                           is_loopback)
+                           is_loopback, passthrough_api_keys)
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 DEMO_SERVED_NAME = "vmetal-demo"
@@ -241,9 +241,11 @@ def serve(
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)
     target, given_name = resolve_model(model, demo)
     check_port_free(host, port)
-    if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY")):
+    if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY") or passthrough_api_keys(vllm_args)):
         warn(f"`--host {host}` accepts connections from other machines and no `--api-key` is set: "
              "anyone who can reach this port can use the server")
+    if "--trust-remote-code" in vllm_args:
+        warn("`--trust-remote-code` is on: Python code shipped with the model's files may run in the server")
     if target is not None and not Path(target).is_dir() and not no_pull:
         target = pull_first(target, max_model_len)
     if target is not None and Path(target).is_dir():

@@ -27,12 +27,6 @@ def check_request(processed_inputs: Any, params: Any) -> None:
             "`prompt_logprobs` (and `echo` with logprobs) is not supported by vmetal; remove it from the request",
             parameter="prompt_logprobs",
         )
-    if params.structured_outputs is not None:
-        raise UnsupportedRequestError(
-            "structured output (`response_format`, `guided_*`, `structured_outputs`) is not supported by vmetal "
-            "yet; remove it from the request",
-            parameter="response_format",
-        )
     inputs = processed_inputs if isinstance(processed_inputs, dict) else {}
     if inputs.get("prompt_embeds") is not None:
         raise UnsupportedRequestError("`prompt_embeds` is not supported by vmetal; send text or token ids")

@@ -118,6 +118,15 @@ def server_environ(cfg: envs.MetalConfig, base: Mapping[str, str] | None = None,
     return env
 
 
+# Structured output (response_format, guided_*, tools with a forced tool_choice) with compact JSON:
+# under xgrammar's default "any whitespace" grammar a small or quantized model can emit whitespace
+# until max_tokens and never close the object, so the reply does not parse. Compact separators
+# keep every reply parseable, as ollama's bounded-whitespace grammars do. vLLM accepts this flag
+# only with an explicit backend; xgrammar is the one its "auto" tries first. Users override it
+# after `--` (the last occurrence wins).
+STRUCTURED_OUTPUTS_CONFIG = '{"backend": "xgrammar", "disable_any_whitespace": true}'
+
+
 # vmetal.api_auth guards what vLLM's own `--api-key` check leaves open; named, not imported (it imports vLLM).
 API_AUTH_MIDDLEWARE = "vmetal.api_auth.ApiKeyEverywhere"
 API_KEYS_ENV = "VMETAL_API_KEYS"
@@ -145,6 +154,7 @@ def vllm_serve_argv(model: str, *, host: str, port: int, served_model_name: str 
     argv = [sys.executable, "-P", "-m", "vmetal.vllm_cli", "serve", model, "--host", host, "--port", str(port)]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
+    argv += ["--structured-outputs-config", STRUCTURED_OUTPUTS_CONFIG]
     # Last, so that the user's own vLLM arguments win over ours (argparse keeps the last occurrence).
     return argv + list(vllm_args)
 

@@ -37,7 +37,8 @@ class MetalModelRunner:
         self.decode: mlx_cache.DecodeBatch | None = None
         self.input_batch = None
         self.sampler: MetalSampler | None = None
-        self._pending: tuple[dict[str, Any], set[str], dict[str, int]] | None = None
+        # execute_model -> sample_tokens: (logits per request, partial prefills, the SchedulerOutput)
+        self._pending: tuple[dict[str, Any], set[str], Any] | None = None
         self.prefix_cache = None  # vmetal.runner.prefix_cache.PrefixCache when enabled
         # The next decode step, started at the end of sample_tokens (see _start_next_decode).
         self._next_decode: tuple[tuple[str, ...], tuple[int, ...], Any] | None = None
@@ -288,7 +289,7 @@ class MetalModelRunner:
                 for i, req_id in enumerate(order):
                     logits[req_id] = batch_logits[i]
 
-        self._pending = (logits, partial, dict(so.num_scheduled_tokens))
+        self._pending = (logits, partial, so)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("vmetal step: %d decoding in one batch, %d prefilling (%d partial)",
                          len(decoding), len(prefilling), len(partial))
@@ -299,13 +300,22 @@ class MetalModelRunner:
 
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        logits, partial, num_scheduled = self._pending
+        logits, partial, so = self._pending
         self._pending = None
+        num_scheduled = so.num_scheduled_tokens
         ib = self.input_batch
         req_ids = list(ib.req_ids)
         stacked = self._stack([logits[r] for r in req_ids])
-        use_torch = any(r in self.torch_reqs for r in req_ids)
-        tokens, logprobs = self.sampler.sample(stacked, ib, use_torch)
+        grammar = None
+        if grammar_output is not None:
+            # Structured output: vLLM's grammar bitmask, applied by vLLM's own
+            # function to the CPU torch logits right before its sampler.
+            def grammar(torch_logits: Any) -> None:
+                from vllm.v1.structured_output.utils import apply_grammar_bitmask
+
+                apply_grammar_bitmask(so, grammar_output, ib, torch_logits)
+        use_torch = grammar is not None or any(r in self.torch_reqs for r in req_ids)
+        tokens, logprobs = self.sampler.sample(stacked, ib, use_torch, grammar)
 
         sampled: list[list[int]] = []
         for i, req_id in enumerate(req_ids):

@@ -126,7 +126,7 @@ class PagedModelRunner(MetalModelRunner):
         )
         logits = self._forward(self.layers, tokens, layout, last_rows)
         rows = {req_id: logits[i] for i, req_id in enumerate(req_ids)}
-        self._pending = (rows, partial, dict(so.num_scheduled_tokens))
+        self._pending = (rows, partial, so)
         return None
 
     def sample_tokens(self, grammar_output: Any = None) -> Any:

@@ -40,22 +40,32 @@ class MetalSampler:
 
         self._sampler = Sampler(logprobs_mode=logprobs_mode)
 
-    def sample(self, logits: Any, input_batch: Any, use_torch: bool):
-        """`logits` is an MLX [num_reqs, vocab] array in `input_batch` row order.
-
-        Returns (token ids as a list of ints, LogprobsLists or None).
-        """
+    def _argmax(self, logits: Any) -> list[int]:
         import mlx.core as mx
 
-        if not use_torch:
-            tokens = mx.argmax(logits, axis=-1)
-            return tokens.tolist(), None
+        return mx.argmax(logits, axis=-1).tolist()
 
+    def _to_torch(self, logits: Any) -> Any:
+        import mlx.core as mx
         import torch
 
         # np.array on an MLX array goes through the buffer protocol; float32 keeps
-        # the sampler's maths (softmax, penalties) at full precision.
-        torch_logits = torch.from_numpy(np.array(logits.astype(mx.float32), copy=False))
+        # the sampler's maths (softmax, penalties) at full precision. A copy: the
+        # grammar mask writes into it.
+        return torch.from_numpy(np.array(logits.astype(mx.float32)))
+
+    def sample(self, logits: Any, input_batch: Any, use_torch: bool, grammar: Any = None):
+        """`logits` is a [num_reqs, vocab] array in `input_batch` row order.
+
+        `grammar`, when given, masks the torch logits in place (structured output)
+        before vLLM's sampler sees them; callers pass `use_torch` with it.
+        Returns (token ids as a list of ints, LogprobsLists or None).
+        """
+        if not use_torch:
+            return self._argmax(logits), None
+        torch_logits = self._to_torch(logits)
+        if grammar is not None:
+            grammar(torch_logits)
         out = self._sampler(torch_logits, input_batch.sampling_metadata)
         tokens = out.sampled_token_ids[:, 0].tolist()
         logprobs = out.logprobs_tensors.tolists() if out.logprobs_tensors is not None else None

@@ -177,16 +177,16 @@ class TorchDecodeBatch:
 class TorchSampler(MetalSampler):
     """The same vLLM Sampler as the MLX path, fed torch logits directly."""
 
-    def sample(self, logits: Any, input_batch: Any, use_torch: bool):
+    def _argmax(self, logits: Any) -> list[int]:
         import torch
 
-        if not use_torch:
-            return torch.argmax(logits, dim=-1).tolist(), None
+        return torch.argmax(logits, dim=-1).tolist()
+
+    def _to_torch(self, logits: Any) -> Any:
+        import torch
+
         # vLLM's sampler stays on the CPU torch device (never MPS), in float32.
-        out = self._sampler(logits.to("cpu", torch.float32), input_batch.sampling_metadata)
-        tokens = out.sampled_token_ids[:, 0].tolist()
-        logprobs = out.logprobs_tensors.tolists() if out.logprobs_tensors is not None else None
-        return tokens, logprobs
+        return logits.to("cpu", torch.float32)
 
 
 class TorchModelRunner(MetalModelRunner):

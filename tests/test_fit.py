@@ -20,7 +20,7 @@ MiB = 1024**2
 QWEN3_06B = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024,
     "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-    "max_position_embeddings": 40960, "torch_dtype": "bfloat16",
+    "max_position_embeddings": 40960, "torch_dtype": "bfloat16", "vocab_size": 151936,
 }
 QWEN3_06B_WEIGHTS = 1_200_000_000  # ~1.2 GB of bf16 weights
 QWEN3_06B_KV_PER_TOKEN = 2 * 28 * 8 * 128 * 2  # K and V, 28 layers, 8 KV heads, head_dim 128, 2 bytes
@@ -208,8 +208,11 @@ def servers(monkeypatch):
 def model_folder(path, config, weight_bytes):
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
+    header = b'{"__metadata__": {}}'
     with open(path / "model.safetensors", "wb") as f:
-        os.truncate(f.fileno(), weight_bytes)  # sparse: no disk is used
+        # A valid safetensors header (serve's pre-flight reads it), then sparse bytes: no disk is used.
+        f.write(len(header).to_bytes(8, "little") + header)
+        os.truncate(f.fileno(), weight_bytes)
     return path
 
 
@@ -252,6 +255,9 @@ def test_serve_warns_when_tight_and_starts(servers, tmp_path):
     assert "warning" in result.stderr and "leaves little memory free" in result.stderr and ": tight" in result.stderr
 
 
-def test_serve_skips_the_estimate_without_shape_or_weights(servers, tmp_path):
+def test_serve_refuses_a_config_without_shape_before_the_estimate(servers, tmp_path):
+    # The pre-flight (vmetal.model_checks) names the file; vLLM would only fail after ~10 s of start-up.
     (tmp_path / "config.json").write_text("{}")
-    assert serve(str(tmp_path)).exit_code == 0 and len(servers) == 1
+    result = serve(str(tmp_path))
+    assert result.exit_code == 2 and servers == []
+    assert f"`{tmp_path / 'config.json'}` has no `model_type`" in result.stderr

@@ -775,6 +775,13 @@ def check_model_fit(model: str, max_model_len: int | None) -> Check:
         except Exception:  # noqa: BLE001 - not cached, or not a repo id at all
             return _warn("model_fit", title, f"`{model}` is neither a local folder nor in the Hugging Face cache",
                          "pass a local model folder, or download the model first", model=model, path=None)
+    from vmetal.model_checks import ModelFileError, check_folder
+
+    try:
+        check_folder(path)
+    except ModelFileError as exc:
+        return _fail("model_fit", title, str(exc), exc.hint or "replace or re-download that file",
+                     model=model, path=str(path))
     report = fit.estimate_folder(path, max_model_len=max_model_len)
     if report is None:
         return _warn("model_fit", title, f"`{model}` has no config.json with the model's shape or no *.safetensors",

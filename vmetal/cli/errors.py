@@ -48,6 +48,7 @@ def _known() -> list[tuple[type[BaseException], Callable[[Exception], VmetalErro
     # named here import nothing heavy.
     from vmetal.envs import EnvError
     from vmetal.hub import HubError
+    from vmetal.model_checks import ModelFileError
     from vmetal.models import ModelNotFoundError, UnsupportedModelError
     from vmetal.server import ServerError
 
@@ -57,6 +58,7 @@ def _known() -> list[tuple[type[BaseException], Callable[[Exception], VmetalErro
         (HubError, lambda e: VmetalError(e.message, e.hint, e.exit_code)),
         (UnsupportedModelError, lambda e: VmetalError(str(e), exit_code=USAGE)),
         (ModelNotFoundError, lambda e: VmetalError(str(e), exit_code=USAGE)),
+        (ModelFileError, lambda e: VmetalError(str(e), e.hint, exit_code=USAGE)),
     ]
 
 

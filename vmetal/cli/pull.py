@@ -159,6 +159,16 @@ def _check_architecture(config: dict, where: str) -> str:
         raise VmetalError(str(exc), hint=f"vmetal serves {supported_list()}; nothing was downloaded") from None
 
 
+def _check_config(config: dict, where: str) -> None:
+    # Before any weight byte: a config with absurd shape fields would only fail at load.
+    from vmetal.model_checks import ModelFileError, check_config
+
+    try:
+        check_config(config, Path(where))
+    except ModelFileError as exc:
+        raise VmetalError(f"{exc}; nothing else was downloaded", exit_code=1) from None
+
+
 def _fit(config: dict, weight_bytes: int, max_model_len: int | None, force: bool, quiet: bool,
          model: str) -> Any:
     from vmetal import fit
@@ -186,6 +196,9 @@ def _check_local(path: Path, max_model_len: int | None, force: bool, quiet: bool
     from vmetal import fit
     from vmetal.models import ModelNotFoundError, UnsupportedModelError, read_config
 
+    from vmetal.model_checks import check_folder
+
+    check_folder(path)  # every file readable and consistent, each problem named by its file
     try:
         config = read_config(path)
     except (ModelNotFoundError, UnsupportedModelError) as exc:
@@ -284,6 +297,7 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
     with hub.pull_lock(remote.repo_id):
         config = hub.fetch_json(remote, "config.json")
         _check_architecture(config, f"{remote.repo_id}/config.json")
+        _check_config(config, f"{remote.repo_id}/config.json")
         report = _fit(config, weight_bytes, max_model_len, force, quiet_msgs, remote.repo_id) if weights \
             else None
 
@@ -332,6 +346,7 @@ def _pull_modelscope(model: str, revision: str | None, include: list[str], force
         with _progress_for(remote.repo_id, True) as silent:
             config = ms.fetch_json(remote, "config.json", progress=silent)
         _check_architecture(config, f"{remote.repo_id}/config.json")
+        _check_config(config, f"{remote.repo_id}/config.json")
         report = _fit(config, weight_bytes, max_model_len, force, quiet_msgs, remote.repo_id) if weights \
             else None
 

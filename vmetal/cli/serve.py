@@ -240,6 +240,10 @@ def serve(
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)
     target, given_name = resolve_model(model, demo)
+    if api_key is not None and not api_key.strip():
+        # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all, silently.
+        raise VmetalError("`--api-key` is empty, so the server would accept every client",
+                          hint="pass the key itself, or leave `--api-key` out", exit_code=USAGE)
     check_port_free(host, port)
     if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY") or passthrough_api_keys(vllm_args)):
         warn(f"`--host {host}` accepts connections from other machines and no `--api-key` is set: "
@@ -249,6 +253,9 @@ def serve(
     if target is not None and not Path(target).is_dir() and not no_pull:
         target = pull_first(target, max_model_len)
     if target is not None and Path(target).is_dir():
+        from vmetal.model_checks import check_folder
+
+        check_folder(target)  # a damaged file fails here in milliseconds, not in the engine
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
         target = _demo_model()

@@ -198,12 +198,12 @@ def require_modelscope() -> Any:
 def fetch_info(repo_id: str, *, revision: str | None = None, token: str | bool | None = None,
                endpoint: str | None = None) -> RemoteModel:
     """The file list (sizes, digests) of `repo_id` at `revision` and the commit it resolves to."""
+    revision = revision or DEFAULT_REVISION
+    _check_revision(revision)
     _check_online()
     from huggingface_hub import HfApi
 
     endpoint = hf_endpoint(endpoint)
-    revision = revision or DEFAULT_REVISION
-    _check_revision(revision)
     api = HfApi(endpoint=endpoint, token=token)
     try:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)

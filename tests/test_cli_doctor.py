@@ -24,7 +24,7 @@ runner = CliRunner()
 
 CHECK_IDS = ["host", "python_arch", "python_version", "vllm_version", "mlx_version", "mlx_lm_version",
              "transformers_version", "entry_point", "vllm_platform", "mlx_devices", "memory", "env", "disk",
-             "hub_huggingface", "hub_modelscope", "port"]
+             "hub_huggingface", "hub_modelscope", "port", "remote_code"]
 TOP_KEYS = {"schema": int, "vmetal_version": str, "ok": bool, "exit_code": int, "elapsed_s": float,
             "counts": dict, "checks": list, "report": str}
 CHECK_KEYS = {"id": str, "title": str, "status": str, "summary": str, "details": dict, "elapsed_s": float}

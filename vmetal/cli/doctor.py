@@ -60,6 +60,7 @@ Check ids and their `details` keys:
     hub_huggingface      url, reachable (bool|null: not checked), http_status, error
     hub_modelscope       url, reachable, http_status, error, use_modelscope (bool)
     port                 host, port, free (bool)
+    remote_code          trust_remote_code (bool: `--trust-remote-code` after `--`), code_files (the model's)
     model_fit            model, path, plus vmetal.fit.FitReport.as_dict() keys   (with --model)
     smoke                model, tokens, tokens_per_s, load_s, matches_mlx_lm, error   (with --smoke)
 
@@ -111,7 +112,10 @@ RELATED_VARIABLES = ("VMETAL_ENABLE", "VMETAL_HOME", "VLLM_TARGET_DEVICE", "HF_E
 _PROBE_MARK = "VMETAL_PROBE "
 _SMOKE_MARK = "VMETAL_SMOKE "
 
-COMMAND_SETTINGS: dict[str, Any] = {}
+COMMAND_SETTINGS: dict[str, Any] = {
+    # `vmetal doctor -- --trust-remote-code`: the arguments `vmetal serve` will pass to vLLM, judged too.
+    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+}
 
 
 @dataclass
@@ -929,7 +933,8 @@ def _guarded(fn: Callable[[], Check | list[Check]], id: str) -> Check | list[Che
 
 
 def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeout: float = PROBE_TIMEOUT_S,
-               model: str | None = None, max_model_len: int | None = None, smoke: bool = False) -> list[Check]:
+               model: str | None = None, max_model_len: int | None = None, smoke: bool = False,
+               vllm_args: tuple[str, ...] = ()) -> list[Check]:
     from vmetal import system
 
     # Slowest first: vLLM's import takes seconds; everything else overlaps with it.
@@ -975,6 +980,12 @@ def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeou
     checks = [*local, platform_check, *after, *hubs, port_check]
     if fit_check:
         checks.append(fit_check)
+    from vmetal.cli.doctor_checks.remote_code import check_remote_code
+
+    checks.append(_guarded(lambda: check_remote_code(
+        Path(model).expanduser() if model else None, list(vllm_args),
+        lambda status, summary, fix, **d: Check("remote_code", "Remote code", status, summary, fix, d)),
+        "remote_code"))
     if smoke:
         checks.append(_guarded(lambda: check_smoke(environ), "smoke"))
     return [c for c in checks if isinstance(c, Check)]
@@ -1088,6 +1099,7 @@ def render(checks: list[Check], environ: Mapping[str, str], elapsed: float, verb
 
 
 def doctor(
+    ctx: typer.Context,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON (schema in "
                                                              "`vmetal/cli/doctor.py`).")] = False,
     smoke: Annotated[bool, typer.Option("--smoke", help="Also run a real generation through vLLM on a tiny "
@@ -1112,7 +1124,7 @@ def doctor(
 
         say("--smoke: building or reusing the demo model and generating with vLLM (~30 s)")
     checks = run_checks(environ, host=host, port=port, probe_timeout=probe_timeout, model=model,
-                        max_model_len=max_model_len, smoke=smoke)
+                        max_model_len=max_model_len, smoke=smoke, vllm_args=tuple(ctx.args))
     elapsed = time.monotonic() - started
     if json_output:
         data = as_json(checks, environ, elapsed)

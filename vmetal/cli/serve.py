@@ -18,7 +18,7 @@ import typer
 
 from vmetal import envs
 from vmetal.cli import model_and_passthrough
-from vmetal.cli.errors import USAGE, VmetalError, warn
+from vmetal.cli.errors import ERROR, USAGE, VmetalError, warn
 from vmetal.server import (DEFAULT_HOST, DEFAULT_PORT, READY_TIMEOUT_S, ServerProcess, check_port_free,
                            is_loopback, passthrough_api_keys)
 
@@ -189,8 +189,11 @@ def supervise(server: ServerProcess, name: str, shown_url: str, ready_timeout: f
                 code = server.wait(0.25)
                 if code is not None:
                     server.stop()  # whatever the child left behind in its group
-                    say(f"the server exited by itself with code {code}")
-                    return _exit_code(code)
+                    # It stops only when asked: exiting on its own is a failure even with code 0, which is
+                    # what vLLM's API server exits with when its EngineCore dies.
+                    raise VmetalError(f"the vLLM server exited by itself with code {code} while serving",
+                                      hint="its log above says why; `-v` adds the engine's debug logs",
+                                      exit_code=_exit_code(code) or ERROR)
         server.stop()
         if server.killed:
             warn("the server did not stop in time and was killed")

@@ -4,7 +4,8 @@
     report.verdict       # "fits" | "tight" | "does not fit"
     report.describe()    # one line with GiB numbers
 
-The estimate is what the engine needs at the least: the weights as stored, K and V for `num_seqs`
+The estimate is what the engine needs at the least: the weights as stored (an MLX-quantized checkpoint's
+packed bytes, which mlx-lm keeps packed in memory, not parameters x dtype), K and V for `num_seqs`
 sequences of `max_model_len` tokens in the checkpoint's dtype, and an overhead for activations, MLX's
 buffer cache and the runtime. vLLM refuses to start unless one full-length sequence fits in the KV
 budget, so `num_seqs=1` is the hard floor; more sequences only make the scheduler queue requests.
@@ -19,6 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from vmetal.models import Quantization, quantization_of
 
 GiB = 1024**3
 MiB = 1024**2
@@ -112,6 +115,7 @@ class FitReport:
     max_model_len: int
     num_seqs: int
     kv_bytes_per_token: int
+    quantization: Quantization | None = None  # MLX's, from config.json
 
     @property
     def share(self) -> float:
@@ -129,7 +133,8 @@ class FitReport:
 
     def describe(self) -> str:
         seqs = f"{self.num_seqs} x " if self.num_seqs != 1 else ""
-        return (f"~{_gib(self.total)} needed (weights {_gib(self.weights_bytes)} + KV "
+        quant = f" ({self.quantization.describe()})" if self.quantization else ""
+        return (f"~{_gib(self.total)} needed (weights {_gib(self.weights_bytes)}{quant} + KV "
                 f"{_gib(self.kv_bytes)} for {seqs}{self.max_model_len} tokens + overhead "
                 f"{_gib(self.overhead)}) of {_gib(self.available)} available to MLX "
                 f"({self.share:.0%}): {self.verdict}")
@@ -149,6 +154,7 @@ class FitReport:
             "total": self.total, "available": self.available, "verdict": self.verdict,
             "max_model_len": self.max_model_len, "num_seqs": self.num_seqs,
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            "quantization": self.quantization.as_dict() if self.quantization else None,
         }
 
 
@@ -178,7 +184,8 @@ def estimate(config: dict[str, Any], weight_bytes: int, *, max_model_len: int, n
         memory_bytes = memory_for_mlx()
     return FitReport(weights_bytes=int(weight_bytes), kv_bytes=kv, overhead=overhead, total=total,
                      available=int(memory_bytes), verdict=verdict_for(total, memory_bytes),
-                     max_model_len=max_model_len, num_seqs=num_seqs, kv_bytes_per_token=per_token)
+                     max_model_len=max_model_len, num_seqs=num_seqs, kv_bytes_per_token=per_token,
+                     quantization=quantization_of(config))
 
 
 def weight_bytes_of(folder: str | Path) -> int:

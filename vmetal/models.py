@@ -84,6 +84,52 @@ def read_config(path: Path) -> dict[str, Any]:
         raise UnsupportedModelError(f"`{cfg_file}` is not valid JSON: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """MLX's `quantization` block of config.json, as mlx-lm writes and loads it.
+
+    `bits`/`group_size`/`mode` apply to every quantized layer unless the block names the layer itself
+    (mlx-lm's mixed recipes): `other_bits` lists the other widths those layers use.
+    """
+
+    bits: int
+    group_size: int
+    mode: str = "affine"
+    other_bits: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        text = f"{self.bits}-bit {self.mode}, group size {self.group_size}"
+        if self.other_bits:
+            text += f" (some layers {'/'.join(map(str, self.other_bits))}-bit)"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bits": self.bits, "group_size": self.group_size, "mode": self.mode,
+                "other_bits": list(self.other_bits)}
+
+
+def quantization_of(config: dict[str, Any]) -> Quantization | None:
+    """The MLX quantization of a checkpoint's config, or None when its weights are not MLX-quantized.
+
+    mlx-lm writes the block under both `quantization` and `quantization_config`; only `quantization` is
+    MLX's own (`quantization_config` with a `quant_method` is a torch method, e.g. AWQ or GPTQ).
+    """
+    block = config.get("quantization")
+    if not isinstance(block, dict) and isinstance(config.get("text_config"), dict):
+        block = config["text_config"].get("quantization")
+    if not isinstance(block, dict):
+        return None
+    try:
+        bits, group_size = int(block["bits"]), int(block["group_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    # Per-layer entries: {"bits": …, "group_size": …} for a layer quantized differently, False for one kept
+    # in full precision.
+    others = {int(v["bits"]) for v in block.values() if isinstance(v, dict) and "bits" in v} - {bits}
+    return Quantization(bits=bits, group_size=group_size, mode=str(block.get("mode") or "affine"),
+                        other_bits=tuple(sorted(others)))
+
+
 @dataclass
 class LoadedModel:
     model: Any  # mlx.nn.Module from mlx-lm
@@ -93,11 +139,16 @@ class LoadedModel:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
-    dtype: Any  # mx.Dtype of the weights
+    dtype: Any  # mx.Dtype of the unquantized weights (norms; scales of affine-quantized layers)
+    quantization: Quantization | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V for every layer, in the weights' dtype."""
+        """K and V for every layer, in the weights' dtype.
+
+        In a quantized model the activations (hence K and V) come out of the quantized matmuls in the
+        dtype of the floating weights beside them, not in the packed integer dtype.
+        """
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size
 
 
@@ -114,6 +165,7 @@ def load(model: str, revision: str | None = None) -> LoadedModel:
     num_heads = args.num_attention_heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // num_heads
     params = tree_flatten(mlx_model.parameters())
+    # Packed weights of a quantized layer are uint32 (mxfp4 scales uint8): only floating ones count.
     float_dtypes = [v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating)]
     return LoadedModel(
         model=mlx_model,
@@ -124,4 +176,5 @@ def load(model: str, revision: str | None = None) -> LoadedModel:
         head_dim=head_dim,
         vocab_size=args.vocab_size,
         dtype=float_dtypes[0] if float_dtypes else mx.float32,
+        quantization=quantization_of(config),
     )

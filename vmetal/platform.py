@@ -14,7 +14,7 @@ import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
 from vmetal import envs
-from vmetal.models import SUPPORTED_ARCHITECTURES, UnsupportedModelError, supported_list
+from vmetal.models import SUPPORTED_ARCHITECTURES, UnsupportedModelError, quantization_of, supported_list
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
@@ -67,6 +67,19 @@ class MetalPlatform(Platform):
             )
 
     @classmethod
+    def verify_quantization(cls, quant: str) -> None:
+        # vLLM calls this with the method it resolved from `--quantization` or from a checkpoint's
+        # `quantization_config.quant_method`. Those are torch kernels (AWQ, GPTQ, fp8, …) that never run
+        # here: the runner loads weights with mlx-lm, so accepting one would silently ignore it. MLX's own
+        # checkpoints name no method (vLLM resolves their `quantization_config` to None) and never get here.
+        raise ValueError(
+            f"quantization method `{quant}` (from --quantization or the checkpoint's "
+            "quantization_config.quant_method) is vLLM's own and vmetal does not run it: serve an "
+            "MLX-quantized checkpoint (config.json with a `quantization` block, e.g. an mlx-community "
+            "`-4bit` repo) or make one with `vmetal convert SRC DST --bits 4`"
+        )
+
+    @classmethod
     def update_block_size_for_backend(cls, vllm_config: Any) -> None:
         # There is no torch attention backend to negotiate with: the block size
         # is vmetal's own setting (ENV.md), applied in check_and_update_config.
@@ -100,6 +113,11 @@ class MetalPlatform(Platform):
                 "(VLLM_METAL_PREFIX_CACHE is this path's own prefix cache)"
             )
             cache.enable_prefix_caching = False
+
+        quant = quantization_of(vllm_config.model_config.hf_config.to_dict())
+        if quant is not None:
+            logger.info("vmetal: MLX-quantized checkpoint (%s): mlx-lm loads it and the weights stay "
+                        "quantized in MLX", quant.describe())
 
         # Scheduling is synchronous: the runner keeps each step's sampled tokens
         # itself and the engine calls execute_model then sample_tokens.

@@ -75,11 +75,12 @@ class MetalWorker(WorkerBase):
         if cfg.prefix_cache and not cfg.use_paged_attention:
             budget = int(device_memory_bytes(self.mlx_device) * cfg.prefix_cache_fraction)
             self.model_runner.enable_prefix_cache(budget)
+        quant = self.model_runner.loaded.quantization
         logger.info(
-            "vmetal: loaded %s on %s (%.1f MiB of weights)",
+            "vmetal: loaded %s on %s (%.1f MiB of weights%s)",
             self.model_config.model,
             f"MLX {self.mlx_device}" if self.metal_config.use_mlx else f"torch {self.model_runner.torch_device}",
-            self.weights_bytes / 2**20,
+            self.weights_bytes / 2**20, f", {quant.describe()}" if quant else "",
         )
 
     def get_model(self) -> Any:
@@ -89,9 +90,11 @@ class MetalWorker(WorkerBase):
         # vLLM's default walks torch modules; the model here is an MLX module.
         loaded = self.model_runner.loaded
         backend = "MLX" if self.metal_config.use_mlx else f"torch {self.model_runner.torch_device}"
+        quant = f", {loaded.quantization.describe()}" if loaded.quantization else ""
         return (
-            f"{type(loaded.model).__module__}.{type(loaded.model).__name__} ({backend}, {loaded.dtype}): "
-            f"{loaded.num_layers} layers, {loaded.num_kv_heads} KV heads x {loaded.head_dim}"
+            f"{type(loaded.model).__module__}.{type(loaded.model).__name__} ({backend}, {loaded.dtype}{quant}): "
+            f"{loaded.num_layers} layers, {loaded.num_kv_heads} KV heads x {loaded.head_dim}, "
+            f"{self.weights_bytes} bytes of weights"
         )
 
     def get_supported_tasks(self) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from vmetal.cli import completion as completion_cmd
 from vmetal.cli import install as install_cmd
 from vmetal.cli import uninstall as uninstall_cmd
 from vmetal.cli import bench as bench_cmd
+from vmetal.cli import convert as convert_cmd
 
 app = make_app(help="Run LLMs with vLLM on MLX (Apple Silicon; MLX CPU or CUDA elsewhere).")
 
@@ -54,6 +55,7 @@ mount(app, "chat", chat_cmd.chat, **chat_cmd.COMMAND_SETTINGS)
 mount(app, "pull", pull_cmd.pull)
 mount(app, "list", pull_cmd.list_models)
 mount(app, "rm", pull_cmd.rm)
+mount(app, "convert", convert_cmd.convert)
 mount(app, "install", install_cmd.install, **install_cmd.COMMAND_SETTINGS)
 mount(app, "uninstall", uninstall_cmd.uninstall, **uninstall_cmd.COMMAND_SETTINGS)
 mount(app, "completion", completion_cmd.completion)

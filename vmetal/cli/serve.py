@@ -148,6 +148,8 @@ def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str
                           hint=report.advice(), exit_code=USAGE)
     if report.verdict == "tight":
         warn(f"model `{folder}` leaves little memory free: {report.describe()}; {report.advice()}")
+    else:  # the weights' real size and, for an MLX-quantized model, its bits and group size
+        say(f"model `{folder}`: {report.describe()}")
 
 
 def _demo_model() -> str:

@@ -256,6 +256,8 @@ class ServerProcess:
     def _pump(self, pipe: IO[bytes], target: IO[str]) -> None:
         for raw in iter(pipe.readline, b""):
             line = redact.mask(raw.decode("utf-8", errors="replace"), self._secrets)
+            if not line.endswith("\n"):  # a last line cut short: what we print next starts a line of its own
+                line += "\n"
             self._tail.append(line.rstrip("\n"))
             if self.echo:
                 try:

@@ -36,11 +36,45 @@ MLX_MODULES = {"qwen3": "qwen3", "llama": "llama", "qwen2": "qwen2", "mistral": 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 0, 1, 2
 
+# Qwen3's chat format, trimmed: tools listed in the system turn, calls as <tool_call> JSON, results in a
+# user turn as <tool_response>, and `enable_thinking=False` closing an empty <think> block after the
+# generation prompt. A demo served with vLLM's hermes tool parser and qwen3 reasoning parser then
+# behaves as a Qwen3 checkpoint does; messages without tools render exactly as plain ChatML.
 CHAT_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% if message['role'] == 'system' and tools and loop.first %}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{% set content = message['content'] or '' %}"
+    "{{ '<|im_start|>assistant\n' + content }}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set call = call['function'] if call['function'] is defined else call %}"
+    "{% if content or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' }}"
+    "{{ call['arguments'] if call['arguments'] is string else (call['arguments'] | tojson) }}"
+    "{{ '}\n</tool_call>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{ '<|im_start|>user' }}{% endif %}"
+    "{{ '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{ '<|im_end|>\n' }}{% endif %}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{% endif %}"
 )
 
 DEMO_NAME = "qwen3-tiny"
@@ -105,22 +139,27 @@ def build_tokenizer(path, vocab_size: int = 512) -> None:
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [ENDOFTEXT_ID, IM_START_ID, IM_END_ID]
     tok.save(str(path / "tokenizer.json"))
 
-    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    config = {
+    _write_json(path / "tokenizer_config.json", _tokenizer_config())
+    _write_json(path / "special_tokens_map.json",
+                {**_SPECIAL, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+
+
+_SPECIAL = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+
+
+def _tokenizer_config() -> dict:
+    return {
         # The generic class loads tokenizer.json as is; naming e.g. Qwen2Tokenizer
         # would make transformers 5 rebuild the pipeline from its own defaults.
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
-        **special,
+        **_SPECIAL,
         "unk_token": None,
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "model_max_length": 2048,
         "clean_up_tokenization_spaces": False,
         "chat_template": CHAT_TEMPLATE,
     }
-    _write_json(path / "tokenizer_config.json", config)
-    _write_json(path / "special_tokens_map.json",
-                {**special, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
 
 
 def _model_config(arch, *, hidden_size, num_layers, num_heads, num_kv_heads,
@@ -261,6 +300,7 @@ def ensure_demo_model() -> Path:
     """Build the demo model once; later calls (and other processes) reuse it."""
     target = default_demo_dir()
     if (target / "config.json").is_file():
+        _refresh_tokenizer_config(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built beside the target and renamed into place, so a crash or a concurrent
@@ -277,6 +317,25 @@ def ensure_demo_model() -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _refresh_tokenizer_config(target: Path) -> None:
+    """Bring a demo folder built by an older vmetal up to this one's chat template.
+
+    The template only shapes prompts (the vocabulary and weights do not depend on it), so rewriting
+    tokenizer_config.json makes the folder byte-identical to a fresh build without retraining anything.
+    """
+    current = target / "tokenizer_config.json"
+    try:
+        if json.loads(current.read_text()) == _tokenizer_config():
+            return
+    except (OSError, ValueError):
+        pass
+    # Renamed into place, so a concurrent reader sees the old file or the new one, never half of one.
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer_config-", dir=target)
+    os.close(fd)
+    _write_json(Path(tmp), _tokenizer_config())
+    os.replace(tmp, current)
 
 
 def _plain_text(s: str) -> bool:

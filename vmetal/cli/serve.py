@@ -34,6 +34,9 @@ COMMAND_SETTINGS: dict[str, Any] = {
 
 _KV = "KV cache and device (the VLLM_METAL_* variables)"
 _VLLM = "vLLM"
+_TOOLS = "Tools and reasoning"
+# vLLM's server-wide defaults for the chat template (request-level chat_template_kwargs win over them).
+NO_THINKING_ARGS = ["--default-chat-template-kwargs", '{"enable_thinking": false}']
 
 
 class Device(str, enum.Enum):
@@ -152,6 +155,58 @@ def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str
         say(f"model `{folder}`: {report.describe()}")
 
 
+def check_parser_flags(tool_call_parser: str | None, no_tool_parser: bool, reasoning_parser: str | None,
+                       vllm_args: list[str]) -> None:
+    """Refuse an unknown parser name or a contradiction before anything starts (exit 2)."""
+    from vmetal import parsers
+    from vmetal.fit import vllm_arg
+
+    if tool_call_parser and no_tool_parser:
+        raise VmetalError("give `--tool-call-parser` or `--no-tool-parser`, not both", exit_code=USAGE)
+    # A plugin after `--` registers names only vLLM can see; it then judges ours too.
+    checks = [("tool", tool_call_parser, "--tool-call-parser", "--tool-parser-plugin"),
+              ("reasoning", reasoning_parser, "--reasoning-parser", "--reasoning-parser-plugin")]
+    for kind, name, flag, plugin in checks:
+        if name and vllm_arg(vllm_args, plugin) is None:
+            try:
+                parsers.check_name(kind, name, flag)
+            except parsers.UnknownParserError as exc:
+                raise VmetalError(str(exc), exit_code=USAGE) from None
+
+
+def tool_and_reasoning_args(target: str | None, *, tool_call_parser: str | None, no_tool_parser: bool,
+                            reasoning_parser: str | None, no_thinking: bool,
+                            vllm_args: list[str]) -> tuple[list[str], str]:
+    """The vLLM arguments for tool calls, reasoning and thinking, and one line saying which parser serves
+    tool calls. They go before the user's own after `--`, which win (argparse keeps the last)."""
+    from vmetal import parsers
+    from vmetal.fit import vllm_arg
+
+    args: list[str] = []
+    given_after = vllm_arg(vllm_args, "--tool-call-parser")
+    if given_after is not None:
+        name, why = given_after, "given after `--`"
+    elif no_tool_parser:
+        name, why = None, "`--no-tool-parser`"
+    elif tool_call_parser:
+        name, why = tool_call_parser, "`--tool-call-parser`"
+    else:
+        choice = parsers.pick_tool_parser(target)
+        name, why = choice.name, choice.reason
+    if name is not None:
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", name]
+        line = (f"tool calls: `{name}` parser ({why}); "
+                "change with --tool-call-parser NAME, switch off with --no-tool-parser")
+    else:
+        line = (f"tool calls: no parser ({why}); `tool_choice` auto is refused, named and required "
+                "still work; pass --tool-call-parser NAME to enable it")
+    if reasoning_parser:
+        args += ["--reasoning-parser", reasoning_parser]
+    if no_thinking:
+        args += NO_THINKING_ARGS
+    return args, line
+
+
 def _demo_model() -> str:
     from vmetal.demo import default_demo_dir, ensure_demo_model
 
@@ -234,6 +289,19 @@ def serve(
                                                    show_default=False, rich_help_panel=_KV)] = None,
     device: Annotated[Device | None, typer.Option(help="MLX device. Default: gpu where MLX has one.",
                                                   show_default=False, rich_help_panel=_KV)] = None,
+    tool_call_parser: Annotated[str | None, typer.Option(
+        metavar="NAME", help="vLLM tool-call parser for `tool_choice` auto (hermes, llama3_json, mistral, …). "
+        "Default: picked from the model's chat template and family.", show_default=False,
+        rich_help_panel=_TOOLS)] = None,
+    no_tool_parser: Annotated[bool, typer.Option("--no-tool-parser", help="Run without a tool-call parser: "
+                                                 "`tool_choice` auto is refused, named and required still "
+                                                 "work.", rich_help_panel=_TOOLS)] = False,
+    reasoning_parser: Annotated[str | None, typer.Option(
+        metavar="NAME", help="vLLM reasoning parser (qwen3, deepseek_r1, …): the model's thinking goes to "
+        "the reply's `reasoning` (a thinking block on /v1/messages), not its answer.", show_default=False, rich_help_panel=_TOOLS)] = None,
+    no_thinking: Annotated[bool, typer.Option("--no-thinking", help="Thinking off by default "
+                                              "(enable_thinking=false for the chat template); a request's "
+                                              "own chat_template_kwargs win.", rich_help_panel=_TOOLS)] = False,
     no_pull: Annotated[bool, typer.Option("--no-pull", help="Do not pull a Hub model first; vLLM and mlx-lm "
                                           "then resolve it themselves.")] = False,
     ready_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the server to answer "
@@ -244,6 +312,7 @@ def serve(
 
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)
+    check_parser_flags(tool_call_parser, no_tool_parser, reasoning_parser, vllm_args)
     target, given_name = resolve_model(model, demo)
     if api_key is not None and not api_key.strip():
         # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all, silently.
@@ -264,6 +333,11 @@ def serve(
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
         target = _demo_model()
+    api_args, tools_line = tool_and_reasoning_args(
+        target, tool_call_parser=tool_call_parser, no_tool_parser=no_tool_parser,
+        reasoning_parser=reasoning_parser, no_thinking=no_thinking, vllm_args=vllm_args)
+    vllm_args[:0] = api_args
+    say(tools_line)
 
     if max_model_len is not None:
         vllm_args[:0] = ["--max-model-len", str(max_model_len)]

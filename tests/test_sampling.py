@@ -157,8 +157,3 @@ def test_logprobs_with_top_k_alternatives(llm, greedy_tokens):
         assert position[token_id].logprob == pytest.approx(max(values), abs=1e-4)
         assert position[token_id].rank == 1
         assert sum(math.exp(v) for v in values) <= 1.0 + 1e-4
-
-
-def test_prompt_logprobs_is_rejected_naming_the_field(llm):
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        run(llm, sp(temperature=0.0, prompt_logprobs=1))

@@ -246,12 +246,6 @@ VLLM_REFUSED = {
     "temperature -1": ("/completions", {"temperature": -1}, 400, ["temperature"]),
     "unknown model": ("/completions", {"model": "no-such-model"}, 404, ["no-such-model"]),
 }
-# Requests the plugin refuses (vmetal/request_checks.py, raised from the platform's validate_request).
-PLUGIN_REFUSED = {
-    "prompt_logprobs": ("/completions", {"prompt_logprobs": 1}, 400, ["prompt_logprobs"]),
-    "echo with logprobs": ("/completions", {"echo": True, "logprobs": 1}, 400, ["prompt_logprobs"]),
-    "chat prompt_logprobs": ("/chat/completions", {"prompt_logprobs": 1}, 400, ["prompt_logprobs"]),
-}
 def request_body(path: str, fields: dict) -> dict:
     if path == "/chat/completions":
         base = {"model": MODEL, "messages": CHAT, "max_tokens": 4}
@@ -278,27 +272,25 @@ def test_invalid_requests_get_4xx_with_message(http, server, case):
     check_refused(http, server, case)
 
 
-@pytest.mark.parametrize("case", PLUGIN_REFUSED.values(), ids=PLUGIN_REFUSED.keys())
-def test_unsupported_features_get_400_naming_them(http, server, case):
-    check_refused(http, server, case)
+def test_echo_with_logprobs_returns_the_prompt_tokens_logprobs(client, qwen3_model, tokenizer):
+    from test_prompt_logprobs import reference
 
-
-def test_unsupported_feature_refused_in_stream_with_message(client):
-    from openai import APIError
-
-    # The stream's response has already begun (HTTP 200) when the engine refuses: the refusal arrives as an
-    # SSE error event, which the client raises.
-    with pytest.raises(APIError) as info:
-        for _ in client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, stream=True,
-                                                 extra_body={"prompt_logprobs": 1}):
-            pass
-    assert "prompt_logprobs" in str(info.value)
-    assert str(getattr(info.value, "code", None)) == "400"  # the openai client keeps the event's code
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, echo=True,
+                                  logprobs=1)
+    choice = r.choices[0]
+    assert choice.text.startswith(PROMPT)
+    ids = encode(tokenizer, PROMPT)
+    values = choice.logprobs.token_logprobs
+    # The first prompt token has no logprob; each later one equals mlx-lm's log-softmax over the prompt.
+    assert values[0] is None
+    ref = reference(qwen3_model, ids)
+    assert values[1 : len(ids)] == pytest.approx([lp for lp, _, _ in ref], abs=1e-4)
+    assert all(v <= 0 for v in values[len(ids):]) and len(values) == len(ids) + 4
 
 
 def test_server_keeps_serving_after_refused_requests(http, client, server):
     before = greedy(client, PROMPT, max_tokens=8).choices[0].text
-    for path, fields, _, _ in [*VLLM_REFUSED.values(), *PLUGIN_REFUSED.values()]:
+    for path, fields, _, _ in VLLM_REFUSED.values():
         r = http.post(path, json=request_body(path, fields))
         assert 400 <= r.status_code < 600 and "error" in r.json()
     assert server.returncode is None

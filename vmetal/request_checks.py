@@ -22,11 +22,6 @@ def check_request(processed_inputs: Any, params: Any) -> None:
 
     if not isinstance(params, SamplingParams):
         raise UnsupportedRequestError("vmetal serves text generation only: pooling/embedding requests are not supported")
-    if params.prompt_logprobs is not None:
-        raise UnsupportedRequestError(
-            "`prompt_logprobs` (and `echo` with logprobs) is not supported by vmetal; remove it from the request",
-            parameter="prompt_logprobs",
-        )
     inputs = processed_inputs if isinstance(processed_inputs, dict) else {}
     if inputs.get("prompt_embeds") is not None:
         raise UnsupportedRequestError("`prompt_embeds` is not supported by vmetal; send text or token ids")

@@ -77,11 +77,12 @@ def new_request_cache(model: Any) -> list[Any]:
     return make_prompt_cache(model)
 
 
-def prefill(model: Any, cache: list[Any], tokens: list[int]) -> Any:
+def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = False) -> Any:
     """Run `tokens` through `model` on a per-request cache; returns the last position's logits [V].
 
     Only the last position goes through the LM head: on a 150k-word vocabulary the
-    head over a whole prompt would cost more than the rest of the prefill.
+    head over a whole prompt would cost more than the rest of the prefill. With
+    `all_logits` (prompt logprobs asked for) every position's [n, V] instead.
     """
     import mlx.core as mx
 
@@ -89,4 +90,4 @@ def prefill(model: Any, cache: list[Any], tokens: list[int]) -> Any:
 
     inputs = mx.array(tokens, dtype=mx.int32)[None]
     hidden = model.model(inputs, cache=cache)
-    return logits_of(model, hidden[0, -1, :])
+    return logits_of(model, hidden[0] if all_logits else hidden[0, -1, :])

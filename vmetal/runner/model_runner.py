@@ -8,12 +8,21 @@ vLLM's scheduler and output processing never wait on a half-built batch.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 from vmetal.runner import mlx_cache
 from vmetal.runner.sampling import MetalSampler, needs_torch_sampler
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
+
+
+class StepLogits(NamedTuple):
+    """What execute_model leaves for sample_tokens."""
+
+    logits: dict[str, Any]  # req_id -> last position's logits [V]
+    partial: set[str]  # requests whose prompt chunk does not reach the end: nothing to sample
+    so: Any  # the step's SchedulerOutput
+    prompt_logits: dict[str, Any]  # req_id -> [n, V] for each scheduled position (prompt logprobs)
 
 
 class MetalModelRunner:
@@ -37,8 +46,10 @@ class MetalModelRunner:
         self.decode: mlx_cache.DecodeBatch | None = None
         self.input_batch = None
         self.sampler: MetalSampler | None = None
-        # execute_model -> sample_tokens: (logits per request, partial prefills, the SchedulerOutput)
-        self._pending: tuple[dict[str, Any], set[str], Any] | None = None
+        # execute_model -> sample_tokens
+        self._pending: StepLogits | None = None
+        # req_id -> top-k of prompt logprobs asked for, until its prompt's logprobs are all out.
+        self.num_prompt_logprobs: dict[str, int] = {}
         self.prefix_cache = None  # vmetal.runner.prefix_cache.PrefixCache when enabled
         # The next decode step, started at the end of sample_tokens (see _start_next_decode).
         self._next_decode: tuple[tuple[str, ...], tuple[int, ...], Any] | None = None
@@ -120,6 +131,7 @@ class MetalModelRunner:
             self._drop(req_id)
             self.requests.pop(req_id, None)
             self.torch_reqs.discard(req_id)
+            self.num_prompt_logprobs.pop(req_id, None)
             ib.remove_request(req_id)
         for req_id in so.preempted_req_ids or ():
             # vLLM freed its blocks; it will be resumed from scratch (recompute).
@@ -152,6 +164,10 @@ class MetalModelRunner:
             self.requests[new.req_id] = state
             if needs_torch_sampler(params):
                 self.torch_reqs.add(new.req_id)
+            if params is not None and params.prompt_logprobs is not None:
+                # -1 asks for the whole vocabulary (vLLM's convention).
+                k = params.prompt_logprobs
+                self.num_prompt_logprobs[new.req_id] = ib.vocab_size if k == -1 else k
             to_add.append(state)
 
         cached = so.scheduled_cached_reqs
@@ -190,8 +206,8 @@ class MetalModelRunner:
         for layer in cache:
             layer.trim(drop)
 
-    def _prefill(self, cache: Any, tokens: list[int], start: int) -> Any:
-        return mlx_cache.prefill(self.model, cache, tokens)
+    def _prefill(self, cache: Any, tokens: list[int], start: int, all_logits: bool = False) -> Any:
+        return mlx_cache.prefill(self.model, cache, tokens, all_logits)
 
     def _stack(self, rows: list[Any]) -> Any:
         import mlx.core as mx
@@ -263,6 +279,7 @@ class MetalModelRunner:
                 self.request_caches[req_id] = self.decode.extract(req_id)
 
         logits: dict[str, Any] = {}
+        prompt_logits: dict[str, Any] = {}
         partial: set[str] = set()
         with self._compute():
             for req_id in prefilling:
@@ -270,11 +287,15 @@ class MetalModelRunner:
                 start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
                 cache = self._cache_for_prefill(req_id, start)
                 begin = start
-                if start == 0 and self.prefix_cache is not None:
+                want_prompt = req_id in self.num_prompt_logprobs
+                if start == 0 and self.prefix_cache is not None and not want_prompt:
                     # At least the chunk's last token is computed: its logits are needed.
                     begin = self._reuse_prefix(req_id, state, cache, limit=n - 1)
                 tokens = self._tokens(state, begin, start + n)
-                logits[req_id] = self._prefill(cache, tokens, begin)
+                out = self._prefill(cache, tokens, begin, all_logits=want_prompt)
+                if want_prompt:
+                    prompt_logits[req_id], out = out, out[-1]
+                logits[req_id] = out
                 if start + n < state.num_tokens:
                     partial.add(req_id)
 
@@ -289,7 +310,7 @@ class MetalModelRunner:
                 for i, req_id in enumerate(order):
                     logits[req_id] = batch_logits[i]
 
-        self._pending = (logits, partial, so)
+        self._pending = StepLogits(logits, partial, so, prompt_logits)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("vmetal step: %d decoding in one batch, %d prefilling (%d partial)",
                          len(decoding), len(prefilling), len(partial))
@@ -300,7 +321,7 @@ class MetalModelRunner:
 
         if self._pending is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        logits, partial, so = self._pending
+        logits, partial, so, prompt_logits = self._pending
         self._pending = None
         num_scheduled = so.num_scheduled_tokens
         ib = self.input_batch
@@ -340,13 +361,56 @@ class MetalModelRunner:
                     self.prefix_cache.insert(list(state.prompt_token_ids), cache)
                 self.decode.add(req_id, cache)
 
+        prompt_logprobs = self._prompt_logprobs(prompt_logits, num_scheduled) if self.num_prompt_logprobs else {}
         self._start_next_decode()
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index=dict(ib.req_id_to_index),
             sampled_token_ids=sampled,
             logprobs=logprobs,
+            prompt_logprobs_dict=prompt_logprobs,
         )
+
+    def _prompt_logprobs(self, prompt_logits: dict[str, Any], num_scheduled: dict[str, int]) -> dict[str, Any]:
+        """Each prompt position's logprob of the next prompt token, with its top-k, as vLLM returns them.
+
+        vLLM's contract (its GPU runner does the same): the [prompt_len - 1, k + 1]
+        tensors are filled chunk by chunk and handed over once, in the step after
+        the last prompt chunk has its logits.
+        """
+        from vllm.v1.outputs import LogprobsTensors
+
+        out: dict[str, Any] = {}
+        done = []
+        for req_id, k in self.num_prompt_logprobs.items():
+            n = num_scheduled.get(req_id)
+            if n is None:  # not scheduled this step (preempted while prefilling)
+                continue
+            state = self.requests[req_id]
+            prompt = state.prompt_token_ids
+            tensors = state.in_progress_prompt_logprobs_cpu
+            if tensors is None:
+                tensors = LogprobsTensors.empty_cpu(len(prompt) - 1, k + 1)
+                state.in_progress_prompt_logprobs_cpu = tensors
+            start = state.num_computed_tokens
+            count = len(prompt) - 1 - start
+            if n <= count:
+                count = n
+            else:
+                done.append(req_id)
+                out[req_id] = tensors
+            if count <= 0:
+                continue
+            got = self.sampler.prompt_logprobs(prompt_logits[req_id][:count], k,
+                                               prompt[start + 1 : start + 1 + count])
+            rows = slice(start, start + count)
+            tensors.logprob_token_ids[rows] = got.logprob_token_ids
+            tensors.logprobs[rows] = got.logprobs
+            tensors.selected_token_ranks[rows] = got.selected_token_ranks
+        for req_id in done:
+            del self.num_prompt_logprobs[req_id]
+            self.requests[req_id].in_progress_prompt_logprobs_cpu = None
+        return out
 
     # ------------------------------------------------------- decode ahead
     # MLX computes on its own thread; vLLM's per-step Python (output handling,

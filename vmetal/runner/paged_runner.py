@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vmetal import kernels as pa
-from vmetal.runner.model_runner import MetalModelRunner
+from vmetal.runner.model_runner import MetalModelRunner, StepLogits
 from vmetal.runner.paged_cache import PagedLayerCache, StepLayout, install_attention_hook, logits_of
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -95,10 +95,13 @@ class PagedModelRunner(MetalModelRunner):
         positions: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         context_lens, query_lens, last_rows, tables = [], [], [], []
+        prompt_rows: dict[str, range] = {}  # requests wanting prompt logprobs: their rows in the pack
         partial: set[str] = set()
         for req_id in req_ids:
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
+            if req_id in self.num_prompt_logprobs:
+                prompt_rows[req_id] = range(len(tokens), len(tokens) + n)
             tokens.extend(self._tokens(state, start, start + n))
             pos = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(state.block_ids[0], dtype=np.int64)
@@ -124,9 +127,15 @@ class PagedModelRunner(MetalModelRunner):
             # On the host: it sets the padded query width, and a host copy avoids a sync per layer.
             query_lens=np.asarray(query_lens, dtype=np.int32),
         )
-        logits = self._forward(self.layers, tokens, layout, last_rows)
+        # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
+        extra = [i for r in prompt_rows.values() for i in r]
+        logits = self._forward(self.layers, tokens, layout, last_rows + extra)
         rows = {req_id: logits[i] for i, req_id in enumerate(req_ids)}
-        self._pending = (rows, partial, so)
+        prompt_logits, at = {}, len(last_rows)
+        for req_id, r in prompt_rows.items():
+            prompt_logits[req_id] = logits[at : at + len(r)]
+            at += len(r)
+        self._pending = StepLogits(rows, partial, so, prompt_logits)
         return None
 
     def sample_tokens(self, grammar_output: Any = None) -> Any:

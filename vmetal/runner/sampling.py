@@ -39,6 +39,7 @@ class MetalSampler:
         from vllm.v1.sample.sampler import Sampler
 
         self._sampler = Sampler(logprobs_mode=logprobs_mode)
+        self.logprobs_mode = logprobs_mode
 
     def _argmax(self, logits: Any) -> list[int]:
         import mlx.core as mx
@@ -70,3 +71,16 @@ class MetalSampler:
         tokens = out.sampled_token_ids[:, 0].tolist()
         logprobs = out.logprobs_tensors.tolists() if out.logprobs_tensors is not None else None
         return tokens, logprobs
+
+    def prompt_logprobs(self, logits: Any, k: int, targets: list[int]) -> Any:
+        """LogprobsTensors for prompt positions: `targets[i]` is the token after position i.
+
+        Prompt tokens skip the sampling processors, so processed and raw scores are
+        the same here (as in vLLM's GPU runner).
+        """
+        import torch
+
+        scores = self._to_torch(logits)
+        if self.logprobs_mode not in ("raw_logits", "processed_logits"):
+            scores = self._sampler.compute_logprobs(scores)
+        return self._sampler.gather_logprobs(scores, k, torch.tensor(targets, dtype=torch.int64))

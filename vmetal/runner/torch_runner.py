@@ -67,16 +67,17 @@ def _kv_of(cache: Any) -> tuple[list[Any], list[Any]]:
     return [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
 
 
-def prefill(model: Any, cache: Any, tokens: list[int], start: int) -> Any:
-    """Run `tokens` (positions `start`...) on a per-request cache; returns the last position's logits [V]."""
+def prefill(model: Any, cache: Any, tokens: list[int], start: int, all_logits: bool = False) -> Any:
+    """Run `tokens` (positions `start`...) on a per-request cache; returns the last position's logits [V]
+    (every position's [n, V] with `all_logits`)."""
     import torch
 
     device = model.device
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     positions = torch.arange(start, start + len(tokens), device=device)[None]
     out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                logits_to_keep=1)
-    return out.logits[0, -1]
+                logits_to_keep=0 if all_logits else 1)
+    return out.logits[0] if all_logits else out.logits[0, -1]
 
 
 class TorchDecodeBatch:
@@ -269,8 +270,8 @@ class TorchModelRunner(MetalModelRunner):
             keep = layer.keys.shape[2] - drop
             layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
 
-    def _prefill(self, cache: Any, tokens: list[int], start: int) -> Any:
-        return prefill(self.model, cache, tokens, start)
+    def _prefill(self, cache: Any, tokens: list[int], start: int, all_logits: bool = False) -> Any:
+        return prefill(self.model, cache, tokens, start, all_logits)
 
     def _stack(self, rows: list[Any]) -> Any:
         import torch

@@ -4,6 +4,7 @@ stand-in children, and one slow test per stop signal against a real server with 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +35,8 @@ def clean_environment(monkeypatch):
 
 
 class FakeServer:
-    """Stands in for ServerProcess in `vmetal serve`: records how it was built, exits at once."""
+    """Stands in for ServerProcess in `vmetal serve`: records how it was built; once ready, the user
+    presses Ctrl-C (a server that exits by itself is an error: tests/test_faults_server.py)."""
 
     built: list[FakeServer] = []
 
@@ -52,7 +54,10 @@ class FakeServer:
         return True
 
     def wait(self, timeout=None):
-        return 0
+        if "interrupted" not in self.events:
+            self.events.append("interrupted")
+            signal.raise_signal(signal.SIGINT)
+        return None
 
     def kill(self):
         self.killed = True
@@ -172,12 +177,13 @@ def test_port_in_use_exits_2(fake_server):
     assert f"port {port}" in result.stderr and "in use" in result.stderr and fake_server == []
 
 
-def test_flags_reach_the_server(fake_server, tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+def test_flags_reach_the_server(fake_server, qwen3_model, tmp_path):
+    tmp_path = tmp_path / "model"
+    shutil.copytree(qwen3_model, tmp_path)
     port = free_port()
     result = invoke(str(tmp_path), "--port", str(port),
                     "--block-size", "32", "--device", "cpu", "--max-model-len", "512",
-                    "--max-num-seqs", "4", "--api-key", "k", "--ready-timeout", "9",
+                    "--max-num-seqs", "4", "--api-key", "k", "--ready-timeout", "9", "--no-tool-parser",
                     "--", "--dtype", "float32")
     assert result.exit_code == 0, result.output
     (server,) = fake_server
@@ -189,7 +195,7 @@ def test_flags_reach_the_server(fake_server, tmp_path):
     assert server.kwargs["vllm_args"] == ["--max-num-seqs", "4", "--max-model-len", "512",
                                           "--dtype", "float32"]
     assert server.kwargs["served_model_name"] == str(tmp_path) and server.kwargs["api_key"] == "k"
-    assert server.events == ["start", "wait_ready 9", "stop", "stop"]
+    assert server.events == ["start", "wait_ready 9", "interrupted", "stop", "stop"]
     assert f"vmetal: serving {tmp_path} at http://127.0.0.1:{port}/v1" in result.stderr
     assert result.stdout == ""
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-import typer
 from typer.testing import CliRunner
+
+import fakes
 
 from vmetal import envs
 from vmetal.cli import serve as serve_cmd
@@ -34,44 +35,9 @@ def clean_environment(monkeypatch):
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
 
 
-class FakeServer:
-    """Stands in for ServerProcess in `vmetal serve`: records how it was built; once ready, the user
-    presses Ctrl-C (a server that exits by itself is an error: tests/test_faults_server.py)."""
-
-    built: list[FakeServer] = []
-
-    def __init__(self, model, **kwargs):
-        self.model, self.kwargs = model, kwargs
-        self.killed = False
-        self.events: list[str] = []
-        FakeServer.built.append(self)
-
-    def start(self):
-        self.events.append("start")
-
-    def wait_ready(self, timeout, cancel=None):
-        self.events.append(f"wait_ready {timeout:g}")
-        return True
-
-    def wait(self, timeout=None):
-        if "interrupted" not in self.events:
-            self.events.append("interrupted")
-            signal.raise_signal(signal.SIGINT)
-        return None
-
-    def kill(self):
-        self.killed = True
-
-    def stop(self, grace=15.0):
-        self.events.append("stop")
-        return 0
-
-
 @pytest.fixture
 def fake_server(monkeypatch):
-    FakeServer.built = []
-    monkeypatch.setattr(serve_cmd, "ServerProcess", FakeServer)
-    return FakeServer.built
+    return fakes.install(monkeypatch)
 
 
 def invoke(*args: str):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
+import fakes
 
 from vmetal import demo, envs, parsers
 from vmetal.cli import serve as serve_cmd
@@ -23,41 +24,11 @@ runner = CliRunner()
 NO_THINKING = ["--default-chat-template-kwargs", '{"enable_thinking": false}']
 
 
-class FakeServer:
-    """Stands in for ServerProcess: records the vLLM arguments, is ready at once, stopped by Ctrl-C."""
-
-    built: list[FakeServer] = []
-
-    def __init__(self, model, **kwargs):
-        self.model, self.vllm_args = model, kwargs["vllm_args"]
-        self.killed = False
-        FakeServer.built.append(self)
-
-    def start(self):
-        pass
-
-    def wait_ready(self, timeout, cancel=None):
-        return True
-
-    def wait(self, timeout=None):
-        # The user presses Ctrl-C once the server is up (a server exiting on its own is an error).
-        os.kill(os.getpid(), signal.SIGINT)
-        return None
-
-    def kill(self):
-        pass
-
-    def stop(self, grace=15.0):
-        return 0
-
-
 @pytest.fixture(autouse=True)
 def fake_server(monkeypatch):
     for var in envs.VARIABLES:
         monkeypatch.delenv(var.name, raising=False)
-    FakeServer.built = []
-    monkeypatch.setattr(serve_cmd, "ServerProcess", FakeServer)
-    return FakeServer.built
+    return fakes.install(monkeypatch)
 
 
 def model_folder(path: Path, model_type: str, template: str | None, *, jinja: bool = False) -> Path:

@@ -8,8 +8,9 @@ import os
 import pytest
 from typer.testing import CliRunner
 
+import fakes
+
 from vmetal import envs, fit, system
-from vmetal.cli import serve as serve_cmd
 from vmetal.cli.app import app
 from vmetal.server import free_port
 
@@ -169,40 +170,14 @@ def test_vllm_arg(args, value):
 runner = CliRunner()
 
 
-class NoServer:
-    """`vmetal serve` must refuse before building a server; a test that expects one reads `built`."""
-
-    built: list[NoServer] = []
-
-    def __init__(self, model, **kwargs):
-        self.model, self.kwargs, self.killed = model, kwargs, False
-        NoServer.built.append(self)
-
-    def start(self):
-        pass
-
-    def wait_ready(self, timeout, cancel=None):
-        return True
-
-    def wait(self, timeout=None):
-        return 0
-
-    def kill(self):
-        pass
-
-    def stop(self, grace=15.0):
-        return 0
-
-
 @pytest.fixture
 def servers(monkeypatch):
     for var in envs.VARIABLES:
         monkeypatch.delenv(var.name, raising=False)
-    NoServer.built = []
-    monkeypatch.setattr(serve_cmd, "ServerProcess", NoServer)
+    built = fakes.install(monkeypatch)
     # 16 GiB for MLX, whatever this machine has.
     monkeypatch.setattr(system, "memory_for_mlx", lambda *a, **k: 16 * GiB)
-    return NoServer.built
+    return built
 
 
 def model_folder(path, config, weight_bytes):

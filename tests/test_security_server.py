@@ -15,11 +15,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import fakes
 from conftest import free_port
 from vmetal import envs
 from vmetal.cli import serve as serve_cmd
@@ -74,29 +74,9 @@ def test_middleware_keys_follow_vllms_precedence():
 # ------------------------------------------------------------------------- the CLI's warnings
 
 
-class FakeServer:
-    def __init__(self, model, **kwargs):
-        self.killed = False
-
-    def start(self):
-        pass
-
-    def wait_ready(self, timeout, cancel=None):
-        return True
-
-    def wait(self, timeout=None):
-        return 0
-
-    def stop(self, grace=15.0):
-        return 0
-
-    def kill(self):
-        pass
-
-
 @pytest.fixture
 def fake(monkeypatch):
-    monkeypatch.setattr(serve_cmd, "ServerProcess", FakeServer)
+    fakes.install(monkeypatch)
     monkeypatch.setattr(serve_cmd, "_demo_model", lambda: "/demo")
 
 

@@ -874,7 +874,7 @@ def check_smoke(environ: Mapping[str, str], timeout: float = SMOKE_TIMEOUT_S) ->
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return _fail("smoke", title, f"no result within {timeout:g} s", "run again; if it persists, run "
-                     f"`vmetal serve --demo` to see vLLM's output", model=model, error="timeout")
+                     "`vmetal serve --demo` to see vLLM's output", model=model, error="timeout")
     result: dict[str, Any] = {}
     for line in reversed(out.splitlines()):
         if line.startswith(_SMOKE_MARK):

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hubserver import HubServer, Repo
+from test_pull import env  # noqa: F401 - the isolated Hugging Face home the local hub needs
 from vmetal import hub as vhub
 from vmetal import modelscope_hub, registry
 from vmetal.cli.app import app
@@ -29,20 +30,6 @@ def tiny_files(tmp_path_factory) -> dict[str, bytes]:
 
     path = build_tiny_model(tmp_path_factory.mktemp("secmodel") / "m", "qwen3")
     return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
-
-
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf" / "stored_tokens"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("VMETAL_HOME", str(tmp_path / "vmetal"))
-    for var in ("HF_HUB_CACHE", "HF_TOKEN", "VLLM_USE_MODELSCOPE", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path
 
 
 @pytest.fixture
@@ -206,7 +193,7 @@ def test_rm_never_follows_a_symlinked_cache_folder(hub, tiny_files, bait, env, f
 
 
 def test_uninstall_models_with_crafted_entries_deletes_only_the_cache(hub, tiny_files, bait, env, monkeypatch):
-    entry = pulled(hub, tiny_files)
+    pulled(hub, tiny_files)
     data = json.loads(registry.registry_path().read_text())
     data["models"].append({**data["models"][0], "id": "evil/x", "revision": "main",
                            "commit": "../../../../outside", "path": str(bait)})

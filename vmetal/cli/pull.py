@@ -249,6 +249,35 @@ def _plan_files(remote, include: list[str], force: bool, quiet_msgs: bool, where
     return files, weights, weight_bytes, total
 
 
+def _record_complete(entry: Any, snap: Path) -> None:
+    """Only now, with every file verified and in its snapshot folder, may `serve` and `list` trust the entry."""
+    from vmetal import registry
+
+    entry.path = str(snap)
+    entry.status = registry.COMPLETE
+    entry.pulled_at = time.time()
+    registry.upsert(entry)
+
+
+def _report_pull(entry: Any, stats: Any, files: list, report: Any, *, origin: str, serve_hint: str,
+                 quiet_msgs: bool, json_out: bool, extra: dict | None = None) -> None:
+    """The closing lines (and `--json` summary) of a pull, the same from every hub."""
+    if stats.downloaded == 0 and not stats.refetched:
+        _say(f"{entry.id} is up to date ({len(stats.reused)} files verified)", quiet=quiet_msgs)
+    else:
+        resumed = f", resumed {len(stats.resumed_from)} partial file(s)" if stats.resumed_from else ""
+        _say(f"pulled {entry.id}{origin}: {human_size(stats.downloaded)} downloaded{resumed}, every file "
+             "verified", quiet=quiet_msgs)
+    _say(f"serve it with {serve_hint}", quiet=quiet_msgs)
+    if json_out:
+        print(json.dumps({
+            "model": entry.id, "source": entry.source, "revision": entry.revision, "commit": entry.commit,
+            **(extra or {}), "path": entry.path, "files": [f.path for f in files], "size": entry.size,
+            "downloaded": stats.downloaded, "resumed": stats.resumed_from, "refetched": stats.refetched,
+            "reused": stats.reused, "fit": report.as_dict() if report else None,
+        }))
+
+
 def pull(
     model: ModelArg,
     source: SourceOption = None,
@@ -308,26 +337,10 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
         registry.upsert(entry)
         with _progress_for(remote.repo_id, quiet_msgs) as view:
             stats = hub.download(remote, files, progress=view)
-        snap = hub.finalize(remote, files)
-        entry.path = str(snap)
-        entry.status = registry.COMPLETE
-        entry.pulled_at = time.time()
-        registry.upsert(entry)
+        _record_complete(entry, hub.finalize(remote, files))
 
-    if stats.downloaded == 0 and not stats.refetched:
-        _say(f"{remote.repo_id} is up to date ({len(stats.reused)} files verified)", quiet=quiet_msgs)
-    else:
-        resumed = f", resumed {len(stats.resumed_from)} partial file(s)" if stats.resumed_from else ""
-        _say(f"pulled {remote.repo_id}: {human_size(stats.downloaded)} downloaded{resumed}, every file "
-             "verified", quiet=quiet_msgs)
-    _say(f"serve it with `vmetal serve {remote.repo_id}`", quiet=quiet_msgs)
-    if json_out:
-        print(json.dumps({
-            "model": remote.repo_id, "source": src, "revision": remote.revision, "commit": remote.commit,
-            "path": str(snap), "files": [f.path for f in files], "size": total,
-            "downloaded": stats.downloaded, "resumed": stats.resumed_from, "refetched": stats.refetched,
-            "reused": stats.reused, "fit": report.as_dict() if report else None,
-        }))
+    _report_pull(entry, stats, files, report, origin="", serve_hint=f"`vmetal serve {remote.repo_id}`",
+                 quiet_msgs=quiet_msgs, json_out=json_out)
 
 
 def _pull_modelscope(model: str, revision: str | None, include: list[str], force: bool,
@@ -358,26 +371,11 @@ def _pull_modelscope(model: str, revision: str | None, include: list[str], force
         with _progress_for(remote.repo_id, quiet_msgs) as view:
             stats = ms.download(remote, files, progress=view)
             snap = ms.finalize(remote, files, progress=view)
-        entry.path = str(snap)
-        entry.status = registry.COMPLETE
-        entry.pulled_at = time.time()
-        registry.upsert(entry)
+        _record_complete(entry, snap)
 
-    if stats.downloaded == 0 and not stats.refetched:
-        _say(f"{remote.repo_id} is up to date ({len(stats.reused)} files verified)", quiet=quiet_msgs)
-    else:
-        resumed = f", resumed {len(stats.resumed_from)} partial file(s)" if stats.resumed_from else ""
-        _say(f"pulled {remote.repo_id} from ModelScope: {human_size(stats.downloaded)} downloaded{resumed}, "
-             "every file verified", quiet=quiet_msgs)
-    _say(f"serve it with `vmetal serve {snap}` (or `VLLM_USE_MODELSCOPE=true vmetal serve {remote.repo_id}`)",
-         quiet=quiet_msgs)
-    if json_out:
-        print(json.dumps({
-            "model": remote.repo_id, "source": hub.MODELSCOPE, "revision": remote.revision, "commit": None,
-            "endpoint": remote.endpoint, "path": str(snap), "files": [f.path for f in files], "size": total,
-            "downloaded": stats.downloaded, "resumed": stats.resumed_from, "refetched": stats.refetched,
-            "reused": stats.reused, "fit": report.as_dict() if report else None,
-        }))
+    _report_pull(entry, stats, files, report, origin=" from ModelScope",
+                 serve_hint=f"`vmetal serve {snap}` (or `VLLM_USE_MODELSCOPE=true vmetal serve {remote.repo_id}`)",
+                 quiet_msgs=quiet_msgs, json_out=json_out, extra={"endpoint": remote.endpoint})
 
 
 # ----------------------------------------------------------------------------------------- list / rm

@@ -8,9 +8,9 @@ Endpoints (what huggingface_hub 2.x calls for `model_info`, `list_models`, `hf_h
 Errors carry the Hub's `X-Error-Code` (`RepoNotFound`, `GatedRepo`, `RevisionNotFound`, `EntryNotFound`), so
 huggingface_hub raises the same exception types as against huggingface.co.
 
-Faults a test can inject: an HTTP status for a file, a connection dropped after N bytes, a stall after N
-bytes (until released), damaged bytes, a listed size that differs from the real one. Every request is
-logged with its Range and the body bytes sent.
+Faults a test can inject: those of every local hub (tests/fakehub.py: an HTTP status for a file, a connection
+dropped after N bytes, a stall after N bytes until released, damaged bytes), and here a listed size that differs
+from the real one and a hostile listing. Every request is logged with its Range and the body bytes sent.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import threading
-import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-LFS_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pth")
-_CHUNK = 64 * 1024
+from fakehub import LFS_PATTERNS, FakeHandler, FakeHub, Logged
+
+__all__ = ["HubServer", "Logged", "Repo", "git_oid"]
 
 
 def git_oid(data: bytes) -> str:
@@ -77,122 +75,8 @@ class Repo:
         return entry
 
 
-@dataclass
-class Logged:
-    method: str
-    path: str
-    range: str | None
-    status: int = 0
-    sent: int = 0
-    auth: str | None = None
-
-
-class HubServer:
-    """`with HubServer() as hub: hub.add(Repo(...)); os.environ["HF_ENDPOINT"] = hub.url`."""
-
-    def __init__(self, tokens: set[str] | None = None) -> None:
-        self.repos: dict[str, Repo] = {}
-        self.tokens = tokens or {"hf_good"}
-        self.log: list[Logged] = []
-        self.lock = threading.Lock()
-        self.fail_status: dict[str, tuple[int, int]] = {}    # path -> (status, times; -1 = always)
-        self.api_status: int | None = None                   # status for every /api/models call
-        self.drops: dict[str, int] = {}                      # path -> drop after N bytes (once)
-        self.stalls: dict[str, int] = {}                     # path -> stall after N bytes (once)
-        self.stalled = threading.Event()                     # set when a stall point is reached
-        self.release = threading.Event()
-        self.damaged: set[str] = set()                       # serve these with one byte flipped
-        self.delay_per_chunk = 0.0
-        self._server: ThreadingHTTPServer | None = None
-
-    # -- set-up
-    def add(self, repo: Repo) -> Repo:
-        self.repos[repo.repo_id.lower()] = repo
-        return repo
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> HubServer:
-        hub = self
-
-        class Handler(_Handler):
-            server_hub = hub
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def __enter__(self) -> HubServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- inspection
-    def downloads(self, path_suffix: str | None = None) -> list[Logged]:
-        """GETs that carried file bytes (a redirect's 302 is not one)."""
-        with self.lock:
-            return [r for r in self.log if r.method == "GET" and r.status != 302
-                    and ("/resolve/" in r.path or r.path.startswith("/cdn/"))
-                    and (path_suffix is None or r.path.endswith("/" + path_suffix))]
-
-    def bytes_sent(self, path_suffix: str | None = None) -> int:
-        return sum(r.sent for r in self.downloads(path_suffix))
-
-    def resolved_files(self) -> set[str]:
-        out = set()
-        for r in self.downloads():
-            if r.path.startswith("/cdn/"):
-                out.add(r.path.split("/", 4)[4])
-            else:
-                out.add(r.path.split("/resolve/", 1)[1].split("/", 1)[1])
-        return out
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_hub: HubServer
-
-    def log_message(self, *args: object) -> None:  # quiet
-        pass
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except OSError:  # a client that went away, or a connection this server cut on purpose
-            pass
-
-    # -- helpers
-    def _record(self) -> Logged:
-        entry = Logged(self.command, urlsplit(self.path).path, self.headers.get("Range"),
-                       auth=self.headers.get("Authorization"))
-        with self.server_hub.lock:
-            self.server_hub.log.append(entry)
-        return entry
-
-    def _send(self, entry: Logged, status: int, body: bytes = b"", headers: dict | None = None,
-              content_type: str = "application/json") -> None:
-        entry.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-            entry.sent += len(body)
+class _Handler(FakeHandler):
+    hub: HubServer
 
     def _error(self, entry: Logged, status: int, code: str | None = None, message: str | None = None,
                extra: dict | None = None) -> None:
@@ -208,7 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
         """Answer like the Hub would for a missing repo or one this caller may not read; True if answered."""
         auth = self.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else None
-        if token is not None and token not in self.server_hub.tokens:
+        if token is not None and token not in self.hub.tokens:
             self._error(entry, 401, message="Invalid credentials in Authorization header")
             return True
         if repo is None:
@@ -227,17 +111,14 @@ class _Handler(BaseHTTPRequestHandler):
         parts = rest.split("/")
         for n in (2, 1):
             rid = "/".join(parts[:n])
-            if rid.lower() in self.server_hub.repos:
-                return self.server_hub.repos[rid.lower()], rid, "/".join(parts[n:])
+            if rid.lower() in self.hub.repos:
+                return self.hub.repos[rid.lower()], rid, "/".join(parts[n:])
         return None, "/".join(parts[:2]), "/".join(parts[2:])
 
     # -- routes
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
     def do_GET(self) -> None:
-        entry = self._record()
         url = urlsplit(self.path)
+        entry = self._record(url.path)
         path = unquote(url.path)
         try:
             if path == "/api/models":
@@ -255,16 +136,16 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _search(self, entry: Logged, query: dict) -> None:
-        if self.server_hub.api_status:
-            return self._error(entry, self.server_hub.api_status, message="server error")
+        if self.hub.api_status:
+            return self._error(entry, self.hub.api_status, message="server error")
         term = (query.get("search") or [""])[0].lower()
         limit = int((query.get("limit") or ["20"])[0])
-        ids = [r.repo_id for r in self.server_hub.repos.values()
+        ids = [r.repo_id for r in self.hub.repos.values()
                if term in r.repo_id.lower() and not r.private][:limit]
         self._send(entry, 200, json.dumps([{"id": i, "modelId": i} for i in ids]).encode())
 
     def _info(self, entry: Logged, rest: str) -> None:
-        hub = self.server_hub
+        hub = self.hub
         if hub.api_status:
             return self._error(entry, hub.api_status, message="server error")
         repo, rid, more = self._split_repo(rest)
@@ -283,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(entry, 200, json.dumps(body).encode())
 
     def _resolve(self, entry: Logged, rest: str, cdn: bool = False) -> None:
-        hub = self.server_hub
+        hub = self.hub
         repo, rid, more = self._split_repo(rest)
         if not cdn and self._auth_problem(entry, repo):
             return
@@ -302,62 +183,40 @@ class _Handler(BaseHTTPRequestHandler):
                               content_type="application/octet-stream")
         if fpath not in repo.files:
             return self._error(entry, 404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
-        with hub.lock:
-            status, times = hub.fail_status.get(fpath, (0, 0))
-            if status and times:
-                hub.fail_status[fpath] = (status, times - 1 if times > 0 else times)
-        if status and times:
+        status = hub.injected_status(fpath)
+        if status:
             return self._error(entry, status, message="injected failure")
         if repo.redirect_lfs and repo.is_lfs(fpath) and not cdn:
             location = f"/cdn/{repo.repo_id.replace('/', '--')}/{commit}/{fpath}"
             return self._send(entry, 302, b"", {"Location": location, "X-Repo-Commit": commit,
                                                 "X-Linked-Etag": f'"{repo.etag(fpath)}"',
                                                 "X-Linked-Size": str(len(repo.files[fpath]))})
-        data = repo.files[fpath]
-        if fpath in hub.damaged:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        size = len(data)
         etag = repo.etag(fpath)
         headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
         if repo.is_lfs(fpath):
-            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
-        start = 0
-        rng = self.headers.get("Range")
-        status = 200
-        if rng and rng.startswith("bytes=") and self.command == "GET":
-            start = int(rng[6:].split("-")[0] or 0)
-            if start >= size:
-                return self._error(entry, 416, message="range not satisfiable",
-                                   extra={"Content-Range": f"bytes */{size}"})
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-        body = data[start:]
-        entry.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command == "HEAD":
-            return
-        with hub.lock:
-            drop = hub.drops.pop(fpath, None)
-            stall = hub.stalls.pop(fpath, None)
-        cut = drop if drop is not None else stall
-        sent = 0
-        while sent < len(body):
-            if cut is not None and sent >= cut:
-                if stall is not None:
-                    hub.stalled.set()
-                    hub.release.wait(60)
-                self.close_connection = True
-                self.wfile.flush()
-                self.connection.shutdown(2)  # the client sees a body shorter than Content-Length
-                return
-            n = _CHUNK if cut is None else min(_CHUNK, cut - sent)
-            self.wfile.write(body[sent:sent + n])
-            sent += n
-            entry.sent = sent
-            if hub.delay_per_chunk:
-                time.sleep(hub.delay_per_chunk)
+            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(repo.files[fpath]))})
+        return self._send_file(entry, fpath, repo.files[fpath], headers)
+
+    def _unsatisfiable(self, entry: Logged, size: int) -> None:
+        self._error(entry, 416, message="range not satisfiable", extra={"Content-Range": f"bytes */{size}"})
+
+
+class HubServer(FakeHub):
+    """`with HubServer() as hub: hub.add(Repo(...)); os.environ["HF_ENDPOINT"] = hub.url`."""
+
+    handler = _Handler
+    good_tokens = frozenset({"hf_good"})
+
+    # -- inspection
+    def is_download(self, r: Logged, path_suffix: str | None) -> bool:
+        return (("/resolve/" in r.path or r.path.startswith("/cdn/"))
+                and (path_suffix is None or r.path.endswith("/" + path_suffix)))
+
+    def resolved_files(self) -> set[str]:
+        out = set()
+        for r in self.downloads():
+            if r.path.startswith("/cdn/"):
+                out.add(r.path.split("/", 4)[4])
+            else:
+                out.add(r.path.split("/resolve/", 1)[1].split("/", 1)[1])
+        return out

@@ -13,9 +13,10 @@ Errors carry the hub's JSON envelope (`Code`, `Message`, `Success: false`, `Requ
 client maps to its exceptions (401 AuthenticationError, 403 PermissionDeniedError, 404 NotExistError, 5xx
 ServerError). A token arrives as `Authorization: Bearer …` and as the `m_session_id` cookie.
 
-Faults a test can inject, as in tests/hubserver.py: an HTTP status for a file, a connection dropped after N bytes,
-a stall after N bytes (until released), damaged bytes, a listed size or sha256 that differs from the real one, a
-status for every API call. Every request is logged with its Range and the body bytes sent.
+Faults a test can inject: those of every local hub (tests/fakehub.py: an HTTP status for a file, a connection
+dropped after N bytes, a stall after N bytes until released, damaged bytes, a status for every API call), and here
+a listed size or sha256 that differs from the real one. Every request is logged with its Range and the body bytes
+sent.
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import threading
-import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-LFS_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pth")
-_CHUNK = 64 * 1024
+from fakehub import LFS_PATTERNS, FakeHandler, FakeHub, Logged
+
+__all__ = ["Logged", "ModelScopeServer", "Repo"]
+
 _NOT_FOUND_CODE = 10010205001
 
 
@@ -82,123 +82,8 @@ class Repo:
         return out
 
 
-@dataclass
-class Logged:
-    method: str
-    path: str
-    query: dict
-    range: str | None
-    status: int = 0
-    sent: int = 0
-    auth: str | None = None
-
-
-class ModelScopeServer:
-    """`with ModelScopeServer() as ms: ms.add(Repo(...)); os.environ["MODELSCOPE_DOMAIN"] = ms.url`."""
-
-    def __init__(self, tokens: set[str] | None = None) -> None:
-        self.repos: dict[str, Repo] = {}
-        self.tokens = tokens or {"ms-good"}
-        self.log: list[Logged] = []
-        self.lock = threading.Lock()
-        self.fail_status: dict[str, tuple[int, int]] = {}    # file path -> (status, times; -1 = always)
-        self.api_status: int | None = None                   # status for every metadata call
-        self.drops: dict[str, int] = {}                      # file path -> drop after N bytes (once)
-        self.stalls: dict[str, int] = {}                     # file path -> stall after N bytes (once)
-        self.stalled = threading.Event()
-        self.release = threading.Event()
-        self.damaged: set[str] = set()                       # serve these with one byte flipped
-        self._server: ThreadingHTTPServer | None = None
-
-    def add(self, repo: Repo) -> Repo:
-        self.repos[repo.repo_id.lower()] = repo
-        return repo
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> ModelScopeServer:
-        ms = self
-
-        class Handler(_Handler):
-            server_ms = ms
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        self.release.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    def __enter__(self) -> ModelScopeServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- inspection
-    def downloads(self, file_path: str | None = None) -> list[Logged]:
-        """GETs that carried (or were to carry) file bytes; a redirect's 302 is not one."""
-        with self.lock:
-            return [r for r in self.log if r.method == "GET" and r.status != 302 and _file_of(r) is not None
-                    and (file_path is None or _file_of(r) == file_path)]
-
-    def bytes_sent(self, file_path: str | None = None) -> int:
-        return sum(r.sent for r in self.downloads(file_path))
-
-    def fetched_files(self) -> set[str]:
-        return {f for r in self.downloads() if (f := _file_of(r)) is not None}
-
-
-def _file_of(r: Logged) -> str | None:
-    if r.path.startswith("/oss/"):
-        return r.path.split("/", 4)[4]
-    if r.path.endswith("/repo") and "FilePath" in r.query:
-        return r.query["FilePath"][0]
-    return None
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_ms: ModelScopeServer
-
-    def log_message(self, *args: object) -> None:  # quiet
-        pass
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except OSError:  # a client that went away, or a connection this server cut on purpose
-            pass
-
-    # -- helpers
-    def _record(self) -> Logged:
-        url = urlsplit(self.path)
-        entry = Logged(self.command, unquote(url.path), parse_qs(url.query), self.headers.get("Range"),
-                       auth=self.headers.get("Authorization"))
-        with self.server_ms.lock:
-            self.server_ms.log.append(entry)
-        return entry
-
-    def _send(self, entry: Logged, status: int, body: bytes = b"", headers: dict | None = None,
-              content_type: str = "application/json") -> None:
-        entry.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-            entry.sent += len(body)
+class _Handler(FakeHandler):
+    hub: ModelScopeServer
 
     def _ok(self, entry: Logged, data: object) -> None:
         body = {"Code": 200, "Data": data, "Message": "success", "RequestId": uuid.uuid4().hex, "Success": True}
@@ -221,9 +106,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _repo(self, entry: Logged, owner: str, name: str) -> Repo | None:
         """The repo, or None after answering as the hub would for a missing one or a refused caller."""
-        repo = self.server_ms.repos.get(f"{owner}/{name}".lower())
+        repo = self.hub.repos.get(f"{owner}/{name}".lower())
         token = self._token()
-        if token is not None and token not in self.server_ms.tokens:
+        if token is not None and token not in self.hub.tokens:
             self._error(entry, 401, "Invalid or expired AccessToken")
             return None
         if repo is None or (repo.private and token is None):
@@ -234,13 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     # -- routes
-    def do_HEAD(self) -> None:
-        self.do_GET()
-
     def do_GET(self) -> None:
-        entry = self._record()
+        url = urlsplit(self.path)
+        entry = self._record(unquote(url.path), parse_qs(url.query))
         path, query = entry.path, entry.query
-        ms = self.server_ms
+        ms = self.hub
         try:
             if path == "/api/v1/repos/internalAccelerationInfo":
                 return self._error(entry, 404, "not on Alibaba cloud")
@@ -286,76 +169,40 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _bytes(self, entry: Logged, repo: Repo, fpath: str, cdn: bool = False) -> None:
-        ms = self.server_ms
-        with ms.lock:
-            status, times = ms.fail_status.get(fpath, (0, 0))
-            if status and times:
-                ms.fail_status[fpath] = (status, times - 1 if times > 0 else times)
-        if status and times:
+        status = self.hub.injected_status(fpath)
+        if status:
             return self._error(entry, status, "injected failure")
         if repo.redirect_lfs and repo.is_lfs(fpath) and not cdn:
             location = f"/oss/{repo.repo_id.replace('/', '--')}/{repo.commit}/{quote(fpath)}"
             return self._send(entry, 302, b"", {"Location": location})
-        data = repo.files[fpath]
-        if fpath in ms.damaged:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-        size = len(data)
         headers = {"Accept-Ranges": "bytes", "ETag": f'"{repo.sha256(fpath)}"'}
-        start = 0
-        status = 200
-        rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes=") and self.command == "GET":
-            first, _, last = rng[6:].partition("-")
-            start = int(first or 0)
-            end = int(last) if last else size - 1
-            if start >= size:
-                entry.status = 416
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{size}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return None
-            end = min(end, size - 1)
-            data = data[:end + 1]
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-        body = data[start:]
-        entry.status = status
-        self.send_response(status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k, v)
+        return self._send_file(entry, fpath, repo.files[fpath], headers, range_end=True)
+
+    def _unsatisfiable(self, entry: Logged, size: int) -> None:
+        entry.status = 416
+        self.send_response(416)
+        self.send_header("Content-Range", f"bytes */{size}")
+        self.send_header("Content-Length", "0")
         self.end_headers()
-        if self.command == "HEAD":
-            return None
-        with ms.lock:
-            drop = ms.drops.pop(fpath, None)
-            stall = ms.stalls.pop(fpath, None)
-        cut = drop if drop is not None else stall
-        sent = 0
-        while sent < len(body):
-            if cut is not None and sent >= cut:
-                if stall is not None:
-                    ms.stalled.set()
-                    ms.release.wait(60)
-                self.close_connection = True
-                self.wfile.flush()
-                self.connection.shutdown(2)  # the client sees a body shorter than Content-Length
-                return None
-            n = _CHUNK if cut is None else min(_CHUNK, cut - sent)
-            chunk = body[sent:sent + n]
-            self.wfile.write(chunk)
-            sent += len(chunk)
-            entry.sent = sent
-        return None
 
 
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    """Poll `predicate` until true or `timeout` seconds pass."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+class ModelScopeServer(FakeHub):
+    """`with ModelScopeServer() as ms: ms.add(Repo(...)); os.environ["MODELSCOPE_DOMAIN"] = ms.url`."""
+
+    handler = _Handler
+    good_tokens = frozenset({"ms-good"})
+
+    # -- inspection
+    def is_download(self, r: Logged, file_path: str | None) -> bool:
+        return _file_of(r) is not None and (file_path is None or _file_of(r) == file_path)
+
+    def fetched_files(self) -> set[str]:
+        return {f for r in self.downloads() if (f := _file_of(r)) is not None}
+
+
+def _file_of(r: Logged) -> str | None:
+    if r.path.startswith("/oss/"):
+        return r.path.split("/", 4)[4]
+    if r.path.endswith("/repo") and "FilePath" in r.query:
+        return r.query["FilePath"][0]
+    return None

@@ -258,6 +258,11 @@ rollback() {
 on_exit() {
   local rc=$?
   trap - EXIT
+  # A Ctrl-C during the rollback (a second one, or the first one arriving just as a failed step rolls back)
+  # would cut it short between `rm -rf` and `mv`: the new venv half deleted at PATH, the old one at PATH.old.
+  # Ignored from here on, by rm and mv too (they inherit it); only SIGKILL can stop this, and the next
+  # run's recovery undoes that.
+  trap '' INT TERM HUP
   if [ "$rc" != 0 ] && [ -n "$ROLLBACK" ]; then rollback || true; fi
   if [ "$HAVE_LOCK" = 1 ]; then rm -rf "$LOCK"; fi
   exit "$rc"
@@ -366,8 +371,14 @@ if [ "$MODE" != update ]; then
     ROLLBACK=fresh
   fi
   step "creating a venv at $VENV with Python $P_PYTHON_VERSION"
+  # Marked unfinished before anything of it exists: a run killed inside `python -m venv` must leave a
+  # folder that the next run and `vmetal uninstall` know for a partial build, never one that passes for
+  # the finished venv (the next run would then delete the previous venv kept at $OLD).
+  if [ "$DRY_RUN" = 0 ]; then
+    mkdir -p "$VENV" || die "cannot create $VENV; pick a writable --venv PATH"
+    printf 'pid %s, %s\n' "$$" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$IN_PROGRESS"
+  fi
   run "on Debian/Ubuntu install python${PY_MINOR}-venv, or pass --python PATH" "$PYTHON" -m venv "$VENV"
-  [ "$DRY_RUN" = 1 ] || printf 'pid %s, %s\n' "$$" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$IN_PROGRESS"
   done_step
 
   step "upgrading pip"

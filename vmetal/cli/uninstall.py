@@ -143,7 +143,9 @@ def venv_targets(venv: Path) -> list[Target]:
             raise VmetalError(f"`{venv}` is a file, not a venv made by vmetal; refusing to delete it")
         if _too_wide(venv):
             raise VmetalError(f"refusing to delete `{venv}`: it is / or your home folder (or above it)")
-        if not (venv / "pyvenv.cfg").is_file():
+        # install.sh marks a new venv unfinished before `python -m venv` writes anything, so a build killed
+        # that early has no pyvenv.cfg yet and is still install.sh's own.
+        if not (venv / "pyvenv.cfg").is_file() and not (venv / IN_PROGRESS_NAME).is_file():
             raise VmetalError(f"`{venv}` is not a venv (no `pyvenv.cfg` in it); refusing to delete it",
                               hint="pass the venv vmetal made with `--venv PATH`")
         if not _is_ours(venv):

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hubserver import HubServer, Repo
+from pull_helpers import SERVE_FILES, big_files, damage, interrupt_pull, isolate_homes, tiny_repo_files, \
+    with_architecture
 from vmetal import hub as vhub
 from vmetal import registry
 from vmetal.cli.app import app
@@ -23,35 +20,16 @@ runner = CliRunner()
 REPO = "acme/tiny-qwen3"
 BIG = "acme/big-qwen3"
 CHUNK = 10 * 1024 * 1024  # huggingface_hub's DOWNLOAD_CHUNK_SIZE: what reaches the disk at a time
-SERVE_FILES = {"config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-               "tokenizer.json", "tokenizer_config.json"}
 
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory) -> dict[str, bytes]:
-    from vmetal.demo import build_tiny_model
-
-    path = build_tiny_model(tmp_path_factory.mktemp("pullmodel") / "m", "qwen3")
-    files = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
-    assert set(files) == SERVE_FILES
-    # What real repos carry besides: duplicate weights in other formats, docs.
-    files["pytorch_model.bin"] = b"\0" * 4096
-    files["original/consolidated.pth"] = b"\1" * 4096
-    files["README.md"] = b"# tiny\n"
-    return files
+    return tiny_repo_files(tmp_path_factory.mktemp("pullmodel"))
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "hf" / "stored_tokens"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("VMETAL_HOME", str(tmp_path / "vmetal"))
-    for var in ("HF_HUB_CACHE", "HF_TOKEN", "VLLM_USE_MODELSCOPE", "HF_HUB_OFFLINE"):
-        monkeypatch.delenv(var, raising=False)
+    isolate_homes(tmp_path, monkeypatch)
     return tmp_path
 
 
@@ -72,9 +50,7 @@ def storage(repo_id: str = REPO) -> Path:
 
 
 def big_repo(tiny_files: dict[str, bytes], size: int = 2 * CHUNK + 4 * 1024 * 1024) -> Repo:
-    files = {k: v for k, v in tiny_files.items() if "/" not in k and not k.endswith(".bin")}
-    files["model.safetensors"] = random.Random(0).randbytes(size)
-    return Repo(BIG, files)
+    return Repo(BIG, big_files(tiny_files, size))
 
 
 # ------------------------------------------------------------------------------------------- pulls
@@ -164,22 +140,10 @@ def test_interrupted_pull_resumes_without_refetching(hub, tiny_files, env):
     repo = hub.add(big_repo(tiny_files))
     size = len(repo.files["model.safetensors"])
     hub.stalls["model.safetensors"] = CHUNK + 1024 * 1024
-    child_env = {**os.environ, "HF_HUB_OFFLINE": "0", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "vmetal.cli.app", "pull", BIG], env=child_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        partial = storage(BIG) / "blobs" / (repo.etag("model.safetensors") + ".incomplete")
-        deadline = time.time() + 60
-        while not (partial.exists() and partial.stat().st_size >= CHUNK):
-            assert time.time() < deadline and proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    partial = storage(BIG) / "blobs" / (repo.etag("model.safetensors") + ".incomplete")
+    code, err = interrupt_pull([BIG], partial, CHUNK, HF_HUB_OFFLINE="0")
     hub.release.set()
-    assert proc.returncode == 130, err
+    assert code == 130, err
     assert "interrupted" in err and "again" in err
     # No folder that serve (or an offline lookup) could mistake for a model.
     assert not (storage(BIG) / "snapshots").exists()
@@ -205,10 +169,7 @@ def test_interrupted_pull_resumes_without_refetching(hub, tiny_files, env):
 
 def test_corrupted_cached_file_is_fetched_again(hub, tiny_files):
     assert pull(REPO).exit_code == 0
-    blob = storage() / "blobs" / hub.repos[REPO].etag("model.safetensors")
-    data = bytearray(blob.read_bytes())
-    data[100] ^= 0xFF
-    blob.write_bytes(bytes(data))
+    damage(storage() / "blobs" / hub.repos[REPO].etag("model.safetensors"))
     r = pull(REPO)
     assert r.exit_code == 0, r.output
     assert "damaged" in r.stderr
@@ -304,9 +265,7 @@ def test_fit_check_refuses_oversized_model_before_downloading_weights(hub):
 
 
 def test_unsupported_architecture_refused_before_weights(hub, tiny_files):
-    config = json.loads(tiny_files["config.json"])
-    config["architectures"] = ["GPT2LMHeadModel"]
-    hub.add(Repo("acme/gpt2ish", {**tiny_files, "config.json": json.dumps(config).encode()}))
+    hub.add(Repo("acme/gpt2ish", with_architecture(tiny_files, "GPT2LMHeadModel")))
     r = pull("acme/gpt2ish")
     assert r.exit_code == 1
     assert "GPT2LMHeadModel" in r.stderr and "Qwen3ForCausalLM" in r.stderr

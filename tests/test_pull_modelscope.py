@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,8 @@ from typer.testing import CliRunner
 from tests.hubserver import HubServer
 from tests.hubserver import Repo as HfRepo
 from tests.msserver import ModelScopeServer, Repo
+from tests.pull_helpers import SERVE_FILES, big_files, child_env, damage, interrupt_pull, isolate_homes, \
+    tiny_repo_files, with_architecture
 from vmetal import registry
 from vmetal.cli.app import app
 
@@ -27,38 +26,22 @@ pytest.importorskip("modelscope_hub", reason="ModelScope support needs the `mode
 runner = CliRunner()
 REPO = "acme/tiny-qwen3"
 BIG = "acme/big-qwen3"
-SERVE_FILES = {"config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
-               "tokenizer.json", "tokenizer_config.json"}
 PULLED = SERVE_FILES | {"configuration.json"}    # ModelScope's own small config is a `*.json` too, as on HF
 
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory) -> dict[str, bytes]:
-    from vmetal.demo import build_tiny_model
-
-    path = build_tiny_model(tmp_path_factory.mktemp("msmodel") / "m", "qwen3")
-    files = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
-    assert set(files) == SERVE_FILES
-    # What real repos carry besides: duplicate weights in other formats, docs, ModelScope's configuration.json.
-    files["pytorch_model.bin"] = b"\0" * 4096
-    files["original/consolidated.pth"] = b"\1" * 4096
-    files["README.md"] = b"# tiny\n"
+    files = tiny_repo_files(tmp_path_factory.mktemp("msmodel"))
     files["configuration.json"] = b'{"framework": "pytorch", "task": "text-generation"}'
     return files
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("VMETAL_HOME", str(tmp_path / "vmetal"))
+    isolate_homes(tmp_path, monkeypatch, unset=("MODELSCOPE_API_TOKEN", "MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN",
+                                                "VLLM_METAL_MODELSCOPE_CACHE"))
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "modelscope"))
     monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "modelscope-home"))  # no stored login
-    for var in ("HF_HUB_CACHE", "HF_TOKEN", "VLLM_USE_MODELSCOPE", "HF_HUB_OFFLINE", "MODELSCOPE_API_TOKEN",
-                "MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN", "VLLM_METAL_MODELSCOPE_CACHE"):
-        monkeypatch.delenv(var, raising=False)
     return tmp_path
 
 
@@ -106,9 +89,7 @@ def staging(repo_id: str = REPO, revision: str = "master") -> Path:
 
 
 def big_repo(tiny_files: dict[str, bytes], size: int = 4 * 1024 * 1024) -> Repo:
-    files = {k: v for k, v in tiny_files.items() if "/" not in k and not k.endswith(".bin")}
-    files["model.safetensors"] = random.Random(0).randbytes(size)
-    return Repo(BIG, files)
+    return Repo(BIG, big_files(tiny_files, size))
 
 
 def modelscope_offline_lookup(repo_id: str) -> Path:
@@ -174,9 +155,7 @@ def test_include_adds_other_weights(ms):
 def test_corrupted_cached_file_is_fetched_again(ms, tiny_files):
     assert pull(REPO).exit_code == 0
     weights = snapshot() / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[100] ^= 0xFF
-    weights.write_bytes(bytes(data))
+    damage(weights)
     r = pull(REPO)
     assert r.exit_code == 0, r.output
     assert "damaged" in r.stderr and "sha256 mismatch" in r.stderr
@@ -234,22 +213,10 @@ def test_interrupted_pull_resumes_without_refetching(ms, tiny_files):
     size = len(repo.files["model.safetensors"])
     cut = 2 * 1024 * 1024 + 12345
     ms.stalls["model.safetensors"] = cut
-    child_env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "vmetal.cli.app", "pull", "--source", "modelscope", BIG],
-                            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = staging(BIG) / "model.safetensors.incomplete"
-    try:
-        deadline = time.time() + 60
-        while not (partial.exists() and partial.stat().st_size >= cut):
-            assert time.time() < deadline and proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, err = interrupt_pull(["--source", "modelscope", BIG], partial, cut)
     ms.release.set()
-    assert proc.returncode == 130, err
+    assert code == 130, err
     assert "interrupted" in err and "again" in err
     # No folder that serve or an offline ModelScope lookup could mistake for a model.
     assert not snapshot(BIG).exists()
@@ -342,10 +309,10 @@ def test_unreachable_modelscope(env, hf, monkeypatch):
 
     # In a child process: ModelScope's client retries a refused connection 5 times over 15 s by default, and
     # reads MODELSCOPE_API_MAX_RETRIES once, at import.
-    child_env = {**os.environ, "MODELSCOPE_DOMAIN": f"http://127.0.0.1:{free_port()}",
-                 "MODELSCOPE_API_MAX_RETRIES": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-m", "vmetal.cli.app", "pull", "--source", "modelscope", REPO],
-                          env=child_env, capture_output=True, text=True, timeout=120)
+                          env=child_env(MODELSCOPE_DOMAIN=f"http://127.0.0.1:{free_port()}",
+                                        MODELSCOPE_API_MAX_RETRIES="1"),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "cannot reach http://127.0.0.1:" in proc.stderr and "MODELSCOPE_DOMAIN" in proc.stderr
     assert hf.log == [] and registry.pulled_models() == []
@@ -363,9 +330,7 @@ def test_without_the_package_nothing_is_fetched(ms, hf, monkeypatch):
 
 
 def test_unsupported_architecture_refused_before_weights(ms, tiny_files):
-    config = json.loads(tiny_files["config.json"])
-    config["architectures"] = ["GPT2LMHeadModel"]
-    ms.add(Repo("acme/gpt2ish", {**tiny_files, "config.json": json.dumps(config).encode()}))
+    ms.add(Repo("acme/gpt2ish", with_architecture(tiny_files, "GPT2LMHeadModel")))
     r = pull("acme/gpt2ish")
     assert r.exit_code == 1
     assert "GPT2LMHeadModel" in r.stderr and "Qwen3ForCausalLM" in r.stderr

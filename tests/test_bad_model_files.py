@@ -176,10 +176,10 @@ def test_pull_of_a_local_folder_refuses(damaged, case):
 @pytest.mark.parametrize("damaged, case", [(c, c) for c in CASES], ids=[c[0] for c in CASES],
                          indirect=["damaged"])
 def test_doctor_model_check_fails_naming_the_file(damaged, case):
-    from vmetal.cli import doctor
+    from vmetal.cli.doctor_checks.serving import check_model_fit
 
     _, _, file, _ = case
-    check = doctor.check_model_fit(str(damaged), None)
+    check = check_model_fit(str(damaged), None)
     assert check.status in ("fail", "warn") and check.fix
     assert (file or str(damaged)) in check.summary
 

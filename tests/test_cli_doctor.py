@@ -18,6 +18,8 @@ import vmetal
 from vmetal import PLATFORM_QUALNAME, envs, system
 from vmetal.cli import doctor
 from vmetal.cli.app import app
+from vmetal.cli.doctor_checks import base, hub, machine, packages, plugin, serving
+from vmetal.cli.doctor_checks.smoke import SMOKE_TOKENS
 from vmetal.server import free_port
 
 runner = CliRunner()
@@ -48,7 +50,7 @@ def clean_environment(monkeypatch, tmp_path, request):
     # ModelScope is always probed: point it at a refused local port so no test waits on DNS.
     monkeypatch.setenv("MODELSCOPE_DOMAIN", f"http://127.0.0.1:{closed_port()}")
     if "real_probe" not in request.fixturenames:
-        monkeypatch.setattr(doctor, "start_vllm_probe", lambda environ, timeout: FakeProbe())
+        monkeypatch.setattr(plugin, "start_vllm_probe", lambda environ, timeout: FakeProbe())
 
 
 @pytest.fixture
@@ -186,15 +188,15 @@ def test_unbuilt_path_and_gpu_without_gpu_fail(monkeypatch):
             raise envs.EnvError(f"{envs.USE_MLX}=0 is not in this release", variable=envs.USE_MLX, value="0")
 
     monkeypatch.setattr(envs, "check_available", unbuilt)
-    check = doctor.check_env({envs.USE_MLX: "0"}, devices)
+    check = serving.check_env({envs.USE_MLX: "0"}, devices)
     assert check.status == "fail" and check.fix == f"unset {envs.USE_MLX}"
-    check = doctor.check_env({envs.MLX_DEVICE: "gpu"}, devices)
+    check = serving.check_env({envs.MLX_DEVICE: "gpu"}, devices)
     assert check.status == "fail" and "cpu" in check.fix
-    assert doctor.check_env({}, devices).details["device"] == "cpu"
+    assert serving.check_env({}, devices).details["device"] == "cpu"
 
 
 def test_missing_entry_point_fails(monkeypatch):
-    monkeypatch.setattr(doctor, "plugin_entry_points", lambda: [])
+    monkeypatch.setattr(plugin, "plugin_entry_points", lambda: [])
     code, data = run_json()
     check = by_id(data)["entry_point"]
     assert code == 1 and check["status"] == "fail"
@@ -206,8 +208,8 @@ def test_other_platform_plugin_warns(monkeypatch):
 
     eps = [EntryPoint("vmetal", "vmetal:register", "vllm.platform_plugins"),
            EntryPoint("other", "other:register", "vllm.platform_plugins")]
-    monkeypatch.setattr(doctor, "plugin_entry_points", lambda: eps)
-    check = doctor.check_entry_point({})
+    monkeypatch.setattr(plugin, "plugin_entry_points", lambda: eps)
+    check = plugin.check_entry_point({})
     assert check.status == "warn" and "other" in check.summary and "pip uninstall other" in check.fix
 
 
@@ -244,7 +246,7 @@ def test_target_device_cpu_is_explained(monkeypatch, probe_answer):
 
 
 def test_probe_timeout_kills_the_child():
-    probe = doctor.VllmProbe({"PATH": "/usr/bin:/bin"}, timeout=0.3)
+    probe = plugin.VllmProbe({"PATH": "/usr/bin:/bin"}, timeout=0.3)
     result = probe.result()
     assert result["timed_out"] is True and probe.proc.poll() is not None
 
@@ -257,7 +259,7 @@ def test_unreachable_hub_is_a_warning_with_a_fix(monkeypatch):
     assert code == 0
     assert hf["status"] == ms["status"] == "warn"
     assert hf["details"]["reachable"] is False and "HF_HUB_OFFLINE" in hf["fix"]
-    assert hf["elapsed_s"] < doctor.HUB_TIMEOUT_S + 1
+    assert hf["elapsed_s"] < hub.HUB_TIMEOUT_S + 1
 
 
 def test_reachable_hub_is_ok(monkeypatch):
@@ -267,7 +269,7 @@ def test_reachable_hub_is_ok(monkeypatch):
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        check = doctor.check_hub_huggingface({"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}"})
+        check = hub.check_hub_huggingface({"HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}"})
     finally:
         server.shutdown()
         server.server_close()
@@ -275,9 +277,9 @@ def test_reachable_hub_is_ok(monkeypatch):
 
 
 def test_modelscope_without_its_package_fails(monkeypatch):
-    monkeypatch.setattr(doctor, "dist_version", lambda name: None if name == "modelscope" else "1")
-    check = doctor.check_hub_modelscope({envs.USE_MODELSCOPE: "1",
-                                         "MODELSCOPE_DOMAIN": f"http://127.0.0.1:{closed_port()}"})
+    monkeypatch.setattr(hub, "dist_version", lambda name: None if name == "modelscope" else "1")
+    check = hub.check_hub_modelscope({envs.USE_MODELSCOPE: "1",
+                                      "MODELSCOPE_DOMAIN": f"http://127.0.0.1:{closed_port()}"})
     assert check.status == "fail" and "pip install 'modelscope'" in check.fix
 
 
@@ -297,22 +299,22 @@ def test_secrets_never_appear(monkeypatch, probe_answer):
 
 
 def test_secret_names():
-    assert all(map(doctor.is_secret_name, ["HF_TOKEN", "VLLM_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"]))
-    assert not any(map(doctor.is_secret_name, ["TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "KEYBOARD"]))
-    assert doctor.secret_values({"GITHUB_TOKEN": "true", "X_KEY": "abc"}) == []
+    assert all(map(base.is_secret_name, ["HF_TOKEN", "VLLM_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"]))
+    assert not any(map(base.is_secret_name, ["TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "KEYBOARD"]))
+    assert base.secret_values({"GITHUB_TOKEN": "true", "X_KEY": "abc"}) == []
 
 
 def test_missing_package_fails_with_a_pip_command(monkeypatch):
-    real = doctor.dist_version
-    monkeypatch.setattr(doctor, "dist_version", lambda name: None if name == "mlx-lm" else real(name))
-    check = {c.id: c for c in doctor.check_packages("Linux")}["mlx_lm_version"]
+    real = packages.dist_version
+    monkeypatch.setattr(packages, "dist_version", lambda name: None if name == "mlx-lm" else real(name))
+    check = {c.id: c for c in packages.check_packages("Linux")}["mlx_lm_version"]
     assert check.status == "fail" and "pip install 'mlx-lm==" in check.fix
 
 
 def test_untested_version_warns(monkeypatch):
-    real = doctor.dist_version
-    monkeypatch.setattr(doctor, "dist_version", lambda name: "0.31.0" if name == "mlx-lm" else real(name))
-    check = {c.id: c for c in doctor.check_packages("Linux")}["mlx_lm_version"]
+    real = packages.dist_version
+    monkeypatch.setattr(packages, "dist_version", lambda name: "0.31.0" if name == "mlx-lm" else real(name))
+    check = {c.id: c for c in packages.check_packages("Linux")}["mlx_lm_version"]
     assert check.status == "warn" and "untested" in check.summary
 
 
@@ -344,24 +346,24 @@ def test_host_facts_of_a_native_mac():
                               memory=32 * 1024**3)
     assert (facts.chip, facts.apple_silicon, facts.macos, facts.rosetta, facts.wired_limit_mb) == (
         "Apple M2 Pro", True, (14, 5), False, 0)
-    assert doctor.check_host(facts).status == "ok"
-    assert doctor.check_python_arch(facts).status == "ok"
+    assert machine.check_host(facts).status == "ok"
+    assert machine.check_python_arch(facts).status == "ok"
 
 
 def test_rosetta_python_on_apple_silicon_fails():
     facts = system.host_facts(system="Darwin", machine="x86_64", sysctl=mac_sysctl(sysctl__proc_translated=1),
                               mac_ver="14.5", memory=16 * 1024**3)
     assert facts.apple_silicon and facts.rosetta
-    check = doctor.check_python_arch(facts)
+    check = machine.check_python_arch(facts)
     assert check.status == "fail" and "Rosetta" in check.summary and "arm64" in check.fix
 
 
 def test_intel_mac_and_old_macos_fail():
     intel = system.host_facts(system="Darwin", machine="x86_64", mac_ver="13.6", memory=1,
                               sysctl=mac_sysctl(hw__optional__arm64=None, machdep__cpu__brand_string="Intel i7"))
-    assert not intel.apple_silicon and doctor.check_host(intel).status == "fail"
+    assert not intel.apple_silicon and machine.check_host(intel).status == "fail"
     old = system.host_facts(system="Darwin", machine="arm64", sysctl=mac_sysctl(), mac_ver="13.2", memory=1)
-    check = doctor.check_host(old)
+    check = machine.check_host(old)
     assert check.status == "fail" and "13.5" in check.summary and check.fix
 
 
@@ -379,11 +381,11 @@ def test_memory_check_on_a_mac():
     facts = system.host_facts(system="Darwin", machine="arm64", sysctl=mac_sysctl(), mac_ver="14.5",
                               memory=16 * 1024**3)
     assert system.memory_for_mlx(devices, total=16 * 1024**3) == 11 * 1024**3
-    check = doctor.check_memory(facts, devices)
+    check = machine.check_memory(facts, devices)
     assert check.status == "ok" and "16.0 GiB unified" in check.summary and "11.0 GiB" in check.summary
     too_high = system.host_facts(system="Darwin", machine="arm64", mac_ver="14.5", memory=16 * 1024**3,
                                  sysctl=mac_sysctl(iogpu__wired_limit_mb=16000))
-    check = doctor.check_memory(too_high, devices)
+    check = machine.check_memory(too_high, devices)
     assert check.status == "warn" and "sudo sysctl iogpu.wired_limit_mb=" in check.fix
     # Without an MLX GPU, MLX uses system memory.
     assert system.memory_for_mlx(system.MlxDevices(cpu=True), total=123) == 123
@@ -396,16 +398,16 @@ def test_mlx_devices_here_compute():
 
 def test_no_metal_on_apple_silicon_fails():
     facts = system.host_facts(system="Darwin", machine="arm64", sysctl=mac_sysctl(), mac_ver="14.5", memory=1)
-    check = doctor.check_mlx_devices(system.MlxDevices(version="0.32.4", cpu=True), facts)
+    check = machine.check_mlx_devices(system.MlxDevices(version="0.32.4", cpu=True), facts)
     assert check.status == "fail" and "Metal" in check.summary and "pip install" in check.fix
 
 
 def test_disk_uses_the_cache_folders(tmp_path):
     env = {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "VMETAL_HOME": str(tmp_path / "vm")}
-    dirs = doctor.cache_dirs(env)
+    dirs = hub.cache_dirs(env)
     assert dirs["huggingface"] == tmp_path / "hf" / "hub" and dirs["vmetal"] == tmp_path / "vm"
     assert dirs["modelscope"] == tmp_path / ".cache" / "modelscope"
-    check = doctor.check_disk(env)  # none of them exists yet: their nearest existing parent counts
+    check = hub.check_disk(env)  # none of them exists yet: their nearest existing parent counts
     assert all(c["free_bytes"] is not None for c in check.details["caches"])
 
 
@@ -414,7 +416,7 @@ def test_smoke_generates_through_vllm(real_probe):
     code, data = run_json("--smoke")
     smoke = by_id(data)["smoke"]
     assert smoke["status"] == "ok", smoke
-    assert smoke["details"]["tokens"] == doctor.SMOKE_TOKENS and smoke["details"]["tokens_per_s"] > 0
+    assert smoke["details"]["tokens"] == SMOKE_TOKENS and smoke["details"]["tokens_per_s"] > 0
     assert smoke["details"]["matches_mlx_lm"] is True
     assert Path(smoke["details"]["model"], "config.json").is_file()
     assert code == 0

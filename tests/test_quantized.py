@@ -144,7 +144,7 @@ def test_pull_of_a_local_folder_reports_bits_and_packed_size(quantized):
 
 
 def test_doctor_model_fit_reports_bits_and_packed_size(quantized):
-    from vmetal.cli.doctor import check_model_fit
+    from vmetal.cli.doctor_checks.serving import check_model_fit
 
     check = check_model_fit(str(quantized[4]), None)
     assert "(4-bit affine, group size 32)" in check.summary

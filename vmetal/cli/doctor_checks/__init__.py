@@ -1,1 +1,1 @@
-"""Checks of `vmetal doctor` that live outside `vmetal/cli/doctor.py` (one concern per module)."""
+"""The checks of `vmetal doctor`, one module per concern; `vmetal/cli/doctor.py` runs them in order and prints them."""

@@ -11,7 +11,8 @@ import math
 import pytest
 
 from conftest import mlx_greedy
-from test_engine import PROMPTS, greedy
+from test_engine import LONG_PROMPT, PROMPTS, assert_greedy_like_mlx, assert_joining_requests_like_mlx, greedy, \
+    metric, running_llm
 
 MAX_MODEL_LEN = 128
 KV_TOKENS = 160
@@ -99,23 +100,19 @@ def test_batched_decode_equals_each_row_alone(qwen3_model):
 # ---------------------------------------------------------------- the engine
 @pytest.fixture(scope="module")
 def engine(qwen3_model):
-    from vllm import LLM
-
     from vmetal import envs, models
 
     per_token = models.load(str(qwen3_model)).kv_bytes_per_token
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_METAL_USE_MLX", "0")
         envs.get_config.cache_clear()
-        llm = LLM(model=str(qwen3_model), max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
-                  max_num_batched_tokens=32, enable_chunked_prefill=True,
-                  kv_cache_memory_bytes=per_token * KV_TOKENS, block_size=16,
-                  disable_log_stats=False, seed=0)
         try:
-            yield qwen3_model, llm
+            with running_llm(qwen3_model, max_model_len=MAX_MODEL_LEN, max_num_seqs=8,
+                             max_num_batched_tokens=32, enable_chunked_prefill=True,
+                             kv_cache_memory_bytes=per_token * KV_TOKENS, block_size=16,
+                             disable_log_stats=False, seed=0) as llm:
+                yield qwen3_model, llm
         finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
             envs.get_config.cache_clear()
 
 
@@ -130,49 +127,30 @@ def test_the_engine_computes_with_torch(engine):
 def test_greedy_matches_mlx_lm_one_at_a_time(engine):
     path, llm = engine
     for prompt in PROMPTS[:3]:
-        out = llm.generate([prompt], greedy(), use_tqdm=False)[0]
-        assert list(out.outputs[0].token_ids) == mlx_greedy(path, out.prompt_token_ids, 12)
+        assert_greedy_like_mlx(path, llm.generate([prompt], greedy(), use_tqdm=False), 12)
 
 
 @pytest.mark.slow
 def test_eight_concurrent_requests_match_mlx_lm_through_preemption(engine):
     path, llm = engine
-    before = _preemptions(llm)
+    before = metric(llm, "vllm:num_preemptions")
     outs = llm.generate(PROMPTS, greedy(40), use_tqdm=False)
     assert len(outs) == 8
-    for out in outs:
-        assert list(out.outputs[0].token_ids) == mlx_greedy(path, out.prompt_token_ids, 40)
-    assert _preemptions(llm) > before  # 8 x ~45 tokens do not fit in KV for 160
+    assert_greedy_like_mlx(path, outs, 40)
+    assert metric(llm, "vllm:num_preemptions") > before  # 8 x ~45 tokens do not fit in KV for 160
 
 
 @pytest.mark.slow
 def test_chunked_prefill_of_a_long_prompt_matches(engine):
     path, llm = engine
-    long_prompt = " ".join(PROMPTS) * 2
-    outs = llm.generate([long_prompt, "Hello world"], greedy(10), use_tqdm=False)
+    outs = llm.generate([LONG_PROMPT, "Hello world"], greedy(10), use_tqdm=False)
     assert len(outs[0].prompt_token_ids) > 32  # the step budget: prefilled in chunks
-    for out in outs:
-        assert list(out.outputs[0].token_ids) == mlx_greedy(path, out.prompt_token_ids, 10)
+    assert_greedy_like_mlx(path, outs, 10)
 
 
 @pytest.mark.slow
 def test_requests_joining_mid_decode_match_mlx_lm(engine):
-    path, llm = engine
-    core = llm.llm_engine
-    arrivals = {0: PROMPTS[3], 3: PROMPTS[0], 5: PROMPTS[1], 9: PROMPTS[6]}
-    finished, step, max_tokens = {}, 0, 20
-    tok = llm.get_tokenizer()
-    while step < 200 and (len(finished) < len(arrivals) or step <= max(arrivals)):
-        if step in arrivals:
-            core.add_request(f"torch-join-{step}", {"prompt_token_ids": tok.encode(arrivals[step])},
-                             greedy(max_tokens))
-        for out in core.step():
-            if out.finished:
-                finished[out.request_id] = (out.prompt_token_ids, list(out.outputs[0].token_ids))
-        step += 1
-    assert len(finished) == 4
-    for prompt_ids, token_ids in finished.values():
-        assert token_ids == mlx_greedy(path, prompt_ids, max_tokens)
+    assert_joining_requests_like_mlx(*engine, "torch-join")
 
 
 @pytest.mark.slow
@@ -212,8 +190,3 @@ def test_logprobs_are_returned_and_match_mlx(engine):
     ref = ref - mx.logsumexp(ref)
     for token, lp in logprobs[0].items():
         assert lp.logprob == pytest.approx(ref[token].item(), abs=1e-4)
-
-
-def _preemptions(llm) -> float:
-    found = [m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions"]
-    return found[0] if found else 0.0

@@ -1,8 +1,12 @@
-"""A stand-in for `vmetal.server.ServerProcess` in CLI tests of `vmetal serve` that start nothing."""
+"""What the CLI tests of `vmetal serve` share: a stand-in for `vmetal.server.ServerProcess` for those that start
+nothing, and the console script run in a fresh interpreter."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 
 
 class FakeServer:
@@ -46,3 +50,15 @@ def install(monkeypatch) -> list[FakeServer]:
     FakeServer.built = []
     monkeypatch.setattr(serve_cmd, "ServerProcess", FakeServer)
     return FakeServer.built
+
+
+def run_main_fresh(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`vmetal ARGV` through the console script's `main()` in a fresh interpreter, without this process's
+    VLLM_METAL_* / VLLM_MLX_* settings (plus `env`); it fails if vLLM, torch or mlx got imported on the way."""
+    code = (f"import sys; sys.argv = {['vmetal', *argv]!r}\n"
+            "from vmetal.cli.app import main\n"
+            "try:\n    main()\nfinally:\n"
+            "    assert not {'vllm', 'torch', 'mlx'} & set(sys.modules), sorted(sys.modules)\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_METAL_", "VLLM_MLX_"))}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**clean, **(env or {})})

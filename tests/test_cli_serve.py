@@ -197,13 +197,7 @@ def test_public_host_without_key_warns(fake_server, monkeypatch):
 
 def test_main_maps_errors_to_exit_codes():
     # The console script path, in a fresh interpreter: also shows that nothing heavy is imported.
-    code = ("import sys; sys.argv = ['vmetal', 'serve']\n"
-            "from vmetal.cli.app import main\n"
-            "try:\n    main()\nfinally:\n"
-            "    assert not {'vllm', 'torch', 'mlx'} & set(sys.modules), sorted(sys.modules)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_METAL_", "VLLM_MLX_"))}
-    env[envs.MEMORY_FRACTION] = "0.7"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    proc = fakes.run_main_fresh(["serve"], {envs.MEMORY_FRACTION: "0.7"})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: VLLM_METAL_MEMORY_FRACTION=0.7")
 

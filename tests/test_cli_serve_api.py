@@ -4,9 +4,6 @@ command line and what the user reads, without starting a server (the real server
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -190,11 +187,6 @@ def test_parser_plugin_after_double_dash_leaves_the_name_to_vllm(fake_server, mo
 def test_unknown_parser_is_refused_without_importing_vllm():
     # The console-script path in a fresh interpreter: the names come from vLLM's source, not its import
     # (which takes ~10 s).
-    code = ("import sys; sys.argv = ['vmetal', 'serve', '--demo', '--tool-call-parser', 'nope']\n"
-            "from vmetal.cli.app import main\n"
-            "try:\n    main()\nfinally:\n"
-            "    assert not {'vllm', 'torch', 'mlx'} & set(sys.modules), sorted(sys.modules)\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_METAL_", "VLLM_MLX_"))}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    proc = fakes.run_main_fresh(["serve", "--demo", "--tool-call-parser", "nope"])
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: `--tool-call-parser nope` is not a tool parser vLLM knows; valid: ")

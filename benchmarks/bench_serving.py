@@ -1,7 +1,7 @@
 """Serving through the OpenAI API: vmetal paged vs vmetal MLX-managed vs `mlx_lm.server`, one run.
 
-Each backend serves the same random-weight Qwen3-shaped model (bench_engine.py's SHAPE) from the same
-folder, each on its own port:
+Each backend serves the same random-weight Qwen3-shaped model (bench_engine.py's SHAPES, picked with
+`--shape`) from the same folder, each on its own port:
 
 - `paged`:    vmetal, `VLLM_METAL_USE_PAGED_ATTENTION=1` (vLLM's block tables drive one packed forward)
 - `mlx`:      vmetal, the MLX-managed KV cache (the default path)
@@ -48,6 +48,8 @@ the rest of the file is left as it is.
     python benchmarks/bench_serving.py                                     # ~10 min on a quiet 2-core box
     python benchmarks/bench_serving.py --backends paged,mlx,mlx_lm,vllm_cpu # + vLLM's CPU backend, ~11 min
     python benchmarks/bench_serving.py --quick                             # ~3 min
+    python benchmarks/bench_serving.py --shape qwen3-0.6b --dtype bfloat16 --trials 3 --output-len 128 \
+        --no-write --json serving.json                                     # the GPU row, ~4 min there
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ BEGIN, END = "<!-- serving:begin -->", "<!-- serving:end -->"
 sys.path.insert(0, str(HERE))
 # The engine benchmark's model shape, model builder, machine/version info and contention watch.
 from bench_engine import (  # noqa: E402
-    _CLK, SHAPE, CpuWatch, _proc_tree_jiffies, build_model, machine_info, versions)
+    _CLK, SHAPES, CpuWatch, _proc_tree_jiffies, build_model, machine_info, versions)
 
 ALL_BACKENDS = ("paged", "mlx", "mlx_lm", "vllm_cpu")
 DEFAULT_BACKENDS = ("paged", "mlx", "mlx_lm")
@@ -354,7 +356,7 @@ def render(r: dict) -> str:
     L.append(f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, "
              f"{_f(m.get('ram_gib'))} GiB RAM, {m['os']}; MLX device `{r['mlx_device']}`")
     L.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
-    sh = SHAPE
+    sh = r["shape"]
     L.append(f"- Model: random-weight {sh['arch']} (vmetal.demo.build_tiny_model), hidden {sh['hidden_size']}, "
              f"{sh['num_layers']} layers, {sh['num_heads']} heads / {sh['num_kv_heads']} KV heads, "
              f"intermediate {sh['intermediate_size']}, vocab {r['vocab_size']}, **{a['dtype']}**")
@@ -441,7 +443,9 @@ def notes(r: dict) -> list[str]:
            f"MLX device `{r['mlx_device']}`: the model's largest matmul ({a['dtype']}, measured before "
            f"the servers started, other processes using {r['matmul_gflops']['foreign_cores']:.2f} cores) "
            f"runs at {r['matmul_gflops'][1]:.1f} GFLOPS at M=1 and {r['matmul_gflops'][128]:.1f} at "
-           f"M=128 on {r['matmul_gflops']['cores']:.1f} cores: compute-bound, no gain from batching rows."]
+           f"M=128 on {r['matmul_gflops']['cores']:.1f} cores"
+           + (": compute-bound, no gain from batching rows."
+              if r["matmul_gflops"][128] < 2 * r["matmul_gflops"][1] else ".")]
     bad = [f"{LABELS[b]} C={c}" for b, d in r["backends"].items() for c, s in d.get("summary", {}).items()
            if s["foreign_cores_max"] > a["max_foreign"]]
     if bad:
@@ -544,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated, of {', '.join(ALL_BACKENDS)} (default {','.join(DEFAULT_BACKENDS)})")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="model dtype (default float32, as bench_engine.py)")
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES),
+                    help="model shape, as bench_engine.py (default tiny; qwen3-0.6b for GPU runs)")
     ap.add_argument("--model-dir", type=Path, help="where to build (or reuse) the model; default a temp folder")
     ap.add_argument("--log-dir", type=Path, help="server and load-generator logs; default a temp folder")
     ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
@@ -599,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ASYNC_REQUEST_FUNCS[ENDPOINT] = _openai_completions_factory()
     log("building model")
-    model_dir = build_model(args.model_dir, args.dtype)
+    shape = SHAPES[args.shape]
+    model_dir = build_model(args.model_dir, args.dtype, shape)
     cfg = json.loads((model_dir / "config.json").read_text())
     tokenizer = get_tokenizer(str(model_dir))
     log(f"model at {model_dir}; MLX matmul micro-benchmark")
@@ -721,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "versions": versions(),
         "mlx_device": str(mx.default_device()),
-        "shape": SHAPE,
+        "shape": shape,
         "vocab_size": cfg["vocab_size"],
         "kv_cache_memory_bytes": kv_bytes(model_dir),
         "backends": report_backends,

@@ -172,6 +172,36 @@ def test_explicit_vocab_size(tmp_path):
     assert len(AutoTokenizer.from_pretrained(path)) <= 1000
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_explicit_head_dim(tmp_path, arch):
+    """Qwen3-0.6B's head_dim (128) is not hidden // heads (64): the checkpoint has that shape and
+    HF computes the same logits as mlx-lm."""
+    torch = pytest.importorskip("torch")
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+    from transformers import AutoModelForCausalLM
+
+    path = demo.build_tiny_model(tmp_path, arch, head_dim=32, tie_word_embeddings=True, **TINY)
+    assert _config(path)["head_dim"] == 32
+    weights = mx.load(str(path / "model.safetensors"))
+    assert weights["model.layers.0.self_attn.q_proj.weight"].shape == (4 * 32, 64)
+    assert weights["model.layers.0.self_attn.k_proj.weight"].shape == (2 * 32, 64)
+    assert weights["model.layers.0.self_attn.o_proj.weight"].shape == (64, 4 * 32)
+    hf, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info.values()), info
+    model, tokenizer = load(str(path))
+    ids = tokenizer.encode("The cat reads a red book in the morning.")
+    ref = hf(torch.tensor([ids])).logits[0].detach().numpy()
+    np.testing.assert_allclose(np.array(model(mx.array(ids)[None])[0]), ref, atol=1e-3, rtol=1e-3)
+
+
+def test_head_dim_refused_where_mlx_lm_ignores_it(tmp_path):
+    with pytest.raises(ValueError, match="qwen2 needs head_dim == hidden_size // num_heads"):
+        demo.build_tiny_model(tmp_path, "qwen2", head_dim=32, **TINY)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_default_demo_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("VMETAL_HOME", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

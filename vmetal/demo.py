@@ -164,11 +164,13 @@ def _tokenizer_config() -> dict:
 
 def _model_config(arch, *, hidden_size, num_layers, num_heads, num_kv_heads,
                   intermediate_size, vocab_size, max_position_embeddings, dtype,
-                  tie_word_embeddings) -> dict:
+                  tie_word_embeddings, head_dim=None) -> dict:
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, not {arch!r}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
+    if head_dim is not None and arch == "qwen2" and head_dim != hidden_size // num_heads:
+        raise ValueError(f"qwen2 needs head_dim == hidden_size // num_heads ({hidden_size // num_heads})")
     config = {
         "architectures": [ARCHITECTURES[arch]],
         "model_type": arch,
@@ -177,8 +179,9 @@ def _model_config(arch, *, hidden_size, num_layers, num_heads, num_kv_heads,
         "num_hidden_layers": num_layers,
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
-        # mlx-lm's qwen2 always uses hidden_size // num_heads, so the others match it.
-        "head_dim": hidden_size // num_heads,
+        # mlx-lm's qwen2 always uses hidden_size // num_heads, so that is the default; qwen3 and
+        # llama read head_dim (Qwen3-0.6B: hidden 1024, 16 heads of 128).
+        "head_dim": head_dim or hidden_size // num_heads,
         "hidden_act": "silu",
         "max_position_embeddings": max_position_embeddings,
         "rms_norm_eps": 1e-6,
@@ -253,7 +256,7 @@ def build_tiny_model(path, arch: str = "qwen3", *, hidden_size: int = 64, num_la
                      num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
                      vocab_size: int | None = None, max_position_embeddings: int = 2048,
                      dtype: str = "float32", seed: int = 0,
-                     tie_word_embeddings: bool = False) -> Path:
+                     tie_word_embeddings: bool = False, head_dim: int | None = None) -> Path:
     """Write a random-weight `arch` checkpoint plus tokenizer into `path`; return it."""
     import mlx.core as mx
     from tokenizers import Tokenizer
@@ -275,7 +278,7 @@ def build_tiny_model(path, arch: str = "qwen3", *, hidden_size: int = 64, num_la
         arch, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings, dtype=dtype,
-        tie_word_embeddings=tie_word_embeddings)
+        tie_word_embeddings=tie_word_embeddings, head_dim=head_dim)
     weights = _random_weights(config, seed, emit)
     weights = {k: v.astype(dtypes[dtype]) for k, v in sorted(weights.items())}
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})

@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- cli:begin -->", "<!-- cli:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_md import write_section  # noqa: E402
+
 TARGET_S = 0.3
 
 
@@ -27,16 +28,6 @@ def timed(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
         subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         times.append(time.perf_counter() - start)
     return times
-
-
-def write_section(text: str) -> None:
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
-    if BEGIN in body and END in body:
-        body = body[: body.index(BEGIN)] + block + body[body.index(END) + len(END):]
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(body)
 
 
 def main() -> None:
@@ -73,7 +64,7 @@ def main() -> None:
     ])
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("cli", text)
 
 
 if __name__ == "__main__":

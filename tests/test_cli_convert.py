@@ -202,10 +202,10 @@ def test_destination_that_would_replace_the_source(src, tmp_path):
 
 
 def test_a_pulled_hub_id_converts_from_its_snapshot(src, tmp_path, monkeypatch):
-    from vmetal import hub, registry
+    from vmetal import hub_common, registry
 
     monkeypatch.setenv("VMETAL_HOME", str(tmp_path / "vmetal"))
-    registry.upsert(registry.PulledModel(id="acme/tiny", source=hub.resolve_source(None), revision="main",
+    registry.upsert(registry.PulledModel(id="acme/tiny", source=hub_common.resolve_source(None), revision="main",
                                          commit="0" * 40, path=str(src), size=1, files=1,
                                          status=registry.COMPLETE, pulled_at=time.time()))
     dst = tmp_path / "dst"

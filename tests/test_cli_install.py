@@ -281,7 +281,7 @@ def test_models_deletes_the_demo_model_and_pulled_paths(home, tmp_path, venv_tem
 
 def test_models_from_the_registry_go_the_way_vmetal_rm_removes_them(home, monkeypatch):
     registry = pytest.importorskip("vmetal.registry")
-    pytest.importorskip("vmetal.hub")
+    pytest.importorskip("vmetal.hub_store")
     commit = "a" * 40
     storage = home / "hf-cache" / "models--org--tiny"
     snapshot = storage / "snapshots" / commit

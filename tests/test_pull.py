@@ -13,6 +13,7 @@ from hubserver import HubServer, Repo
 from pull_helpers import SERVE_FILES, big_files, damage, interrupt_pull, isolate_homes, tiny_repo_files, \
     with_architecture
 from vmetal import hub as vhub
+from vmetal.hub_common import select_files
 from vmetal import registry
 from vmetal.cli.app import app
 
@@ -352,10 +353,10 @@ def test_select_files():
     names = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
              "consolidated.safetensors", "pytorch_model.bin", "onnx/config.json", "tokenizer.model",
              "chat_template.jinja", "merges.txt", "model.gguf", "original/params.json"]
-    assert vhub.select_files(names) == sorted(["config.json", "model-00001-of-00002.safetensors",
+    assert select_files(names) == sorted(["config.json", "model-00001-of-00002.safetensors",
                                                "model.safetensors.index.json", "tokenizer.model",
                                                "chat_template.jinja", "merges.txt"])
-    assert "model.gguf" in vhub.select_files(names, ["*.gguf"])
+    assert "model.gguf" in select_files(names, ["*.gguf"])
 
 
 def test_serve_pulls_a_hub_model_then_serves_its_folder(hub, monkeypatch):

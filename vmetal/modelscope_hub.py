@@ -1,9 +1,10 @@
 """ModelScope resolution and download for `vmetal pull --source modelscope` (and VLLM_USE_MODELSCOPE=true).
 
-The same order as the Hugging Face path in `vmetal.hub`, so a wrong id or an oversized model costs no gigabytes:
+The same order as the Hugging Face path (`vmetal.hub_common` describes it), so a wrong id or an oversized model
+costs no gigabytes:
 
 1. `fetch_info`: the revisions (is `--revision` a branch or tag?) and the file list (sizes, sha256).
-2. `select_files` (from `vmetal.hub`): only what serving needs.
+2. `select_files` (from `vmetal.hub_common`): only what serving needs.
 3. `fetch_json(remote, "config.json")`: the caller checks the architecture and the fit before any weight.
 4. `download`: the rest, through ModelScope's own client, each file checked against the sha256 ModelScope lists.
 5. `finalize`: only now does `snapshots/<revision>` appear (or get the new files), so an interrupted pull never
@@ -46,8 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmetal.hub import (MODELSCOPE, DownloadStats, HubError, Interrupted, PullProgress, RemoteFile, file_digest_ok,
-                        folder_lock)
+from vmetal.hub_common import (MODELSCOPE, DownloadStats, HubError, Interrupted, PullProgress, RemoteFile,
+                               file_digest_ok, folder_lock)
 
 DEFAULT_REVISION = "master"        # ModelScope's default branch
 DEFAULT_ENDPOINT = "https://modelscope.cn"
@@ -161,9 +162,9 @@ def fetch_info(repo_id: str, *, revision: str | None = None, endpoint: str | Non
     cache = cache or cache_dir()
     endpoint = endpoint or configured_endpoint()
     revision = revision or DEFAULT_REVISION
-    from vmetal.hub import _check_revision, check_listing
+    from vmetal.hub_common import check_listing, check_revision
 
-    _check_revision(revision)
+    check_revision(revision)
     if "/" not in repo_id.strip("/"):
         raise HubError(f"`{repo_id}` is not a ModelScope model id: expected `owner/name`", kind="usage",
                        exit_code=2)

@@ -8,7 +8,7 @@ names, so one is refused outright (a hub that sends one is broken or hostile), b
 Deletions are also checked against what is on disk: a folder of the cache that is a symbolic link is never
 followed, so `vmetal rm` cannot be steered outside the cache by a link planted in it.
 
-Stdlib only: `vmetal.hub` imports this for every pull and `rm`.
+Stdlib only: `vmetal.hub_common` imports this for every pull and `rm`.
 """
 
 from __future__ import annotations

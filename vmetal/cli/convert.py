@@ -58,18 +58,18 @@ def _say(message: str) -> None:
 
 def resolve_source(src: str) -> Path:
     """SRC as a local folder: a folder as is, a Hub id from `vmetal pull`'s models (pulling it first)."""
-    from vmetal import hub, registry
+    from vmetal import hub_common, registry
 
     path = Path(src).expanduser()
     if path.is_dir():
         return path.resolve()
-    if path.exists() or hub.looks_local(src):
+    if path.exists() or hub_common.looks_local(src):
         raise VmetalError(f"source `{src}` is not a model folder (it does not exist or is a file)",
                           hint="pass a local Hugging Face model folder or a Hub id such as Qwen/Qwen3-0.6B",
                           exit_code=USAGE)
 
     def pulled() -> Path | None:
-        done = [e for e in registry.find(src, source=hub.resolve_source(None))
+        done = [e for e in registry.find(src, source=hub_common.resolve_source(None))
                 if e.complete and Path(e.path).is_dir()]
         entry = max(done, key=lambda e: e.pulled_at or 0, default=None)
         return Path(entry.path) if entry else None
@@ -81,7 +81,7 @@ def resolve_source(src: str) -> Path:
         # unquantized model, which is what converting avoids: it only warns here.
         try:
             pull_cmd._pull(src, None, None, [], True, None, quiet=False, json_out=False)
-        except hub.HubError as exc:
+        except hub_common.HubError as exc:
             raise VmetalError(f"`{src}` is neither a local folder nor pulled, and pulling it failed: "
                               f"{exc.message}", hint=exc.hint, exit_code=exc.exit_code) from None
         folder = pulled()

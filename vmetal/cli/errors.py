@@ -47,7 +47,7 @@ def _known() -> list[tuple[type[BaseException], Callable[[Exception], VmetalErro
     # Built on demand so that importing this module stays as cheap as `typer` itself; the modules
     # named here import nothing heavy.
     from vmetal.envs import EnvError
-    from vmetal.hub import HubError
+    from vmetal.hub_common import HubError
     from vmetal.model_checks import ModelFileError
     from vmetal.models import ModelNotFoundError, UnsupportedModelError
     from vmetal.server import ServerError

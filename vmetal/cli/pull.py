@@ -1,9 +1,10 @@
 """`vmetal pull`, `vmetal list`, `vmetal rm`: the model-management commands ollama users expect.
 
 `pull` checks everything it can from the repo's metadata and `config.json` (id, access, architecture,
-memory fit) before the first weight byte, then downloads through `vmetal.hub` with one progress line per
-file and a total, and records the model in `vmetal.registry` only once every file is verified. Data
-(`--json`, the `list` table) goes to stdout, everything else to stderr.
+memory fit) before the first weight byte, then downloads through `vmetal.hub_store` (or
+`vmetal.modelscope_hub`) with one progress line per file and a total, and records the model in
+`vmetal.registry` only once every file is verified. Data (`--json`, the `list` table) goes to stdout,
+everything else to stderr.
 """
 
 from __future__ import annotations
@@ -223,13 +224,13 @@ def _plan_files(remote, include: list[str], force: bool, quiet_msgs: bool, where
 
     Refuses a repo without safetensors weights unless `force`, and says which weights it skips.
     """
-    from vmetal import hub
+    from vmetal import hub_common
 
-    names = hub.select_files([f.path for f in remote.files], include)
+    names = hub_common.select_files([f.path for f in remote.files], include)
     files = [f for f in remote.files if f.path in set(names)]
-    weights = hub.weight_files(names)
+    weights = hub_common.weight_files(names)
     if not weights:
-        others = hub.other_weights(f.path for f in remote.files)
+        others = hub_common.other_weights(f.path for f in remote.files)
         listed = ", ".join(f"`{p}`" for p in others[:5]) or "none"
         message = (f"`{remote.repo_id}` has no `model*.safetensors` weights (other weight files: {listed}); "
                    "vmetal loads safetensors only")
@@ -242,7 +243,7 @@ def _plan_files(remote, include: list[str], force: bool, quiet_msgs: bool, where
     _say(f"{remote.repo_id} @ {where}: {len(files)} files, {human_size(total)}", quiet=quiet_msgs)
     skipped = [f.path for f in remote.files if f.path not in set(names)]
     if skipped and not quiet_msgs:
-        heavy = hub.other_weights(skipped)
+        heavy = hub_common.other_weights(skipped)
         if heavy:
             _say(f"skipping {len(heavy)} weight file(s) serving does not load ({', '.join(heavy[:3])}"
                  f"{', …' if len(heavy) > 3 else ''}); `--include PATTERN` fetches them")
@@ -295,26 +296,26 @@ def pull(
     json_out: JsonOption = False,
 ) -> None:
     """Download MODEL for serving: config, tokenizer and safetensors weights, resumable and verified."""
-    from vmetal import hub
+    from vmetal.hub_common import HubError
 
     try:
         _pull(model, source, revision, include or [], force, max_model_len, quiet, json_out)
-    except hub.HubError as exc:
+    except HubError as exc:
         raise VmetalError(exc.message, hint=exc.hint, exit_code=exc.exit_code) from None
 
 
 def _pull(model: str, source: str | None, revision: str | None, include: list[str], force: bool,
           max_model_len: int | None, quiet: bool, json_out: bool) -> None:
-    from vmetal import hub, registry
+    from vmetal import hub, hub_common, hub_store, registry
 
-    src = hub.resolve_source(source)
-    if hub.looks_local(model):
+    src = hub_common.resolve_source(source)
+    if hub_common.looks_local(model):
         path = Path(model).expanduser()
         if not path.is_dir():
             raise VmetalError(f"model folder `{model}` does not exist", exit_code=USAGE)
         _check_local(path.resolve(), max_model_len, force, quiet, json_out)
         return
-    if src == hub.MODELSCOPE:
+    if src == hub_common.MODELSCOPE:
         _pull_modelscope(model, revision, include, force, max_model_len, quiet, json_out)
         return
 
@@ -323,8 +324,8 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
     files, weights, weight_bytes, total = _plan_files(
         remote, include, force, quiet_msgs, f"{remote.revision} ({remote.commit[:12]})")
 
-    with hub.pull_lock(remote.repo_id):
-        config = hub.fetch_json(remote, "config.json")
+    with hub_store.pull_lock(remote.repo_id):
+        config = hub_store.fetch_json(remote, "config.json")
         _check_architecture(config, f"{remote.repo_id}/config.json")
         _check_config(config, f"{remote.repo_id}/config.json")
         report = _fit(config, weight_bytes, max_model_len, force, quiet_msgs, remote.repo_id) if weights \
@@ -336,8 +337,8 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
         # Incomplete until every file is verified again: a damaged blob is deleted before its refetch.
         registry.upsert(entry)
         with _progress_for(remote.repo_id, quiet_msgs) as view:
-            stats = hub.download(remote, files, progress=view)
-        _record_complete(entry, hub.finalize(remote, files))
+            stats = hub_store.download(remote, files, progress=view)
+        _record_complete(entry, hub_store.finalize(remote, files))
 
     _report_pull(entry, stats, files, report, origin="", serve_hint=f"`vmetal serve {remote.repo_id}`",
                  quiet_msgs=quiet_msgs, json_out=json_out)
@@ -346,10 +347,13 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
 def _pull_modelscope(model: str, revision: str | None, include: list[str], force: bool,
                      max_model_len: int | None, quiet: bool, json_out: bool) -> None:
     """`pull` from ModelScope (`vmetal.modelscope_hub`): the same checks, order and output as from Hugging Face."""
-    from vmetal import hub, registry
+    from vmetal import registry
     from vmetal import modelscope_hub as ms
+    from vmetal.hub_common import MODELSCOPE
 
-    hub.require_modelscope()
+    # Before anything else: without ModelScope's client the pull says how to get it (never a silent Hugging Face
+    # pull). `import modelscope` itself is not needed and costs seconds (torch).
+    ms.require_client()
     quiet_msgs = quiet or json_out
     remote = ms.fetch_info(model, revision=revision)
     files, weights, weight_bytes, total = _plan_files(
@@ -363,7 +367,7 @@ def _pull_modelscope(model: str, revision: str | None, include: list[str], force
         report = _fit(config, weight_bytes, max_model_len, force, quiet_msgs, remote.repo_id) if weights \
             else None
 
-        entry = registry.PulledModel(id=remote.repo_id, source=hub.MODELSCOPE, revision=remote.revision,
+        entry = registry.PulledModel(id=remote.repo_id, source=MODELSCOPE, revision=remote.revision,
                                      commit=None, path=str(remote.snapshot), size=total, files=len(files),
                                      status=registry.INCOMPLETE, extra={"endpoint": remote.endpoint})
         # Incomplete until every file is verified and in the snapshot folder.
@@ -417,9 +421,9 @@ def rm(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Remove a pulled model (its files in the hub cache and its entry in `vmetal list`)."""
-    from vmetal import hub, registry
+    from vmetal import hub_common, hub_store, registry
 
-    src = hub.SOURCE_ALIASES.get(source.lower()) if source else None
+    src = hub_common.SOURCE_ALIASES.get(source.lower()) if source else None
     if source and src is None:
         raise VmetalError(f"unknown source `{source}`: expected `huggingface` or `modelscope`", exit_code=USAGE)
     entries = registry.find(model, source=src, revision=revision)
@@ -441,10 +445,10 @@ def rm(
     for e in entries:
         others = [o for o in registry.pulled_models() if o.key != e.key and o.id.lower() == e.id.lower()
                   and o.source == e.source]
-        if e.source == hub.HUGGINGFACE:
+        if e.source == hub_common.HUGGINGFACE:
             if not any(o.commit == e.commit for o in others):
-                hub.remove_snapshot(e.id, e.commit)
-        elif e.source == hub.MODELSCOPE:
+                hub_store.remove_snapshot(e.id, e.commit)
+        elif e.source == hub_common.MODELSCOPE:
             from vmetal import modelscope_hub
 
             # The folder recorded at pull time: the cache settings may have changed since.

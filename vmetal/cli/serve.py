@@ -116,11 +116,11 @@ def pull_first(model_id: str, max_model_len: int | None) -> str:
     Pulling here rather than in the engine gives the user `vmetal pull`'s progress, checks
     and resumability, and the engine then loads from disk only.
     """
-    from vmetal import hub, registry
+    from vmetal import hub_common, registry
     from vmetal.cli import pull as pull_cmd
 
     pull_cmd._pull(model_id, None, None, [], False, max_model_len, quiet=False, json_out=False)
-    done = [e for e in registry.find(model_id, source=hub.resolve_source(None))
+    done = [e for e in registry.find(model_id, source=hub_common.resolve_source(None))
             if e.complete and Path(e.path).is_dir()]
     entry = max(done, key=lambda e: e.pulled_at or 0, default=None)
     if entry is None:

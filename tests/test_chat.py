@@ -24,7 +24,8 @@ import psutil
 import pytest
 
 from conftest import free_port
-from vmetal.chat_session import ChatClient, ChatError, Conversation, Delta, parse_command, parse_setting
+from vmetal.chat_client import ChatClient, Delta
+from vmetal.chat_session import ChatError, Conversation, parse_command, parse_setting
 from vmetal.cli import chat as chat_cmd
 from vmetal.server import ServerProcess
 

@@ -9,8 +9,8 @@ What the terminal shows (`ReplyView`): the reply streams as it is generated; on 
 redrawn as Markdown (if it still fits on the screen to be erased). Scripts (`-p`, or text piped in) get
 only the reply on stdout, no colour, and errors on stderr with exit 1.
 
-The conversation, the slash commands and the HTTP client live in `vmetal.chat_session`; this module is the
-terminal around them.
+The conversation and the slash commands live in `vmetal.chat_session`, the HTTP client in
+`vmetal.chat_client`; this module is the terminal around them.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from typing import Annotated, Any, TextIO
 import typer
 
 from vmetal.cli import model_and_passthrough
-from vmetal.chat_session import (COMMANDS, SETTINGS, APIError, ChatClient, ChatError, Conversation, Delta,
-                                 Reply, ServerUnreachable, check_setting, is_command,
-                                 parse_command)
+from vmetal.chat_client import APIError, ChatClient, Delta, Reply, ServerUnreachable
+from vmetal.chat_session import COMMANDS, SETTINGS, ChatError, Conversation, check_setting, is_command, parse_command
 from vmetal.cli.errors import USAGE, VmetalError
 from vmetal.cli.serve import DEMO_SERVED_NAME, load_flags_config, resolve_model, say
 from vmetal.server import DEFAULT_HOST, DEFAULT_PORT, READY_TIMEOUT_S, ServerProcess, free_port

@@ -26,7 +26,7 @@ import pytest
 from conftest import free_port
 from vmetal.chat_client import ChatClient, Delta
 from vmetal.chat_session import ChatError, Conversation, parse_command, parse_setting
-from vmetal.cli import chat as chat_cmd
+from vmetal.cli import chat_repl, chat_view
 from vmetal.server import ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -88,7 +88,7 @@ def test_finished_reply_is_redrawn_as_markdown(monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setenv("LINES", "24")
     out = FakeTerminal()
-    view = chat_cmd.ReplyView(out, markdown=True)
+    view = chat_view.ReplyView(out, markdown=True)
     for piece in ("# Title\n\nSome **bold", "** text\x1b[2J and `code`"):
         view.write(Delta(piece))
     streamed = out.getvalue()
@@ -102,14 +102,14 @@ def test_finished_reply_is_redrawn_as_markdown(monkeypatch):
 
     # A reply taller than the screen cannot be erased: it stays as streamed.
     out = FakeTerminal()
-    view = chat_cmd.ReplyView(out, markdown=True)
+    view = chat_view.ReplyView(out, markdown=True)
     view.write(Delta("line\n" * 30 + "end"))
     view.finish("line\n" * 30 + "end")
     assert out.getvalue() == "line\n" * 30 + "end\n"
 
     # Not a terminal: the text as it came, and a final newline.
     out = io.StringIO()
-    view = chat_cmd.ReplyView(out, markdown=True)
+    view = chat_view.ReplyView(out, markdown=True)
     view.write(Delta("**raw**", ))
     view.write(Delta("thinking", reasoning=True))
     view.finish("**raw**")
@@ -137,9 +137,9 @@ class ScriptedEditor:
 ])
 def test_multi_line_input(lines, message):
     editor = ScriptedEditor(lines)
-    repl = chat_cmd.Repl(None, Conversation(), editor, stats=False, markdown=False)
+    repl = chat_repl.Repl(None, Conversation(), editor, stats=False, markdown=False)
     assert repl.read_message() == message and editor.lines == []
-    assert editor.prompts[1:] == [chat_cmd.CONTINUATION] * (len(lines) - 1)
+    assert editor.prompts[1:] == [chat_repl.CONTINUATION] * (len(lines) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------

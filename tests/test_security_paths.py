@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from hubserver import HubServer, Repo
 from test_pull import env  # noqa: F401 - the isolated Hugging Face home the local hub needs
 from vmetal import hub as vhub
-from vmetal import modelscope_hub, registry
+from vmetal import modelscope_store, registry
 from vmetal.cli.app import app
 
 runner = CliRunner()
@@ -208,10 +208,10 @@ def test_modelscope_remove_refuses_traversing_revisions_and_links(env, bait):
     cache = env / "ms"
     snaps = cache / "models" / "acme--m" / "snapshots"
     snaps.mkdir(parents=True)
-    assert modelscope_hub.remove_snapshot(snaps / ".." / ".." / ".." / ".." / "outside",
-                                          "../../../../outside") == 0
+    assert modelscope_store.remove_snapshot(snaps / ".." / ".." / ".." / ".." / "outside",
+                                            "../../../../outside") == 0
     os.symlink(bait, snaps / "master")
-    assert modelscope_hub.remove_snapshot(snaps / "master", "master") == 0
+    assert modelscope_store.remove_snapshot(snaps / "master", "master") == 0
     assert tree(bait) == {"keep.txt": BAIT}
 
 

@@ -1,27 +1,24 @@
-"""ModelScope resolution and download for `vmetal pull --source modelscope` (and VLLM_USE_MODELSCOPE=true).
+"""ModelScope resolution for `vmetal pull --source modelscope` (and VLLM_USE_MODELSCOPE=true): where a model lives
+(endpoint, cache), what ModelScope lists for a revision, what a failed request means for the user, and driving
+ModelScope's client without its own bars and log lines. The download and the snapshot folder are
+`vmetal.modelscope_store`'s.
 
 The same order as the Hugging Face path (`vmetal.hub_common` describes it), so a wrong id or an oversized model
 costs no gigabytes:
 
 1. `fetch_info`: the revisions (is `--revision` a branch or tag?) and the file list (sizes, sha256).
 2. `select_files` (from `vmetal.hub_common`): only what serving needs.
-3. `fetch_json(remote, "config.json")`: the caller checks the architecture and the fit before any weight.
-4. `download`: the rest, through ModelScope's own client, each file checked against the sha256 ModelScope lists.
-5. `finalize`: only now does `snapshots/<revision>` appear (or get the new files), so an interrupted pull never
-   leaves a folder that `serve` or an offline ModelScope lookup would take for a model.
+3. `modelscope_store.fetch_json(remote, "config.json")`: the caller checks the architecture and the fit before
+   any weight.
+4. `modelscope_store.download`: the rest, through ModelScope's own client, each file checked against the sha256
+   ModelScope lists.
+5. `modelscope_store.finalize`: only now does `snapshots/<revision>` appear (or get the new files), so an
+   interrupted pull never leaves a folder that `serve` or an offline ModelScope lookup would take for a model.
 
 Every request goes through `modelscope_hub`, the hub client that `modelscope` (>= 1.38) delegates
 `snapshot_download` / `model_file_download` / `HubApi.get_model_files` to: `HubApi.list_repo_revisions`,
-`list_repo_files`, `download_repo`. vmetal adds the staging folder and the checks around it:
+`list_repo_files`, `download_repo`. Where things are:
 
-- Files are fetched into `<repo>/.vmetal-partial/<revision>/` (`download_repo(local_dir=…)`), where ModelScope keeps
-  `<file>.incomplete` across runs and resumes it with an HTTP Range request: a pull stopped by Ctrl-C, a crash or a
-  dropped connection continues from its last byte when run again. (With MODELSCOPE_DOWNLOAD_PARALLEL_WORKERS > 1,
-  files over 500 MB come in ranged parts that are kept and resumed the same way; `resumed` then does not count
-  them.) Each file gets a day in all unless MODELSCOPE_DOWNLOAD_TOTAL_TIMEOUT says otherwise (ModelScope's own
-  default, an hour, is too short for a large shard on a slow line); stalls are still cut after a minute.
-- ModelScope's client verifies each download against the listed sha256 (and size) and fetches a mismatch again;
-  vmetal verifies what is already on disk before reusing it, and a damaged copy is fetched again.
 - The cache is ModelScope's own layout (`<cache>/models/<owner>--<name>/snapshots/<revision>/`), so ModelScope's
   own tools (its offline lookups, `snapshot_download`, vLLM with VLLM_USE_MODELSCOPE=true) reuse what vmetal
   pulled. The cache is VLLM_METAL_MODELSCOPE_CACHE when set, else MODELSCOPE_CACHE, else `~/.cache/modelscope`
@@ -36,19 +33,16 @@ Every request goes through `modelscope_hub`, the hub client that `modelscope` (>
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
-import shutil
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmetal.hub_common import (MODELSCOPE, DownloadStats, HubError, Interrupted, PullProgress, RemoteFile,
-                               file_digest_ok, folder_lock)
+from vmetal.hub_common import MODELSCOPE, HubError, PullProgress, RemoteFile
 
 DEFAULT_REVISION = "master"        # ModelScope's default branch
 DEFAULT_ENDPOINT = "https://modelscope.cn"
@@ -57,7 +51,6 @@ STAGING = ".vmetal-partial"
 MIN_CLIENT = (0, 5)                # modelscope_hub: `download_repo(file_list=…)`, `download_file(file_size=…)`
 PACKAGE_HINT = "pip install 'modelscope>=1.40,<2'"
 TOKEN_HINT = "set MODELSCOPE_API_TOKEN to a ModelScope access token (or run `modelscope login`)"
-DEFAULT_WORKERS = 4
 _COMMITISH = re.compile(r"^[0-9a-f]{7,64}$")
 
 
@@ -171,7 +164,7 @@ def fetch_info(repo_id: str, *, revision: str | None = None, endpoint: str | Non
     api = _api(endpoint, cache)
     shown = endpoint or DEFAULT_ENDPOINT
     try:
-        with _quiet_client(PullProgress()):
+        with quiet_client(PullProgress()):
             if endpoint is None:
                 shown = endpoint = api.resolve_endpoint_for_read(repo_id, repo_type=REPO_TYPE)
                 api = _api(endpoint, cache)
@@ -185,7 +178,7 @@ def fetch_info(repo_id: str, *, revision: str | None = None, endpoint: str | Non
                        hint=f"its branches and tags: {listed}; pass one of them (or a commit) to `--revision`",
                        kind="revision")
     try:
-        with _quiet_client(PullProgress()):
+        with quiet_client(PullProgress()):
             listing = api.list_repo_files(repo_id, REPO_TYPE, revision=revision, recursive=True)
     except Exception as exc:  # noqa: BLE001
         from modelscope_hub.errors import NotExistError
@@ -266,7 +259,7 @@ def explain_error(exc: BaseException, repo_id: str, *, endpoint: str, revision: 
     return exc
 
 
-# ----------------------------------------------------------------------------------------- download
+# ------------------------------------------------------------------------------------ the client, quietly
 
 
 class _NoBar:
@@ -305,7 +298,7 @@ FILE_TIME_BUDGET_S = 24 * 3600
 
 
 @contextlib.contextmanager
-def _quiet_client(progress: PullProgress) -> Iterator[None]:
+def quiet_client(progress: PullProgress) -> Iterator[None]:
     """No tqdm bars and no log lines of ModelScope's own on the terminal while vmetal drives it (and the per-file
     time budget above). Both are module attributes of `modelscope_hub._download`, left alone if they move."""
     import modelscope_hub._download as msdl
@@ -332,219 +325,3 @@ def _quiet_client(progress: PullProgress) -> Iterator[None]:
             if budget is not None:
                 msdl.DOWNLOAD_TOTAL_TIMEOUT = budget
 
-
-def pull_lock(repo_id: str, cache: Path) -> contextlib.AbstractContextManager[None]:
-    """One `vmetal pull` per model at a time (two would write the same partial files)."""
-    return folder_lock(repo_folder(repo_id, cache), repo_id)
-
-
-def _ok(path: Path, f: RemoteFile) -> bool:
-    return path.is_file() and file_digest_ok(path, f)
-
-
-def local_copy(remote: MsModel, f: RemoteFile) -> Path | None:
-    """The verified copy of `f` on disk (in the snapshot or the staging folder), if there is one."""
-    for base in (remote.snapshot, remote.staging):
-        if _ok(base / f.path, f):
-            return base / f.path
-    return None
-
-
-def download(remote: MsModel, files: Sequence[RemoteFile], *, progress: PullProgress | None = None,
-             workers: int = DEFAULT_WORKERS) -> DownloadStats:
-    """Bring every file of `files` to disk, verified: in the snapshot already, or in the staging folder.
-
-    Verified copies are kept; a damaged copy is fetched again; `<file>.incomplete` from an earlier run is resumed
-    from its last byte (by ModelScope's client). Raises `Interrupted` on Ctrl-C.
-    """
-    progress = progress or PullProgress()
-    stats = DownloadStats()
-    snap, staging = remote.snapshot, remote.staging
-    pending: list[RemoteFile] = []
-    present = 0
-    for f in files:
-        in_snap, in_staging = snap / f.path, staging / f.path
-        if in_snap.is_file():
-            if _ok(in_snap, f):
-                stats.reused.append(f.path)
-                present += f.size
-                continue
-            # Left in place until its verified replacement lands (finalize), so no file goes missing meanwhile.
-            progress.note(f"the cached `{f.path}` does not match what ModelScope lists ({_what_differs(in_snap, f)}:"
-                          " damaged, or updated upstream); fetching it again")
-            stats.refetched.append(f.path)
-        if in_staging.is_file():
-            if _ok(in_staging, f):
-                stats.reused.append(f.path)
-                present += f.size
-                continue
-            in_staging.unlink()
-        pending.append(f)
-    resumed: dict[str, int] = {}
-    for f in pending:
-        part = staging / (f.path + ".incomplete")
-        if part.is_file() and 0 < part.stat().st_size <= f.size:
-            resumed[f.path] = part.stat().st_size
-    stats.resumed_from.update(resumed)
-    progress.plan(sum(f.size for f in files), present + sum(resumed.values()))
-    if not pending:
-        return stats
-    unchecked = [f.path for f in pending if not f.sha256]
-    if unchecked:
-        progress.note("ModelScope lists no sha256 for " + ", ".join(f"`{p}`" for p in unchecked[:3])
-                      + (", …" if len(unchecked) > 3 else "") + "; checked by size only")
-
-    from modelscope_hub import ProgressCallback
-
-    by_path = {f.path: f for f in pending}
-    lock = threading.Lock()
-
-    class Callback(ProgressCallback):
-        """One per file, made by ModelScope's downloader: bytes to vmetal's progress and stats."""
-
-        def __init__(self, filename: str, file_size: int) -> None:
-            super().__init__(filename, file_size)
-            self.file = by_path.get(filename) or RemoteFile(filename, int(file_size or 0))
-            self.resume = resumed.get(filename, 0)
-            self.first = True
-            progress.file_started(self.file, self.resume)
-
-        def update(self, size: int) -> None:
-            if self.first:
-                self.first = False
-                if self.resume and size == self.resume:
-                    return  # the bytes an earlier run left, which ModelScope counts first
-            if size > 0:
-                with lock:
-                    stats.downloaded += size
-            progress.advance(self.file, size)
-
-        def end(self) -> None:
-            if (staging / self.file.path).is_file():
-                progress.file_finished(self.file)
-
-    staging.mkdir(parents=True, exist_ok=True)
-    listing = [{"Path": f.path, "Size": f.size, "Sha256": f.sha256, "Type": "blob"} for f in pending]
-    try:
-        with _quiet_client(progress):
-            remote.api.download_repo(remote.repo_id, REPO_TYPE, revision=remote.revision, cache_dir=remote.cache,
-                                     local_dir=staging, file_list=listing, max_workers=max(1, workers),
-                                     progress_callbacks=[Callback])
-    except KeyboardInterrupt:
-        raise Interrupted(f"pull of `{remote.repo_id}` interrupted; what arrived so far is kept",
-                          hint="run the same `vmetal pull` again to continue where it stopped") from None
-    except Exception as exc:  # noqa: BLE001 - translated, or re-raised as is
-        raise explain_error(exc, remote.repo_id, endpoint=remote.endpoint, revision=remote.revision) from exc
-    for f in pending:
-        got = staging / f.path
-        if not got.is_file() or got.stat().st_size != f.size:
-            raise HubError(f"`{f.path}` is missing or truncated after its download from ModelScope",
-                           hint="run the pull again", kind="integrity")
-    return stats
-
-
-def _what_differs(path: Path, f: RemoteFile) -> str:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return "unreadable"
-    return "size mismatch" if size != f.size else "sha256 mismatch"
-
-
-def fetch_json(remote: MsModel, path: str, *, progress: PullProgress | None = None) -> dict[str, Any]:
-    """Download (verified) and parse one small JSON file of `remote`, e.g. `config.json`."""
-    f = remote.file(path)
-    if f is None:
-        raise HubError(f"`{remote.repo_id}` has no `{path}`: not a transformers-style model repo",
-                       hint="vmetal serves transformers-style checkpoints (config.json + safetensors)",
-                       kind="not_a_model")
-    download(remote, [f], progress=progress)
-    copy = local_copy(remote, f)
-    if copy is None:
-        raise HubError(f"`{path}` of `{remote.repo_id}` is missing after its download", kind="integrity")
-    try:
-        return json.loads(copy.read_text())
-    except ValueError as exc:
-        raise HubError(f"`{path}` of `{remote.repo_id}` is not valid JSON: {exc}", kind="not_a_model") from exc
-
-
-def finalize(remote: MsModel, files: Sequence[RemoteFile], *, progress: PullProgress | None = None) -> Path:
-    """Move the verified files from the staging folder into `snapshots/<revision>`; the snapshot folder.
-
-    A new snapshot appears in one rename, complete; an existing one gets each new file by an atomic replace.
-    Root-level `model*.safetensors` the revision no longer lists are removed from it (mlx-lm loads every one).
-    """
-    progress = progress or PullProgress()
-    snap, staging = remote.snapshot, remote.staging
-    if not snap.is_dir() or not any(snap.iterdir()):
-        # Exactly the files of this pull: not partials, not what an earlier, different pull left in staging.
-        wanted = {f.path for f in files}
-        for leftover in [p for p in staging.rglob("*") if p.is_file() or p.is_symlink()]:
-            if leftover.relative_to(staging).as_posix() not in wanted:
-                leftover.unlink()
-        snap.parent.mkdir(parents=True, exist_ok=True)
-        if snap.is_dir():
-            snap.rmdir()
-        staging.mkdir(parents=True, exist_ok=True)
-        os.rename(staging, snap)
-    else:
-        for f in files:
-            src = staging / f.path
-            if src.is_file():
-                (snap / f.path).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, snap / f.path)
-        listed = {f.path for f in remote.files}
-        for stale in sorted(snap.glob("model*.safetensors")):
-            if stale.name not in listed:
-                progress.note(f"removing `{stale.name}` from {snap}: revision `{remote.revision}` no longer has it")
-                stale.unlink()
-        shutil.rmtree(staging, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        (repo_folder(remote.repo_id, remote.cache) / STAGING).rmdir()   # only when empty
-    missing = [f.path for f in files if not (snap / f.path).is_file()]
-    if missing:
-        raise HubError(f"`{missing[0]}` is missing from {snap} after the pull", hint="run the pull again",
-                       kind="integrity")
-    return snap
-
-
-# ----------------------------------------------------------------------------------------- removal
-
-
-def remove_snapshot(path: str | Path, revision: str) -> int:
-    """Delete the snapshot folder a pull recorded (`…/models/<owner>--<name>/snapshots/<revision>`), its staging
-    folder, and the repo folder once no snapshot is left. Returns bytes freed; 0 for a path of another shape."""
-    from vmetal.safe_paths import UnsafePathError, check_relative, linked_component
-
-    try:
-        check_relative(revision, "revision")
-    except UnsafePathError:
-        return 0  # not a shape a pull records: nothing of it is vmetal's to delete
-    snap = Path(path)
-    depth = len(Path(revision).parts)
-    snapshots = snap
-    for _ in range(depth):
-        snapshots = snapshots.parent
-    try:
-        if snapshots.name != "snapshots" or snap.relative_to(snapshots).as_posix() != revision:
-            return 0
-    except ValueError:
-        return 0
-    repo = snapshots.parent
-    if linked_component(repo.parent, snap) is not None or repo.is_symlink():
-        return 0  # vmetal never links these folders; following one would delete what it points to
-    freed = 0
-    for d in (snap, repo / STAGING / revision.replace("/", "--")):
-        if d.is_dir():
-            freed += sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and not p.is_symlink())
-            shutil.rmtree(d, ignore_errors=True)
-    # Empty parents of a revision with a `/` in it, then the repo folder when nothing else is in it.
-    parent = snap.parent
-    while parent != snapshots and parent.is_dir() and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
-    with contextlib.suppress(OSError):
-        (repo / STAGING).rmdir()
-    if not (snapshots.is_dir() and any(snapshots.iterdir())):
-        shutil.rmtree(repo, ignore_errors=True)
-    return freed

@@ -2,7 +2,7 @@
 
 `pull` checks everything it can from the repo's metadata and `config.json` (id, access, architecture,
 memory fit) before the first weight byte, then downloads through `vmetal.hub_store` (or
-`vmetal.modelscope_hub`) with one progress line per file and a total, and records the model in
+`vmetal.modelscope_store`) with one progress line per file and a total, and records the model in
 `vmetal.registry` only once every file is verified. Data (`--json`, the `list` table) goes to stdout,
 everything else to stderr.
 """
@@ -346,8 +346,9 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
 
 def _pull_modelscope(model: str, revision: str | None, include: list[str], force: bool,
                      max_model_len: int | None, quiet: bool, json_out: bool) -> None:
-    """`pull` from ModelScope (`vmetal.modelscope_hub`): the same checks, order and output as from Hugging Face."""
-    from vmetal import registry
+    """`pull` from ModelScope (`vmetal.modelscope_hub`, `vmetal.modelscope_store`): the same checks, order and
+    output as from Hugging Face."""
+    from vmetal import modelscope_store, registry
     from vmetal import modelscope_hub as ms
     from vmetal.hub_common import MODELSCOPE
 
@@ -359,9 +360,9 @@ def _pull_modelscope(model: str, revision: str | None, include: list[str], force
     files, weights, weight_bytes, total = _plan_files(
         remote, include, force, quiet_msgs, f"{remote.revision} from ModelScope ({remote.endpoint})")
 
-    with ms.pull_lock(remote.repo_id, remote.cache):
+    with modelscope_store.pull_lock(remote.repo_id, remote.cache):
         with _progress_for(remote.repo_id, True) as silent:
-            config = ms.fetch_json(remote, "config.json", progress=silent)
+            config = modelscope_store.fetch_json(remote, "config.json", progress=silent)
         _check_architecture(config, f"{remote.repo_id}/config.json")
         _check_config(config, f"{remote.repo_id}/config.json")
         report = _fit(config, weight_bytes, max_model_len, force, quiet_msgs, remote.repo_id) if weights \
@@ -373,8 +374,8 @@ def _pull_modelscope(model: str, revision: str | None, include: list[str], force
         # Incomplete until every file is verified and in the snapshot folder.
         registry.upsert(entry)
         with _progress_for(remote.repo_id, quiet_msgs) as view:
-            stats = ms.download(remote, files, progress=view)
-            snap = ms.finalize(remote, files, progress=view)
+            stats = modelscope_store.download(remote, files, progress=view)
+            snap = modelscope_store.finalize(remote, files, progress=view)
         _record_complete(entry, snap)
 
     _report_pull(entry, stats, files, report, origin=" from ModelScope",
@@ -449,10 +450,10 @@ def rm(
             if not any(o.commit == e.commit for o in others):
                 hub_store.remove_snapshot(e.id, e.commit)
         elif e.source == hub_common.MODELSCOPE:
-            from vmetal import modelscope_hub
+            from vmetal import modelscope_store
 
             # The folder recorded at pull time: the cache settings may have changed since.
-            if not modelscope_hub.remove_snapshot(e.path, e.revision) and Path(e.path).exists():
+            if not modelscope_store.remove_snapshot(e.path, e.revision) and Path(e.path).exists():
                 warn(f"left {e.path} alone: not a ModelScope snapshot folder")
         registry.remove(e)
     _say(f"removed {what} ({human_size(total)})")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vmetal import install_plan
+from vmetal import install_plan, install_venv
 from vmetal.install_plan import UnsupportedPlatform, plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,6 +244,22 @@ def test_bad_version_is_an_error_line():
     assert r.stderr.startswith("error: invalid vLLM version")
 
 
+
+def test_standalone_check_and_probe_load_install_venv(tmp_path):
+    # --check and --probe-url run install_venv.py, which the script loads from beside itself.
+    from importlib import metadata
+
+    from conftest import free_port
+
+    dist = install_plan.vllm_distribution(platform.system())
+    r = subprocess.run([sys.executable, str(PLAN_PY), "--check", "--vllm-version", "0.0.1"],
+                       capture_output=True, text=True, cwd="/", timeout=60)
+    assert (r.returncode, r.stderr) == (1, "")
+    assert f"{dist} {metadata.version(dist)} installed, 0.0.1 wanted" in r.stdout.splitlines()
+    r = subprocess.run([sys.executable, str(PLAN_PY), "--probe-url", f"http://127.0.0.1:{free_port()}/"],
+                       capture_output=True, text=True, cwd="/", timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "")
+
 # --- plan() ----------------------------------------------------------------------------
 
 
@@ -312,8 +328,8 @@ def test_mlx_lm_pin_matches_pyproject():
 
 
 def test_check_installed_reports_mismatches():
-    assert not [p for p in install_plan.check_installed({"pytest": pytest.__version__}) if "pytest" in p]
-    problems = install_plan.check_installed({"pytest": "0.0.1", "no-such-dist-xyz": "1.0"}, python_version="2.7")
+    assert not [p for p in install_venv.check_installed({"pytest": pytest.__version__}) if "pytest" in p]
+    problems = install_venv.check_installed({"pytest": "0.0.1", "no-such-dist-xyz": "1.0"}, python_version="2.7")
     assert any("pytest" in p and "0.0.1 wanted" in p for p in problems)
     assert "no-such-dist-xyz missing (1.0 wanted)" in problems
     assert any("Python" in p and "2.7 wanted" in p for p in problems)
@@ -321,12 +337,12 @@ def test_check_installed_reports_mismatches():
 
 def test_marker_round_trip(tmp_path):
     path = tmp_path / install_plan.MARKER_NAME
-    payload = install_plan.marker_payload("0.32.0", "cpu", source=str(REPO), editable=True)
-    install_plan.write_marker(str(path), payload)
+    payload = install_venv.marker_payload("0.32.0", "cpu", source=str(REPO), editable=True)
+    install_venv.write_marker(str(path), payload)
     data = json.loads(path.read_text())
     for key in ("vmetal_version", "vllm_version", "python", "created_at", "updated_at", "created_by"):
         assert key in data
     assert data["vllm_version"] == "0.32.0" and data["created_by"] == "install.sh"
-    again = install_plan.marker_payload("0.32.0", "cpu", previous=install_plan.read_marker(str(path)))
+    again = install_venv.marker_payload("0.32.0", "cpu", previous=install_venv.read_marker(str(path)))
     assert again["created_at"] == data["created_at"]
     assert list(tmp_path.iterdir()) == [path]  # written atomically, no temp file left

@@ -9,6 +9,9 @@ Two users share this file:
   imports the `vmetal` package (which needs mlx and friends).
 * `vmetal install` (and `doctor`) import it as `vmetal.install_plan` and call `plan()`.
 
+What install.sh asks of a venv's own Python (`--check`, `--write-marker`) is in `install_venv.py`,
+stdlib only as well, which this file loads by its path when it runs as a script.
+
 Each pin below is the only copy in the repository, except `mlx-lm`, which
 `pyproject.toml` also pins as a dependency of vmetal; a test keeps the two equal.
 """
@@ -18,19 +21,18 @@ from __future__ import annotations
 import os
 import sys
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
 if __name__ == "__main__":  # pragma: no cover - exercised through install.sh
     # Run as a script, Python puts this folder (vmetal/) first on sys.path, where
     # vmetal/platform.py would shadow the stdlib module of the same name.
-    _HERE = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
-import datetime
-import json
 import platform
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 # --- The pins ---------------------------------------------------------------------------
 
@@ -69,7 +71,6 @@ LINUX_MACHINES = ("x86_64", "aarch64")
 
 MARKER_NAME = ".vmetal-venv"  # JSON; `vmetal uninstall` deletes only venvs that have it
 IN_PROGRESS_NAME = ".vmetal-install-in-progress"  # present while install.sh builds a venv
-MARKER_FORMAT = 1
 
 _VERSION_RE = re.compile(r"^[0-9]+(\.[0-9]+)*((a|b|rc|\.post|\.dev)[0-9]+)*$")
 
@@ -269,119 +270,6 @@ def plan(
     return steps
 
 
-# --- Inspecting / marking a venv (run with the venv's own Python) -------------------------
-
-
-def check_installed(
-    expected: Dict[str, str],
-    python_version: Optional[PythonVersion] = None,
-    with_vmetal: bool = False,
-) -> List[str]:
-    """Problems with the running environment against the expected pins ([] = matches)."""
-    from importlib import metadata
-
-    problems = []
-    try:
-        check_platform(platform.system(), platform.machine(), sys.version_info)
-    except UnsupportedPlatform as e:
-        problems.append(str(e))
-    if python_version is not None:
-        want = python_tuple(python_version)
-        have = sys.version_info[:2]
-        if tuple(have) != want:
-            problems.append("Python {}.{} in the venv, {}.{} wanted".format(*have, *want))
-    for name, version in expected.items():
-        try:
-            have_version = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            problems.append(f"{name} missing ({version} wanted)")
-            continue
-        # The macOS wheel is `0.32.0+cpu`; compare the public part.
-        if have_version.split("+")[0] != version.split("+")[0]:
-            problems.append(f"{name} {have_version} installed, {version} wanted")
-    if with_vmetal:
-        try:
-            metadata.version("vmetal")
-        except metadata.PackageNotFoundError:
-            problems.append("vmetal is not installed")
-        else:
-            eps = metadata.entry_points()
-            group = (
-                eps.select(group="vllm.platform_plugins")
-                if hasattr(eps, "select")
-                else eps.get("vllm.platform_plugins", [])  # Python < 3.10
-            )
-            if not any(ep.name == "vmetal" for ep in group):
-                problems.append("vmetal's vllm.platform_plugins entry point is missing")
-    return problems
-
-
-def marker_payload(
-    vllm_version: str,
-    mlx_extra: str,
-    source: Optional[str] = None,
-    editable: bool = False,
-    created_by: str = "install.sh",
-    previous: Optional[dict] = None,
-) -> dict:
-    from importlib import metadata
-
-    def version_of(name: str) -> Optional[str]:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-    created_at = (previous or {}).get("created_at") or now
-    return {
-        "format": MARKER_FORMAT,
-        "created_by": created_by,
-        "vmetal_version": version_of("vmetal"),
-        "vllm_version": vllm_version,
-        "vllm_distribution": vllm_distribution(platform.system()),
-        "mlx_version": version_of("mlx"),
-        "mlx_extra": mlx_extra,
-        "mlx_lm_version": version_of("mlx-lm"),
-        "python": platform.python_version(),
-        "python_executable": sys.executable,
-        "platform": f"{platform.system()}-{platform.machine()}",
-        "source": source,
-        "editable": editable,
-        "created_at": created_at,
-        "updated_at": now,
-    }
-
-
-def read_marker(path: str) -> Optional[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_marker(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def url_reachable(url: str, timeout: float = 5.0) -> bool:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-            return True
-    except urllib.error.HTTPError as e:  # the server answered: reachable
-        return e.code < 500
-    except Exception:  # noqa: BLE001 - DNS, refused, timeout, TLS: all mean "not usable"
-        return False
-
 
 # --- Command line (for install.sh) -------------------------------------------------------
 
@@ -434,6 +322,20 @@ def shell_values(vllm_version: Optional[str], mlx_extra: Optional[str]) -> Dict[
     }
 
 
+def _install_venv() -> Any:
+    """install_venv.py, loaded by its path: this folder is off sys.path (see the top of this file).
+
+    It imports this module back as `install_plan`, so that both share one `UnsupportedPlatform`.
+    """
+    import importlib.util
+
+    sys.modules.setdefault("install_plan", sys.modules[__name__])
+    spec = importlib.util.spec_from_file_location("install_venv", os.path.join(_HERE, "install_venv.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(
         prog="install_plan.py",
@@ -457,7 +359,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         if args.python_candidates:
             print("\n".join(python_candidates(platform.system())))
         elif args.probe_url:
-            return 0 if url_reachable(args.probe_url) else 1
+            return 0 if _install_venv().url_reachable(args.probe_url) else 1
         elif args.shell:
             for key, value in shell_values(args.vllm_version, args.mlx_extra).items():
                 print(f"{key}={value}")
@@ -465,17 +367,18 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             system = platform.system()
             extra = resolve_mlx_extra(system, args.mlx_extra)
             version = vllm_version_for(system, args.vllm_version)
+            venv = _install_venv()
             if args.check:
-                problems = check_installed(
+                problems = venv.check_installed(
                     expected_distributions(system, version, extra), args.expect_python, args.with_vmetal
                 )
                 for problem in problems:
                     print(problem)
                 return 1 if problems else 0
-            payload = marker_payload(
-                version, extra, args.source, args.editable, previous=read_marker(args.write_marker)
+            payload = venv.marker_payload(
+                version, extra, args.source, args.editable, previous=venv.read_marker(args.write_marker)
             )
-            write_marker(args.write_marker, payload)
+            venv.write_marker(args.write_marker, payload)
     except UnsupportedPlatform as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

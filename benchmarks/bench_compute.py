@@ -114,8 +114,10 @@ def render(r: dict) -> str:
         f"- Same greedy tokens on both paths: {'yes' if r['same_tokens'] else '**no**'} "
         f"({r['max_tokens']} tokens of the single-stream request compared).",
         "- Both paths share vLLM's scheduler, vmetal's runner logic and vLLM's sampler; only the forward differs "
-        "(MLX: mlx-lm model, per-request KVCache then one left-padded BatchKVCache; torch: the transformers model, "
-        "DynamicCache per request then a batched left-padded cache).",
+        "(MLX: the mlx-lm model with its KV caches; torch: the transformers model with DynamicCaches).",
+        "- What this host compares is CPU kernels: MLX's CPU backend runs the model's matmuls at ~2 GFLOP/s on about "
+        "one core (engine section), torch's CPU kernels use both cores at many times that, and their lead grows "
+        "with the batch because MLX's CPU matmul is compute-bound already at one row.",
         "- On a Mac the comparison the seed makes is MLX on Metal vs torch on MPS; neither exists on this host, "
         "so this row says nothing about it. Run the same script on a Mac for that number.",
     ]

@@ -105,6 +105,25 @@ def metrics(http: httpx.Client, base_url: str) -> dict[str, float]:
     return out
 
 
+def wait_running(http: httpx.Client, base_url: str, at_least: int, timeout: float = 60) -> None:
+    """Until the engine holds `at_least` requests (vLLM's gauge), so a fault meets work in flight."""
+    deadline = time.monotonic() + timeout
+    while metrics(http, base_url)["vllm:num_requests_running"] < at_least:
+        assert time.monotonic() < deadline, "the load never reached the engine"
+        time.sleep(0.05)
+
+
+def launch(pool, http: httpx.Client, model: str, jobs, max_tokens: int) -> list:
+    """Submit (kind, prompt index, stream) jobs; each future gives (job, Reply or None, exception or None)."""
+    def one(job):
+        kind, p, stream = job
+        try:
+            return job, send(http, model, kind, PROMPTS[p], max_tokens, stream), None
+        except Exception as exc:  # noqa: BLE001 - the outcome under test
+            return job, None, exc
+    return [pool.submit(one, job) for job in jobs]
+
+
 def group_processes(pid: int) -> list:
     """The live processes of the process group `pid` leads (the server and everything vLLM started)."""
     import psutil

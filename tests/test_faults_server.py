@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from conftest import free_port
-from loadclient import KINDS, PROMPTS, VmetalServe, send
+from loadclient import KINDS, VmetalServe, launch, wait_running
 from vmetal.server import check_port_free
 
 pytestmark = pytest.mark.slow
@@ -33,33 +33,13 @@ def vmetal_serve(qwen3_model):
         server.close()
 
 
-def wait_running(http: httpx.Client, server: VmetalServe, at_least: int, timeout: float = 60) -> None:
-    """Until the engine holds `at_least` requests (vLLM's gauge), so the fault meets work in flight."""
-    from loadclient import metrics
-
-    deadline = time.monotonic() + timeout
-    while metrics(http, server.url)["vllm:num_requests_running"] < at_least:
-        assert time.monotonic() < deadline, "the load never reached the engine"
-        time.sleep(0.05)
-
-
-def launch(pool: ThreadPoolExecutor, http: httpx.Client, jobs):
-    def one(job):
-        kind, p, stream = job
-        try:
-            return job, send(http, MODEL, kind, PROMPTS[p], LONG, stream), None
-        except Exception as exc:  # noqa: BLE001 - the outcome under test
-            return job, None, exc
-    return [pool.submit(one, job) for job in jobs]
-
-
 def test_a_killed_engine_makes_serve_fail_loudly_never_hang(vmetal_serve):
     server = vmetal_serve
     jobs = [(KINDS[i % 2], i % 3, i % 2 == 0) for i in range(8)]
     with httpx.Client(base_url=server.url + "/v1", timeout=60) as http:
         with ThreadPoolExecutor(8) as pool:
-            futures = launch(pool, http, jobs)
-            wait_running(http, server, 4)
+            futures = launch(pool, http, MODEL, jobs, LONG)
+            wait_running(http, server.url, 4)
             [engine] = [p for p in server.children if p.name() == "VLLM::EngineCore"]
             engine.kill()
             killed = time.monotonic()

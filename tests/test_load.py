@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from conftest import free_port
-from loadclient import KINDS, PROMPTS, VmetalServe, metrics, request_body, send
+from loadclient import KINDS, PROMPTS, VmetalServe, launch, metrics, request_body, send, wait_running
 from vmetal.server import check_port_free
 
 pytestmark = pytest.mark.slow
@@ -230,33 +230,13 @@ SIGTERM_TOKENS = 200
 IN_FLIGHT = 24
 
 
-def wait_running(http: httpx.Client, server: VmetalServe, at_least: int, timeout: float = 60) -> None:
-    """Until the engine holds `at_least` requests (vLLM's gauge), so the fault meets work in flight."""
-    from loadclient import metrics
-
-    deadline = time.monotonic() + timeout
-    while metrics(http, server.url)["vllm:num_requests_running"] < at_least:
-        assert time.monotonic() < deadline, "the load never reached the engine"
-        time.sleep(0.05)
-
-
-def launch(pool: ThreadPoolExecutor, http: httpx.Client, jobs):
-    def one(job):
-        kind, p, stream = job
-        try:
-            return job, send(http, MODEL, kind, PROMPTS[p], SIGTERM_TOKENS, stream), None
-        except Exception as exc:  # noqa: BLE001 - the outcome under test
-            return job, None, exc
-    return [pool.submit(one, job) for job in jobs]
-
-
 def test_sigterm_during_load_ends_every_request_cleanly_and_leaves_nothing(server, http):
     jobs = [(KINDS[i % 2], i % 3, i % 4 < 2) for i in range(IN_FLIGHT)]  # prompts 0-2 fit LONG in 512
     reference = {(kind, p): send(http, MODEL, kind, PROMPTS[p], SIGTERM_TOKENS, stream=False)
                  for kind in KINDS for p in range(3)}
     with ThreadPoolExecutor(IN_FLIGHT) as pool:
-        futures = launch(pool, http, jobs)
-        wait_running(http, server, 8)
+        futures = launch(pool, http, MODEL, jobs, SIGTERM_TOKENS)
+        wait_running(http, server.url, 8)
         os.kill(server.proc.pid, signal.SIGTERM)
         stopped = time.monotonic()
         outcomes = [f.result(timeout=60) for f in futures]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shlex
 import statistics
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from bench_engine import (SHAPE, CpuWatch, _env_setup, _summary, build_model, engine_run, machine_info,
                           make_prompts, quiet_wait, versions)
-from results_md import write_section
+from results_md import publish
 
 BACKENDS = {"mlx": "1", "torch": "0"}  # VLLM_METAL_USE_MLX
 TARGET = 1.5  # issue 6: MLX >= 1.5x the PyTorch path
@@ -161,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "same_tokens": runs["mlx"]["tokens"] == runs["torch"]["tokens"],
     }
     section = render(result)
-    print(section)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str))
-    if not args.no_write:
-        write_section("compute", section)
+    publish("compute", section, result, json_path=args.json, write=not args.no_write)
     return 0 if statistics.median(runs["mlx"]["single"]) > 0 else 1
 
 

@@ -56,6 +56,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_md import publish
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -1044,13 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
     report["elapsed_s"] = time.perf_counter() - start
     report["notes"] = notes(report)
     section = render(report)
-    print(section)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    publish("engine", section, report, json_path=args.json, write=not args.no_write, path=args.results)
     if not args.no_write:
-        from results_md import write_section
-
-        write_section("engine", section, args.results)
         log(f"wrote {args.results}")
     log(f"single-stream ratio {summary['single_ratio']['median']:.3f} (target {TARGET_SINGLE_RATIO}); "
         f"engine gain {summary['engine_gain']['median']:.2f}x (target {TARGET_BATCH_GAIN}x), "

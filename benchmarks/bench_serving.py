@@ -77,7 +77,7 @@ sys.path.insert(0, str(HERE))
 # The engine benchmark's model shape, model builder, machine/version info and contention watch.
 from bench_engine import (  # noqa: E402
     _CLK, SHAPES, CpuWatch, _proc_tree_jiffies, build_model, machine_info, versions)
-from results_md import write_section  # noqa: E402
+from results_md import publish  # noqa: E402
 
 ALL_BACKENDS = ("paged", "mlx", "mlx_lm", "vllm_cpu")
 DEFAULT_BACKENDS = ("paged", "mlx", "mlx_lm")
@@ -737,11 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     report["elapsed_s"] = time.perf_counter() - start
     report["notes"] = notes(report)
     section = render(report)
-    print(section)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    publish("serving", section, report, json_path=args.json, write=not args.no_write, path=args.results)
     if not args.no_write:
-        write_section("serving", section, args.results)
         log(f"wrote {args.results}")
     x = report["ratios"].get(TARGET_C, {})
     log(f"done in {report['elapsed_s'] / 60:.1f} min (estimated {est / 60:.1f}); at C={TARGET_C}: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -29,3 +30,13 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> None:
     else:
         text = HEADER + "\n" + block + "\n"
     path.write_text(text)
+
+
+def publish(name: str, section: str, report: dict, *, json_path: Path | None, write: bool,
+            path: Path = RESULTS) -> None:
+    """What every benchmark does with its result: print the section, dump the raw report, write the section."""
+    print(section)
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2, default=str))
+    if write:
+        write_section(name, section, path)

@@ -11,6 +11,8 @@ import logging
 from typing import Any, NamedTuple
 
 from vmetal.runner import mlx_cache
+from vmetal.runner.decode_ahead import DecodeAhead
+from vmetal.runner.prompt_logprobs import prompt_logprobs_dict
 from vmetal.runner.sampling import MetalSampler, needs_torch_sampler
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -27,7 +29,7 @@ class StepLogits(NamedTuple):
     decode_only: Any = None
 
 
-class MetalModelRunner:
+class MetalModelRunner(DecodeAhead):
     # Decode-ahead (below) needs MLX's lazy, asynchronous evaluation.
     decode_ahead = True
 
@@ -375,7 +377,8 @@ class MetalModelRunner:
                     self.prefix_cache.insert(list(state.prompt_token_ids), cache)
                 self.decode.add(req_id, cache)
 
-        prompt_logprobs = self._prompt_logprobs(prompt_logits, num_scheduled) if self.num_prompt_logprobs else {}
+        prompt_logprobs = (prompt_logprobs_dict(self, prompt_logits, num_scheduled)
+                           if self.num_prompt_logprobs else {})
         if ahead is not None:
             self._next_decode = ahead
         else:
@@ -387,122 +390,3 @@ class MetalModelRunner:
             logprobs=logprobs,
             prompt_logprobs_dict=prompt_logprobs,
         )
-
-    def _prompt_logprobs(self, prompt_logits: dict[str, Any], num_scheduled: dict[str, int]) -> dict[str, Any]:
-        """Each prompt position's logprob of the next prompt token, with its top-k, as vLLM returns them.
-
-        vLLM's contract (its GPU runner does the same): the [prompt_len - 1, k + 1]
-        tensors are filled chunk by chunk and handed over once, in the step after
-        the last prompt chunk has its logits.
-        """
-        from vllm.v1.outputs import LogprobsTensors
-
-        out: dict[str, Any] = {}
-        done = []
-        for req_id, k in self.num_prompt_logprobs.items():
-            n = num_scheduled.get(req_id)
-            if n is None:  # not scheduled this step (preempted while prefilling)
-                continue
-            state = self.requests[req_id]
-            prompt = state.prompt_token_ids
-            tensors = state.in_progress_prompt_logprobs_cpu
-            if tensors is None:
-                tensors = LogprobsTensors.empty_cpu(len(prompt) - 1, k + 1)
-                state.in_progress_prompt_logprobs_cpu = tensors
-            start = state.num_computed_tokens
-            count = len(prompt) - 1 - start
-            if n <= count:
-                count = n
-            else:
-                done.append(req_id)
-                out[req_id] = tensors
-            if count <= 0:
-                continue
-            got = self.sampler.prompt_logprobs(prompt_logits[req_id][:count], k,
-                                               prompt[start + 1 : start + 1 + count])
-            rows = slice(start, start + count)
-            tensors.logprob_token_ids[rows] = got.logprob_token_ids
-            tensors.logprobs[rows] = got.logprobs
-            tensors.selected_token_ranks[rows] = got.selected_token_ranks
-        for req_id in done:
-            del self.num_prompt_logprobs[req_id]
-            self.requests[req_id].in_progress_prompt_logprobs_cpu = None
-        return out
-
-    # ------------------------------------------------------- decode ahead
-    # MLX computes on its own thread; vLLM's per-step Python (output handling,
-    # scheduling) would otherwise run while that thread idles. So once a step's
-    # tokens are known, the next decode forward of the same rows is queued with
-    # `mx.async_eval` before control returns to vLLM, as mlx-lm's generate loop
-    # does. The next step uses it when vLLM schedules exactly those rows for one
-    # token each (the steady state); otherwise the extra KV position is trimmed
-    # off again and the step runs as usual.
-    def _start_next_decode(self) -> None:
-        import mlx.core as mx
-
-        if not self.decode_ahead or self.decode is None or not len(self.decode):
-            return
-        order = tuple(self.decode.req_ids)
-        tokens = []
-        for req_id in order:
-            state = self.requests.get(req_id)
-            if state is None or self.cache_len.get(req_id) != state.num_tokens - 1:
-                return
-            tokens.append(state.output_token_ids[-1])
-        logits = self.decode.forward(self.model, tokens)
-        greedy = _argmax(logits)
-        mx.async_eval(logits, greedy)
-        self._next_decode = (order, tuple(tokens), logits, greedy)
-
-    def _argmax_feeding_next_decode(self, order: tuple[str, ...], batch_logits: Any, greedy: Any,
-                                    req_ids: list[str]) -> tuple[list[int], Any]:
-        """Greedy tokens of an all-decode step, with the next decode step already queued.
-
-        mlx-lm's loop: the next forward is built on the still-lazy argmax and
-        queued before the host waits for the tokens, so MLX computes while
-        Python builds graphs and vLLM does its per-step work. Building the graph
-        after `.tolist()` (`_start_next_decode`) leaves the device idle for the
-        whole graph build each step (about 3 ms for a 28-layer model).
-        The tokens must come from an `async_eval` of their own, issued before the
-        next step's: on MLX's GPU backends `.tolist()` of an array evaluated as an
-        intermediate of a later `async_eval` waits for that whole later graph.
-        Returns the tokens in `req_ids` order and the `_next_decode` entry.
-        """
-        import mlx.core as mx
-
-        if greedy is None:
-            greedy = _argmax(batch_logits)
-            mx.async_eval(greedy)
-        logits = self.decode.forward(self.model, greedy)
-        next_greedy = _argmax(logits)
-        mx.async_eval(logits, next_greedy)
-        values = greedy.tolist()
-        by_req = dict(zip(order, values))
-        return [by_req[r] for r in req_ids], (order, tuple(values), logits, next_greedy)
-
-    def _take_next_decode(self, decoding: list[str]) -> tuple[Any, Any]:
-        """The decode-ahead (logits, their argmax) if this step is exactly that step,
-        else (None, None) with the KV rolled back."""
-        if self._next_decode is None:
-            return None, None
-        order, tokens, logits, greedy = self._next_decode
-        self._next_decode = None
-        rows = tuple(self.decode.req_ids)
-        usable = rows == order and set(decoding) == set(rows) and all(
-            self.requests[r].get_token_id(self.requests[r].num_computed_tokens) == t
-            for r, t in zip(rows, tokens)
-        )
-        if usable:
-            return logits, greedy
-        if len(self.decode):
-            # Every row still in the batch holds the decode-ahead position; drop it.
-            for layer in self.decode.caches:
-                layer.trim(1)
-        return None, None
-
-
-def _argmax(logits: Any) -> Any:
-    """Greedy tokens of [B, V] logits, lazily, as the int32 ids a decode step takes."""
-    import mlx.core as mx
-
-    return mx.argmax(logits, axis=-1).astype(mx.int32)

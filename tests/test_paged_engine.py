@@ -33,6 +33,24 @@ def test_eight_concurrent_requests_match_mlx_lm(paged, qwen3_model):
     assert_greedy_like_mlx(qwen3_model, paged.generate(PROMPTS, greedy(16), use_tqdm=False), 16)
 
 
+def ahead_counts(llm) -> dict:
+    return llm.collective_rpc("decode_ahead_counts")[0]
+
+
+def test_decode_steps_run_ahead_across_block_boundaries(paged, qwen3_model):
+    """Each all-decode step is queued before vLLM asks for it (decode-ahead), also when a row's next token
+    starts a block vLLM has not allocated yet; the output stays mlx-lm's."""
+    before = ahead_counts(paged)
+    outs = paged.generate(PROMPTS, greedy(40), use_tqdm=False)
+    after = ahead_counts(paged)
+    steps = {k: after.get(k, 0) - before.get(k, 0) for k in ("used", "missed", "none", "scratch")}
+    assert_greedy_like_mlx(qwen3_model, outs, 40)
+    # 39 all-decode steps follow the one packed prefill; only the first has nothing queued.
+    assert steps["used"] + steps["missed"] + steps["none"] >= 39, steps
+    assert steps["used"] >= steps["missed"] + steps["none"] + 30, steps
+    assert steps["scratch"] >= 2, steps  # 40 tokens cross block boundaries (block size 16) in every row
+
+
 def test_prefix_cache_is_hit_and_output_stays_exact(paged, qwen3_model):
     shared = " ".join(PROMPTS)  # several blocks long
     first = paged.generate([shared + " first"], greedy(8), use_tqdm=False)[0]

@@ -30,7 +30,7 @@ from typing import Any
 import mlx.core as mx
 
 from vmetal.runner import paged_attention as reference
-from vmetal.runner.paged_attention import IntsLike
+from vmetal.runner.paged_attention import AttentionPlan, CacheWrites, IntsLike
 
 DISABLE_KERNELS = "VMETAL_DISABLE_KERNELS"
 
@@ -139,12 +139,14 @@ class Launch:
 
 # ------------------------------------------------------------------------------------------- launches
 def plan_paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
-                         context_lens: IntsLike, query_lens: IntsLike, scale: float) -> Launch:
+                         context_lens: IntsLike, query_lens: IntsLike, scale: float,
+                         per_token: tuple[mx.array, mx.array] | None = None) -> Launch:
+    """`per_token`: `reference.token_positions(query_lens, context_lens)`, when the caller has it already."""
     num_tokens, num_heads, head_dim = queries.shape
     _, block_size, num_kv_heads, _ = k_pool.shape
     if num_heads % num_kv_heads:
         raise ValueError(f"paged_attention: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
-    token_seq, token_pos = reference.token_positions(query_lens, context_lens)
+    token_seq, token_pos = per_token or reference.token_positions(query_lens, context_lens)
     tables = mx.maximum(reference._int32(block_tables), 0)
     return Launch(
         inputs=[queries, k_pool, v_pool, tables, token_seq, token_pos, mx.array(scale, dtype=mx.float32)],
@@ -221,3 +223,30 @@ def copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike
         return reference.copy_blocks(k_pool, v_pool, src, dst)
     k_out, v_out = plan_copy_blocks(k_pool, v_pool, src, dst).run("copy_blocks")
     return k_out, v_out
+
+
+def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float, *,
+           use_kernel: bool | None = None) -> mx.array:
+    """`paged_attention` over a step planned once (`reference.plan_attention`), as a Metal kernel where chosen.
+
+    The model runner calls this once per layer: the host work of a step is done once, in the plan."""
+    if not _chosen("paged_attention", use_kernel):
+        return reference.attend(queries, k_pool, v_pool, plan, scale)
+    if queries.shape[0] == 0:
+        return mx.zeros(queries.shape, dtype=queries.dtype)
+    if "paged_attention" not in plan.kernel_inputs:  # the same for every layer of the step
+        plan.kernel_inputs["paged_attention"] = (
+            mx.maximum(mx.array(plan.block_tables.astype("int32")), 0),
+            *reference.token_positions(plan.query_lens, plan.context_lens))
+    tables, token_seq, token_pos = plan.kernel_inputs["paged_attention"]
+    launch = plan_paged_attention(queries, k_pool, v_pool, tables, plan.context_lens, plan.query_lens, scale,
+                                  per_token=(token_seq, token_pos))
+    return launch.run("paged_attention")[0]
+
+
+def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array, writes: CacheWrites, *,
+                use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
+    """`reshape_and_cache` with its slot mapping planned once (`reference.plan_writes`), as a kernel where chosen."""
+    if not _chosen("reshape_and_cache", use_kernel) or keys.shape[0] == 0:
+        return reference.write_cache(keys, values, k_pool, v_pool, writes)
+    return reshape_and_cache(keys, values, k_pool, v_pool, writes.slot_mapping, use_kernel=use_kernel)

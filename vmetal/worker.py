@@ -204,6 +204,11 @@ class MetalWorker(WorkerBase):
     def sample_tokens(self, grammar_output: Any) -> Any:
         return self.model_runner.sample_tokens(grammar_output)
 
+    def decode_ahead_counts(self) -> dict[str, int]:
+        """How the paged runner's all-decode steps went (`PagedModelRunner.ahead_counts`); for
+        `LLM.collective_rpc("decode_ahead_counts")`. Empty on the MLX-managed path."""
+        return dict(getattr(self.model_runner, "ahead_counts", {}))
+
     def check_health(self) -> None:
         return
 

@@ -53,12 +53,19 @@ class DecodeAhead:
         if greedy is None:
             greedy = _argmax(batch_logits)
             mx.async_eval(greedy)
-        logits = self.decode.forward(self.model, greedy)
-        next_greedy = _argmax(logits)
-        mx.async_eval(logits, next_greedy)
+        logits = self._ahead_forward(order, greedy)
+        if logits is not None:
+            next_greedy = _argmax(logits)
+            mx.async_eval(logits, next_greedy)
         values = greedy.tolist()
         by_req = dict(zip(order, values))
-        return [by_req[r] for r in req_ids], (order, tuple(values), logits, next_greedy)
+        ahead = None if logits is None else (order, tuple(values), logits, next_greedy)
+        return [by_req[r] for r in req_ids], ahead
+
+    def _ahead_forward(self, order: tuple[str, ...], tokens: Any) -> Any:
+        """[B, V] logits of the decode step after this one for rows `order` fed `tokens` (lazy), or None when
+        it cannot be built ahead. The MLX-managed KV path: the decode batch's rows are `order`."""
+        return self.decode.forward(self.model, tokens)
 
     def _take_next_decode(self, decoding: list[str]) -> tuple[Any, Any]:
         """The decode-ahead (logits, their argmax) if this step is exactly that step,

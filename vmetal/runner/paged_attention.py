@@ -21,6 +21,7 @@ whole pool, per layer, per step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -37,6 +38,40 @@ def _host_ints(x: IntsLike) -> np.ndarray:
     return np.asarray(x, dtype=np.int64).reshape(-1)
 
 
+@dataclass(frozen=True)
+class CacheWrites:
+    """A step's pool write, planned once on the host and shared by every layer."""
+
+    slot_mapping: np.ndarray  # as given (host copy)
+    rows: mx.array | None  # the tokens that have a slot, None: all of them
+    slots: mx.array | None  # their slots; None: nothing is written
+
+
+def plan_writes(slot_mapping: IntsLike) -> CacheWrites:
+    """Plan the write of a slot mapping `[T]` (read on the host: an `mx.array` is evaluated)."""
+    slots = _host_ints(slot_mapping)
+    keep = np.flatnonzero(slots >= 0)
+    if keep.size == 0:
+        return CacheWrites(slots, None, None)
+    rows = None if keep.size == slots.size else mx.array(keep.astype(np.int32))
+    return CacheWrites(slots, rows, mx.array(slots[keep].astype(np.int32)))
+
+
+def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
+                writes: CacheWrites) -> tuple[mx.array, mx.array]:
+    """`reshape_and_cache` with its slot mapping planned already (`plan_writes`)."""
+    if writes.slots is None:
+        return k_pool, v_pool
+    if writes.rows is not None:
+        keys, values = keys[writes.rows], values[writes.rows]
+    num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
+    k_flat = k_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    v_flat = v_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    k_flat[writes.slots] = keys.astype(k_pool.dtype)
+    v_flat[writes.slots] = values.astype(v_pool.dtype)
+    return k_flat.reshape(k_pool.shape), v_flat.reshape(v_pool.shape)
+
+
 def reshape_and_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
                       slot_mapping: IntsLike) -> tuple[mx.array, mx.array]:
     """Write `keys`/`values` `[T, Hkv, D]` into the pools at `slot_mapping` `[T]`; slot -1 writes nothing.
@@ -46,20 +81,7 @@ def reshape_and_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool
     that reads the pool before the scatter, such as a scratch row or an old value to write back, makes MLX copy
     the whole pool): pass a list or numpy array; an `mx.array` is evaluated.
     """
-    num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
-    slots = _host_ints(slot_mapping)
-    keep = np.flatnonzero(slots >= 0)
-    if keep.size == 0:
-        return k_pool, v_pool
-    if keep.size < slots.size:
-        rows = mx.array(keep.astype(np.int32))
-        keys, values, slots = keys[rows], values[rows], slots[keep]
-    index = mx.array(slots.astype(np.int32))
-    k_flat = k_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
-    v_flat = v_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
-    k_flat[index] = keys.astype(k_pool.dtype)
-    v_flat[index] = values.astype(v_pool.dtype)
-    return k_flat.reshape(k_pool.shape), v_flat.reshape(v_pool.shape)
+    return write_cache(keys, values, k_pool, v_pool, plan_writes(slot_mapping))
 
 
 def copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike) -> tuple[mx.array, mx.array]:
@@ -116,47 +138,147 @@ def token_positions(query_lens: IntsLike, context_lens: IntsLike) -> tuple[mx.ar
     return seq_mx, pos
 
 
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences of a step attended together by one masked SDPA: all the decodes, or all the longer queries.
+
+    Splitting them keeps a prefill chunk from padding every decode to its query length."""
+
+    rows: slice | mx.array  # the group's query rows in the pack
+    tables: mx.array  # int32 [B, width]: block tables cut to the group's longest context, padding read as block 0
+    inside: mx.array | None  # bool [B, width * block_size, 1, 1]: inside the context (None: all of it)
+    mask: mx.array | None  # bool [B, 1, max_q, width * block_size], broadcast over heads (None: attend to all)
+    pad: mx.array | None  # [B * max_q] row of the group's queries for each padded row (None: no padding)
+    unpad: mx.array | None  # [rows] padded row holding each real query (None: no padding)
+    batch: int
+    max_q: int
+
+
+@dataclass
+class AttentionPlan:
+    """A step's attention layout, planned once on the host and shared by every layer."""
+
+    num_tokens: int
+    groups: tuple[AttentionGroup, ...]
+    restore: mx.array | None  # packed row of each output row of the concatenated groups (None: in order)
+    # The step's metadata as given (host copies), for kernels that take it per token.
+    block_tables: np.ndarray
+    context_lens: np.ndarray
+    query_lens: np.ndarray
+    kernel_inputs: dict = field(default_factory=dict)  # per-step inputs a kernel derived from the above
+
+
+def _rows(index: np.ndarray) -> slice | mx.array:
+    if index.size and (np.diff(index) == 1).all():
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return mx.array(index.astype(np.int32))
+
+
+def _plan_group(seqs: np.ndarray, starts: np.ndarray, tables: np.ndarray, ctx: np.ndarray, qlens: np.ndarray,
+                block_size: int) -> tuple[AttentionGroup, np.ndarray]:
+    qlens, ctx = qlens[seqs], ctx[seqs]
+    batch, max_q = len(seqs), int(qlens.max())
+    width = max(1, int(-(-ctx.max() // block_size)))
+    max_ctx = width * block_size
+    table = np.maximum(tables[seqs, :width], 0)
+    if table.shape[1] < width:  # a table narrower than its context: the caller's bug, caught as vLLM would
+        raise ValueError(f"paged_attention: block tables have {tables.shape[1]} columns but a context of "
+                         f"{int(ctx.max())} tokens needs {width} blocks of {block_size}")
+    packed = np.concatenate([np.arange(starts[s], starts[s] + qlens[i]) for i, s in enumerate(seqs)])
+
+    # Padded query row (i, j) is query min(j, qlen_i - 1) of sequence i: padding rows repeat the sequence's last
+    # query, so every row sees at least one key (no all-masked row, no NaN); they are dropped after.
+    j = np.arange(max_q)[None, :]
+    j_real = np.minimum(j, qlens[:, None] - 1)
+    group_start = np.cumsum(qlens) - qlens
+    padded = (qlens == max_q).all()
+    pad = None if padded else mx.array((group_start[:, None] + j_real).reshape(-1).astype(np.int32))
+    seq_of_row = np.repeat(np.arange(batch), qlens)
+    unpad = None if padded else mx.array(
+        (seq_of_row * max_q + np.arange(len(packed)) - group_start[seq_of_row]).astype(np.int32))
+
+    # Causal by position: row (i, j) is context position ctx_i - qlen_i + j and sees keys 0..that position,
+    # all inside the context, so the mask also hides the pool past it.
+    qpos = ctx[:, None] - qlens[:, None] + j_real
+    kpos = np.arange(max_ctx)
+    full = (ctx == max_ctx).all() and max_q == 1
+    mask = None if full else mx.array((kpos[None, None, :] <= qpos[:, :, None])[:, None])
+    inside = None if (ctx == max_ctx).all() else mx.array((kpos[None, :] < ctx[:, None])[:, :, None, None])
+    group = AttentionGroup(_rows(packed), mx.array(table.astype(np.int32)), inside, mask, pad, unpad,
+                           batch, max_q)
+    return group, packed
+
+
+def plan_attention(block_tables: IntsLike, context_lens: IntsLike, query_lens: IntsLike,
+                   block_size: int) -> AttentionPlan:
+    """Plan a step's attention (on the host: `mx.array` arguments are evaluated; pass numpy or lists)."""
+    qlens = _host_ints(query_lens)
+    ctx = _host_ints(context_lens)
+    num_tokens = int(qlens.sum())
+    tables = np.asarray(block_tables, dtype=np.int64)
+    tables = tables.reshape(len(qlens), tables.size // max(len(qlens), 1))
+    if num_tokens == 0:
+        return AttentionPlan(0, (), None, tables, ctx, qlens)
+    starts = np.cumsum(qlens) - qlens
+    groups, order = [], []
+    for seqs in (np.flatnonzero(qlens == 1), np.flatnonzero(qlens > 1)):
+        if seqs.size:
+            group, packed = _plan_group(seqs, starts, tables, ctx, qlens, block_size)
+            groups.append(group)
+            order.append(packed)
+    rows = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+    in_order = (rows == np.arange(num_tokens)).all()
+    restore = None if in_order else mx.array(np.argsort(rows).astype(np.int32))
+    return AttentionPlan(num_tokens, tuple(groups), restore, tables, ctx, qlens)
+
+
+def _gathered(pool: mx.array, group: AttentionGroup, zero_outside: bool) -> mx.array:
+    """The group's contexts `[B, Hkv, width * block_size, D]` from the pool."""
+    _, block_size, num_kv_heads, head_dim = pool.shape
+    ctx = pool[group.tables].reshape(group.batch, -1, num_kv_heads, head_dim)
+    if zero_outside and group.inside is not None:
+        # Masked keys get no weight, but 0 x NaN is NaN: values outside the context (freed or never written
+        # slots) are zeroed. Keys need no such care: the mask replaces their scores.
+        ctx = mx.where(group.inside, ctx, mx.zeros((), dtype=pool.dtype))
+    return ctx.transpose(0, 2, 1, 3)
+
+
+def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float) -> mx.array:
+    """`paged_attention` with its layout planned already (`plan_attention`)."""
+    num_tokens, num_heads, head_dim = queries.shape
+    if num_tokens != plan.num_tokens:
+        raise ValueError(f"paged_attention: query_lens sum to {plan.num_tokens} but there are "
+                         f"{num_tokens} query tokens")
+    if num_tokens == 0:
+        return mx.zeros((0, num_heads, head_dim), dtype=queries.dtype)
+    outs = []
+    for g in plan.groups:
+        q = queries[g.rows]
+        if g.pad is not None:
+            q = q[g.pad]
+        q = q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3)
+        k, v = _gathered(k_pool, g, False), _gathered(v_pool, g, True)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
+        out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, head_dim)
+        outs.append(out if g.unpad is None else out[g.unpad])
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+    return out if plan.restore is None else out[plan.restore]
+
+
 def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
                     context_lens: IntsLike, query_lens: IntsLike, scale: float) -> mx.array:
     """Causal attention of packed varlen queries `[T, Hq, D]` over paged K/V; returns `[T, Hq, D]`.
 
-    `block_tables` int32 `[B, max_blocks]`, `context_lens` and `query_lens` `[B]`. GQA: `Hq = r * Hkv`, query
-    head `h` reads KV head `h // r`. Queries are padded to `[B, Hq, max_q, D]`, keys gathered to
-    `[B, Hkv, max_ctx, D]`, one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped.
-    `query_lens` is read on the host (it sets `max_q`); pass a list to avoid a sync.
+    `block_tables` int32 `[B, max_blocks]`, `context_lens` and `query_lens` `[B]`, all read on the host (pass
+    lists or numpy arrays to avoid a sync). GQA: `Hq = r * Hkv`, query head `h` reads KV head `h // r`.
+    Decodes (query length 1) and longer queries form two groups; in each, queries are padded to
+    `[B, Hq, max_q, D]`, keys gathered to `[B, Hkv, ctx, D]` (ctx: the group's longest context, rounded up to
+    whole blocks), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped.
     """
-    num_tokens, num_heads, head_dim = queries.shape
     qlens = _host_ints(query_lens)
-    if int(qlens.sum()) != num_tokens:
+    if int(qlens.sum()) != queries.shape[0]:
         raise ValueError(f"paged_attention: query_lens sum to {int(qlens.sum())} but there are "
-                         f"{num_tokens} query tokens")
-    batch = len(qlens)
-    if num_tokens == 0:
-        return mx.zeros((0, num_heads, head_dim), dtype=queries.dtype)
-    tables = _int32(block_tables)
-    ctx_lens = _int32(context_lens)
-    max_q = int(qlens.max())
-
-    # Padded query row (i, j) holds packed query starts[i] + min(j, qlen_i - 1): padding rows repeat the
-    # sequence's last query, so every row sees at least one key (no all-masked row, no NaN) and is dropped after.
-    starts = np.cumsum(qlens) - qlens
-    j = np.arange(max_q)[None, :]
-    j_real = np.minimum(j, np.maximum(qlens[:, None] - 1, 0))
-    pad_src = np.clip(starts[:, None] + j_real, 0, num_tokens - 1).reshape(-1)
-    seq = np.repeat(np.arange(batch), qlens)
-    unpad = seq * max_q + (np.arange(num_tokens) - starts[seq])
-
-    q = queries[mx.array(pad_src.astype(np.int32))]
-    q = q.reshape(batch, max_q, num_heads, head_dim).transpose(0, 2, 1, 3)
-    k = gather_context(k_pool, tables, ctx_lens)
-    v = gather_context(v_pool, tables, ctx_lens)
-
-    # Causal by position: row (i, j) is context position ctx_i - qlen_i + j and sees keys 0..that position
-    # (which are all inside the context). [B, 1, max_q, max_ctx], broadcast over heads.
-    qpos = ctx_lens[:, None] - mx.array(qlens.astype(np.int32))[:, None] + mx.array(j_real.astype(np.int32))
-    kpos = mx.arange(k.shape[2])
-    mask = (kpos[None, None, :] <= mx.maximum(qpos, 0)[:, :, None])[:, None]
-
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    out = out.transpose(0, 2, 1, 3).reshape(batch * max_q, num_heads, head_dim)
-    return out[mx.array(unpad.astype(np.int32))]
+                         f"{queries.shape[0]} query tokens")
+    tables = np.asarray(block_tables, dtype=np.int64)
+    plan = plan_attention(tables, context_lens, qlens, k_pool.shape[1])
+    return attend(queries, k_pool, v_pool, plan, scale)

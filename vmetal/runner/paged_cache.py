@@ -19,6 +19,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from vmetal import kernels as pa  # Metal kernels where chosen, the pure-MLX reference elsewhere
 
 _HOOKED: set[str] = set()
@@ -26,13 +28,26 @@ _HOOKED: set[str] = set()
 
 @dataclass
 class StepLayout:
-    """Where this step's T packed tokens sit: computed once per step, shared by all layers."""
+    """Where this step's T packed tokens sit: planned once per step on the host, shared by all layers.
+
+    Planning per layer instead (index arrays built in numpy, copied to the device) cost more host time than the
+    GPU's whole decode step on a 28-layer model."""
 
     positions: Any  # mx.int32 [T]: each token's position in its sequence (RoPE offset)
-    slot_mapping: Any  # np.int32 [T] (host): pool slot each token's K/V is written to, -1 = none
-    block_tables: Any  # mx.int32 [B, max_blocks]
-    context_lens: Any  # mx.int32 [B]: tokens in context after this step
-    query_lens: Any  # np.int32 [B] (host): tokens of each sequence in this step
+    writes: Any  # paged_attention.CacheWrites: the pool slots this step's K/V go to
+    attention: Any  # paged_attention.AttentionPlan: who attends to which blocks
+
+    @classmethod
+    def plan(cls, positions: Any, slot_mapping: Any, block_tables: Any, context_lens: Any, query_lens: Any,
+             block_size: int) -> StepLayout:
+        """From host arrays: positions and slot mapping `[T]`, block tables `[B, max_blocks]`, context and
+        query lengths `[B]`."""
+        import mlx.core as mx
+
+        from vmetal.runner import paged_attention as ref
+
+        return cls(mx.array(np.asarray(positions, dtype=np.int32)), ref.plan_writes(slot_mapping),
+                   ref.plan_attention(block_tables, context_lens, query_lens, block_size))
 
 
 class PagedLayerCache:
@@ -42,6 +57,8 @@ class PagedLayerCache:
         self.k_pool = k_pool
         self.v_pool = v_pool
         self.layout: StepLayout | None = None
+        self.keep_kv = False  # keep the next step's keys and values in `kept_kv`
+        self.kept_kv: tuple[Any, Any] | None = None
 
     @property
     def offset(self) -> Any:
@@ -55,18 +72,16 @@ class PagedLayerCache:
     def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
         """keys/values [T, kv_heads, 1, head_dim]: write them to their slots."""
         assert self.layout is not None
-        self.k_pool, self.v_pool = pa.reshape_and_cache(
-            keys[:, :, 0, :], values[:, :, 0, :], self.k_pool, self.v_pool, self.layout.slot_mapping
+        if self.keep_kv:
+            self.kept_kv = (keys[:, :, 0, :], values[:, :, 0, :])
+        self.k_pool, self.v_pool = pa.write_cache(
+            keys[:, :, 0, :], values[:, :, 0, :], self.k_pool, self.v_pool, self.layout.writes
         )
         return keys, values
 
     def attention(self, queries: Any, scale: float) -> Any:
         """queries [T, heads, 1, head_dim] -> attention output of the same shape."""
-        lay = self.layout
-        out = pa.paged_attention(
-            queries[:, :, 0, :], self.k_pool, self.v_pool, lay.block_tables, lay.context_lens,
-            lay.query_lens, scale,
-        )
+        out = pa.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention, scale)
         return out[:, :, None, :]
 
     @property

@@ -246,13 +246,15 @@ def kv_bytes(model_dir: Path) -> int:
     return MAX_NUM_SEQS * MAX_MODEL_LEN * per_token
 
 
-def make_server(backend: str, model_dir: Path, port: int, max_c: int, log_path: Path):
-    """A `ServerProcess` for `backend` (for mlx_lm its argv and environment are replaced)."""
+def make_server(backend: str, model_dir: Path, port: int, max_c: int, log_path: Path,
+                extra_vllm_args: tuple[str, ...] = ()):
+    """A `ServerProcess` for `backend` (for mlx_lm its argv and environment are replaced). `extra_vllm_args`
+    go to every vLLM server (vmetal's two and vllm_cpu)."""
     from vmetal import envs
     from vmetal.server import ServerProcess
 
     vllm_args = ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
-                 "--seed", "0"]
+                 "--seed", "0", *extra_vllm_args]
     if backend in ("paged", "mlx"):
         env = _clean_environ()
         overrides = {"VLLM_METAL_USE_PAGED_ATTENTION": "1"} if backend == "paged" else {}
@@ -526,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="requests per run (default: max(6, 2*C), two waves; quick: max(2, C))")
     ap.add_argument("--input-len", type=int, help="prompt tokens (default 128; quick 64)")
     ap.add_argument("--output-len", type=int, help="output tokens (default 64; quick 32)")
+    ap.add_argument("--vllm-args", default="",
+                    help="more arguments for every vLLM server, one shell-quoted string (default none)")
     ap.add_argument("--trials", type=int, default=1, help="runs per concurrency and backend (default 1)")
     ap.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                     help=f"comma-separated, of {', '.join(ALL_BACKENDS)} (default {','.join(DEFAULT_BACKENDS)})")
@@ -614,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         t_start = time.perf_counter()
         for b in backends:
             port = free_port()
-            server = make_server(b, model_dir, port, warm_c, log_dir / f"server-{b}.log")
+            server = make_server(b, model_dir, port, warm_c, log_dir / f"server-{b}.log",
+                                 tuple(shlex.split(args.vllm_args)))
             env_shown = ("VLLM_METAL_USE_PAGED_ATTENTION=1" if b == "paged"
                          else "VMETAL_ENABLE=0" if b == "vllm_cpu" else "")
             report_backends[b] = {

@@ -145,6 +145,31 @@ def test_paged_attention_accepts_mx_lengths_and_empty_batch():
         pa.paged_attention(q[:-1], k, v, tables, ctx, qlens, scale)
 
 
+@pytest.mark.parametrize("num_seqs", [1, 3])
+def test_decodes_of_equal_contexts_equal_dense(num_seqs):
+    """The decode step mlx-lm also runs without a mask: single queries over contexts of one length."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    block_size, ctx, ratio = 8, int(rng.integers(1, 40)), 4
+    blocks = math.ceil(ctx / block_size)
+    tables = rng.permutation(num_seqs * blocks + 2)[: num_seqs * blocks].reshape(num_seqs, blocks)
+    shape = (num_seqs * blocks + 2, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_pool, v_pool = mx.full(shape, float("nan")), mx.full(shape, float("nan"))
+    keys = rng.standard_normal((num_seqs, ctx, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
+    values = rng.standard_normal((num_seqs, ctx, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
+    pos = np.arange(ctx)
+    slots = (tables[:, pos // block_size] * block_size + pos % block_size).reshape(-1)
+    k_pool, v_pool = pa.reshape_and_cache(mx.array(keys.reshape(-1, NUM_KV_HEADS, HEAD_DIM)),
+                                          mx.array(values.reshape(-1, NUM_KV_HEADS, HEAD_DIM)),
+                                          k_pool, v_pool, slots)
+    q = rng.standard_normal((num_seqs, NUM_KV_HEADS * ratio, HEAD_DIM)).astype(np.float32)
+    plan = pa.plan_attention(tables, [ctx] * num_seqs, [1] * num_seqs, block_size)
+    assert plan.groups[0].mask is None
+    out = pa.attend(mx.array(q), k_pool, v_pool, plan, 0.2)
+    want = np.concatenate([dense_attention(q[i:i + 1], keys[i], values[i], 0.2) for i in range(num_seqs)])
+    assert relative_error(out, want) < 1e-3, f"seed {seed}"
+
+
 # ------------------------------------------------------------------------------ cache writes
 def test_reshape_and_cache_writes_slots_and_skips_padding():
     rng = np.random.default_rng(fresh_seed())
@@ -204,15 +229,6 @@ def test_cache_writes_update_pools_in_place():
         mx.eval(k, v)
     assert mx.get_peak_memory() - base < pool_bytes / 2
     assert float(k[2 + 2, 0].sum()) == float(k[1, 0].sum())
-
-
-def test_gather_context_orders_blocks_and_zeroes_padding():
-    pack = Pack(np.random.default_rng(fresh_seed()), block_size=8, ratio=1)
-    ctx = np.array(pa.gather_context(pack.k_pool, mx.array(pack.tables), pack.ctx_lens))
-    assert ctx.shape == (len(pack.ctx_lens), NUM_KV_HEADS, pack.tables.shape[1] * 8, HEAD_DIM)
-    for i, c in enumerate(pack.ctx_lens):
-        np.testing.assert_array_equal(ctx[i, :, :c], pack.k_full[i].transpose(1, 0, 2))
-        assert not ctx[i, :, c:].any()
 
 
 # ------------------------------------------------------------------------------ kernel choice

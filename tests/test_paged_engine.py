@@ -51,6 +51,18 @@ def test_decode_steps_run_ahead_across_block_boundaries(paged, qwen3_model):
     assert steps["scratch"] >= 2, steps  # 40 tokens cross block boundaries (block size 16) in every row
 
 
+def test_freed_memory_kept_for_reuse_is_capped(paged):
+    """MLX keeps freed buffers only up to the worker's cap, not up to its peak: a server does not hold on to
+    memory that another process on the same device needs."""
+    import psutil
+
+    paged.generate(PROMPTS, greedy(8), use_tqdm=False)
+    mem = paged.collective_rpc("mlx_memory")[0]
+    # A tenth of the memory MLX may use (here: the RAM available at start-up), at least 512 MiB.
+    assert 512 * 2**20 <= mem["cache_limit"] <= max(512 * 2**20, psutil.virtual_memory().total // 10), mem
+    assert mem["cache"] <= mem["cache_limit"] and mem["active"] > 0, mem
+
+
 def test_prefix_cache_is_hit_and_output_stays_exact(paged, qwen3_model):
     shared = " ".join(PROMPTS)  # several blocks long
     first = paged.generate([shared + " first"], greedy(8), use_tqdm=False)[0]

@@ -32,6 +32,11 @@ def device_memory_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def cache_limit_bytes(device_bytes: int) -> int:
+    """The most freed memory MLX keeps for reuse (`mx.set_cache_limit`)."""
+    return max(512 * 2**20, device_bytes // 10)
+
+
 class MetalWorker(WorkerBase):
     def __init__(self, vllm_config, local_rank, rank, distributed_init_method, is_driver_worker=False):
         super().__init__(vllm_config, local_rank, rank, distributed_init_method, is_driver_worker)
@@ -41,6 +46,7 @@ class MetalWorker(WorkerBase):
         self.mlx_device = "cpu"
         self.weights_bytes = 0
         self.peak_activation_bytes = 0
+        self.cache_limit = 0
 
     # ------------------------------------------------------------- lifecycle
     def init_device(self) -> None:
@@ -52,6 +58,12 @@ class MetalWorker(WorkerBase):
             logger.info(info)
         self.mlx_device = device
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+        # MLX keeps freed buffers for reuse up to its memory limit (most of the device) by default: a server
+        # would hold on to its peak, which other processes on the same device (a second server, the user's
+        # apps) then cannot get; three servers on one GPU ran out of memory that way. What a step frees is
+        # soon needed again, so a tenth of the device (at least 512 MiB) keeps reuse without the hoard.
+        self.cache_limit = cache_limit_bytes(device_memory_bytes(device))
+        mx.set_cache_limit(self.cache_limit)
         # The sampler's tensors live on the CPU torch device on every host.
         self.device = torch.device("cpu")
         if not self.metal_config.use_mlx:
@@ -203,6 +215,15 @@ class MetalWorker(WorkerBase):
 
     def sample_tokens(self, grammar_output: Any) -> Any:
         return self.model_runner.sample_tokens(grammar_output)
+
+    def mlx_memory(self) -> dict[str, int]:
+        """MLX's memory counters in bytes (active, cache, peak, cache_limit); for
+        `LLM.collective_rpc("mlx_memory")`."""
+        import mlx.core as mx
+
+        limit = mx.set_cache_limit(self.cache_limit)  # the same value: only reads MLX's limit back
+        return {"active": mx.get_active_memory(), "cache": mx.get_cache_memory(), "peak": mx.get_peak_memory(),
+                "cache_limit": limit}
 
     def decode_ahead_counts(self) -> dict[str, int]:
         """How the paged runner's all-decode steps went (`PagedModelRunner.ahead_counts`); for

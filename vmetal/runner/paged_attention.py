@@ -107,23 +107,6 @@ def copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike
     return k_out, v_out
 
 
-def gather_context(pool: mx.array, block_tables: mx.array, context_lens: IntsLike) -> mx.array:
-    """Each sequence's context `[B, Hkv, max_ctx, D]`, `max_ctx = max_blocks * block_size`.
-
-    Positions at or past a sequence's context length are zero, whatever the pool holds there (freed blocks,
-    padding entries of the block table, uninitialised memory), so a masked-out position never brings a NaN
-    into `probabilities @ V`. Negative block table entries (padding) are read as block 0 and zeroed.
-    """
-    _, block_size, num_kv_heads, head_dim = pool.shape
-    tables = mx.maximum(_int32(block_tables), 0)
-    batch, max_blocks = tables.shape
-    max_ctx = max_blocks * block_size
-    ctx = pool[tables].reshape(batch, max_ctx, num_kv_heads, head_dim)
-    inside = mx.arange(max_ctx)[None, :] < _int32(context_lens)[:, None]
-    ctx = mx.where(inside[:, :, None, None], ctx, mx.zeros((), dtype=pool.dtype))
-    return ctx.transpose(0, 2, 1, 3)
-
-
 def token_positions(query_lens: IntsLike, context_lens: IntsLike) -> tuple[mx.array, mx.array]:
     """For each packed query token: its sequence and its position in that sequence's context (int32 `[T]`).
 
@@ -145,9 +128,10 @@ class AttentionGroup:
     Splitting them keeps a prefill chunk from padding every decode to its query length."""
 
     rows: slice | mx.array  # the group's query rows in the pack
-    tables: mx.array  # int32 [B, width]: block tables cut to the group's longest context, padding read as block 0
-    inside: mx.array | None  # bool [B, width * block_size, 1, 1]: inside the context (None: all of it)
-    mask: mx.array | None  # bool [B, 1, max_q, width * block_size], broadcast over heads (None: attend to all)
+    # int32 [B, max_ctx]: the pool slot of each context position (max_ctx: the group's longest context); past a
+    # shorter context, the slot of its position 0: written, finite data that the mask hides
+    slots: mx.array
+    mask: mx.array | None  # bool [B, 1, max_q, max_ctx], broadcast over heads (None: attend to all)
     pad: mx.array | None  # [B * max_q] row of the group's queries for each padded row (None: no padding)
     unpad: mx.array | None  # [rows] padded row holding each real query (None: no padding)
     batch: int
@@ -178,12 +162,15 @@ def _plan_group(seqs: np.ndarray, starts: np.ndarray, tables: np.ndarray, ctx: n
                 block_size: int) -> tuple[AttentionGroup, np.ndarray]:
     qlens, ctx = qlens[seqs], ctx[seqs]
     batch, max_q = len(seqs), int(qlens.max())
-    width = max(1, int(-(-ctx.max() // block_size)))
-    max_ctx = width * block_size
-    table = np.maximum(tables[seqs, :width], 0)
-    if table.shape[1] < width:  # a table narrower than its context: the caller's bug, caught as vLLM would
+    max_ctx = int(ctx.max())
+    width = -(-max_ctx // block_size)
+    if tables.shape[1] < width:  # a table narrower than its context: the caller's bug
         raise ValueError(f"paged_attention: block tables have {tables.shape[1]} columns but a context of "
-                         f"{int(ctx.max())} tokens needs {width} blocks of {block_size}")
+                         f"{max_ctx} tokens needs {width} blocks of {block_size}")
+    kpos = np.arange(max_ctx)
+    inside = kpos[None, :] < ctx[:, None]
+    kpos_or_0 = np.where(inside, kpos[None, :], 0)
+    slots = tables[seqs[:, None], kpos_or_0 // block_size] * block_size + kpos_or_0 % block_size
     packed = np.concatenate([np.arange(starts[s], starts[s] + qlens[i]) for i, s in enumerate(seqs)])
 
     # Padded query row (i, j) is query min(j, qlen_i - 1) of sequence i: padding rows repeat the sequence's last
@@ -198,14 +185,12 @@ def _plan_group(seqs: np.ndarray, starts: np.ndarray, tables: np.ndarray, ctx: n
         (seq_of_row * max_q + np.arange(len(packed)) - group_start[seq_of_row]).astype(np.int32))
 
     # Causal by position: row (i, j) is context position ctx_i - qlen_i + j and sees keys 0..that position,
-    # all inside the context, so the mask also hides the pool past it.
+    # all inside the context, so the mask also hides the padding past it. Equal contexts of single queries
+    # need none (mlx-lm's decode step has none either).
     qpos = ctx[:, None] - qlens[:, None] + j_real
-    kpos = np.arange(max_ctx)
-    full = (ctx == max_ctx).all() and max_q == 1
+    full = max_q == 1 and inside.all()
     mask = None if full else mx.array((kpos[None, None, :] <= qpos[:, :, None])[:, None])
-    inside = None if (ctx == max_ctx).all() else mx.array((kpos[None, :] < ctx[:, None])[:, :, None, None])
-    group = AttentionGroup(_rows(packed), mx.array(table.astype(np.int32)), inside, mask, pad, unpad,
-                           batch, max_q)
+    group = AttentionGroup(_rows(packed), mx.array(slots.astype(np.int32)), mask, pad, unpad, batch, max_q)
     return group, packed
 
 
@@ -232,15 +217,11 @@ def plan_attention(block_tables: IntsLike, context_lens: IntsLike, query_lens: I
     return AttentionPlan(num_tokens, tuple(groups), restore, tables, ctx, qlens)
 
 
-def _gathered(pool: mx.array, group: AttentionGroup, zero_outside: bool) -> mx.array:
-    """The group's contexts `[B, Hkv, width * block_size, D]` from the pool."""
-    _, block_size, num_kv_heads, head_dim = pool.shape
-    ctx = pool[group.tables].reshape(group.batch, -1, num_kv_heads, head_dim)
-    if zero_outside and group.inside is not None:
-        # Masked keys get no weight, but 0 x NaN is NaN: values outside the context (freed or never written
-        # slots) are zeroed. Keys need no such care: the mask replaces their scores.
-        ctx = mx.where(group.inside, ctx, mx.zeros((), dtype=pool.dtype))
-    return ctx.transpose(0, 2, 1, 3)
+def _gathered(pool: mx.array, group: AttentionGroup) -> mx.array:
+    """The group's contexts `[B, Hkv, max_ctx, D]` from the pool: one gather by slot."""
+    num_blocks, block_size, num_kv_heads, head_dim = pool.shape
+    rows = pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    return rows[group.slots].transpose(0, 2, 1, 3)
 
 
 def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float) -> mx.array:
@@ -257,7 +238,7 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
         if g.pad is not None:
             q = q[g.pad]
         q = q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3)
-        k, v = _gathered(k_pool, g, False), _gathered(v_pool, g, True)
+        k, v = _gathered(k_pool, g), _gathered(v_pool, g)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
         out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, head_dim)
         outs.append(out if g.unpad is None else out[g.unpad])
@@ -272,8 +253,8 @@ def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block
     `block_tables` int32 `[B, max_blocks]`, `context_lens` and `query_lens` `[B]`, all read on the host (pass
     lists or numpy arrays to avoid a sync). GQA: `Hq = r * Hkv`, query head `h` reads KV head `h // r`.
     Decodes (query length 1) and longer queries form two groups; in each, queries are padded to
-    `[B, Hq, max_q, D]`, keys gathered to `[B, Hkv, ctx, D]` (ctx: the group's longest context, rounded up to
-    whole blocks), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped.
+    `[B, Hq, max_q, D]`, keys and values gathered slot by slot to `[B, Hkv, ctx, D]` (ctx: the group's longest
+    context), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped.
     """
     qlens = _host_ints(query_lens)
     if int(qlens.sum()) != queries.shape[0]:

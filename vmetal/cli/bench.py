@@ -21,7 +21,8 @@ import typer
 
 from vmetal.cli import make_app, model_and_passthrough
 from vmetal.cli.errors import USAGE, VmetalError, exits_on_error
-from vmetal.cli.serve import DEMO_SERVED_NAME, ModelArgument, check_memory_fit, pull_first, resolve_model, say
+from vmetal.cli.serve import (DEMO_SERVED_NAME, ModelArgument, check_memory_fit, pull_first, ready_timeout_option,
+                              resolve_model, say)
 from vmetal.server import READY_TIMEOUT_S
 
 app = make_app(help="Benchmark serving (online) and single-stream speed (offline).")
@@ -36,6 +37,7 @@ COMMAND_SETTINGS: dict[str, Any] = {
 _LOAD = "Load"
 _OUT = "Output"
 _SERVER = "Server started by bench (MODEL or --demo)"
+ServerReadyTimeout = ready_timeout_option(_SERVER)
 
 DemoOption = Annotated[bool, typer.Option("--demo", help="The tiny random-weight model `vmetal serve --demo` "
                                                          "serves (works offline).")]
@@ -146,9 +148,7 @@ def online(
     serve_args: Annotated[str | None, typer.Option(metavar="'ARGS'", show_default=False, rich_help_panel=_SERVER,
                                                    help="More `vllm serve` arguments, as one quoted "
                                                         "string.")] = None,
-    ready_timeout: Annotated[float, typer.Option(min=1, rich_help_panel=_SERVER,
-                                                 help="Seconds to wait for it to answer /health.")]
-        = READY_TIMEOUT_S,
+    ready_timeout: ServerReadyTimeout = READY_TIMEOUT_S,
 ) -> None:
     """Load a server with vLLM's benchmark client: throughput and TTFT/TPOT/ITL/E2E latency per concurrency."""
     import shlex

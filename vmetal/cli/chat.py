@@ -31,7 +31,7 @@ from vmetal.chat_session import ChatError, Conversation, check_setting
 from vmetal.cli import model_and_passthrough
 from vmetal.cli.chat_view import ReplyView, context_hint, show_stats, stderr_console
 from vmetal.cli.errors import USAGE, VmetalError
-from vmetal.cli.serve import DEMO_SERVED_NAME, load_flags_config, resolve_model, say
+from vmetal.cli.serve import DEMO_SERVED_NAME, load_flags_config, ready_timeout_option, resolve_model, say
 from vmetal.server import DEFAULT_HOST, DEFAULT_PORT, READY_TIMEOUT_S, ServerProcess, free_port
 
 DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/v1"  # where `vmetal serve` listens by default
@@ -46,6 +46,7 @@ COMMAND_SETTINGS: dict[str, Any] = {
 
 _SAMPLING = "Sampling (change them in the session with /set)"
 _SERVER = "Server started for the session"
+ServerReadyTimeout = ready_timeout_option(_SERVER)
 
 
 def vmetal_home() -> Path:
@@ -238,9 +239,7 @@ def chat(
                                                         "token and tokens/s (on stderr).")] = False,
     markdown: Annotated[bool, typer.Option(help="Redraw each finished reply as Markdown (on a "
                                                 "terminal).")] = True,
-    ready_timeout: Annotated[float, typer.Option(min=1, rich_help_panel=_SERVER,
-                                                 help="Seconds to wait for it to answer /health.")]
-        = READY_TIMEOUT_S,
+    ready_timeout: ServerReadyTimeout = READY_TIMEOUT_S,
 ) -> None:
     """Chat with a model: a running server's, or one started for the session."""
     model, vllm_args = model_and_passthrough(model, ctx.args)

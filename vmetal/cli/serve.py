@@ -48,6 +48,15 @@ class Device(str, enum.Enum):
 HostOption = Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable "
                                               "from other machines.")]
 PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+
+
+def ready_timeout_option(panel: str | None = None) -> Any:
+    """The `--ready-timeout` option of every command that starts a server (serve, chat, bench)."""
+    return Annotated[float, typer.Option(min=1, rich_help_panel=panel,
+                                         help="Seconds to wait for the server to answer /health.")]
+
+
+ReadyTimeoutOption = ready_timeout_option()
 ModelArgument = Annotated[str | None, typer.Argument(
     show_default=False, metavar="MODEL",
     help=f"Local model folder or Hugging Face id. Default: {DEFAULT_MODEL}.")]
@@ -304,8 +313,7 @@ def serve(
                                               "own chat_template_kwargs win.", rich_help_panel=_TOOLS)] = False,
     no_pull: Annotated[bool, typer.Option("--no-pull", help="Do not pull a Hub model first; vLLM and mlx-lm "
                                           "then resolve it themselves.")] = False,
-    ready_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the server to answer "
-                                                 "/health.")] = READY_TIMEOUT_S,
+    ready_timeout: ReadyTimeoutOption = READY_TIMEOUT_S,
 ) -> None:
     """Serve MODEL through vLLM's OpenAI-compatible API, computed with MLX."""
     model, vllm_args = model_and_passthrough(model, ctx.args)

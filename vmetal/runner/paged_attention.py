@@ -256,10 +256,5 @@ def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block
     `[B, Hq, max_q, D]`, keys and values gathered slot by slot to `[B, Hkv, ctx, D]` (ctx: the group's longest
     context), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped.
     """
-    qlens = _host_ints(query_lens)
-    if int(qlens.sum()) != queries.shape[0]:
-        raise ValueError(f"paged_attention: query_lens sum to {int(qlens.sum())} but there are "
-                         f"{queries.shape[0]} query tokens")
-    tables = np.asarray(block_tables, dtype=np.int64)
-    plan = plan_attention(tables, context_lens, qlens, k_pool.shape[1])
+    plan = plan_attention(block_tables, context_lens, query_lens, k_pool.shape[1])
     return attend(queries, k_pool, v_pool, plan, scale)

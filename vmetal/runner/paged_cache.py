@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from vmetal import kernels as pa  # Metal kernels where chosen, the pure-MLX reference elsewhere
+from vmetal.runner import paged_attention as ref
 
 _HOOKED: set[str] = set()
 
@@ -43,8 +44,6 @@ class StepLayout:
         """From host arrays: positions and slot mapping `[T]`, block tables `[B, max_blocks]`, context and
         query lengths `[B]`."""
         import mlx.core as mx
-
-        from vmetal.runner import paged_attention as ref
 
         return cls(mx.array(np.asarray(positions, dtype=np.int32)), ref.plan_writes(slot_mapping),
                    ref.plan_attention(block_tables, context_lens, query_lens, block_size))

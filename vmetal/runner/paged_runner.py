@@ -30,9 +30,9 @@ class PagedModelRunner(MetalModelRunner):
         self.layers: list[PagedLayerCache] = []
         self.num_blocks = 0
         self.scratch_blocks: list[int] = []
-        # The decode-ahead step's pool slots, and its rows that wrote to a scratch block (row, req_id, position).
+        # The decode-ahead step's pool slots, and its rows that wrote to a scratch block.
         self._ahead_slots: np.ndarray | None = None
-        self._ahead_scratch: list[tuple[int, str, int]] = []
+        self._ahead_scratch: list[int] = []
         # All-decode steps: served by the decode-ahead ("used", "scratch": with a row written to a scratch block)
         # or not ("missed": built but not that step, "none": not built).
         self.ahead_counts: Counter[str] = Counter()
@@ -126,10 +126,7 @@ class PagedModelRunner(MetalModelRunner):
             if start + n < state.num_tokens:
                 partial.add(req_id)
 
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((len(tables), width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = t
+        block_tables = _padded(tables)
         decode_only = None
         all_slots = np.concatenate(slots)
         if len(tokens) == len(req_ids) and not prompt_rows and not partial:
@@ -176,14 +173,11 @@ class PagedModelRunner(MetalModelRunner):
                 if len(scratch) == len(self.scratch_blocks):
                     return None
                 table.append(self.scratch_blocks[len(scratch)])
-                scratch.append((i, req_id, pos))
+                scratch.append(i)
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             tables.append(table)
-        block_tables = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = t
-        layout = StepLayout.plan(positions, slots, block_tables, [p + 1 for p in positions],
+        layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions],
                                  [1] * len(order), bs)
         self._ahead_slots = np.asarray(slots, dtype=np.int64)
         self._ahead_scratch = scratch
@@ -205,17 +199,19 @@ class PagedModelRunner(MetalModelRunner):
         usable = ahead_order == order
         if usable:
             own = np.ones(len(slots), dtype=bool)
-            own[[i for i, _, _ in scratch]] = False
+            own[scratch] = False
             usable = np.array_equal(self._ahead_slots[own], slots[own]) and all(
                 self.requests[r].get_token_id(self.requests[r].num_computed_tokens) == t
                 for r, t in zip(order, tokens))
         if usable and scratch:
-            rows = [i for i, _, _ in scratch]
-            writes = pa_ref.plan_writes(slots[rows])
+            import mlx.core as mx
+
+            writes = pa_ref.plan_writes(slots[scratch])
+            rows = mx.array(scratch, dtype=mx.int32)
             for layer in self.layers:
                 keys, values = layer.kept_kv
-                layer.k_pool, layer.v_pool = pa.write_cache(keys[mx_rows(rows)], values[mx_rows(rows)],
-                                                            layer.k_pool, layer.v_pool, writes)
+                layer.k_pool, layer.v_pool = pa.write_cache(keys[rows], values[rows], layer.k_pool, layer.v_pool,
+                                                            writes)
         for layer in self.layers:
             layer.kept_kv = None
         self.ahead_counts["used" if usable else "missed"] += 1
@@ -233,7 +229,9 @@ class PagedModelRunner(MetalModelRunner):
         return out
 
 
-def mx_rows(rows: list[int]) -> Any:
-    import mlx.core as mx
-
-    return mx.array(rows, dtype=mx.int32)
+def _padded(tables: list[Any]) -> np.ndarray:
+    """Block tables of different lengths as one int32 array `[B, longest]`, padded with block 0."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out

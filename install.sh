@@ -2,7 +2,7 @@
 # install.sh - build (or bring up to date) a virtual environment with vLLM, MLX and vmetal.
 #
 # The pins (vLLM, mlx, mlx-lm, the macOS wheel URL, what to remove) live in
-# vmetal/install_plan.py; this script asks it for them (`install_plan.py --shell`).
+# vmetal/install/plan.py; this script asks it for them (`plan.py --shell`).
 # Written for bash 3.2 (macOS's /bin/bash) as well as bash 5.
 #
 # How a failed run leaves things (the rollback design)
@@ -44,7 +44,7 @@ Options:
   --venv PATH           where the venv goes (default: \${VMETAL_VENV:-\$HOME/.venv-vllm-metal})
   --python PATH         interpreter for a new venv (default: macOS: python3.12;
                         Linux: python3 if >= 3.11, else the newest python3.1x found)
-  --vllm-version V      vLLM release (default: the tested pin, see vmetal/install_plan.py)
+  --vllm-version V      vLLM release (default: the tested pin, see vmetal/install/plan.py)
   --mlx-extra EXTRA     Linux only: cpu (default) or cuda13 (mlx[cuda13] on an NVIDIA host)
   --torch-index URL     Linux only: where the +cpu torch build comes from (default: PyTorch's
                         CPU index when reachable; "none" to rely on pip's own configuration)
@@ -120,9 +120,9 @@ while [ "$VENV" != "/" ] && [ "${VENV%/}" != "$VENV" ]; do VENV=${VENV%/}; done
 [ "$VENV" != "/" ] || usage_error "--venv cannot be /"
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
-PLAN_PY="$REPO/vmetal/install_plan.py"
+PLAN_PY="$REPO/vmetal/install/plan.py"
 if [ ! -f "$REPO/pyproject.toml" ] || [ ! -f "$PLAN_PY" ]; then
-  die "$REPO is not a vmetal checkout (no pyproject.toml or vmetal/install_plan.py); run install.sh from a clone of the repository"
+  die "$REPO is not a vmetal checkout (no pyproject.toml or vmetal/install/plan.py); run install.sh from a clone of the repository"
 fi
 
 export PIP_NO_INPUT=1 PIP_USER=0
@@ -158,7 +158,7 @@ fi
 plan_args=()
 [ -z "$VLLM_VERSION_ARG" ] || plan_args+=(--vllm-version "$VLLM_VERSION_ARG")
 [ -z "$MLX_EXTRA_ARG" ] || plan_args+=(--mlx-extra "$MLX_EXTRA_ARG")
-# plan PYTHON MODE...: run install_plan.py with that interpreter, outside the checkout.
+# plan PYTHON MODE...: run vmetal/install/plan.py with that interpreter, outside the checkout.
 plan() {
   local py=$1
   shift
@@ -219,7 +219,7 @@ done <<EOF
 $PLAN_OUT
 EOF
 if [ -z "$P_STACK" ] || [ -z "$P_MARKER" ] || [ -z "$P_IN_PROGRESS" ]; then
-  die "vmetal/install_plan.py --shell gave no pins; is this checkout complete? (git status)"
+  die "vmetal/install/plan.py --shell gave no pins; is this checkout complete? (git status)"
 fi
 read -r -a STACK_REQS <<<"$P_STACK"
 PY_MINOR=$(printf '%s' "$P_PYTHON_VERSION" | cut -d. -f1-2)
@@ -428,7 +428,7 @@ if [ "$P_VLLM_DIST" != vllm ]; then
   run "check that $VENV/bin is writable" "$VPY" -c '
 import sys, pathlib
 script = pathlib.Path(sys.argv[1])
-script.write_text("#!" + sys.argv[2] + "\nimport sys\nfrom vmetal.vllm_cli import main\nif __name__ == \"__main__\":\n    sys.exit(main())\n")
+script.write_text("#!" + sys.argv[2] + "\nimport sys\nfrom vmetal.server.vllm_cli import main\nif __name__ == \"__main__\":\n    sys.exit(main())\n")
 script.chmod(0o755)
 ' "$VENV/bin/vllm" "$VPY"
   done_step

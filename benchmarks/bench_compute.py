@@ -1,7 +1,7 @@
 """MLX vs the PyTorch compute path in the same vmetal engine (issue 6, results row 3).
 
 `VLLM_METAL_USE_MLX=1` (the default) runs the model in MLX; `VLLM_METAL_USE_MLX=0` runs the Hugging Face
-model in torch behind the same runner, scheduler handling and sampler (vmetal/runner/torch_runner.py). Both
+model in torch behind the same runner, scheduler handling and sampler (vmetal/engine/runner/torch_runner.py). Both
 engines load the same random-weight checkpoint and serve the same prompts, greedy with ignore_eos, so each run
 decodes exactly `--max-tokens` tokens per request; both stay up and the trials alternate between them, so drift
 on a shared box hits both alike. Measured: single-stream decode tok/s (TTFT excluded) and aggregate decode
@@ -26,8 +26,18 @@ import sys
 import time
 from pathlib import Path
 
-from bench_engine import (SHAPE, CpuWatch, _env_setup, _summary, build_model, engine_run, machine_info,
-                          make_prompts, quiet_wait, versions)
+from bench_engine import (
+    SHAPE,
+    CpuWatch,
+    _env_setup,
+    _summary,
+    build_model,
+    engine_run,
+    machine_info,
+    make_prompts,
+    quiet_wait,
+    versions,
+)
 from results_md import publish
 
 BACKENDS = {"mlx": "1", "torch": "0"}  # VLLM_METAL_USE_MLX

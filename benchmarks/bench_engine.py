@@ -479,7 +479,7 @@ def decode_loop_diagnostic(model, prompt: list[int], max_tokens: int, reps: int,
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
-        from vmetal.runner import mlx_cache
+        from vmetal.engine.runner.kv import mlx_cache
 
         n = max_tokens
 

@@ -9,7 +9,7 @@ Each backend serves the same random-weight Qwen3-shaped model (bench_engine.py's
               `--decode-concurrency` set to the highest concurrency measured
 - `vllm_cpu`: (opt-in) vLLM's own CPU backend, the same `vllm serve` with the vmetal plugin off
 
-The two vmetal servers are `vllm serve` started through `vmetal.server.ServerProcess` with
+The two vmetal servers are `vllm serve` started through `vmetal.server.process.ServerProcess` with
 `--max-num-seqs 32 --max-model-len 1024` and the same explicit KV capacity (`--kv-cache-memory-bytes`,
 32 full-length sequences), so neither path gets more room than the other.
 
@@ -75,8 +75,7 @@ RESULTS = HERE / "RESULTS.md"
 
 sys.path.insert(0, str(HERE))
 # The engine benchmark's model shape, model builder, machine/version info and contention watch.
-from bench_engine import (  # noqa: E402
-    _CLK, SHAPES, CpuWatch, _proc_tree_jiffies, build_model, machine_info, versions)
+from bench_engine import _CLK, SHAPES, CpuWatch, _proc_tree_jiffies, build_model, machine_info, versions  # noqa: E402
 from results_md import publish  # noqa: E402
 
 ALL_BACKENDS = ("paged", "mlx", "mlx_lm", "vllm_cpu")
@@ -251,7 +250,7 @@ def make_server(backend: str, model_dir: Path, port: int, max_c: int, log_path: 
     """A `ServerProcess` for `backend` (for mlx_lm its argv and environment are replaced). `extra_vllm_args`
     go to every vLLM server (vmetal's two and vllm_cpu)."""
     from vmetal import envs
-    from vmetal.server import ServerProcess
+    from vmetal.server.process import ServerProcess
 
     vllm_args = ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
                  "--seed", "0", *extra_vllm_args]
@@ -588,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.benchmarks.lib.endpoint_request_func import ASYNC_REQUEST_FUNCS
     from vllm.tokenizers import get_tokenizer
 
-    from vmetal.server import free_port
+    from vmetal.server.process import free_port
 
     ASYNC_REQUEST_FUNCS[ENDPOINT] = _openai_completions_factory()
     log("building model")

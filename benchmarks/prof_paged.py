@@ -28,7 +28,7 @@ def _median_ms(step, reps: int = 40) -> tuple[float, float]:
 def _paged_step(model, layers, rows: int, ctx: int, block_size: int):
     import mlx.core as mx
 
-    from vmetal.runner.paged_cache import StepLayout, logits_of
+    from vmetal.engine.runner.kv.paged_cache import StepLayout, logits_of
 
     tables = np.arange(rows * 20, dtype=np.int32).reshape(rows, 20)[:, : -(-ctx // block_size)]
     pos = np.full(rows, ctx - 1)
@@ -72,8 +72,8 @@ def _mlx_lm_step(model, lm, rows: int, ctx: int):
 def micro(model_dir: Path, ctx: int = 144, block_size: int = 16) -> None:
     import mlx.core as mx
 
-    from vmetal import models
-    from vmetal.runner.paged_cache import PagedLayerCache, install_attention_hook
+    from vmetal.engine import models
+    from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, install_attention_hook
 
     lm = models.load(str(model_dir))
     install_attention_hook(lm.model)

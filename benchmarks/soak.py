@@ -1,8 +1,8 @@
 """Soak: 2,000 requests through one real server; nothing fails, nothing drifts, memory stays flat.
 
-One `vllm serve` process with the vmetal plugin (`vmetal.server.ServerProcess`) serves a tiny random-weight
+One `vllm serve` process with the vmetal plugin (`vmetal.server.process.ServerProcess`) serves a tiny random-weight
 Qwen3 (`vmetal.demo.build_tiny_model`). The load is a bounded loop of `--requests` requests at
-`--concurrency`, cycling through every (endpoint, prompt, max_tokens) combination of tests/loadclient.py,
+`--concurrency`, cycling through every (endpoint, prompt, max_tokens) combination of tests/support/loadclient.py,
 streamed and not; one request in `--abandon-every` is a client that closes its stream after a few events.
 Every answer that is read to the end must equal the combination's sequential answer (asked alone before
 the load), token ids and text.
@@ -33,7 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared load client
 
 import httpx  # noqa: E402
-
 from loadclient import KINDS, PROMPTS, group_rss, metrics, request_body, send  # noqa: E402
 
 MODEL = "tiny"
@@ -63,7 +62,7 @@ def settled_rss(http: httpx.Client, server) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> dict:
     from vmetal.demo import build_tiny_model
-    from vmetal.server import ServerProcess, free_port
+    from vmetal.server.process import ServerProcess, free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="vmetal-soak-"))
     model = build_tiny_model(workdir / "qwen3", "qwen3", hidden_size=64, num_layers=2)

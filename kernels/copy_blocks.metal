@@ -1,10 +1,10 @@
 // copy_blocks: the pools after copying whole blocks src[i] -> dst[i] (copy-on-write).
-// Reference: vmetal/runner/paged_attention.py::copy_blocks.
-// Test: tests/test_paged_attention.py::test_metal_cache_kernels_match_reference (Metal only).
+// Reference: vmetal/engine/runner/attention/reference.py::copy_blocks.
+// Test: tests/unit/test_paged_attention.py::test_metal_cache_kernels_match_reference (Metal only).
 //
 // This file is a kernel BODY: MLX (mx.fast.metal_kernel) writes the signature from the names below.
 // MLX kernels write fresh output buffers, so this kernel writes the whole new pool: one thread per element.
-// Launch (vmetal/kernels.py::plan_copy_blocks): grid (BS * HKV * D, num_blocks, 1),
+// Launch (vmetal/engine/runner/attention/metal.py::plan_copy_blocks): grid (BS * HKV * D, num_blocks, 1),
 // threadgroup (min(BS * HKV * D, 256), 1, 1).
 // Template: BLOCK = BS * HKV * D, the elements of one block.
 // Inputs:  k_pool, v_pool [num_blocks, BS, HKV, D];

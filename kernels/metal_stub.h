@@ -1,6 +1,6 @@
 // Stand-ins for the Metal Shading Language, just enough for a C++ compiler to check the syntax (and the
 // names, types and template instantiation) of kernels/*.metal off a Mac. Never used to run anything.
-// Used by tests/test_kernels_syntax.py, which wraps each body in the signature MLX would generate.
+// Used by tests/unit/test_kernels_syntax.py, which wraps each body in the signature MLX would generate.
 // MSL is C++14-based: compile with -std=c++14 so that later C++ features are caught too.
 #pragma once
 

@@ -1,9 +1,9 @@
 // paged_attention: causal attention of one packed query token over its sequence's paged K/V.
-// Reference: vmetal/runner/paged_attention.py::paged_attention (block-table gather + masked SDPA, GQA).
-// Test: tests/test_paged_attention.py::test_metal_paged_attention_matches_reference (Metal only).
+// Reference: vmetal/engine/runner/attention/reference.py::paged_attention (block-table gather + masked SDPA, GQA).
+// Test: tests/unit/test_paged_attention.py::test_metal_paged_attention_matches_reference (Metal only).
 //
 // This file is a kernel BODY: MLX (mx.fast.metal_kernel) writes the signature from the names below.
-// Launch (vmetal/kernels.py::plan_paged_attention): grid (32, HQ, num_tokens), threadgroup (32, 1, 1):
+// Launch (vmetal/engine/runner/attention/metal.py::plan_paged_attention): grid (32, HQ, num_tokens), threadgroup (32, 1, 1):
 // one SIMD group of 32 lanes per (query token, query head); decode and prefill chunks alike.
 // Template: T output dtype; HQ, HKV query and KV heads; D head dim; BS block size.
 // Inputs:  queries [num_tokens, HQ, D]; k_pool, v_pool [num_blocks, BS, HKV, D];

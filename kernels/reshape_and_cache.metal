@@ -1,10 +1,10 @@
 // reshape_and_cache: the pools after writing this step's keys and values to their slots.
-// Reference: vmetal/runner/paged_attention.py::reshape_and_cache.
-// Test: tests/test_paged_attention.py::test_metal_cache_kernels_match_reference (Metal only).
+// Reference: vmetal/engine/runner/attention/reference.py::reshape_and_cache.
+// Test: tests/unit/test_paged_attention.py::test_metal_cache_kernels_match_reference (Metal only).
 //
 // This file is a kernel BODY: MLX (mx.fast.metal_kernel) writes the signature from the names below.
 // MLX kernels write fresh output buffers, never their inputs, so this kernel writes the whole new pool:
-// one thread per pool element. Launch (vmetal/kernels.py::plan_reshape_and_cache):
+// one thread per pool element. Launch (vmetal/engine/runner/attention/metal.py::plan_reshape_and_cache):
 // grid (HKV * D, num_blocks * BS, 1), threadgroup (min(HKV * D, 256), 1, 1).
 // Template: T pool dtype; ROW = HKV * D, the elements of one slot.
 // Inputs:  keys, values [num_tokens, HKV, D]; k_pool, v_pool [num_blocks, BS, HKV, D];

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # never takes over a CUDA or CPU vLLM that the user runs on its own.
 ACTIVATE_ENV = "VMETAL_ENABLE"
 
-PLATFORM_QUALNAME = "vmetal.platform.MetalPlatform"
+PLATFORM_QUALNAME = "vmetal.engine.platform.MetalPlatform"
 
 
 def _is_apple_silicon() -> bool:

@@ -290,13 +290,10 @@ def build_tiny_model(path, arch: str = "qwen3", *, hidden_size: int = 64, num_la
 
 
 def default_demo_dir() -> Path:
-    """Where the demo model lives: $VMETAL_HOME/demo, else the XDG cache."""
-    if os.environ.get("VMETAL_HOME"):
-        base = Path(os.environ["VMETAL_HOME"]).expanduser()
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        base = Path(cache).expanduser() / "vmetal"
-    return base / "demo" / DEMO_NAME
+    """Where the demo model lives: under the vmetal home (`vmetal.envs.vmetal_home`)."""
+    from vmetal.envs import vmetal_home
+
+    return vmetal_home() / "demo" / DEMO_NAME
 
 
 def ensure_demo_model() -> Path:

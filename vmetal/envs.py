@@ -12,6 +12,7 @@ import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 MEMORY_FRACTION = "VLLM_METAL_MEMORY_FRACTION"
@@ -24,6 +25,8 @@ USE_MODELSCOPE = "VLLM_USE_MODELSCOPE"
 MODELSCOPE_CACHE = "VLLM_METAL_MODELSCOPE_CACHE"
 PREFIX_CACHE = "VLLM_METAL_PREFIX_CACHE"
 PREFIX_CACHE_FRACTION = "VLLM_METAL_PREFIX_CACHE_FRACTION"
+# Not part of the engine's contract (the engine never reads it), but read here so there is one reader.
+HOME = "VMETAL_HOME"
 
 # What `auto` means once the paged KV cache has to be given an explicit budget.
 AUTO_KV_FRACTION = 0.9
@@ -288,6 +291,15 @@ def resolve_mlx_device(cfg: MetalConfig,
             variable=MLX_DEVICE, value="gpu", allowed="`cpu` on a host without an MLX GPU")
     return "cpu", (f"{MLX_DEVICE} is unset and MLX has no GPU on this host; using `cpu` "
                    f"(set {MLX_DEVICE}=cpu to silence this)")
+
+
+def vmetal_home(environ: Mapping[str, str] | None = None) -> Path:
+    """Where vmetal keeps its own files (demo model, registry of pulled models, logs, chat history):
+    `$VMETAL_HOME`, else `$XDG_CACHE_HOME/vmetal`, else `~/.cache/vmetal`."""
+    env = os.environ if environ is None else environ
+    if env.get(HOME):
+        return Path(env[HOME]).expanduser()
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "vmetal"
 
 
 @functools.lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmetal.cli.errors import USAGE, VmetalError
+from vmetal.errors import USAGE, VmetalError
 
 CUSTOM = "custom"      # vLLM's --dataset-name for prompt/output_tokens JSONL
 SHAREGPT = "sharegpt"  # vLLM's --dataset-name for ShareGPT JSON

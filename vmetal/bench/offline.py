@@ -41,7 +41,7 @@ def kv_cache_bytes(model_dir: str, max_model_len: int, block_size: int) -> int |
     Given to vLLM as `kv_cache_memory_bytes`, so every backend gets the same KV room and the paged pools are
     not sized from device memory: peak memory then reflects this workload, not a fraction of the machine.
     """
-    from vmetal import fit
+    from vmetal.preflight import fit
 
     config = fit.read_config(model_dir)
     if config is None:
@@ -75,7 +75,7 @@ def summary_row(backend: str, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_environ(cfg: Any) -> dict[str, str]:
-    from vmetal.server import server_environ
+    from vmetal.server.process import server_environ
 
     env = server_environ(cfg)
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in the child: its MLX memory is readable there
@@ -120,7 +120,7 @@ def run_backends(backends: list[str], model_dir: str, results: Any, *, prompt_le
                  trials: int, timeout: float, log_dir: Path, say: Callable[[str], None]) -> None:
     """Each backend in its own child, rows and errors added to `results` (a failed one keeps its trials)."""
     from vmetal.bench.online import NOT_AVAILABLE, backend_config
-    from vmetal.cli.errors import VmetalError
+    from vmetal.errors import VmetalError
 
     runs, errors = results.runs, results.errors
     for backend in backends:

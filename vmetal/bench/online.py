@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from vmetal import envs
 from vmetal.bench.dataset import CUSTOM, SHAREGPT, Dataset
-from vmetal.cli.errors import USAGE, VmetalError
+from vmetal.errors import USAGE, VmetalError
 
 BACKENDS = ("mlx", "paged", "torch")
 # Environment of each backend's server, on top of the user's VLLM_METAL_* settings.
@@ -279,7 +279,7 @@ def sized_server_args(model_dir: str, args: Sequence[str], workload: Workload) -
 
     Whatever the user gave (flags or `--serve-args`) is kept as given.
     """
-    from vmetal import fit
+    from vmetal.preflight import fit
 
     out = list(args)
     seqs_given = fit.vllm_arg(out, "--max-num-seqs")
@@ -308,7 +308,7 @@ def sized_server_args(model_dir: str, args: Sequence[str], workload: Workload) -
 def own_server(backend: str, model_dir: str, name: str, *, api_key: str | None, vllm_args: Sequence[str],
                ready_timeout: float, log_path: Path, say: Callable[[str], None]) -> Iterator[Target]:
     """A `vllm serve` of `model_dir` with `backend`'s settings on a free port, stopped when the block ends."""
-    from vmetal.server import ServerError, ServerProcess, free_port
+    from vmetal.server.process import ServerError, ServerProcess, free_port
 
     cfg = backend_config(backend)
     server = ServerProcess(model_dir, port=free_port(), served_model_name=name, api_key=api_key, config=cfg,

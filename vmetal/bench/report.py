@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
-from vmetal.cli.errors import USAGE, VmetalError
+from vmetal.errors import USAGE, VmetalError
 
 SCHEMA = 1
 LATENCY_METRICS = (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2el", "E2E"))

@@ -16,7 +16,7 @@ def make_app(**settings: Any) -> typer.Typer:
     """A Typer app that behaves like every other vmetal app (top level or a future command group)."""
     defaults: dict[str, Any] = {
         "no_args_is_help": True,
-        # Users get `error: …` lines from `vmetal.cli.errors`; tracebacks are for VLLM_METAL_DEBUG=1.
+        # Users get `error: …` lines from `vmetal.cli.output`; tracebacks are for VLLM_METAL_DEBUG=1.
         "pretty_exceptions_enable": False,
         # Completion scripts are generated from the app and shipped (completions/), not installed by
         # the CLI into a user's shell rc files.

@@ -10,22 +10,23 @@ from typing import Annotated, Any
 import typer
 
 from vmetal import __version__
-from vmetal.cli import errors, make_app, serve
-from vmetal.cli import doctor as doctor_cmd
-from vmetal.cli import pull as pull_cmd
+from vmetal.cli import bench as bench_cmd
 from vmetal.cli import chat as chat_cmd
 from vmetal.cli import completion as completion_cmd
-from vmetal.cli import install as install_cmd
-from vmetal.cli import uninstall as uninstall_cmd
-from vmetal.cli import bench as bench_cmd
 from vmetal.cli import convert as convert_cmd
+from vmetal.cli import doctor as doctor_cmd
+from vmetal.cli import install as install_cmd
+from vmetal.cli import make_app, output, serve
+from vmetal.cli import pull as pull_cmd
+from vmetal.cli import uninstall as uninstall_cmd
+from vmetal.errors import DEBUG_ENV, debug_enabled, explain
 
 app = make_app(help="Run LLMs with vLLM on MLX (Apple Silicon; MLX CPU or CUDA elsewhere).")
 
 
 def mount(parent: typer.Typer, name: str, command: Callable[..., Any], **settings: Any) -> None:
     """Register `command` under `name` with the shared error handling; `settings` go to Typer."""
-    parent.command(name, **settings)(errors.exits_on_error(command))
+    parent.command(name, **settings)(output.exits_on_error(command))
 
 
 def _print_version(value: bool) -> None:
@@ -46,7 +47,7 @@ def _root(
     """Run LLMs with vLLM on MLX (Apple Silicon; MLX CPU or CUDA elsewhere)."""
     if verbose:
         # Through the environment, so the server and engine processes started below see it too.
-        os.environ[errors.DEBUG_ENV] = "1"
+        os.environ[DEBUG_ENV] = "1"
 
 
 mount(app, "serve", serve.serve, **serve.COMMAND_SETTINGS)
@@ -58,7 +59,7 @@ mount(app, "rm", pull_cmd.rm)
 mount(app, "convert", convert_cmd.convert)
 mount(app, "install", install_cmd.install, **install_cmd.COMMAND_SETTINGS)
 mount(app, "uninstall", uninstall_cmd.uninstall, **uninstall_cmd.COMMAND_SETTINGS)
-mount(app, "completion", completion_cmd.completion)
+mount(app, "completion", completion_cmd.command_for(app))
 app.add_typer(bench_cmd.app, name="bench")  # a group: `bench online`, `bench offline`
 
 
@@ -67,12 +68,12 @@ def main() -> None:
     try:
         app(prog_name="vmetal")
     except Exception as exc:  # noqa: BLE001 - commands handle known errors; this catches what escaped
-        if errors.debug_enabled():
-            errors.print_traceback()  # masked: a traceback can quote a token or an API key
-        err = errors.explain(exc)
+        if debug_enabled():
+            output.print_traceback()  # masked: a traceback can quote a token or an API key
+        err = explain(exc)
         if err is None:
-            sys.exit(errors.report_unexpected(exc))
-        errors.report(err)
+            sys.exit(output.report_unexpected(exc))
+        output.report(err)
         sys.exit(err.exit_code)
 
 

@@ -19,11 +19,11 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal.cli import make_app, model_and_passthrough
-from vmetal.cli.errors import USAGE, VmetalError, exits_on_error
-from vmetal.cli.serve import (DEMO_SERVED_NAME, ModelArgument, check_memory_fit, pull_first, ready_timeout_option,
-                              resolve_model, say)
-from vmetal.server import READY_TIMEOUT_S
+from vmetal.cli import make_app, model_and_passthrough, options
+from vmetal.cli.options import DEMO_SERVED_NAME, ModelArgument, check_memory_fit, ready_timeout_option, resolve_model
+from vmetal.cli.output import exits_on_error, say
+from vmetal.errors import USAGE, VmetalError
+from vmetal.server.process import READY_TIMEOUT_S
 
 app = make_app(help="Benchmark serving (online) and single-stream speed (offline).")
 
@@ -53,7 +53,7 @@ CompareOption = Annotated[str | None, typer.Option(
 
 
 def _home_logs() -> Path:
-    from vmetal.cli.chat import vmetal_home
+    from vmetal.envs import vmetal_home
 
     return vmetal_home() / "logs"
 
@@ -63,13 +63,9 @@ def _model_dir(model: str | None, demo: bool, max_model_len: int | None,
     """(a local folder to load, the name to serve it as), pulling a Hub model first as `vmetal serve` does."""
     target, given_name = resolve_model(model, demo)
     if target is None:
-        from vmetal.demo import default_demo_dir, ensure_demo_model
-
-        if not (default_demo_dir() / "config.json").is_file():
-            say(f"building the demo model in {default_demo_dir()}")
-        return str(ensure_demo_model()), given_name
+        return options.demo_model(), given_name
     if not Path(target).is_dir():
-        target = pull_first(target, max_model_len)
+        target = options.pulled(target, max_model_len)
     check_memory_fit(target, max_model_len, serve_args)
     return target, given_name
 

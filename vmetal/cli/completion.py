@@ -9,7 +9,7 @@ $fpath on the first Tab (see ZSH_FPATH_SUFFIX).
 They do not list the commands: on Tab the shell runs `vmetal` with `_VMETAL_COMPLETE=complete_<shell>`,
 and the app answers from its current commands, options and choices. So a new command completes without
 regenerating anything; the checked-in files change only when Typer's templates or the program name do, and
-`tests/test_completions.py` fails when they drift.
+`tests/cli/test_completions.py` fails when they drift.
 
 Typer registers its shell classes only while it builds an app that has `--install-completion`; vmetal's
 apps do not (`make_app`), so this module registers them when a completion is asked for. It is imported by
@@ -70,19 +70,33 @@ if os.environ.get(COMPLETE_VAR):
     register_shells()
 
 
-def script(shell: Shell | str) -> str:
-    """The completion script for `shell`, generated from the app as a shell would ask for it."""
+def script(shell: Shell | str, app: typer.Typer) -> str:
+    """The completion script for `shell`, generated from `app` as a shell would ask for it."""
     from typer.testing import CliRunner
-
-    from vmetal.cli.app import app
 
     shell = Shell(shell)
     register_shells()
     result = CliRunner().invoke(app, [], env={COMPLETE_VAR: f"source_{shell.value}"}, prog_name=PROG_NAME)
-    text = result.stdout.strip()
-    if result.exit_code != 0 or not text:
-        raise RuntimeError(f"generating the {shell.value} completion failed (exit {result.exit_code}): "
-                           f"{result.output.strip()}")
+    return _finish(shell, result.exit_code, result.stdout, result.output)
+
+
+def script_of_installed(shell: Shell | str) -> str:
+    """The completion script for `shell`, asked of `python -m vmetal.cli.app` exactly as a shell asks `vmetal`
+    (for `--write`/`--check`, which therefore need no reference to the app: `app.py` imports this module)."""
+    import subprocess
+
+    shell = Shell(shell)
+    env = {**os.environ, COMPLETE_VAR: f"source_{shell.value}"}
+    # argv[0] is what the scripts name the program: Typer takes the name from it.
+    code = f"import sys; sys.argv[0] = {PROG_NAME!r}; from vmetal.cli.app import main; main()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    return _finish(shell, done.returncode, done.stdout, done.stderr)
+
+
+def _finish(shell: Shell, exit_code: int, stdout: str, output: str) -> str:
+    text = stdout.strip()
+    if exit_code != 0 or not text:
+        raise RuntimeError(f"generating the {shell.value} completion failed (exit {exit_code}): {output.strip()}")
     text += "\n"
     if shell is Shell.zsh:
         text += ZSH_FPATH_SUFFIX
@@ -96,16 +110,22 @@ def checkout_completions_dir() -> Path:
     return Path(vmetal.__file__).resolve().parent.parent / "completions"
 
 
-def generate_all() -> dict[str, str]:
-    """File name -> content, for every shell."""
-    return {FILE_NAMES[shell]: script(shell) for shell in Shell}
+def generate_all(app: typer.Typer | None = None) -> dict[str, str]:
+    """File name -> content, for every shell: from `app`, or from the installed `vmetal` when None."""
+    return {FILE_NAMES[shell]: script(shell, app) if app is not None else script_of_installed(shell)
+            for shell in Shell}
 
 
-def completion(
-    shell: Annotated[Shell, typer.Argument(metavar="SHELL", help="bash, zsh or fish.", show_default=False)],
-) -> None:
-    """Print the completion script for SHELL (bash, zsh or fish); see the README for installing it."""
-    sys.stdout.write(script(shell))
+def command_for(app: typer.Typer):  # noqa: ANN201 - a Typer command function
+    """The `vmetal completion SHELL` command, printing `app`'s scripts (given by app.py, which mounts it)."""
+
+    def completion(
+        shell: Annotated[Shell, typer.Argument(metavar="SHELL", help="bash, zsh or fish.", show_default=False)],
+    ) -> None:
+        """Print the completion script for SHELL (bash, zsh or fish); see the README for installing it."""
+        sys.stdout.write(script(shell, app))
+
+    return completion
 
 
 def main(argv: list[str] | None = None) -> int:

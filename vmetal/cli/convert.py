@@ -20,7 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal.cli.errors import USAGE, VmetalError
+from vmetal.cli.output import say
+from vmetal.errors import USAGE, VmetalError
 
 # mlx-lm quantizes these group sizes on every backend; a mode other than affine fixes its own.
 GROUP_SIZES = (32, 64, 128)
@@ -50,50 +51,32 @@ class Dtype(str, enum.Enum):
     float32 = "float32"
 
 
-def _say(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False).print(f"vmetal: {message}", markup=False, soft_wrap=True)
-
-
 def resolve_source(src: str) -> Path:
     """SRC as a local folder: a folder as is, a Hub id from `vmetal pull`'s models (pulling it first)."""
-    from vmetal import hub_common, registry
+    from vmetal import hub
+    from vmetal.cli.pull.view import TerminalView
+    from vmetal.hub.common import HubError, looks_local
 
     path = Path(src).expanduser()
     if path.is_dir():
         return path.resolve()
-    if path.exists() or hub_common.looks_local(src):
+    if path.exists() or looks_local(src):
         raise VmetalError(f"source `{src}` is not a model folder (it does not exist or is a file)",
                           hint="pass a local Hugging Face model folder or a Hub id such as Qwen/Qwen3-0.6B",
                           exit_code=USAGE)
-
-    def pulled() -> Path | None:
-        done = [e for e in registry.find(src, source=hub_common.resolve_source(None))
-                if e.complete and Path(e.path).is_dir()]
-        entry = max(done, key=lambda e: e.pulled_at or 0, default=None)
-        return Path(entry.path) if entry else None
-
-    if (folder := pulled()) is None:
-        from vmetal.cli import pull as pull_cmd
-
-        # `vmetal pull`'s checks, progress and resumability. The fit check is about serving the
-        # unquantized model, which is what converting avoids: it only warns here.
-        try:
-            pull_cmd._pull(src, None, None, [], True, None, quiet=False, json_out=False)
-        except hub_common.HubError as exc:
-            raise VmetalError(f"`{src}` is neither a local folder nor pulled, and pulling it failed: "
-                              f"{exc.message}", hint=exc.hint, exit_code=exc.exit_code) from None
-        folder = pulled()
-        if folder is None:
-            raise VmetalError(f"`{src}` was pulled but its folder is not complete",
-                              hint=f"run `vmetal pull {src}` again")
-    return folder
+    # A complete pull is used as is (offline too); otherwise `vmetal pull`'s checks, progress and
+    # resumability. The fit check is about serving the unquantized model, which is what converting avoids:
+    # it only warns here (force).
+    try:
+        return hub.ensure_local(src, refresh=False, force=True, view=TerminalView(quiet=False))
+    except HubError as exc:
+        raise VmetalError(f"`{src}` is neither a local folder nor pulled, and pulling it failed: "
+                          f"{exc.message}", hint=exc.hint, exit_code=exc.exit_code) from None
 
 
 def check_source(folder: Path, config: dict[str, Any], group_size: int) -> None:
     """Refuse what mlx-lm would convert wrongly or only after loading every weight."""
-    from vmetal.models import check_architecture, quantization_of
+    from vmetal.preflight.checkpoint import check_architecture, quantization_of
 
     where = str(folder / "config.json")
     check_architecture(config, where=where)  # UnsupportedModelError: exit 2 with the supported list
@@ -159,8 +142,8 @@ def convert(
     = False,
 ) -> None:
     """Quantize a model for MLX (mlx-lm's converter): DST serves with `vmetal serve DST`."""
-    from vmetal.fit import weight_bytes_of
-    from vmetal.models import Quantization, read_config
+    from vmetal.preflight.checkpoint import Quantization, read_config
+    from vmetal.preflight.fit import weight_bytes_of
 
     n_bits = int(bits.value)
     if mode is Mode.mxfp4 and (n_bits != 4 or (group_size and int(group_size.value) != MXFP4_GROUP_SIZE)):
@@ -183,7 +166,7 @@ def convert(
     check_source(source, config, group)
 
     quant = Quantization(bits=n_bits, group_size=group, mode=mode.value)
-    _say(f"quantizing `{source}` to {quant.describe()} with mlx-lm")
+    say(f"quantizing `{source}` to {quant.describe()} with mlx-lm")
     dst.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
@@ -203,7 +186,7 @@ def convert(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    from vmetal.cli.pull_view import human_size
+    from vmetal.hub.common import human_size
 
-    _say(f"wrote `{dst}`: {quant.describe()}, weights {human_size(weight_bytes_of(dst))} "
+    say(f"wrote `{dst}`: {quant.describe()}, weights {human_size(weight_bytes_of(dst))} "
          f"(from {human_size(weight_bytes_of(source))}); serve it with `vmetal serve {dst}`")

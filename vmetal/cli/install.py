@@ -24,11 +24,10 @@ from typing import IO, Annotated, Any
 
 import typer
 
-from vmetal.cli.errors import VmetalError
+from vmetal.errors import VmetalError
+from vmetal.install.plan import DEFAULT_VENV_NAME, VENV_ENV
 
 SCRIPT_NAME = "install.sh"
-DEFAULT_VENV_NAME = ".venv-vllm-metal"
-VENV_ENV = "VMETAL_VENV"
 
 COMMAND_SETTINGS: dict[str, Any] = {
     "epilog": "Runs `install.sh` from the vmetal checkout this command belongs to; its exit status is this "
@@ -41,11 +40,6 @@ class MlxExtra(str, enum.Enum):
     cuda13 = "cuda13"
 
 
-def default_venv() -> Path:
-    """The managed venv: $VMETAL_VENV, else ~/.venv-vllm-metal (install.sh's default too)."""
-    return Path(os.environ.get(VENV_ENV) or Path.home() / DEFAULT_VENV_NAME).expanduser()
-
-
 def checkout_root() -> Path:
     """The folder above the imported `vmetal` package: the checkout, for an editable install."""
     import vmetal
@@ -56,7 +50,7 @@ def checkout_root() -> Path:
 def find_install_script(root: Path | None = None) -> Path:
     root = checkout_root() if root is None else root
     script = root / SCRIPT_NAME
-    if script.is_file() and (root / "pyproject.toml").is_file() and (root / "vmetal" / "install_plan.py").is_file():
+    if script.is_file() and (root / "pyproject.toml").is_file() and (root / "vmetal" / "install" / "plan.py").is_file():
         return script
     raise VmetalError(
         f"`vmetal install` runs `install.sh` from a vmetal checkout, and this vmetal ({root / 'vmetal'}) "
@@ -167,7 +161,7 @@ def install(
              "else the newest python3.1x found.")] = None,
     vllm_version: Annotated[str | None, typer.Option(
         "--vllm-version", metavar="V", show_default=False,
-        help="vLLM release. Default: the tested pin (vmetal/install_plan.py).")] = None,
+        help="vLLM release. Default: the tested pin (vmetal/install/plan.py).")] = None,
     mlx_extra: Annotated[MlxExtra | None, typer.Option(
         "--mlx-extra", show_default=False,
         help="Linux only: MLX's `cpu` build (default), or `cuda13` on an NVIDIA host.")] = None,

@@ -2,12 +2,11 @@
 
 Every refusal (bad flag combination, missing model folder, busy port) happens before a process starts,
 because vLLM itself takes ~10 s to reach the point where it would notice. The server runs as a child
-(`vmetal.server.ServerProcess`); this module owns what a terminal user sees: the ready line, Ctrl-C.
+(`vmetal.server.process.ServerProcess`); this module owns what a terminal user sees: the ready line, Ctrl-C.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 import signal
 import threading
@@ -16,14 +15,28 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal import envs
-from vmetal.cli import model_and_passthrough
-from vmetal.cli.errors import ERROR, USAGE, VmetalError, warn
-from vmetal.server import (DEFAULT_HOST, DEFAULT_PORT, READY_TIMEOUT_S, ServerProcess, check_port_free,
-                           is_loopback, passthrough_api_keys)
-
-DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
-DEMO_SERVED_NAME = "vmetal-demo"
+from vmetal.cli import model_and_passthrough, options
+from vmetal.cli.options import (
+    Device,
+    HostOption,
+    ModelArgument,
+    PortOption,
+    ReadyTimeoutOption,
+    check_memory_fit,
+    load_flags_config,
+    resolve_model,
+)
+from vmetal.cli.output import say, warn
+from vmetal.errors import ERROR, USAGE, VmetalError
+from vmetal.server.process import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    READY_TIMEOUT_S,
+    ServerProcess,
+    check_port_free,
+    is_loopback,
+    passthrough_api_keys,
+)
 
 COMMAND_SETTINGS: dict[str, Any] = {
     # Whatever follows `--` is for `vllm serve`; Click hands it over in ctx.args.
@@ -39,136 +52,11 @@ _TOOLS = "Tools and reasoning"
 NO_THINKING_ARGS = ["--default-chat-template-kwargs", '{"enable_thinking": false}']
 
 
-class Device(str, enum.Enum):
-    gpu = "gpu"
-    cpu = "cpu"
-
-
-# Shared with the commands that start or reach a server (chat, bench) when they come.
-HostOption = Annotated[str, typer.Option(help="Address to listen on; anything but loopback is reachable "
-                                              "from other machines.")]
-PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
-
-
-def ready_timeout_option(panel: str | None = None) -> Any:
-    """The `--ready-timeout` option of every command that starts a server (serve, chat, bench)."""
-    return Annotated[float, typer.Option(min=1, rich_help_panel=panel,
-                                         help="Seconds to wait for the server to answer /health.")]
-
-
-ReadyTimeoutOption = ready_timeout_option()
-ModelArgument = Annotated[str | None, typer.Argument(
-    show_default=False, metavar="MODEL",
-    help=f"Local model folder or Hugging Face id. Default: {DEFAULT_MODEL}.")]
-
-# flag -> variable of ENV.md it sets, for hints that name the flag the user actually typed.
-FLAG_VARIABLES = {
-    "--paged": envs.USE_PAGED_ATTENTION,
-    "--memory-fraction": envs.MEMORY_FRACTION,
-    "--prefix-cache": envs.PREFIX_CACHE,
-    "--block-size": envs.BLOCK_SIZE,
-    "--device": envs.MLX_DEVICE,
-}
-
-
-def load_flags_config(*, block_size: int | None, device: str | None, paged: bool = False,
-                      memory_fraction: str | None = None, prefix_cache: bool = False) -> envs.MetalConfig:
-    """The environment with the flags on top, validated as the engine will validate it."""
-    flags = {
-        envs.PREFIX_CACHE: "1" if prefix_cache else None,
-        envs.USE_PAGED_ATTENTION: "1" if paged else None,
-        envs.MEMORY_FRACTION: memory_fraction,
-        envs.BLOCK_SIZE: None if block_size is None else str(block_size),
-        envs.MLX_DEVICE: device,
-    }
-    try:
-        cfg = envs.load_config(os.environ, overrides=flags)
-        envs.check_available(cfg)
-        if cfg.mlx_device == "gpu":
-            # Only an explicit `gpu` is checked here: it must fail now rather than in the engine, and
-            # probing MLX costs an import that `cpu` and unset do not need.
-            envs.resolve_mlx_device(cfg)
-    except envs.EnvError as exc:
-        # Only flags that were given: a value from the environment is not the flag's doing.
-        named = [f"`{flag}` sets {var}" for flag, var in FLAG_VARIABLES.items()
-                 if flags[var] is not None and var in str(exc)]
-        raise VmetalError(str(exc), hint="; ".join(named) or None, exit_code=USAGE) from None
-    return cfg
-
-
-def _looks_local(model: str) -> bool:
-    # Hub ids are `name` or `org/name`; anything else with a path shape is meant as a folder.
-    return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model
-
-
-def resolve_model(model: str | None, demo: bool) -> tuple[str | None, str]:
-    """(what vLLM loads, or None for the demo model still to build; the name the user gave it)."""
-    if demo:
-        if model is not None:
-            raise VmetalError(f"give a MODEL or `--demo`, not both (MODEL was `{model}`)", exit_code=USAGE)
-        return None, DEMO_SERVED_NAME
-    model = model or DEFAULT_MODEL
-    path = Path(model).expanduser()
-    if path.exists():
-        # Absolute, so the server does not depend on its working directory.
-        return str(path.resolve()), model
-    if _looks_local(model):
-        raise VmetalError(f"model folder `{model}` does not exist",
-                          hint=f"pass an existing folder, a Hugging Face id such as `{DEFAULT_MODEL}`, "
-                               "or `--demo` for a tiny local model", exit_code=USAGE)
-    return model, model
-
-
-def pull_first(model_id: str, max_model_len: int | None) -> str:
-    """Pull a Hub model (a no-op when it is complete) and return its local snapshot folder.
-
-    Pulling here rather than in the engine gives the user `vmetal pull`'s progress, checks
-    and resumability, and the engine then loads from disk only.
-    """
-    from vmetal import hub_common, registry
-    from vmetal.cli import pull as pull_cmd
-
-    pull_cmd._pull(model_id, None, None, [], False, max_model_len, quiet=False, json_out=False)
-    done = [e for e in registry.find(model_id, source=hub_common.resolve_source(None))
-            if e.complete and Path(e.path).is_dir()]
-    entry = max(done, key=lambda e: e.pulled_at or 0, default=None)
-    if entry is None:
-        raise VmetalError(f"`{model_id}` was pulled but its folder is not complete", hint="run `vmetal pull "
-                          f"{model_id}` again, or `--no-pull` to let vLLM fetch it")
-    registry.touch(entry.path)
-    return entry.path
-
-
-def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str]) -> None:
-    """Refuse a local model that cannot fit in the memory MLX may use; warn when it fits only tightly.
-
-    Judged for one sequence of the context length vLLM will use (it refuses to start below that); vLLM
-    itself would find out only after loading the weights.
-    """
-    from vmetal import fit
-
-    given = fit.vllm_arg(vllm_args, "--max-model-len")  # after `--`, it wins over the flag
-    if given is not None:
-        if not given.isdigit():
-            return  # `auto`, `1k`, …: vLLM sizes it; nothing firm to judge
-        max_model_len = int(given)
-    report = fit.estimate_folder(folder, max_model_len=max_model_len)
-    if report is None:  # no weights or no shape in config.json: vLLM will say what is wrong
-        return
-    if report.verdict == "does not fit":
-        raise VmetalError(f"model `{folder}` is too big for this machine: {report.describe()}",
-                          hint=report.advice(), exit_code=USAGE)
-    if report.verdict == "tight":
-        warn(f"model `{folder}` leaves little memory free: {report.describe()}; {report.advice()}")
-    else:  # the weights' real size and, for an MLX-quantized model, its bits and group size
-        say(f"model `{folder}`: {report.describe()}")
-
-
 def check_parser_flags(tool_call_parser: str | None, no_tool_parser: bool, reasoning_parser: str | None,
                        vllm_args: list[str]) -> None:
     """Refuse an unknown parser name or a contradiction before anything starts (exit 2)."""
-    from vmetal import parsers
-    from vmetal.fit import vllm_arg
+    from vmetal.preflight.fit import vllm_arg
+    from vmetal.server import parsers
 
     if tool_call_parser and no_tool_parser:
         raise VmetalError("give `--tool-call-parser` or `--no-tool-parser`, not both", exit_code=USAGE)
@@ -188,8 +76,8 @@ def tool_and_reasoning_args(target: str | None, *, tool_call_parser: str | None,
                             vllm_args: list[str]) -> tuple[list[str], str]:
     """The vLLM arguments for tool calls, reasoning and thinking, and one line saying which parser serves
     tool calls. They go before the user's own after `--`, which win (argparse keeps the last)."""
-    from vmetal import parsers
-    from vmetal.fit import vllm_arg
+    from vmetal.preflight.fit import vllm_arg
+    from vmetal.server import parsers
 
     args: list[str] = []
     given_after = vllm_arg(vllm_args, "--tool-call-parser")
@@ -214,20 +102,6 @@ def tool_and_reasoning_args(target: str | None, *, tool_call_parser: str | None,
     if no_thinking:
         args += NO_THINKING_ARGS
     return args, line
-
-
-def _demo_model() -> str:
-    from vmetal.demo import default_demo_dir, ensure_demo_model
-
-    if not (default_demo_dir() / "config.json").is_file():
-        say(f"building the demo model in {default_demo_dir()}")
-    return str(ensure_demo_model())
-
-
-def say(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False).print(f"vmetal: {message}", markup=False, soft_wrap=True)
 
 
 def _exit_code(code: int) -> int:
@@ -333,14 +207,14 @@ def serve(
     if "--trust-remote-code" in vllm_args:
         warn("`--trust-remote-code` is on: Python code shipped with the model's files may run in the server")
     if target is not None and not Path(target).is_dir() and not no_pull:
-        target = pull_first(target, max_model_len)
+        target = options.pulled(target, max_model_len)
     if target is not None and Path(target).is_dir():
-        from vmetal.model_checks import check_folder
+        from vmetal.preflight.model_files import check_folder
 
         check_folder(target)  # a damaged file fails here in milliseconds, not in the engine
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
-        target = _demo_model()
+        target = options.demo_model()
     api_args, tools_line = tool_and_reasoning_args(
         target, tool_call_parser=tool_call_parser, no_tool_parser=no_tool_parser,
         reasoning_parser=reasoning_parser, no_thinking=no_thinking, vllm_args=vllm_args)

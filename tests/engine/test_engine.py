@@ -1,0 +1,64 @@
+"""The engine through vLLM's `LLM`: greedy parity with mlx-lm and batching behaviour."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+
+from tests.support.engine import (
+    LONG_PROMPT,
+    PROMPTS,
+    assert_greedy_like_mlx,
+    assert_joining_requests_like_mlx,
+    greedy,
+    metric,
+    mlx_greedy,
+    running_llm,
+)
+
+pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module", params=["qwen3", "llama"])
+def engine(request):
+    path = request.getfixturevalue(f"{request.param}_model")
+    with running_llm(path, max_model_len=256, max_num_seqs=16, seed=0) as llm:
+        yield path, llm
+
+
+def test_greedy_matches_mlx_lm_one_at_a_time(engine):
+    path, llm = engine
+    for prompt in PROMPTS[:3]:
+        assert_greedy_like_mlx(path, llm.generate([prompt], greedy(), use_tqdm=False), 12)
+
+
+def test_eight_concurrent_requests_match_mlx_lm(engine):
+    path, llm = engine
+    outs = llm.generate(PROMPTS, greedy(16), use_tqdm=False)
+    assert len(outs) == 8
+    assert_greedy_like_mlx(path, outs, 16)
+
+
+def test_requests_joining_mid_decode_match_mlx_lm(engine):
+    """Requests of different lengths arrive while others are decoding."""
+    assert_joining_requests_like_mlx(*engine, "join")
+
+
+def test_chunked_prefill_of_a_long_prompt_matches(qwen3_model):
+    """A prompt longer than the step's token budget is prefilled in chunks."""
+    with running_llm(qwen3_model, max_model_len=256, max_num_batched_tokens=32, max_num_seqs=4,
+                     enable_chunked_prefill=True) as llm:
+        outs = llm.generate([LONG_PROMPT, "Hello world"], greedy(10), use_tqdm=False)
+        assert len(outs[0].prompt_token_ids) > 32
+        assert_greedy_like_mlx(qwen3_model, outs, 10)
+
+
+def test_preemption_under_a_tiny_kv_budget_keeps_outputs_exact(qwen3_model):
+    """Too little KV for all requests: vLLM preempts and resumes; tokens stay exact."""
+    from vmetal.engine import models
+
+    per_token = models.load(str(qwen3_model)).kv_bytes_per_token
+    with running_llm(qwen3_model, max_model_len=64, max_num_seqs=8, kv_cache_memory_bytes=per_token * 96,
+                     block_size=16, disable_log_stats=False) as llm:
+        assert_greedy_like_mlx(qwen3_model, llm.generate(PROMPTS, greedy(40), use_tqdm=False), 40)
+        assert metric(llm, "vllm:num_preemptions") > 0

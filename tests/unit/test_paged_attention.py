@@ -1,0 +1,317 @@
+"""Paged KV cache and attention: the pure-MLX reference against dense attention, and the Metal kernels
+against the reference (on a Mac).
+
+Inputs are fresh random draws each run; a failure names its seed. Pools start as NaN so that reading any slot
+that was not written for the sequence (a freed block, the tail of the last block, a padding entry of the block
+table) shows up in the output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from vmetal.engine.runner.attention import metal as kernels
+from vmetal.engine.runner.attention import reference as pa
+from vmetal.envs import EnvError
+
+HEAD_DIM = 32
+NUM_KV_HEADS = 2
+
+
+def fresh_seed() -> int:
+    return int(np.random.SeedSequence().entropy % 2**32)
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+    """Standard causal attention of one sequence, float64: q `[n, Hq, D]` are the last n positions of the
+    context k, v `[ctx, Hkv, D]`; KV heads repeated to the query heads."""
+    n, hq, _ = q.shape
+    ctx, hkv, _ = k.shape
+    k = np.repeat(k, hq // hkv, axis=1)
+    v = np.repeat(v, hq // hkv, axis=1)
+    scores = np.einsum("qhd,khd->hqk", q, k) * scale
+    qpos = ctx - n + np.arange(n)
+    scores = np.where(np.arange(ctx)[None, None, :] <= qpos[None, :, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", probs, v)
+
+
+class Pack:
+    """A random step: several sequences with their K/V written into NaN pools through `reshape_and_cache`
+    (earlier tokens first, then this step's tokens, each call with interleaved -1 padding slots), and one
+    packed batch of queries: decodes, prefill chunks and whole prompts, ragged."""
+
+    def __init__(self, rng: np.random.Generator, *, block_size: int, ratio: int, dtype=mx.float32,
+                 write=pa.reshape_and_cache):
+        self.block_size = block_size
+        num_seqs = int(rng.integers(3, 7))
+        kinds = ["decode", "chunk", "prompt"] + list(rng.choice(["decode", "chunk", "prompt"], num_seqs - 3))
+        rng.shuffle(kinds)
+        self.ctx_lens, self.q_lens = [], []
+        for kind in kinds:
+            # Include lengths on and next to block boundaries.
+            ctx = int(rng.choice([1, block_size, block_size + 1, 2 * block_size - 1, int(rng.integers(1, 90))]))
+            qlen = {"decode": 1, "prompt": ctx, "chunk": int(rng.integers(1, ctx + 1))}[kind]
+            self.ctx_lens.append(ctx)
+            self.q_lens.append(qlen)
+        blocks_needed = [math.ceil(c / block_size) for c in self.ctx_lens]
+        num_blocks = sum(blocks_needed) + 3  # some blocks nobody owns
+        order = rng.permutation(num_blocks)
+        max_blocks = max(blocks_needed) + int(rng.integers(0, 3))
+        # Padding entries: -1 or a block of someone else.
+        self.tables = np.where(rng.random((num_seqs, max_blocks)) < 0.5, -1,
+                               rng.integers(0, num_blocks, (num_seqs, max_blocks))).astype(np.int32)
+        used = 0
+        for i, n in enumerate(blocks_needed):
+            self.tables[i, :n] = order[used:used + n]
+            used += n
+
+        shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+        self.k_pool = mx.full(shape, float("nan"), dtype=dtype)
+        self.v_pool = mx.full(shape, float("nan"), dtype=dtype)
+        self.k_full = [rng.standard_normal((c, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32) for c in self.ctx_lens]
+        self.v_full = [rng.standard_normal((c, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32) for c in self.ctx_lens]
+        self.queries = [rng.standard_normal((n, NUM_KV_HEADS * ratio, HEAD_DIM)).astype(np.float32)
+                        for n in self.q_lens]
+        self.scale = float(rng.uniform(0.5, 1.5)) / math.sqrt(HEAD_DIM)
+
+        for earlier in (True, False):
+            keys, values, slots = [], [], []
+            for i, (ctx, qlen) in enumerate(zip(self.ctx_lens, self.q_lens)):
+                positions = range(0, ctx - qlen) if earlier else range(ctx - qlen, ctx)
+                for p in positions:
+                    keys.append(self.k_full[i][p])
+                    values.append(self.v_full[i][p])
+                    slots.append(self.slot(i, p))
+                    if rng.random() < 0.2:  # a padding token: its slot is -1 and its values must go nowhere
+                        keys.append(rng.standard_normal((NUM_KV_HEADS, HEAD_DIM)).astype(np.float32) * 100)
+                        values.append(keys[-1])
+                        slots.append(-1)
+            if keys:
+                self.k_pool, self.v_pool = write(mx.array(np.stack(keys)).astype(dtype),
+                                                 mx.array(np.stack(values)).astype(dtype),
+                                                 self.k_pool, self.v_pool, slots)
+
+    def slot(self, seq: int, pos: int) -> int:
+        return int(self.tables[seq, pos // self.block_size]) * self.block_size + pos % self.block_size
+
+    def args(self, dtype=mx.float32):
+        q = mx.array(np.concatenate(self.queries)).astype(dtype)
+        return q, self.k_pool, self.v_pool, mx.array(self.tables), self.ctx_lens, self.q_lens, self.scale
+
+    def dense(self) -> np.ndarray:
+        return np.concatenate([dense_attention(q, k, v, self.scale)
+                               for q, k, v in zip(self.queries, self.k_full, self.v_full)])
+
+
+# ------------------------------------------------------------------------------ reference vs dense
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("ratio", [1, 2, 4, 8])
+def test_paged_attention_equals_dense(ratio, block_size):
+    seed = fresh_seed()
+    pack = Pack(np.random.default_rng(seed), block_size=block_size, ratio=ratio)
+    out = pa.paged_attention(*pack.args())
+    err = relative_error(out, pack.dense())
+    assert err < 1e-3, (f"relative error {err:.2e} (seed {seed}, ctx {pack.ctx_lens}, q {pack.q_lens})")
+
+
+def test_paged_attention_float16_close_to_dense():
+    seed = fresh_seed()
+    pack = Pack(np.random.default_rng(seed), block_size=16, ratio=4, dtype=mx.float16)
+    out = pa.paged_attention(*pack.args(mx.float16))
+    assert out.dtype == mx.float16
+    assert relative_error(out, pack.dense()) < 2e-2, f"seed {seed}"
+
+
+def test_paged_attention_accepts_mx_lengths_and_empty_batch():
+    pack = Pack(np.random.default_rng(fresh_seed()), block_size=8, ratio=2)
+    q, k, v, tables, ctx, qlens, scale = pack.args()
+    host = pa.paged_attention(q, k, v, tables, ctx, qlens, scale)
+    device = pa.paged_attention(q, k, v, tables, mx.array(ctx), mx.array(qlens), scale)
+    assert mx.array_equal(host, device)
+    empty = pa.paged_attention(q[:0], k, v, tables[:0], [], [], scale)
+    assert empty.shape == (0, q.shape[1], q.shape[2])
+    with pytest.raises(ValueError, match="query_lens sum"):
+        pa.paged_attention(q[:-1], k, v, tables, ctx, qlens, scale)
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3])
+def test_decodes_of_equal_contexts_equal_dense(num_seqs):
+    """The decode step mlx-lm also runs without a mask: single queries over contexts of one length."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    block_size, ctx, ratio = 8, int(rng.integers(1, 40)), 4
+    blocks = math.ceil(ctx / block_size)
+    tables = rng.permutation(num_seqs * blocks + 2)[: num_seqs * blocks].reshape(num_seqs, blocks)
+    shape = (num_seqs * blocks + 2, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_pool, v_pool = mx.full(shape, float("nan")), mx.full(shape, float("nan"))
+    keys = rng.standard_normal((num_seqs, ctx, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
+    values = rng.standard_normal((num_seqs, ctx, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32)
+    pos = np.arange(ctx)
+    slots = (tables[:, pos // block_size] * block_size + pos % block_size).reshape(-1)
+    k_pool, v_pool = pa.reshape_and_cache(mx.array(keys.reshape(-1, NUM_KV_HEADS, HEAD_DIM)),
+                                          mx.array(values.reshape(-1, NUM_KV_HEADS, HEAD_DIM)),
+                                          k_pool, v_pool, slots)
+    q = rng.standard_normal((num_seqs, NUM_KV_HEADS * ratio, HEAD_DIM)).astype(np.float32)
+    plan = pa.plan_attention(tables, [ctx] * num_seqs, [1] * num_seqs, block_size)
+    assert plan.groups[0].mask is None
+    out = pa.attend(mx.array(q), k_pool, v_pool, plan, 0.2)
+    want = np.concatenate([dense_attention(q[i:i + 1], keys[i], values[i], 0.2) for i in range(num_seqs)])
+    assert relative_error(out, want) < 1e-3, f"seed {seed}"
+
+
+# ------------------------------------------------------------------------------ cache writes
+def test_reshape_and_cache_writes_slots_and_skips_padding():
+    rng = np.random.default_rng(fresh_seed())
+    shape = (6, 4, 2, 8)
+    k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(mx.float16)
+    v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(mx.float16)
+    before_k, before_v = np.array(k_pool), np.array(v_pool)
+    keys = rng.standard_normal((5, 2, 8)).astype(np.float32)
+    values = rng.standard_normal((5, 2, 8)).astype(np.float32)
+    slots = [-1, 7, 0, -1, 23]
+    k2, v2 = pa.reshape_and_cache(mx.array(keys), mx.array(values), k_pool, v_pool, mx.array(slots))
+    assert k2.dtype == mx.float16 and k2.shape == shape
+    want_k, want_v = before_k.reshape(24, 2, 8).copy(), before_v.reshape(24, 2, 8).copy()
+    for t, s in enumerate(slots):
+        if s >= 0:
+            want_k[s], want_v[s] = keys[t], values[t]
+    np.testing.assert_array_equal(np.array(k2).reshape(24, 2, 8), want_k.astype(np.float16))
+    np.testing.assert_array_equal(np.array(v2).reshape(24, 2, 8), want_v.astype(np.float16))
+    # Functional: the pools passed in are unchanged.
+    np.testing.assert_array_equal(np.array(k_pool), before_k)
+    # All padding, and no tokens at all: nothing changes.
+    k3, v3 = pa.reshape_and_cache(mx.array(keys), mx.array(values), k2, v2, [-1] * 5)
+    assert mx.array_equal(k3, k2) and mx.array_equal(v3, v2)
+    k4, _ = pa.reshape_and_cache(mx.array(keys[:0]), mx.array(values[:0]), k2, v2, [])
+    assert mx.array_equal(k4, k2)
+
+
+def test_copy_blocks_copies_whole_blocks():
+    rng = np.random.default_rng(fresh_seed())
+    k_pool = mx.array(rng.standard_normal((5, 4, 2, 8)).astype(np.float32))
+    v_pool = mx.array(rng.standard_normal((5, 4, 2, 8)).astype(np.float32))
+    before_k, before_v = np.array(k_pool), np.array(v_pool)
+    k2, v2 = pa.copy_blocks(k_pool, v_pool, [1, 3], mx.array([4, 0]))
+    want_k, want_v = before_k.copy(), before_v.copy()
+    want_k[[4, 0]], want_v[[4, 0]] = before_k[[1, 3]], before_v[[1, 3]]
+    np.testing.assert_array_equal(np.array(k2), want_k)
+    np.testing.assert_array_equal(np.array(v2), want_v)
+    np.testing.assert_array_equal(np.array(k_pool), before_k)
+    assert pa.copy_blocks(k2, v2, [], []) == (k2, v2)
+    with pytest.raises(ValueError):
+        pa.copy_blocks(k2, v2, [1], [2, 3])
+
+
+def test_cache_writes_update_pools_in_place():
+    """With the old pools rebound, neither write copies a pool (MLX donates the buffer to the scatter)."""
+    shape = (256, 16, 4, 64)
+    pool_bytes = 4 * math.prod(shape)
+    k, v = mx.zeros(shape) + 1, mx.zeros(shape) + 2
+    keys = mx.ones((3, 4, 64))
+    mx.eval(k, v, keys)
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    for step in range(3):
+        k, v = pa.reshape_and_cache(keys, keys, k, v, [step, -1, 100 + step])
+        mx.eval(k, v)
+        k, v = pa.copy_blocks(k, v, [1], [2 + step])
+        mx.eval(k, v)
+    assert mx.get_peak_memory() - base < pool_bytes / 2
+    assert float(k[2 + 2, 0].sum()) == float(k[1, 0].sum())
+
+
+# ------------------------------------------------------------------------------ kernel choice
+def test_use_kernels_choice(monkeypatch):
+    monkeypatch.delenv(kernels.DISABLE_KERNELS, raising=False)
+    assert kernels.use_kernels(False) is False
+    on_metal = kernels.metal_available() and mx.default_device().type == mx.DeviceType.gpu
+    assert kernels.use_kernels() is on_metal
+    monkeypatch.setenv(kernels.DISABLE_KERNELS, "1")
+    assert kernels.use_kernels() is False
+    monkeypatch.setenv(kernels.DISABLE_KERNELS, "maybe")
+    with pytest.raises(EnvError, match=kernels.DISABLE_KERNELS):
+        kernels.use_kernels()
+    if not on_metal:
+        with pytest.raises(RuntimeError, match="Metal"):
+            kernels.use_kernels(True)
+
+
+def test_dispatch_falls_back_to_reference_off_metal(monkeypatch):
+    monkeypatch.setattr(kernels, "metal_available", lambda: False)
+    pack = Pack(np.random.default_rng(fresh_seed()), block_size=16, ratio=2)
+    assert mx.array_equal(kernels.paged_attention(*pack.args()), pa.paged_attention(*pack.args()),
+                          equal_nan=True)
+    keys = mx.ones((2, NUM_KV_HEADS, HEAD_DIM))
+    got = kernels.reshape_and_cache(keys, keys, pack.k_pool, pack.v_pool, [3, -1])
+    want = pa.reshape_and_cache(keys, keys, pack.k_pool, pack.v_pool, [3, -1])
+    assert all(mx.array_equal(a, b, equal_nan=True) for a, b in zip(got, want))
+    got = kernels.copy_blocks(pack.k_pool, pack.v_pool, [0], [1])
+    want = pa.copy_blocks(pack.k_pool, pack.v_pool, [0], [1])
+    assert all(mx.array_equal(a, b, equal_nan=True) for a, b in zip(got, want))
+
+
+def test_plans_cover_the_grid():
+    pack = Pack(np.random.default_rng(fresh_seed()), block_size=8, ratio=4)
+    q, k, v, tables, ctx, qlens, scale = pack.args()
+    launch = kernels.plan_paged_attention(q, k, v, tables, ctx, qlens, scale)
+    assert launch.grid == (kernels.SIMD_WIDTH, q.shape[1], q.shape[0])
+    seq, pos = (np.array(a) for a in launch.inputs[4:6])
+    assert list(np.bincount(seq, minlength=len(qlens))) == qlens
+    assert all(pos[seq == i].max() == c - 1 for i, c in enumerate(ctx))
+    slots = [5, -1, 9]
+    new = mx.ones((3, NUM_KV_HEADS, HEAD_DIM))
+    cache = kernels.plan_reshape_and_cache(new, new, k, v, slots)
+    slot_token = np.array(cache.inputs[-1])
+    assert slot_token.shape == (k.shape[0] * 8,) and slot_token[5] == 0 and slot_token[9] == 2
+    assert (np.delete(slot_token, [5, 9]) == -1).all()
+    copy = kernels.plan_copy_blocks(k, v, [2], [0])
+    assert list(np.array(copy.inputs[-1]))[:3] == [2, 1, 2]
+
+
+# ------------------------------------------------------------------------------ Metal (a Mac)
+metal = pytest.mark.skipif(not kernels.metal_available(), reason="needs MLX with Metal (Apple Silicon)")
+
+
+@pytest.mark.metal
+@metal
+@pytest.mark.parametrize("dtype,tolerance", [(mx.float32, 1e-4), (mx.float16, 1e-2), (mx.bfloat16, 3e-2)])
+@pytest.mark.parametrize("block_size,ratio", [(8, 1), (16, 4), (32, 8)])
+def test_metal_paged_attention_matches_reference(block_size, ratio, dtype, tolerance):
+    seed = fresh_seed()
+    pack = Pack(np.random.default_rng(seed), block_size=block_size, ratio=ratio, dtype=dtype)
+    args = pack.args(dtype)
+    got = kernels.paged_attention(*args, use_kernel=True)
+    want = pa.paged_attention(*args)
+    assert got.dtype == dtype and got.shape == want.shape
+    err = relative_error(got.astype(mx.float32), want.astype(mx.float32))
+    assert err < tolerance, f"relative error {err:.2e} (seed {seed})"
+
+
+@pytest.mark.metal
+@metal
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_metal_cache_kernels_match_reference(dtype):
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    # The Pack writes through the kernel; attention over it must then equal dense attention.
+    pack = Pack(rng, block_size=16, ratio=2, dtype=dtype,
+                write=lambda *a: kernels.reshape_and_cache(*a, use_kernel=True))
+    ref_pack = Pack(np.random.default_rng(seed), block_size=16, ratio=2, dtype=dtype)
+    assert mx.array_equal(pack.k_pool, ref_pack.k_pool, equal_nan=True), f"seed {seed}"
+    assert mx.array_equal(pack.v_pool, ref_pack.v_pool, equal_nan=True), f"seed {seed}"
+    blocks = rng.permutation(pack.k_pool.shape[0])
+    src, dst = list(blocks[:3]), list(blocks[3:6])
+    got = kernels.copy_blocks(pack.k_pool, pack.v_pool, src, dst, use_kernel=True)
+    want = pa.copy_blocks(pack.k_pool, pack.v_pool, src, dst)
+    assert all(mx.array_equal(a, b, equal_nan=True) for a, b in zip(got, want)), f"seed {seed}"

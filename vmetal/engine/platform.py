@@ -1,0 +1,136 @@
+"""MetalPlatform: tells vLLM to run its engine on vmetal's worker and MLX.
+
+vLLM sees an out-of-tree platform whose torch device is the CPU: every tensor
+vLLM itself touches (sampler inputs, block tables) is a CPU tensor, while the
+forward pass runs in MLX on the device `VLLM_MLX_DEVICE` picks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.platforms.interface import Platform, PlatformEnum
+
+from vmetal import envs
+from vmetal.preflight.checkpoint import SUPPORTED_ARCHITECTURES, UnsupportedModelError, quantization_of, supported_list
+
+logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
+
+
+class MetalPlatform(Platform):
+    _enum = PlatformEnum.OOT
+    device_name: str = "cpu"
+    device_type: str = "cpu"
+    dispatch_key: str = "CPU"
+    dist_backend: str = "gloo"
+    ray_device_key: str = ""
+    device_control_env_var: str = "VMETAL_VISIBLE_DEVICES"
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    def is_cpu(self) -> bool:
+        # vLLM takes CPU-only code paths when this is true, e.g. it skips
+        # torch.accelerator.empty_cache() at shutdown, which raises without one.
+        return True
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        return "mlx"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def inference_mode(cls):
+        return torch.no_grad()
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        return "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+
+    @classmethod
+    def verify_model_arch(cls, model_arch: str) -> None:
+        if model_arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {model_arch} is not supported by vmetal; supported: {supported_list()}"
+            )
+
+    @classmethod
+    def verify_quantization(cls, quant: str) -> None:
+        # vLLM calls this with the method it resolved from `--quantization` or from a checkpoint's
+        # `quantization_config.quant_method`. Those are torch kernels (AWQ, GPTQ, fp8, …) that never run
+        # here: the runner loads weights with mlx-lm, so accepting one would silently ignore it. MLX's own
+        # checkpoints name no method (vLLM resolves their `quantization_config` to None) and never get here.
+        raise ValueError(
+            f"quantization method `{quant}` (from --quantization or the checkpoint's "
+            "quantization_config.quant_method) is vLLM's own and vmetal does not run it: serve an "
+            "MLX-quantized checkpoint (config.json with a `quantization` block, e.g. an mlx-community "
+            "`-4bit` repo) or make one with `vmetal convert SRC DST --bits 4`"
+        )
+
+    @classmethod
+    def update_block_size_for_backend(cls, vllm_config: Any) -> None:
+        # There is no torch attention backend to negotiate with: the block size
+        # is vmetal's own setting (ENV.md), applied in check_and_update_config.
+        return
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: Any) -> None:
+        from vllm.config import CompilationMode
+        from vllm.config.compilation import CUDAGraphMode
+
+        # Read afresh: one process (a test run, a notebook) may build several engines.
+        cfg = envs.load_config()  # raises EnvError on an invalid combination
+        envs.check_available(cfg)
+
+        parallel = vllm_config.parallel_config
+        if parallel.world_size > 1:
+            raise ValueError(
+                "vmetal runs on one device: tensor/pipeline/data parallel sizes must be 1"
+            )
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = "vmetal.engine.worker.MetalWorker"
+        parallel.distributed_executor_backend = "uni"
+
+        cache = vllm_config.cache_config
+        cache.block_size = cfg.block_size
+        if not cfg.use_paged_attention and cache.enable_prefix_caching:
+            # The MLX-managed cache cannot take KV from vLLM's block hashes; a
+            # request arriving with "cached" tokens would be computed wrong.
+            logger.info(
+                "vmetal: vLLM prefix caching is off on the MLX-managed KV path "
+                "(VLLM_METAL_PREFIX_CACHE is this path's own prefix cache)"
+            )
+            cache.enable_prefix_caching = False
+
+        quant = quantization_of(vllm_config.model_config.hf_config.to_dict())
+        if quant is not None:
+            logger.info("vmetal: MLX-quantized checkpoint (%s): mlx-lm loads it and the weights stay "
+                        "quantized in MLX", quant.describe())
+
+        # Scheduling is synchronous: the runner keeps each step's sampled tokens
+        # itself and the engine calls execute_model then sample_tokens.
+        vllm_config.scheduler_config.async_scheduling = False
+
+        comp = vllm_config.compilation_config
+        comp.mode = CompilationMode.NONE
+        comp.cudagraph_mode = CUDAGraphMode.NONE
+        comp.cudagraph_capture_sizes = []
+        comp.max_cudagraph_capture_size = 0
+
+    @classmethod
+    def validate_request(cls, processed_inputs: Any, params: Any) -> None:
+        from vmetal.engine.request_checks import check_request
+
+        check_request(processed_inputs, params)

@@ -1,0 +1,1 @@
+"""Model runners: vLLM's `SchedulerOutput` in, MLX (or torch) forwards, `ModelRunnerOutput` out."""

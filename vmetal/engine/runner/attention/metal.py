@@ -1,0 +1,252 @@
+"""Metal kernels for the paged KV path, loaded from `kernels/*.metal` with `mx.fast.metal_kernel`.
+
+The functions here have the signatures of `vmetal.engine.runner.attention.reference` (the pure-MLX reference) and run a
+Metal kernel where MLX computes on Metal, the reference anywhere else (MLX's CPU or CUDA backends, or when
+switched off with `VMETAL_DISABLE_KERNELS=1`, or `use_kernel=False`).
+
+What each kernel computes, and the reference and test it matches: `kernels/README.md`.
+
+Chosen automatically (`use_kernel=None`):
+- `paged_attention`: the kernel on Metal.
+- `reshape_and_cache`, `copy_blocks`: the reference, everywhere. MLX kernels write fresh output buffers, so a
+  cache-write kernel has to write the whole new pool each call, while the reference's MLX scatter writes only
+  the changed rows, in place (tests/unit/test_paged_attention.py::test_cache_writes_update_pools_in_place). The
+  kernels exist, are tested against the reference and can be asked for with `use_kernel=True`; make them
+  automatic only if a Mac measures them faster.
+
+Each kernel's launch (inputs, template arguments, grid, output shapes) is built by a `plan_*` function of plain
+MLX ops, so the Python side can be tested, and the generated Metal source checked for syntax, off a Mac.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from vmetal.engine.runner.attention import reference
+from vmetal.engine.runner.attention.reference import AttentionPlan, CacheWrites, IntsLike
+
+DISABLE_KERNELS = "VMETAL_DISABLE_KERNELS"
+
+SIMD_WIDTH = 32  # lanes per Apple GPU SIMD group; paged_attention.metal uses one SIMD group per threadgroup
+MAX_THREADGROUP = 256
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """How `mx.fast.metal_kernel` is told about one `kernels/<name>.metal` body."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+KERNELS: dict[str, KernelSpec] = {
+    "paged_attention": KernelSpec(
+        "paged_attention",
+        ("queries", "k_pool", "v_pool", "block_tables", "token_seq", "token_pos", "scale"),
+        ("out",)),
+    "reshape_and_cache": KernelSpec(
+        "reshape_and_cache", ("keys", "values", "k_pool", "v_pool", "slot_token"), ("k_out", "v_out")),
+    "copy_blocks": KernelSpec("copy_blocks", ("k_pool", "v_pool", "block_src"), ("k_out", "v_out")),
+}
+
+# use_kernel=None: which ops run their kernel when kernels are on (see the module docstring for why).
+AUTOMATIC = {"paged_attention": True, "reshape_and_cache": False, "copy_blocks": False}
+
+
+# ------------------------------------------------------------------------------------------- choosing
+def metal_available() -> bool:
+    """MLX has a Metal device (Apple Silicon with the Metal build of MLX)."""
+    try:
+        return bool(mx.metal.is_available())
+    except Exception:  # an MLX build without the metal module
+        return False
+
+
+def disabled_by_env(environ: dict[str, str] | None = None) -> bool:
+    """`VMETAL_DISABLE_KERNELS` set to a true value; booleans are parsed as everywhere in vmetal."""
+    from vmetal.envs import _parse_bool
+
+    value = (os.environ if environ is None else environ).get(DISABLE_KERNELS)
+    return value is not None and _parse_bool(DISABLE_KERNELS, value)
+
+
+def use_kernels(enabled: bool | None = None) -> bool:
+    """Whether Metal kernels run. `None`: automatically, when MLX computes on Metal (the default device is
+    the GPU and Metal is available) and `VMETAL_DISABLE_KERNELS` is not set; `False`: never; `True`: always,
+    and an error where they cannot run."""
+    if enabled is False:
+        return False
+    disabled = enabled is None and disabled_by_env()  # parsed everywhere: a bad value is an error on any host
+    on_metal = metal_available() and mx.default_device().type == mx.DeviceType.gpu
+    if enabled is None:
+        return on_metal and not disabled
+    if not on_metal:
+        raise RuntimeError("Metal kernels were asked for, but MLX is not computing on Metal "
+                           f"(metal available: {metal_available()}, default device: {mx.default_device()})")
+    return True
+
+
+def _chosen(op: str, use_kernel: bool | None) -> bool:
+    return use_kernels(use_kernel) and (use_kernel is True or AUTOMATIC[op])
+
+
+# ------------------------------------------------------------------------------------------- loading
+def kernels_dir() -> Path:
+    """`vmetal/_kernels/` in an installed wheel (package data), else `kernels/` of the source checkout."""
+    package = Path(__file__).resolve().parents[3]  # vmetal/engine/runner/attention/metal.py -> vmetal/
+    for candidate in (package / "_kernels", package.parent / "kernels"):
+        if (candidate / "paged_attention.metal").is_file():
+            return candidate
+    raise FileNotFoundError(f"Metal kernel sources not found in {package / '_kernels'} or "
+                            f"{package.parent / 'kernels'}; reinstall vmetal, or set use_kernel=False")
+
+
+def kernel_source(name: str) -> str:
+    return (kernels_dir() / f"{name}.metal").read_text()
+
+
+@functools.cache
+def _kernel(name: str) -> Callable[..., list[mx.array]]:
+    spec = KERNELS[name]
+    return mx.fast.metal_kernel(name=f"vmetal_{name}", input_names=list(spec.input_names),
+                                output_names=list(spec.output_names), source=kernel_source(name))
+
+
+@dataclass
+class Launch:
+    """One kernel call: the keyword arguments of a `mx.fast.metal_kernel` callable."""
+
+    inputs: list[mx.array]
+    template: list[tuple[str, Any]]
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    output_shapes: list[tuple[int, ...]]
+    output_dtypes: list[mx.Dtype]
+
+    def run(self, name: str) -> list[mx.array]:
+        return _kernel(name)(inputs=self.inputs, template=self.template, grid=self.grid,
+                             threadgroup=self.threadgroup, output_shapes=self.output_shapes,
+                             output_dtypes=self.output_dtypes)
+
+
+# ------------------------------------------------------------------------------------------- launches
+def plan_paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
+                         context_lens: IntsLike, query_lens: IntsLike, scale: float,
+                         per_token: tuple[mx.array, mx.array] | None = None) -> Launch:
+    """`per_token`: `reference.token_positions(query_lens, context_lens)`, when the caller has it already."""
+    num_tokens, num_heads, head_dim = queries.shape
+    _, block_size, num_kv_heads, _ = k_pool.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"paged_attention: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    token_seq, token_pos = per_token or reference.token_positions(query_lens, context_lens)
+    tables = mx.maximum(reference._int32(block_tables), 0)
+    return Launch(
+        inputs=[queries, k_pool, v_pool, tables, token_seq, token_pos, mx.array(scale, dtype=mx.float32)],
+        template=[("T", queries.dtype), ("HQ", num_heads), ("HKV", num_kv_heads), ("D", head_dim),
+                  ("BS", block_size)],
+        grid=(SIMD_WIDTH, num_heads, num_tokens),
+        threadgroup=(SIMD_WIDTH, 1, 1),
+        output_shapes=[queries.shape],
+        output_dtypes=[queries.dtype])
+
+
+def plan_reshape_and_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
+                           slot_mapping: IntsLike) -> Launch:
+    num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
+    num_slots = num_blocks * block_size
+    row = num_kv_heads * head_dim
+    # slot -> token, the inverse of slot_mapping; slot -1 goes to a scratch entry past the end, cut off.
+    slots = reference._int32(slot_mapping)
+    slots = mx.where(slots >= 0, slots, num_slots)
+    slot_token = mx.full((num_slots + 1,), -1, dtype=mx.int32)
+    slot_token[slots] = mx.arange(slots.shape[0], dtype=mx.int32)
+    return Launch(
+        inputs=[keys, values, k_pool, v_pool, slot_token[:num_slots]],
+        template=[("T", k_pool.dtype), ("ROW", row)],
+        grid=(row, num_slots, 1),
+        threadgroup=(min(row, MAX_THREADGROUP), 1, 1),
+        output_shapes=[k_pool.shape, v_pool.shape],
+        output_dtypes=[k_pool.dtype, v_pool.dtype])
+
+
+def plan_copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike) -> Launch:
+    num_blocks = k_pool.shape[0]
+    block = k_pool.size // num_blocks
+    src, dst = reference._int32(src).reshape(-1), reference._int32(dst).reshape(-1)
+    if src.shape != dst.shape:
+        raise ValueError(f"copy_blocks: {src.shape[0]} source blocks but {dst.shape[0]} destinations")
+    block_src = mx.arange(num_blocks, dtype=mx.int32)
+    block_src[dst] = src
+    return Launch(
+        inputs=[k_pool, v_pool, block_src],
+        template=[("BLOCK", block)],
+        grid=(block, num_blocks, 1),
+        threadgroup=(min(block, MAX_THREADGROUP), 1, 1),
+        output_shapes=[k_pool.shape, v_pool.shape],
+        output_dtypes=[k_pool.dtype, v_pool.dtype])
+
+
+# ------------------------------------------------------------------------------------------- entry points
+def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
+                    context_lens: IntsLike, query_lens: IntsLike, scale: float, *,
+                    use_kernel: bool | None = None) -> mx.array:
+    """`reference.paged_attention`, as a Metal kernel where chosen."""
+    if not _chosen("paged_attention", use_kernel):
+        return reference.paged_attention(queries, k_pool, v_pool, block_tables, context_lens, query_lens, scale)
+    if queries.shape[0] == 0:
+        return mx.zeros(queries.shape, dtype=queries.dtype)
+    launch = plan_paged_attention(queries, k_pool, v_pool, block_tables, context_lens, query_lens, scale)
+    return launch.run("paged_attention")[0]
+
+
+def reshape_and_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
+                      slot_mapping: IntsLike, *, use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
+    """`reference.reshape_and_cache`, as a Metal kernel where chosen."""
+    if not _chosen("reshape_and_cache", use_kernel) or keys.shape[0] == 0:
+        return reference.reshape_and_cache(keys, values, k_pool, v_pool, slot_mapping)
+    k_out, v_out = plan_reshape_and_cache(keys, values, k_pool, v_pool, slot_mapping).run("reshape_and_cache")
+    return k_out, v_out
+
+
+def copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike, *,
+                use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
+    """`reference.copy_blocks`, as a Metal kernel where chosen."""
+    if not _chosen("copy_blocks", use_kernel) or len(src) == 0:
+        return reference.copy_blocks(k_pool, v_pool, src, dst)
+    k_out, v_out = plan_copy_blocks(k_pool, v_pool, src, dst).run("copy_blocks")
+    return k_out, v_out
+
+
+def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float, *,
+           use_kernel: bool | None = None) -> mx.array:
+    """`paged_attention` over a step planned once (`reference.plan_attention`), as a Metal kernel where chosen.
+
+    The model runner calls this once per layer: the host work of a step is done once, in the plan."""
+    if not _chosen("paged_attention", use_kernel):
+        return reference.attend(queries, k_pool, v_pool, plan, scale)
+    if queries.shape[0] == 0:
+        return mx.zeros(queries.shape, dtype=queries.dtype)
+    if "paged_attention" not in plan.kernel_inputs:  # the same for every layer of the step
+        plan.kernel_inputs["paged_attention"] = (
+            mx.maximum(mx.array(plan.block_tables.astype("int32")), 0),
+            *reference.token_positions(plan.query_lens, plan.context_lens))
+    tables, token_seq, token_pos = plan.kernel_inputs["paged_attention"]
+    launch = plan_paged_attention(queries, k_pool, v_pool, tables, plan.context_lens, plan.query_lens, scale,
+                                  per_token=(token_seq, token_pos))
+    return launch.run("paged_attention")[0]
+
+
+def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array, writes: CacheWrites, *,
+                use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
+    """`reshape_and_cache` with its slot mapping planned once (`reference.plan_writes`), as a kernel where chosen."""
+    if not _chosen("reshape_and_cache", use_kernel) or keys.shape[0] == 0:
+        return reference.write_cache(keys, values, k_pool, v_pool, writes)
+    return reshape_and_cache(keys, values, k_pool, v_pool, writes.slot_mapping, use_kernel=use_kernel)

@@ -1,0 +1,260 @@
+"""Paged KV cache and attention in plain MLX: the reference every device runs and every kernel is tested against.
+
+Layout (vLLM's): per layer one K pool and one V pool, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+The token at position `p` of a sequence with block table `bt` lives in slot
+`bt[p // block_size] * block_size + p % block_size` of the pool seen as `[num_blocks * block_size, ...]`.
+Slot `-1` in a slot mapping is padding: nothing is written.
+
+A step's queries come packed, sequence after sequence (cu-seqlens order): sequence `i` contributes
+`query_lens[i]` queries, the last `query_lens[i]` positions of its context of `context_lens[i]` tokens, whose
+K/V are already in the pools (written by `reshape_and_cache` before attention). A decode is a query length of 1,
+a prefill chunk a query length of n. Causal: the query at context position `p` sees keys `0..p`.
+
+Functional: MLX arrays are values, so every function returns new pools and the caller rebinds them. The writes
+are MLX scatters, which update the pool's buffer in place when nothing else holds the old pool when the step is
+evaluated: rebind every reference to the old pool (and keep no view of it) before `mx.eval`, or MLX copies the
+whole pool, per layer, per step.
+
+`vmetal.engine.runner.attention.metal` has the same functions, running Metal kernels where MLX has Metal and these elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+IntsLike = Sequence[int] | np.ndarray | mx.array
+
+
+def _int32(x: IntsLike) -> mx.array:
+    return x.astype(mx.int32) if isinstance(x, mx.array) else mx.array(np.asarray(x, dtype=np.int32))
+
+
+def _host_ints(x: IntsLike) -> np.ndarray:
+    """Host copy of small integer metadata (evaluates an `mx.array`: pass host lists to avoid the sync)."""
+    return np.asarray(x, dtype=np.int64).reshape(-1)
+
+
+@dataclass(frozen=True)
+class CacheWrites:
+    """A step's pool write, planned once on the host and shared by every layer."""
+
+    slot_mapping: np.ndarray  # as given (host copy)
+    rows: mx.array | None  # the tokens that have a slot, None: all of them
+    slots: mx.array | None  # their slots; None: nothing is written
+
+
+def plan_writes(slot_mapping: IntsLike) -> CacheWrites:
+    """Plan the write of a slot mapping `[T]` (read on the host: an `mx.array` is evaluated)."""
+    slots = _host_ints(slot_mapping)
+    keep = np.flatnonzero(slots >= 0)
+    if keep.size == 0:
+        return CacheWrites(slots, None, None)
+    rows = None if keep.size == slots.size else mx.array(keep.astype(np.int32))
+    return CacheWrites(slots, rows, mx.array(slots[keep].astype(np.int32)))
+
+
+def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
+                writes: CacheWrites) -> tuple[mx.array, mx.array]:
+    """`reshape_and_cache` with its slot mapping planned already (`plan_writes`)."""
+    if writes.slots is None:
+        return k_pool, v_pool
+    if writes.rows is not None:
+        keys, values = keys[writes.rows], values[writes.rows]
+    num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
+    k_flat = k_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    v_flat = v_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    k_flat[writes.slots] = keys.astype(k_pool.dtype)
+    v_flat[writes.slots] = values.astype(v_pool.dtype)
+    return k_flat.reshape(k_pool.shape), v_flat.reshape(v_pool.shape)
+
+
+def reshape_and_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
+                      slot_mapping: IntsLike) -> tuple[mx.array, mx.array]:
+    """Write `keys`/`values` `[T, Hkv, D]` into the pools at `slot_mapping` `[T]`; slot -1 writes nothing.
+
+    Values are cast to the pool dtype. Two tokens with the same real slot: one of them wins (vLLM never does it).
+    `slot_mapping` is read on the host to drop the -1 slots (MLX scatters have no "skip" index, and anything
+    that reads the pool before the scatter, such as a scratch row or an old value to write back, makes MLX copy
+    the whole pool): pass a list or numpy array; an `mx.array` is evaluated.
+    """
+    return write_cache(keys, values, k_pool, v_pool, plan_writes(slot_mapping))
+
+
+def copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike) -> tuple[mx.array, mx.array]:
+    """Copy whole blocks `src[i] -> dst[i]` in both pools (copy-on-write). Reads see the pools before the copy.
+
+    The source blocks are evaluated before the scatter (a sync point): a gather still pending on the pool
+    would make MLX copy the whole pool instead of writing the destination blocks in place.
+    """
+    src = _int32(src).reshape(-1)
+    dst = _int32(dst).reshape(-1)
+    if src.shape != dst.shape:
+        raise ValueError(f"copy_blocks: {src.shape[0]} source blocks but {dst.shape[0]} destinations")
+    if src.shape[0] == 0:
+        return k_pool, v_pool
+    k_blocks, v_blocks = k_pool[src], v_pool[src]
+    mx.eval(k_blocks, v_blocks)
+    # A reshape to the same shape is a new array object on the same data, so the caller's pool objects stay
+    # as they were; `[...] =` then rebinds only ours.
+    k_out = k_pool.reshape(k_pool.shape)
+    v_out = v_pool.reshape(v_pool.shape)
+    k_out[dst] = k_blocks
+    v_out[dst] = v_blocks
+    return k_out, v_out
+
+
+def token_positions(query_lens: IntsLike, context_lens: IntsLike) -> tuple[mx.array, mx.array]:
+    """For each packed query token: its sequence and its position in that sequence's context (int32 `[T]`).
+
+    Position of the j-th query of sequence i: `context_lens[i] - query_lens[i] + j`.
+    """
+    qlens = _host_ints(query_lens)
+    seq = np.repeat(np.arange(len(qlens), dtype=np.int32), qlens)
+    starts = np.cumsum(qlens) - qlens
+    j = np.arange(len(seq), dtype=np.int64) - starts[seq]
+    seq_mx = mx.array(seq)
+    pos = mx.take(_int32(context_lens), seq_mx) - mx.array((qlens[seq] - j).astype(np.int32))
+    return seq_mx, pos
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences of a step attended together by one masked SDPA: all the decodes, or all the longer queries.
+
+    Splitting them keeps a prefill chunk from padding every decode to its query length."""
+
+    rows: slice | mx.array  # the group's query rows in the pack
+    # int32 [B, max_ctx]: the pool slot of each context position (max_ctx: the group's longest context); past a
+    # shorter context, the slot of its position 0: written, finite data that the mask hides
+    slots: mx.array
+    mask: mx.array | None  # bool [B, 1, max_q, max_ctx], broadcast over heads (None: attend to all)
+    pad: mx.array | None  # [B * max_q] row of the group's queries for each padded row (None: no padding)
+    unpad: mx.array | None  # [rows] padded row holding each real query (None: no padding)
+    batch: int
+    max_q: int
+
+
+@dataclass
+class AttentionPlan:
+    """A step's attention layout, planned once on the host and shared by every layer."""
+
+    num_tokens: int
+    groups: tuple[AttentionGroup, ...]
+    restore: mx.array | None  # packed row of each output row of the concatenated groups (None: in order)
+    # The step's metadata as given (host copies), for kernels that take it per token.
+    block_tables: np.ndarray
+    context_lens: np.ndarray
+    query_lens: np.ndarray
+    kernel_inputs: dict = field(default_factory=dict)  # per-step inputs a kernel derived from the above
+
+
+def _rows(index: np.ndarray) -> slice | mx.array:
+    if index.size and (np.diff(index) == 1).all():
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return mx.array(index.astype(np.int32))
+
+
+def _plan_group(seqs: np.ndarray, starts: np.ndarray, tables: np.ndarray, ctx: np.ndarray, qlens: np.ndarray,
+                block_size: int) -> tuple[AttentionGroup, np.ndarray]:
+    qlens, ctx = qlens[seqs], ctx[seqs]
+    batch, max_q = len(seqs), int(qlens.max())
+    max_ctx = int(ctx.max())
+    width = -(-max_ctx // block_size)
+    if tables.shape[1] < width:  # a table narrower than its context: the caller's bug
+        raise ValueError(f"paged_attention: block tables have {tables.shape[1]} columns but a context of "
+                         f"{max_ctx} tokens needs {width} blocks of {block_size}")
+    kpos = np.arange(max_ctx)
+    inside = kpos[None, :] < ctx[:, None]
+    kpos_or_0 = np.where(inside, kpos[None, :], 0)
+    slots = tables[seqs[:, None], kpos_or_0 // block_size] * block_size + kpos_or_0 % block_size
+    packed = np.concatenate([np.arange(starts[s], starts[s] + qlens[i]) for i, s in enumerate(seqs)])
+
+    # Padded query row (i, j) is query min(j, qlen_i - 1) of sequence i: padding rows repeat the sequence's last
+    # query, so every row sees at least one key (no all-masked row, no NaN); they are dropped after.
+    j = np.arange(max_q)[None, :]
+    j_real = np.minimum(j, qlens[:, None] - 1)
+    group_start = np.cumsum(qlens) - qlens
+    padded = (qlens == max_q).all()
+    pad = None if padded else mx.array((group_start[:, None] + j_real).reshape(-1).astype(np.int32))
+    seq_of_row = np.repeat(np.arange(batch), qlens)
+    unpad = None if padded else mx.array(
+        (seq_of_row * max_q + np.arange(len(packed)) - group_start[seq_of_row]).astype(np.int32))
+
+    # Causal by position: row (i, j) is context position ctx_i - qlen_i + j and sees keys 0..that position,
+    # all inside the context, so the mask also hides the padding past it. Equal contexts of single queries
+    # need none (mlx-lm's decode step has none either).
+    qpos = ctx[:, None] - qlens[:, None] + j_real
+    full = max_q == 1 and inside.all()
+    mask = None if full else mx.array((kpos[None, None, :] <= qpos[:, :, None])[:, None])
+    group = AttentionGroup(_rows(packed), mx.array(slots.astype(np.int32)), mask, pad, unpad, batch, max_q)
+    return group, packed
+
+
+def plan_attention(block_tables: IntsLike, context_lens: IntsLike, query_lens: IntsLike,
+                   block_size: int) -> AttentionPlan:
+    """Plan a step's attention (on the host: `mx.array` arguments are evaluated; pass numpy or lists)."""
+    qlens = _host_ints(query_lens)
+    ctx = _host_ints(context_lens)
+    num_tokens = int(qlens.sum())
+    tables = np.asarray(block_tables, dtype=np.int64)
+    tables = tables.reshape(len(qlens), tables.size // max(len(qlens), 1))
+    if num_tokens == 0:
+        return AttentionPlan(0, (), None, tables, ctx, qlens)
+    starts = np.cumsum(qlens) - qlens
+    groups, order = [], []
+    for seqs in (np.flatnonzero(qlens == 1), np.flatnonzero(qlens > 1)):
+        if seqs.size:
+            group, packed = _plan_group(seqs, starts, tables, ctx, qlens, block_size)
+            groups.append(group)
+            order.append(packed)
+    rows = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+    in_order = (rows == np.arange(num_tokens)).all()
+    restore = None if in_order else mx.array(np.argsort(rows).astype(np.int32))
+    return AttentionPlan(num_tokens, tuple(groups), restore, tables, ctx, qlens)
+
+
+def _gathered(pool: mx.array, group: AttentionGroup) -> mx.array:
+    """The group's contexts `[B, Hkv, max_ctx, D]` from the pool: one gather by slot."""
+    num_blocks, block_size, num_kv_heads, head_dim = pool.shape
+    rows = pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    return rows[group.slots].transpose(0, 2, 1, 3)
+
+
+def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float) -> mx.array:
+    """`paged_attention` with its layout planned already (`plan_attention`)."""
+    num_tokens, num_heads, head_dim = queries.shape
+    if num_tokens != plan.num_tokens:
+        raise ValueError(f"paged_attention: query_lens sum to {plan.num_tokens} but there are "
+                         f"{num_tokens} query tokens")
+    if num_tokens == 0:
+        return mx.zeros((0, num_heads, head_dim), dtype=queries.dtype)
+    outs = []
+    for g in plan.groups:
+        q = queries[g.rows]
+        if g.pad is not None:
+            q = q[g.pad]
+        q = q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3)
+        k, v = _gathered(k_pool, g), _gathered(v_pool, g)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
+        out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, head_dim)
+        outs.append(out if g.unpad is None else out[g.unpad])
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+    return out if plan.restore is None else out[plan.restore]
+
+
+def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
+                    context_lens: IntsLike, query_lens: IntsLike, scale: float) -> mx.array:
+    """Causal attention of packed varlen queries `[T, Hq, D]` over paged K/V; returns `[T, Hq, D]`.
+
+    `block_tables` int32 `[B, max_blocks]`, `context_lens` and `query_lens` `[B]`, all read on the host (pass
+    lists or numpy arrays to avoid a sync). GQA: `Hq = r * Hkv`, query head `h` reads KV head `h // r`.
+    Decodes (query length 1) and longer queries form two groups; in each, queries are padded to
+    `[B, Hq, max_q, D]`, keys and values gathered slot by slot to `[B, Hkv, ctx, D]` (ctx: the group's longest
+    context), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped.
+    """
+    plan = plan_attention(block_tables, context_lens, query_lens, k_pool.shape[1])
+    return attend(queries, k_pool, v_pool, plan, scale)

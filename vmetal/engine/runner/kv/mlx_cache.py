@@ -1,0 +1,113 @@
+"""The MLX-managed KV path: per-request caches for prefill, one batched cache for decode.
+
+A request's prompt (or a chunk of it) runs alone on its own mlx-lm `KVCache`, so a
+long prompt never pads the decode batch. Once its prompt is done the request's
+cache is merged into the decode batch (mlx-lm's left-padded `BatchKVCache`), and
+from then on every decoding request advances in one forward per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DecodeBatch:
+    """The decoding requests, one row each, in one left-padded cache per layer.
+
+    A lone row keeps its own per-request cache instead: then a decode step is
+    exactly mlx-lm's `generate_step` (integer offsets, no mask), where the
+    left-padded cache adds a mask and per-row offset arrays to every step, and
+    on MLX's CUDA backend a masked attention that is not its fused decode kernel.
+    """
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.req_ids: list[str] = []
+        self._caches: list[Any] | None = None
+        self._batched = False  # _caches are BatchKVCaches (else one request's own caches)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.req_ids
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+    @property
+    def caches(self) -> list[Any]:
+        assert self._caches is not None
+        return self._caches
+
+    def add(self, req_id: str, request_cache: list[Any]) -> None:
+        from mlx_lm.models.cache import BatchKVCache
+
+        if self._caches is None:
+            self._caches, self._batched = request_cache, False
+            self.req_ids.append(req_id)
+            return
+        if not self._batched:
+            self._caches = [BatchKVCache.merge([c]) for c in self._caches]
+            self._batched = True
+        for batch, row in zip(self._caches, request_cache):
+            batch.extend(BatchKVCache.merge([row]))
+        self.req_ids.append(req_id)
+
+    def remove(self, req_ids: set[str]) -> None:
+        keep = [i for i, r in enumerate(self.req_ids) if r not in req_ids]
+        if len(keep) == len(self.req_ids):
+            return
+        self.req_ids = [self.req_ids[i] for i in keep]
+        if not keep:
+            self._caches = None
+            return
+        if len(keep) == 1:
+            # Back to a lone row's own cache (see the class docstring).
+            self._caches = [c.extract(keep[0]) for c in self.caches]
+            self._batched = False
+            return
+        for c in self.caches:
+            c.filter(keep)
+
+    def extract(self, req_id: str) -> list[Any]:
+        """Take one row out as a per-request cache (for a request paused by the scheduler)."""
+        if not self._batched:
+            assert self.req_ids == [req_id]
+            request_cache, self._caches, self.req_ids = self.caches, None, []
+            return request_cache
+        idx = self.req_ids.index(req_id)
+        request_cache = [c.extract(idx) for c in self.caches]
+        self.remove({req_id})
+        return request_cache
+
+    def forward(self, model: Any, tokens: Any) -> Any:
+        """One decode step for every row; `tokens[i]` is row i's last token (ints or an
+        int32 MLX array, possibly not evaluated yet). Returns [B, V]."""
+        import mlx.core as mx
+
+        inputs = (tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32))[:, None]
+        return model(inputs, cache=self.caches)[:, -1, :]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._caches or [])
+
+
+def new_request_cache(model: Any) -> list[Any]:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = False) -> Any:
+    """Run `tokens` through `model` on a per-request cache; returns the last position's logits [V].
+
+    Only the last position goes through the LM head: on a 150k-word vocabulary the
+    head over a whole prompt would cost more than the rest of the prefill. With
+    `all_logits` (prompt logprobs asked for) every position's [n, V] instead.
+    """
+    import mlx.core as mx
+
+    from vmetal.engine.runner.kv.paged_cache import logits_of
+
+    inputs = mx.array(tokens, dtype=mx.int32)[None]
+    hidden = model.model(inputs, cache=cache)
+    return logits_of(model, hidden[0] if all_logits else hidden[0, -1, :])

@@ -1,0 +1,116 @@
+"""The paged KV path's hook into mlx-lm models.
+
+vLLM owns the blocks; each layer's K and V live in pools
+`[num_blocks, block_size, kv_heads, head_dim]` (vLLM's LBNHC layout). One step
+packs every scheduled token, decode tokens and prefill chunks alike, into a
+single forward over `[T, 1]` inputs: each token is its own batch row, so
+mlx-lm's RoPE takes one position per token through its per-row `offset`, and
+projections and MLPs run once over all T tokens with no padding.
+
+mlx-lm's attention modules call `cache.update_and_fetch` and then their module's
+`scaled_dot_product_attention`; `install_attention_hook` routes the latter to
+`PagedLayerCache.attention`, which attends each sequence's queries over its
+context gathered by block table (vmetal.engine.runner.attention.reference).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vmetal.engine.runner.attention import metal as pa  # Metal kernels where chosen, the pure-MLX reference elsewhere
+from vmetal.engine.runner.attention import reference as ref
+
+_HOOKED: set[str] = set()
+
+
+@dataclass
+class StepLayout:
+    """Where this step's T packed tokens sit: planned once per step on the host, shared by all layers.
+
+    Planning per layer instead (index arrays built in numpy, copied to the device) cost more host time than the
+    GPU's whole decode step on a 28-layer model."""
+
+    positions: Any  # mx.int32 [T]: each token's position in its sequence (RoPE offset)
+    writes: Any  # paged_attention.CacheWrites: the pool slots this step's K/V go to
+    attention: Any  # paged_attention.AttentionPlan: who attends to which blocks
+
+    @classmethod
+    def plan(cls, positions: Any, slot_mapping: Any, block_tables: Any, context_lens: Any, query_lens: Any,
+             block_size: int) -> StepLayout:
+        """From host arrays: positions and slot mapping `[T]`, block tables `[B, max_blocks]`, context and
+        query lengths `[B]`."""
+        import mlx.core as mx
+
+        return cls(mx.array(np.asarray(positions, dtype=np.int32)), ref.plan_writes(slot_mapping),
+                   ref.plan_attention(block_tables, context_lens, query_lens, block_size))
+
+
+class PagedLayerCache:
+    """One layer's pools, speaking mlx-lm's cache protocol for a packed step."""
+
+    def __init__(self, k_pool: Any, v_pool: Any):
+        self.k_pool = k_pool
+        self.v_pool = v_pool
+        self.layout: StepLayout | None = None
+        self.keep_kv = False  # keep the next step's keys and values in `kept_kv`
+        self.kept_kv: tuple[Any, Any] | None = None
+
+    @property
+    def offset(self) -> Any:
+        assert self.layout is not None
+        return self.layout.positions
+
+    def make_mask(self, *args: Any, **kwargs: Any) -> None:
+        # Causality and sequence boundaries are applied in `attention`.
+        return None
+
+    def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
+        """keys/values [T, kv_heads, 1, head_dim]: write them to their slots."""
+        assert self.layout is not None
+        if self.keep_kv:
+            self.kept_kv = (keys[:, :, 0, :], values[:, :, 0, :])
+        self.k_pool, self.v_pool = pa.write_cache(
+            keys[:, :, 0, :], values[:, :, 0, :], self.k_pool, self.v_pool, self.layout.writes
+        )
+        return keys, values
+
+    def attention(self, queries: Any, scale: float) -> Any:
+        """queries [T, heads, 1, head_dim] -> attention output of the same shape."""
+        out = pa.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention, scale)
+        return out[:, :, None, :]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k_pool.nbytes + self.v_pool.nbytes
+
+
+def install_attention_hook(model: Any) -> None:
+    """Route the model module's SDPA to our caches when it is handed a PagedLayerCache.
+
+    Any other cache (the MLX-managed path, mlx-lm's own generate) goes to the
+    original function unchanged.
+    """
+    module_name = type(model).__module__
+    if module_name in _HOOKED:
+        return
+    module = importlib.import_module(module_name)
+    original = module.scaled_dot_product_attention
+
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, *args, **kwargs):
+        if isinstance(cache, PagedLayerCache):
+            return cache.attention(queries, scale)
+        return original(queries, keys, values, *args, cache=cache, scale=scale, mask=mask, **kwargs)
+
+    module.scaled_dot_product_attention = scaled_dot_product_attention
+    _HOOKED.add(module_name)
+
+
+def logits_of(model: Any, hidden: Any) -> Any:
+    """The LM head of an mlx-lm causal LM, applied to selected hidden states only."""
+    if getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)

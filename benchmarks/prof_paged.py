@@ -28,7 +28,8 @@ def _median_ms(step, reps: int = 40) -> tuple[float, float]:
 def _paged_step(model, layers, rows: int, ctx: int, block_size: int):
     import mlx.core as mx
 
-    from vmetal.engine.runner.kv.paged_cache import StepLayout, logits_of
+    from vmetal.engine.models import logits_of
+    from vmetal.engine.runner.kv.paged_cache import StepLayout
 
     tables = np.arange(rows * 20, dtype=np.int32).reshape(rows, 20)[:, : -(-ctx // block_size)]
     pos = np.full(rows, ctx - 1)

@@ -25,6 +25,7 @@ USE_MODELSCOPE = "VLLM_USE_MODELSCOPE"
 MODELSCOPE_CACHE = "VLLM_METAL_MODELSCOPE_CACHE"
 PREFIX_CACHE = "VLLM_METAL_PREFIX_CACHE"
 PREFIX_CACHE_FRACTION = "VLLM_METAL_PREFIX_CACHE_FRACTION"
+KERNELS = "VLLM_METAL_KERNELS"
 # Not part of the engine's contract (the engine never reads it), but read here so there is one reader.
 HOME = "VMETAL_HOME"
 
@@ -57,6 +58,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(MODELSCOPE_CACHE, None, "absolute path of a local ModelScope model or cache to load from"),
     Variable(PREFIX_CACHE, None, "set to enable prefix caching for shared prompt reuse"),
     Variable(PREFIX_CACHE_FRACTION, "0.05", "fraction of the MLX working set for the prefix cache, in (0, 1]"),
+    Variable(KERNELS, "auto", "paged attention through the Metal kernels: `auto` where MLX computes on Metal, "
+             "`1` always (an error elsewhere), `0` never (the pure-MLX reference)"),
 )
 
 _NAMES = tuple(v.name for v in VARIABLES)
@@ -65,6 +68,7 @@ _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
 _BOOL_ALLOWED = "one of 1/0, true/false, yes/no (any case)"
 _FRACTION_ALLOWED = "a number in (0, 1]"
+_AUTO_BOOL_ALLOWED = "`auto` or one of 1/0, true/false, yes/no (any case)"
 
 
 class EnvError(ValueError):
@@ -102,10 +106,19 @@ class MetalConfig:
     modelscope_cache: str | None = None
     prefix_cache: bool = False
     prefix_cache_fraction: float = 0.05
+    kernels: bool | None = None  # None: `auto`
     # Provenance is about how a config was reached, not what it is: two configs that behave the same
     # compare equal whatever their sources, which is what lets a child process be checked against its parent.
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     raw: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def kv_path(self) -> Literal["mlx", "paged", "torch"]:
+        """Which KV path (and so which model runner) the engine uses, decided here once: the PyTorch
+        baseline keeps the MLX-managed layout; with MLX, the paged pools when asked for, else MLX-managed."""
+        if not self.use_mlx:
+            return "torch"
+        return "paged" if self.use_paged_attention else "mlx"
 
     @property
     def kv_fraction(self) -> float:
@@ -120,6 +133,15 @@ def _parse_bool(name: str, value: str) -> bool:
     if low in _FALSE:
         return False
     raise _invalid(name, value, _BOOL_ALLOWED)
+
+
+def _parse_auto_bool(name: str, value: str) -> bool | None:
+    if value.lower() == "auto":
+        return None
+    try:
+        return _parse_bool(name, value)
+    except EnvError:
+        raise _invalid(name, value, _AUTO_BOOL_ALLOWED) from None
 
 
 def _parse_fraction(name: str, value: str, allowed: str = _FRACTION_ALLOWED) -> float:
@@ -175,6 +197,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     MODELSCOPE_CACHE: ("modelscope_cache", _parse_abspath),
     PREFIX_CACHE: ("prefix_cache", _parse_bool),
     PREFIX_CACHE_FRACTION: ("prefix_cache_fraction", lambda n, v: _parse_fraction(n, v)),
+    KERNELS: ("kernels", _parse_auto_bool),
 }
 assert tuple(_PARSERS) == _NAMES
 
@@ -246,6 +269,7 @@ def to_environ(cfg: MetalConfig) -> dict[str, str]:
         MODELSCOPE_CACHE: cfg.modelscope_cache or "",
         PREFIX_CACHE: _bool(cfg.prefix_cache),
         PREFIX_CACHE_FRACTION: repr(float(cfg.prefix_cache_fraction)),
+        KERNELS: "auto" if cfg.kernels is None else _bool(cfg.kernels),
     }
 
 
@@ -300,6 +324,27 @@ def vmetal_home(environ: Mapping[str, str] | None = None) -> Path:
     if env.get(HOME):
         return Path(env[HOME]).expanduser()
     return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "vmetal"
+
+
+def _metal_available() -> bool:
+    try:
+        import mlx.core as mx
+
+        return bool(mx.metal.is_available())
+    except Exception:  # noqa: BLE001 - no mlx, or an mlx without the metal module: no Metal
+        return False
+
+
+def check_kernels(cfg: MetalConfig, metal_available: Callable[[], bool] | None = None) -> None:
+    """`VLLM_METAL_KERNELS=1` where the kernels cannot run is an error (probed only then)."""
+    if cfg.kernels is not True:
+        return
+    on_metal = cfg.mlx_device != "cpu" and (metal_available or _metal_available)()
+    if not on_metal:
+        where = f"{MLX_DEVICE}=cpu" if cfg.mlx_device == "cpu" else "MLX has no Metal device on this host"
+        raise EnvError(f"{KERNELS}={_show(cfg.raw.get(KERNELS, '1'))} asks for the Metal kernels, but {where}; "
+                       f"set {KERNELS}=auto (the kernels where they can run) or 0",
+                       variable=KERNELS, value=cfg.raw.get(KERNELS, "1"), allowed="`auto` or `0` without Metal")
 
 
 @functools.lru_cache(maxsize=1)

@@ -160,6 +160,7 @@ MALFORMED = {
     envs.MODELSCOPE_CACHE: ["relative/cache", "~/cache", "./cache"],
     envs.PREFIX_CACHE: ["2", "enable", "on"],
     envs.PREFIX_CACHE_FRACTION: ["0", "1.5", "-0.1", "abc", "nan", "inf"],
+    envs.KERNELS: ["2", "automatic", "metal", "on"],
 }
 ENV_CASES = [(name, value) for name, values in MALFORMED.items() for value in values]
 

@@ -157,3 +157,16 @@ def test_logprobs_with_top_k_alternatives(llm, greedy_tokens):
         assert position[token_id].logprob == pytest.approx(max(values), abs=1e-4)
         assert position[token_id].rank == 1
         assert sum(math.exp(v) for v in values) <= 1.0 + 1e-4
+
+
+def test_seeded_sampling_is_the_same_with_chunked_prefill(qwen3_model, llm):
+    """vLLM's sampler draws for a prompt chunk that does not reach the end of its prompt too (its row is in the
+    batch); the runner gives a seeded request's generator back as it was, so chunked prefill does not shift
+    the request's draws. Fails when the generator's state is not restored."""
+    from tests.support.engine import LONG_PROMPT, running_llm
+
+    params = sp(temperature=1.0, seed=11, max_tokens=8)
+    whole = tokens(run(llm, params, prompts=[LONG_PROMPT])[0])
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, seed=0) as chunked:
+        assert len(chunked.get_tokenizer().encode(LONG_PROMPT)) > 2 * 32  # at least three chunks
+        assert tokens(run(chunked, params, prompts=[LONG_PROMPT])[0]) == whole

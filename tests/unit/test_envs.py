@@ -30,11 +30,12 @@ def test_defaults_match_the_table():
     assert cfg.raw == {}
 
 
-def test_variables_table_lists_all_ten_in_doc_order():
+def test_variables_table_lists_all_eleven_in_doc_order():
     assert [v.name for v in envs.VARIABLES] == [
         "VLLM_METAL_MEMORY_FRACTION", "VLLM_METAL_USE_MLX", "VLLM_MLX_DEVICE", "VLLM_METAL_BLOCK_SIZE",
         "VLLM_METAL_USE_PAGED_ATTENTION", "VLLM_METAL_DEBUG", "VLLM_USE_MODELSCOPE",
         "VLLM_METAL_MODELSCOPE_CACHE", "VLLM_METAL_PREFIX_CACHE", "VLLM_METAL_PREFIX_CACHE_FRACTION",
+        "VLLM_METAL_KERNELS",
     ]
     defaults = {v.name: v.default for v in envs.VARIABLES}
     assert defaults["VLLM_METAL_MEMORY_FRACTION"] == "auto"
@@ -378,3 +379,45 @@ def test_import_pulls_in_nothing_heavy():
             "print(sorted(m for m in ('mlx', 'torch', 'vllm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- the KV path and the Metal kernels ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("env", "path"), [
+    ({}, "mlx"),
+    ({"VLLM_METAL_USE_PAGED_ATTENTION": "1"}, "paged"),
+    ({"VLLM_METAL_USE_MLX": "0"}, "torch"),
+])
+def test_kv_path_is_decided_once_from_the_config(env, path):
+    assert load_config(env).kv_path == path
+
+
+@pytest.mark.parametrize(("value", "kernels"), [("auto", None), ("AUTO", None), ("1", True), ("yes", True),
+                                                ("0", False), ("false", False)])
+def test_kernels_setting(value, kernels):
+    cfg = load_config({"VLLM_METAL_KERNELS": value})
+    assert cfg.kernels is kernels
+    assert load_config(to_environ(cfg)).kernels is kernels  # survives the trip to a child process
+
+
+def test_kernels_setting_rejects_other_values():
+    with pytest.raises(EnvError, match=r"VLLM_METAL_KERNELS=maybe is invalid: expected `auto` or one of 1/0"):
+        load_config({"VLLM_METAL_KERNELS": "maybe"})
+
+
+def test_kernels_forced_where_metal_is_missing_is_an_error_and_probed_only_then():
+    probes = []
+
+    def no_metal() -> bool:
+        probes.append(1)
+        return False
+
+    envs.check_kernels(load_config({}), no_metal)
+    envs.check_kernels(load_config({"VLLM_METAL_KERNELS": "0"}), no_metal)
+    assert probes == []
+    with pytest.raises(EnvError, match="VLLM_METAL_KERNELS=1 asks for the Metal kernels, but MLX has no Metal"):
+        envs.check_kernels(load_config({"VLLM_METAL_KERNELS": "1"}), no_metal)
+    with pytest.raises(EnvError, match="VLLM_MLX_DEVICE=cpu"):
+        envs.check_kernels(load_config({"VLLM_METAL_KERNELS": "1", "VLLM_MLX_DEVICE": "cpu"}), lambda: True)
+    envs.check_kernels(load_config({"VLLM_METAL_KERNELS": "1"}), lambda: True)

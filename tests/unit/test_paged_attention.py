@@ -233,22 +233,22 @@ def test_cache_writes_update_pools_in_place():
 
 # ------------------------------------------------------------------------------ kernel choice
 def test_use_kernels_choice(monkeypatch):
-    monkeypatch.delenv(kernels.DISABLE_KERNELS, raising=False)
+    """`VLLM_METAL_KERNELS` decides once: `auto` (None) where MLX computes on Metal, 0 never, 1 always (an
+    error off Metal); per op, only attention runs its kernel when kernels are on."""
     assert kernels.use_kernels(False) is False
     on_metal = kernels.metal_available() and mx.default_device().type == mx.DeviceType.gpu
-    assert kernels.use_kernels() is on_metal
-    monkeypatch.setenv(kernels.DISABLE_KERNELS, "1")
-    assert kernels.use_kernels() is False
-    monkeypatch.setenv(kernels.DISABLE_KERNELS, "maybe")
-    with pytest.raises(EnvError, match=kernels.DISABLE_KERNELS):
-        kernels.use_kernels()
-    if not on_metal:
-        with pytest.raises(RuntimeError, match="Metal"):
-            kernels.use_kernels(True)
-
-
-def test_dispatch_falls_back_to_reference_off_metal(monkeypatch):
+    assert kernels.use_kernels(None) is on_metal
     monkeypatch.setattr(kernels, "metal_available", lambda: False)
+    assert kernels.use_kernels(None) is False
+    with pytest.raises(EnvError, match="VLLM_METAL_KERNELS=1 asks for the Metal kernels"):
+        kernels.use_kernels(True)
+    assert kernels.kernel_choice(False) == {"paged_attention": False, "reshape_and_cache": False,
+                                            "copy_blocks": False}
+    assert kernels.kernel_choice(True) == {"paged_attention": True, "reshape_and_cache": False,
+                                           "copy_blocks": False}
+
+
+def test_entry_points_without_use_kernel_are_the_reference():
     pack = Pack(np.random.default_rng(fresh_seed()), block_size=16, ratio=2)
     assert mx.array_equal(kernels.paged_attention(*pack.args()), pa.paged_attention(*pack.args()),
                           equal_nan=True)

@@ -62,6 +62,7 @@ def load_flags_config(*, block_size: int | None, device: str | None, paged: bool
     try:
         cfg = envs.load_config(os.environ, overrides=flags)
         envs.check_available(cfg)
+        envs.check_kernels(cfg)
         if cfg.mlx_device == "gpu":
             # Only an explicit `gpu` is checked here: it must fail now rather than in the engine, and
             # probing MLX costs an import that `cpu` and unset do not need.

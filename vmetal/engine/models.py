@@ -99,3 +99,10 @@ def load(model: str, revision: str | None = None) -> LoadedModel:
         dtype=float_dtypes[0] if float_dtypes else mx.float32,
         quantization=quantization_of(config),
     )
+
+
+def logits_of(model: Any, hidden: Any) -> Any:
+    """The LM head of an mlx-lm causal LM, applied to selected hidden states only."""
+    if getattr(model.args, "tie_word_embeddings", False):
+        return model.model.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)

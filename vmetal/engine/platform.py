@@ -93,6 +93,7 @@ class MetalPlatform(Platform):
         # Read afresh: one process (a test run, a notebook) may build several engines.
         cfg = envs.load_config()  # raises EnvError on an invalid combination
         envs.check_available(cfg)
+        envs.check_kernels(cfg)
 
         parallel = vllm_config.parallel_config
         if parallel.world_size > 1:
@@ -105,7 +106,7 @@ class MetalPlatform(Platform):
 
         cache = vllm_config.cache_config
         cache.block_size = cfg.block_size
-        if not cfg.use_paged_attention and cache.enable_prefix_caching:
+        if cfg.kv_path != "paged" and cache.enable_prefix_caching:
             # The MLX-managed cache cannot take KV from vLLM's block hashes; a
             # request arriving with "cached" tokens would be computed wrong.
             logger.info(

@@ -1,1 +1,29 @@
-"""Model runners: vLLM's `SchedulerOutput` in, MLX (or torch) forwards, `ModelRunnerOutput` out."""
+"""Model runners: vLLM's `SchedulerOutput` in, MLX (or torch) forwards, `ModelRunnerOutput` out.
+
+One runner class per KV path, chosen once by the worker from `MetalConfig.kv_path`; each owns its weight
+accounting, its KV budget and its KV allocation (`base.ModelRunnerBase` has the shared parts):
+
+- `mlx`: `mlx_runner.MlxModelRunner`, mlx-lm's caches per request, one batched decode cache (the default).
+- `paged`: `paged_runner.PagedModelRunner`, vLLM's block tables over per-layer pools (`--paged`).
+- `torch`: `torch_runner.TorchModelRunner`, the PyTorch baseline with the MLX-managed layout
+  (`VLLM_METAL_USE_MLX=0`).
+
+Caches are in `kv/`, paged attention (the pure-MLX reference and the Metal kernels) in `attention/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+RUNNERS: dict[str, str] = {
+    "mlx": "vmetal.engine.runner.mlx_runner:MlxModelRunner",
+    "paged": "vmetal.engine.runner.paged_runner:PagedModelRunner",
+    "torch": "vmetal.engine.runner.torch_runner:TorchModelRunner",
+}
+
+
+def runner_class(kv_path: str) -> Any:
+    """The runner class of `kv_path`, imported only now: each path imports only what it uses."""
+    module, name = RUNNERS[kv_path].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,80 +1,146 @@
 """The paged KV path: vLLM's block tables and slot mappings drive one packed MLX forward.
 
-vLLM's KV cache manager owns the blocks (and so prefix caching, preemption and
-copy-on-write come from vLLM); this runner keeps per-layer pools, writes each
-scheduled token's K/V to the slot vLLM assigned, and attends over block tables.
-Decode tokens and prefill chunks go through the same forward every step.
+vLLM's KV cache manager owns the blocks (and so prefix caching, preemption and copy-on-write come from vLLM);
+this runner keeps per-layer pools, writes each scheduled token's K/V to the slot vLLM assigned, and attends
+over block tables. Decode tokens and prefill chunks go through the same forward every step. The pools are
+allocated once, from `VLLM_METAL_MEMORY_FRACTION` of the device (`kv_budget`, `initialize_kv`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from vmetal.engine.runner.attention import metal as pa
-from vmetal.engine.runner.attention import reference as pa_ref
-from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout, install_attention_hook, logits_of
-from vmetal.engine.runner.model_runner import MetalModelRunner, StepLogits
+from vmetal import envs
+from vmetal.engine.runner.attention import metal as attention
+from vmetal.engine.runner.attention import reference
+from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
+from vmetal.engine.models import logits_of
+from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout, install_attention_hook
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
 SCRATCH_BLOCKS = 8
 
 
-class PagedModelRunner(MetalModelRunner):
-    def __init__(self, vllm_config: Any, device: Any):
-        super().__init__(vllm_config, device)
+@dataclass
+class Pack:
+    """One step's scheduled tokens, decodes first, as one packed batch."""
+
+    req_ids: list[str]
+    tokens: list[int] = field(default_factory=list)
+    positions: list[np.ndarray] = field(default_factory=list)
+    slots: list[np.ndarray] = field(default_factory=list)
+    tables: list[np.ndarray] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    last_rows: list[int] = field(default_factory=list)  # each request's last token in the pack
+    prompt_rows: dict[str, range] = field(default_factory=dict)  # prompt-logprobs requests: all their rows
+    partial: set[str] = field(default_factory=set)  # prompt chunks that end before the prompt does
+
+    @property
+    def decode_only(self) -> bool:
+        return len(self.tokens) == len(self.req_ids) and not self.prompt_rows and not self.partial
+
+
+class PagedModelRunner(ModelRunnerBase):
+    def __init__(self, vllm_config: Any, device: Any, metal_config: Any):
+        super().__init__(vllm_config, device, metal_config)
         self.layers: list[PagedLayerCache] = []
         self.num_blocks = 0
         self.scratch_blocks: list[int] = []
+        self.kernels = attention.kernel_choice(False)  # per op: its Metal kernel runs; decided once, at load
         # The decode-ahead step's pool slots, and its rows that wrote to a scratch block.
         self._ahead_slots: np.ndarray | None = None
         self._ahead_scratch: list[int] = []
         # All-decode steps: served by the decode-ahead ("used", "scratch": with a row written to a scratch block)
         # or not ("missed": built but not that step, "none": not built).
-        self.ahead_counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
 
     def load_model(self) -> None:
         super().load_model()
         install_attention_hook(self.model)
+        self.kernels = attention.kernel_choice(attention.use_kernels(self.metal_config.kernels))
+        logger.info("vmetal: paged attention through %s", "the Metal kernel" if self.kernels["paged_attention"]
+                    else "the pure-MLX reference")
 
-    def allocate_pools(self, num_blocks: int) -> None:
+    def _new_layers(self, num_blocks: int) -> list[PagedLayerCache]:
         import mlx.core as mx
 
         lm = self.loaded
+        shape = (num_blocks, self.cache_config.block_size, lm.num_kv_heads, lm.head_dim)
+        return [PagedLayerCache(mx.zeros(shape, lm.dtype), mx.zeros(shape, lm.dtype), self.kernels)
+                for _ in range(lm.num_layers)]
+
+    # -------------------------------------------------------------- KV cache
+    @property
+    def kv_fraction(self) -> float:
+        return self.metal_config.kv_fraction
+
+    def kv_budget(self, device_bytes: int, activation_bytes: int) -> int:
+        """`VLLM_METAL_MEMORY_FRACTION` of the device (`auto` = 0.9) less weights and activations, allocated up
+        front as block pools; refused when not even one max-length sequence fits."""
+        budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes
+        per_token = self.kv_bytes_per_token()
+        self._check_fits_one_sequence(budget, per_token, device_bytes, activation_bytes)
+        if self.metal_config.mlx_device != "cpu":
+            return budget
+        # System RAM is shared with everything else on the host (not a GPU's memory): pools no larger than
+        # twice what max_num_seqs full-length sequences can use, the second half for vLLM's prefix cache.
+        bs = self.cache_config.block_size
+        seq_blocks = -(-self.max_model_len // bs)
+        return min(budget, (2 * self.max_num_reqs * seq_blocks + 1) * bs * per_token)
+
+    def _check_fits_one_sequence(self, budget: int, per_token: int, total: int, activation_bytes: int) -> None:
+        """Refuse to start when not even one max-length sequence fits, naming what to change."""
+        need = self.max_model_len * per_token
+        if budget >= need:
+            return
+        fraction_needed = (self.weights_bytes + activation_bytes + need) / total
+        fits_tokens = max(0, budget) // per_token
+        hint = (f"set VLLM_METAL_MEMORY_FRACTION to at least {fraction_needed:.2f}"
+                if fraction_needed <= 1 else "use a smaller or quantized model")
+        raise envs.EnvError(
+            f"the paged KV cache gets {max(0, budget) / 2**20:.0f} MiB "
+            f"(VLLM_METAL_MEMORY_FRACTION={self.metal_config.memory_fraction}), but one "
+            f"{self.max_model_len}-token sequence needs {need / 2**20:.0f} MiB; "
+            f"{hint}, or lower --max-model-len to {fits_tokens} or less",
+            variable=envs.MEMORY_FRACTION, value=str(self.metal_config.memory_fraction),
+            allowed=f">= {fraction_needed:.2f}",
+        )
+
+    def initialize_kv(self, kv_cache_config: Any) -> None:
+        import mlx.core as mx
+
+        num_blocks = kv_cache_config.num_blocks
         # Scratch blocks past vLLM's: a decode-ahead row whose next token starts a block vLLM has not allocated
         # yet writes it there (see _ahead_forward). At most 1/16 more than vLLM's blocks.
         scratch = min(SCRATCH_BLOCKS, self.max_num_reqs, max(1, num_blocks // 16))
-        shape = (num_blocks + scratch, self.cache_config.block_size, lm.num_kv_heads, lm.head_dim)
-        self.layers = [PagedLayerCache(mx.zeros(shape, lm.dtype), mx.zeros(shape, lm.dtype))
-                       for _ in range(lm.num_layers)]
+        self.layers = self._new_layers(num_blocks + scratch)
         mx.eval([(c.k_pool, c.v_pool) for c in self.layers])
         self.num_blocks = num_blocks
         self.scratch_blocks = list(range(num_blocks, num_blocks + scratch))
         logger.info("vmetal: paged KV pools: %d blocks x %d tokens (+%d scratch), %.1f MiB", num_blocks,
                     self.cache_config.block_size, scratch, sum(c.nbytes for c in self.layers) / 2**20)
 
+    def ahead_counts(self) -> dict[str, int]:
+        return dict(self.counts)
+
     def warm_up(self) -> None:
-        """A profiling forward on a scratch pool, before vLLM sizes the real one."""
+        """A profiling forward, on a scratch pool before vLLM sizes the real one."""
         import mlx.core as mx
 
-        if not self.layers:
-            lm = self.loaded
-            shape = (2, self.cache_config.block_size, lm.num_kv_heads, lm.head_dim)
-            scratch = [PagedLayerCache(mx.zeros(shape, lm.dtype), mx.zeros(shape, lm.dtype))
-                       for _ in range(lm.num_layers)]
-        else:
-            scratch = self.layers
+        layers = self.layers or self._new_layers(2)
         n = min(8, self.cache_config.block_size)
         layout = StepLayout.plan(np.arange(n), np.full((n,), -1), np.zeros((1, 1)), [n], [n],
                                  self.cache_config.block_size)
-        mx.eval(self._forward(scratch, list(range(n)), layout, [n - 1]))
+        mx.eval(self._forward(layers, list(range(n)), layout, [n - 1]))
 
-    def _forward(self, layers: list[PagedLayerCache], tokens: Any, layout: StepLayout,
-                 last_rows: list[int]) -> Any:
+    def _forward(self, layers: list[PagedLayerCache], tokens: Any, layout: StepLayout, last_rows: list[int]) -> Any:
         import mlx.core as mx
 
         for layer in layers:
@@ -83,13 +149,15 @@ class PagedModelRunner(MetalModelRunner):
         hidden = self.model.model(ids[:, None], cache=layers)
         return logits_of(self.model, hidden[mx.array(last_rows, dtype=mx.int32), 0, :])
 
+    # ---------------------------------------------------------------- steps
     def _update_states(self, so: Any) -> None:
         super()._update_states(so)
         if so.kv_cache_block_copies:
             src = [c.src_block_id for c in so.kv_cache_block_copies]
             dst = [c.dst_block_id for c in so.kv_cache_block_copies]
             for layer in self.layers:
-                layer.k_pool, layer.v_pool = pa.copy_blocks(layer.k_pool, layer.v_pool, src, dst)
+                layer.k_pool, layer.v_pool = attention.copy_blocks(layer.k_pool, layer.v_pool, src, dst,
+                                                                   use_kernel=self.kernels["copy_blocks"])
 
     def execute_model(self, so: Any) -> Any:
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
@@ -98,61 +166,54 @@ class PagedModelRunner(MetalModelRunner):
         self._pending = None
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
-
-        bs = self.cache_config.block_size
-        # Single-token queries (decodes) first: the attention's decode group is then a slice of the pack,
-        # and its output needs no reordering.
-        req_ids = sorted(self.input_batch.req_ids, key=lambda r: so.num_scheduled_tokens[r] > 1)
-        tokens: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        context_lens, query_lens, last_rows, tables = [], [], [], []
-        prompt_rows: dict[str, range] = {}  # requests wanting prompt logprobs: their rows in the pack
-        partial: set[str] = set()
-        for req_id in req_ids:
-            state = self.requests[req_id]
-            start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
-            if req_id in self.num_prompt_logprobs:
-                prompt_rows[req_id] = range(len(tokens), len(tokens) + n)
-            tokens.extend(self._tokens(state, start, start + n))
-            pos = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(state.block_ids[0], dtype=np.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(table)
-            context_lens.append(start + n)
-            query_lens.append(n)
-            last_rows.append(len(tokens) - 1)
-            if start + n < state.num_tokens:
-                partial.add(req_id)
-
-        block_tables = _padded(tables)
-        decode_only = None
-        all_slots = np.concatenate(slots)
-        if len(tokens) == len(req_ids) and not prompt_rows and not partial:
-            ahead, greedy = self._take_ahead(tuple(req_ids), all_slots)
-            if ahead is not None:
-                logits = ahead
-            decode_only = (tuple(req_ids), ahead, greedy)
-        elif self._next_decode is not None:
-            self._next_decode = None  # its writes are harmless: see _ahead_forward
-        if decode_only is None or decode_only[1] is None:
-            layout = StepLayout.plan(np.concatenate(positions), all_slots, block_tables, context_lens,
-                                     query_lens, bs)
+        pack = self._pack(so)
+        block_tables = _padded(pack.tables)
+        all_slots = np.concatenate(pack.slots)
+        logits = greedy = None
+        if pack.decode_only:
+            logits, greedy = self._take_ahead(tuple(pack.req_ids), all_slots)
+        else:
+            self.ahead.take()  # its writes are harmless: see _ahead_forward
+        if logits is None:
+            layout = StepLayout.plan(np.concatenate(pack.positions), all_slots, block_tables, pack.context_lens,
+                                     pack.query_lens, self.cache_config.block_size)
             # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
-            extra = [i for r in prompt_rows.values() for i in r]
-            logits = self._forward(self.layers, tokens, layout, last_rows + extra)
-            if decode_only is not None:
-                decode_only = (decode_only[0], logits, None)
-        rows = {req_id: logits[i] for i, req_id in enumerate(req_ids)}
-        prompt_logits, at = {}, len(last_rows)
-        for req_id, r in prompt_rows.items():
+            extra = [i for rows in pack.prompt_rows.values() for i in rows]
+            logits = self._forward(self.layers, pack.tokens, layout, pack.last_rows + extra)
+        rows = {req_id: logits[i] for i, req_id in enumerate(pack.req_ids)}
+        prompt_logits, at = {}, len(pack.last_rows)
+        for req_id, r in pack.prompt_rows.items():
             prompt_logits[req_id] = logits[at : at + len(r)]
             at += len(r)
-        self._pending = StepLogits(rows, partial, so, prompt_logits, decode_only)
+        decode_only = (tuple(pack.req_ids), logits, greedy) if pack.decode_only else None
+        self._pending = StepLogits(rows, pack.partial, so, prompt_logits, decode_only)
         return None
 
-    # Decode ahead (see DecodeAhead): the next all-decode step is queued on the still-lazy greedy tokens.
+    def _pack(self, so: Any) -> Pack:
+        """Every scheduled token, single-token queries (decodes) first: the attention's decode group is then a
+        slice of the pack, and its output needs no reordering."""
+        bs = self.cache_config.block_size
+        pack = Pack(sorted(self.input_batch.req_ids, key=lambda r: so.num_scheduled_tokens[r] > 1))
+        for req_id in pack.req_ids:
+            state = self.requests[req_id]
+            start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
+            if req_id in self.prompt_logprobs:
+                pack.prompt_rows[req_id] = range(len(pack.tokens), len(pack.tokens) + n)
+            pack.tokens.extend(self._tokens(state, start, start + n))
+            pos = np.arange(start, start + n, dtype=np.int64)
+            table = np.asarray(state.block_ids[0], dtype=np.int64)
+            pack.positions.append(pos)
+            pack.slots.append(table[pos // bs] * bs + pos % bs)
+            pack.tables.append(table)
+            pack.context_lens.append(start + n)
+            pack.query_lens.append(n)
+            pack.last_rows.append(len(pack.tokens) - 1)
+            if start + n < state.num_tokens:
+                pack.partial.add(req_id)
+        return pack
+
+    # Decode ahead (vmetal.engine.runner.decode_ahead): the next all-decode step is queued on the still-lazy
+    # greedy tokens.
     def _ahead_forward(self, order: tuple[str, ...], tokens: Any) -> Any:
         """The next step of decode rows `order`, or None when it cannot be built ahead.
 
@@ -166,9 +227,8 @@ class PagedModelRunner(MetalModelRunner):
         bs = self.cache_config.block_size
         positions, slots, tables, scratch = [], [], [], []
         for i, req_id in enumerate(order):
-            state = self.requests[req_id]
-            pos = state.num_computed_tokens + 1
-            table = list(state.block_ids[0])
+            pos = self.requests[req_id].num_computed_tokens + 1
+            table = list(self.requests[req_id].block_ids[0])
             if pos // bs >= len(table):
                 if len(scratch) == len(self.scratch_blocks):
                     return None
@@ -177,8 +237,7 @@ class PagedModelRunner(MetalModelRunner):
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             tables.append(table)
-        layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions],
-                                 [1] * len(order), bs)
+        layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions], [1] * len(order), bs)
         self._ahead_slots = np.asarray(slots, dtype=np.int64)
         self._ahead_scratch = scratch
         for layer in self.layers:
@@ -191,42 +250,39 @@ class PagedModelRunner(MetalModelRunner):
 
     def _take_ahead(self, order: tuple[str, ...], slots: np.ndarray) -> tuple[Any, Any]:
         """The decode-ahead's (logits, argmax) if this step is exactly that step, else (None, None)."""
-        if self._next_decode is None:
-            self.ahead_counts["none"] += 1
+        ahead = self.ahead.take()
+        if ahead is None:
+            self.counts["none"] += 1
             return None, None
-        ahead_order, tokens, logits, greedy = self._next_decode
-        scratch, self._ahead_scratch, self._next_decode = self._ahead_scratch, [], None
-        usable = ahead_order == order
+        scratch, self._ahead_scratch = self._ahead_scratch, []
+        usable = ahead.order == order
         if usable:
             own = np.ones(len(slots), dtype=bool)
             own[scratch] = False
-            usable = np.array_equal(self._ahead_slots[own], slots[own]) and all(
-                self.requests[r].get_token_id(self.requests[r].num_computed_tokens) == t
-                for r, t in zip(order, tokens))
+            usable = np.array_equal(self._ahead_slots[own], slots[own]) and ahead.matches(order, self._next_token)
         if usable and scratch:
             import mlx.core as mx
 
-            writes = pa_ref.plan_writes(slots[scratch])
+            writes = reference.plan_writes(slots[scratch])
             rows = mx.array(scratch, dtype=mx.int32)
             for layer in self.layers:
                 keys, values = layer.kept_kv
-                layer.k_pool, layer.v_pool = pa.write_cache(keys[rows], values[rows], layer.k_pool, layer.v_pool,
-                                                            writes)
+                layer.k_pool, layer.v_pool = attention.write_cache(keys[rows], values[rows], layer.k_pool,
+                                                                   layer.v_pool, writes,
+                                                                   use_kernel=self.kernels["reshape_and_cache"])
         for layer in self.layers:
             layer.kept_kv = None
-        self.ahead_counts["used" if usable else "missed"] += 1
-        self.ahead_counts["scratch"] += bool(usable and scratch)
-        return (logits, greedy) if usable else (None, None)
+        self.counts["used" if usable else "missed"] += 1
+        self.counts["scratch"] += bool(usable and scratch)
+        return (ahead.logits, ahead.greedy) if usable else (None, None)
 
-    def sample_tokens(self, grammar_output: Any = None) -> Any:
+    def _after_step(self) -> None:
         import mlx.core as mx
 
-        out = super().sample_tokens(grammar_output)
-        if self._next_decode is None:
+        if self.ahead.pending is None:
             # The pools are part of this step's graph; evaluate them with it so the next step starts from
             # materialised arrays, not a growing lazy graph. (A decode-ahead's async_eval covers them.)
             mx.eval([(c.k_pool, c.v_pool) for c in self.layers])
-        return out
 
 
 def _padded(tables: list[Any]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """TorchModelRunner: the PyTorch compute path (`VLLM_METAL_USE_MLX=0`), the baseline MLX must beat.
 
-Same engine, same request bookkeeping, same sampler as `MetalModelRunner`; only the forward
+Same engine, same request bookkeeping, same sampler as `MlxModelRunner`; only the forward
 differs: the checkpoint's Hugging Face model in torch (`transformers.AutoModelForCausalLM`, in the
 checkpoint's dtype) on the torch device, `mps` on a Mac and `cpu` elsewhere.
 
@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from vmetal.engine.runner.model_runner import MetalModelRunner
+from vmetal.engine.runner.mlx_runner import MlxModelRunner
 from vmetal.engine.runner.sampling import MetalSampler
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -190,14 +190,19 @@ class TorchSampler(MetalSampler):
         return logits.to("cpu", torch.float32)
 
 
-class TorchModelRunner(MetalModelRunner):
-    """`MetalModelRunner`'s state handling and sampler over a Hugging Face model in torch."""
-
-    backend = "torch"
+class TorchModelRunner(MlxModelRunner):
+    """The MLX-managed path's request bookkeeping, KV policy and sampler over a Hugging Face model in torch."""
 
     # Decode-ahead relies on MLX's asynchronous evaluation; torch on the CPU
     # computes eagerly, so there is nothing to overlap.
-    decode_ahead = False
+    decode_ahead_enabled = False
+
+    @property
+    def backend(self) -> str:
+        return f"torch {self.torch_device}"
+
+    def describe_backend(self) -> str:
+        return self.backend
 
     # ---------------------------------------------------------------- set-up
     def load_model(self) -> None:
@@ -240,14 +245,10 @@ class TorchModelRunner(MetalModelRunner):
                    torch.bfloat16: mx.bfloat16}[dtype],
         )
         self.model = model
+        # What the weights take, counted from the tensors: MLX's memory counters do not see torch's.
+        self.weights_bytes = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
         self.decode = TorchDecodeBatch(model)
-        self._build_input_batch()
-        logprobs_mode = getattr(self.model_config, "logprobs_mode", "raw_logprobs")
-        self.sampler = TorchSampler(str(getattr(logprobs_mode, "value", logprobs_mode)))
-
-    def weights_nbytes(self) -> int:
-        model = self.model
-        return sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
+        self._finish_loading(TorchSampler)
 
     def enable_prefix_cache(self, budget_bytes: int) -> None:
         # envs.check_available refuses this combination before the engine starts.
@@ -265,7 +266,7 @@ class TorchModelRunner(MetalModelRunner):
 
     # ------------------------------------------------------- compute hooks
     # Everything else (scheduler state, decode batching policy, sampling) is
-    # MetalModelRunner's; only the tensors differ.
+    # MlxModelRunner's; only the tensors differ.
     def _new_request_cache(self) -> Any:
         return _new_cache(self.model)
 

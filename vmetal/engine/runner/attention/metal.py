@@ -1,18 +1,19 @@
 """Metal kernels for the paged KV path, loaded from `kernels/*.metal` with `mx.fast.metal_kernel`.
 
-The functions here have the signatures of `vmetal.engine.runner.attention.reference` (the pure-MLX reference) and run a
-Metal kernel where MLX computes on Metal, the reference anywhere else (MLX's CPU or CUDA backends, or when
-switched off with `VMETAL_DISABLE_KERNELS=1`, or `use_kernel=False`).
+The functions here have the signatures of `vmetal.engine.runner.attention.reference` (the pure-MLX reference)
+plus `use_kernel`: the Metal kernel when True, the reference when False. Whether kernels run is decided once
+per engine (`use_kernels`, from `VLLM_METAL_KERNELS`), and per op by `kernel_choice`; the paged runner passes
+that decision down, so nothing is probed per layer or per step.
 
 What each kernel computes, and the reference and test it matches: `kernels/README.md`.
 
-Chosen automatically (`use_kernel=None`):
-- `paged_attention`: the kernel on Metal.
-- `reshape_and_cache`, `copy_blocks`: the reference, everywhere. MLX kernels write fresh output buffers, so a
-  cache-write kernel has to write the whole new pool each call, while the reference's MLX scatter writes only
-  the changed rows, in place (tests/unit/test_paged_attention.py::test_cache_writes_update_pools_in_place). The
-  kernels exist, are tested against the reference and can be asked for with `use_kernel=True`; make them
-  automatic only if a Mac measures them faster.
+Chosen when kernels are on (`AUTOMATIC`):
+- `paged_attention`: the kernel.
+- `reshape_and_cache`, `copy_blocks`: the reference. MLX kernels write fresh output buffers, so a cache-write
+  kernel has to write the whole new pool each call, while the reference's MLX scatter writes only the changed
+  rows, in place (tests/unit/test_paged_attention.py::test_cache_writes_update_pools_in_place). The kernels
+  exist, are tested against the reference and can be asked for with `use_kernel=True`; make them automatic
+  only if a Mac measures them faster.
 
 Each kernel's launch (inputs, template arguments, grid, output shapes) is built by a `plan_*` function of plain
 MLX ops, so the Python side can be tested, and the generated Metal source checked for syntax, off a Mac.
@@ -21,7 +22,6 @@ MLX ops, so the Python side can be tested, and the generated Metal source checke
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +31,6 @@ import mlx.core as mx
 
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.attention.reference import AttentionPlan, CacheWrites, IntsLike
-
-DISABLE_KERNELS = "VMETAL_DISABLE_KERNELS"
 
 SIMD_WIDTH = 32  # lanes per Apple GPU SIMD group; paged_attention.metal uses one SIMD group per threadgroup
 MAX_THREADGROUP = 256
@@ -57,7 +55,7 @@ KERNELS: dict[str, KernelSpec] = {
     "copy_blocks": KernelSpec("copy_blocks", ("k_pool", "v_pool", "block_src"), ("k_out", "v_out")),
 }
 
-# use_kernel=None: which ops run their kernel when kernels are on (see the module docstring for why).
+# Which ops run their kernel when kernels are on (see the module docstring for why).
 AUTOMATIC = {"paged_attention": True, "reshape_and_cache": False, "copy_blocks": False}
 
 
@@ -70,32 +68,26 @@ def metal_available() -> bool:
         return False
 
 
-def disabled_by_env(environ: dict[str, str] | None = None) -> bool:
-    """`VMETAL_DISABLE_KERNELS` set to a true value; booleans are parsed as everywhere in vmetal."""
-    from vmetal.envs import _parse_bool
+def use_kernels(setting: bool | None = None) -> bool:
+    """Whether the Metal kernels run, decided once per engine from `VLLM_METAL_KERNELS` (`MetalConfig.kernels`):
+    None (`auto`): where MLX computes on Metal (Metal available, the default device the GPU); False: never;
+    True: always, and an `EnvError` where they cannot run."""
+    from vmetal import envs
 
-    value = (os.environ if environ is None else environ).get(DISABLE_KERNELS)
-    return value is not None and _parse_bool(DISABLE_KERNELS, value)
-
-
-def use_kernels(enabled: bool | None = None) -> bool:
-    """Whether Metal kernels run. `None`: automatically, when MLX computes on Metal (the default device is
-    the GPU and Metal is available) and `VMETAL_DISABLE_KERNELS` is not set; `False`: never; `True`: always,
-    and an error where they cannot run."""
-    if enabled is False:
+    if setting is False:
         return False
-    disabled = enabled is None and disabled_by_env()  # parsed everywhere: a bad value is an error on any host
     on_metal = metal_available() and mx.default_device().type == mx.DeviceType.gpu
-    if enabled is None:
-        return on_metal and not disabled
-    if not on_metal:
-        raise RuntimeError("Metal kernels were asked for, but MLX is not computing on Metal "
-                           f"(metal available: {metal_available()}, default device: {mx.default_device()})")
-    return True
+    if setting is None or on_metal:
+        return on_metal
+    raise envs.EnvError(f"{envs.KERNELS}=1 asks for the Metal kernels, but MLX is not computing on Metal "
+                        f"(Metal available: {metal_available()}, default device: {mx.default_device()}); "
+                        f"set {envs.KERNELS}=auto or 0", variable=envs.KERNELS, value="1",
+                        allowed="`auto` or `0` without Metal")
 
 
-def _chosen(op: str, use_kernel: bool | None) -> bool:
-    return use_kernels(use_kernel) and (use_kernel is True or AUTOMATIC[op])
+def kernel_choice(on: bool) -> dict[str, bool]:
+    """Per op, whether its kernel runs, when kernels are `on` (`AUTOMATIC`)."""
+    return {op: on and automatic for op, automatic in AUTOMATIC.items()}
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -106,7 +98,7 @@ def kernels_dir() -> Path:
         if (candidate / "paged_attention.metal").is_file():
             return candidate
     raise FileNotFoundError(f"Metal kernel sources not found in {package / '_kernels'} or "
-                            f"{package.parent / 'kernels'}; reinstall vmetal, or set use_kernel=False")
+                            f"{package.parent / 'kernels'}; reinstall vmetal, or set VLLM_METAL_KERNELS=0")
 
 
 def kernel_source(name: str) -> str:
@@ -197,9 +189,9 @@ def plan_copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: Int
 # ------------------------------------------------------------------------------------------- entry points
 def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
                     context_lens: IntsLike, query_lens: IntsLike, scale: float, *,
-                    use_kernel: bool | None = None) -> mx.array:
-    """`reference.paged_attention`, as a Metal kernel where chosen."""
-    if not _chosen("paged_attention", use_kernel):
+                    use_kernel: bool = False) -> mx.array:
+    """`reference.paged_attention`, as a Metal kernel with `use_kernel`."""
+    if not use_kernel:
         return reference.paged_attention(queries, k_pool, v_pool, block_tables, context_lens, query_lens, scale)
     if queries.shape[0] == 0:
         return mx.zeros(queries.shape, dtype=queries.dtype)
@@ -208,29 +200,29 @@ def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block
 
 
 def reshape_and_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
-                      slot_mapping: IntsLike, *, use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
-    """`reference.reshape_and_cache`, as a Metal kernel where chosen."""
-    if not _chosen("reshape_and_cache", use_kernel) or keys.shape[0] == 0:
+                      slot_mapping: IntsLike, *, use_kernel: bool = False) -> tuple[mx.array, mx.array]:
+    """`reference.reshape_and_cache`, as a Metal kernel with `use_kernel`."""
+    if not use_kernel or keys.shape[0] == 0:
         return reference.reshape_and_cache(keys, values, k_pool, v_pool, slot_mapping)
     k_out, v_out = plan_reshape_and_cache(keys, values, k_pool, v_pool, slot_mapping).run("reshape_and_cache")
     return k_out, v_out
 
 
 def copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike, *,
-                use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
-    """`reference.copy_blocks`, as a Metal kernel where chosen."""
-    if not _chosen("copy_blocks", use_kernel) or len(src) == 0:
+                use_kernel: bool = False) -> tuple[mx.array, mx.array]:
+    """`reference.copy_blocks`, as a Metal kernel with `use_kernel`."""
+    if not use_kernel or len(src) == 0:
         return reference.copy_blocks(k_pool, v_pool, src, dst)
     k_out, v_out = plan_copy_blocks(k_pool, v_pool, src, dst).run("copy_blocks")
     return k_out, v_out
 
 
 def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float, *,
-           use_kernel: bool | None = None) -> mx.array:
-    """`paged_attention` over a step planned once (`reference.plan_attention`), as a Metal kernel where chosen.
+           use_kernel: bool = False) -> mx.array:
+    """`paged_attention` over a step planned once (`reference.plan_attention`), as a Metal kernel with `use_kernel`.
 
     The model runner calls this once per layer: the host work of a step is done once, in the plan."""
-    if not _chosen("paged_attention", use_kernel):
+    if not use_kernel:
         return reference.attend(queries, k_pool, v_pool, plan, scale)
     if queries.shape[0] == 0:
         return mx.zeros(queries.shape, dtype=queries.dtype)
@@ -245,8 +237,9 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
 
 
 def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array, writes: CacheWrites, *,
-                use_kernel: bool | None = None) -> tuple[mx.array, mx.array]:
-    """`reshape_and_cache` with its slot mapping planned once (`reference.plan_writes`), as a kernel where chosen."""
-    if not _chosen("reshape_and_cache", use_kernel) or keys.shape[0] == 0:
+                use_kernel: bool = False) -> tuple[mx.array, mx.array]:
+    """`reshape_and_cache` with its slot mapping planned once (`reference.plan_writes`), as a kernel with
+    `use_kernel`."""
+    if not use_kernel or keys.shape[0] == 0:
         return reference.write_cache(keys, values, k_pool, v_pool, writes)
     return reshape_and_cache(keys, values, k_pool, v_pool, writes.slot_mapping, use_kernel=use_kernel)

@@ -106,7 +106,7 @@ def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = 
     """
     import mlx.core as mx
 
-    from vmetal.engine.runner.kv.paged_cache import logits_of
+    from vmetal.engine.models import logits_of
 
     inputs = mx.array(tokens, dtype=mx.int32)[None]
     hidden = model.model(inputs, cache=cache)

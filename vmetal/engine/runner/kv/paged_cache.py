@@ -10,19 +10,19 @@ projections and MLPs run once over all T tokens with no padding.
 mlx-lm's attention modules call `cache.update_and_fetch` and then their module's
 `scaled_dot_product_attention`; `install_attention_hook` routes the latter to
 `PagedLayerCache.attention`, which attends each sequence's queries over its
-context gathered by block table (vmetal.engine.runner.attention.reference).
+context gathered by block table (`vmetal.engine.runner.attention`).
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from vmetal.engine.runner.attention import metal as pa  # Metal kernels where chosen, the pure-MLX reference elsewhere
-from vmetal.engine.runner.attention import reference as ref
+from vmetal.engine.runner.attention import metal, reference
 
 _HOOKED: set[str] = set()
 
@@ -45,16 +45,20 @@ class StepLayout:
         query lengths `[B]`."""
         import mlx.core as mx
 
-        return cls(mx.array(np.asarray(positions, dtype=np.int32)), ref.plan_writes(slot_mapping),
-                   ref.plan_attention(block_tables, context_lens, query_lens, block_size))
+        return cls(mx.array(np.asarray(positions, dtype=np.int32)), reference.plan_writes(slot_mapping),
+                   reference.plan_attention(block_tables, context_lens, query_lens, block_size))
 
 
 class PagedLayerCache:
-    """One layer's pools, speaking mlx-lm's cache protocol for a packed step."""
+    """One layer's pools, speaking mlx-lm's cache protocol for a packed step.
 
-    def __init__(self, k_pool: Any, v_pool: Any):
+    `kernels`: per op, whether its Metal kernel runs (`metal.kernel_choice`, decided once by the runner);
+    none by default (the pure-MLX reference)."""
+
+    def __init__(self, k_pool: Any, v_pool: Any, kernels: Mapping[str, bool] | None = None):
         self.k_pool = k_pool
         self.v_pool = v_pool
+        self.kernels = kernels or metal.kernel_choice(False)
         self.layout: StepLayout | None = None
         self.keep_kv = False  # keep the next step's keys and values in `kept_kv`
         self.kept_kv: tuple[Any, Any] | None = None
@@ -73,14 +77,14 @@ class PagedLayerCache:
         assert self.layout is not None
         if self.keep_kv:
             self.kept_kv = (keys[:, :, 0, :], values[:, :, 0, :])
-        self.k_pool, self.v_pool = pa.write_cache(
-            keys[:, :, 0, :], values[:, :, 0, :], self.k_pool, self.v_pool, self.layout.writes
-        )
+        self.k_pool, self.v_pool = metal.write_cache(keys[:, :, 0, :], values[:, :, 0, :], self.k_pool, self.v_pool,
+                                                     self.layout.writes, use_kernel=self.kernels["reshape_and_cache"])
         return keys, values
 
     def attention(self, queries: Any, scale: float) -> Any:
         """queries [T, heads, 1, head_dim] -> attention output of the same shape."""
-        out = pa.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention, scale)
+        out = metal.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention, scale,
+                           use_kernel=self.kernels["paged_attention"])
         return out[:, :, None, :]
 
     @property
@@ -107,10 +111,3 @@ def install_attention_hook(model: Any) -> None:
 
     module.scaled_dot_product_attention = scaled_dot_product_attention
     _HOOKED.add(module_name)
-
-
-def logits_of(model: Any, hidden: Any) -> Any:
-    """The LM head of an mlx-lm causal LM, applied to selected hidden states only."""
-    if getattr(model.args, "tie_word_embeddings", False):
-        return model.model.embed_tokens.as_linear(hidden)
-    return model.lm_head(hidden)

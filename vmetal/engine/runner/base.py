@@ -1,0 +1,306 @@
+"""What every model runner shares: vLLM's request bookkeeping, sampling, prompt logprobs, and the two-phase
+step protocol (`execute_model` then `sample_tokens`).
+
+Two-phase like vLLM's GPU runner: `execute_model` runs the forward and keeps the logits, `sample_tokens`
+samples them. The engine calls the two back to back, so vLLM's scheduler and output processing never wait on
+a half-built batch. A runner per KV path (`RUNNERS` in this package) supplies the forward and its KV: the
+subclass hooks below are the only places where paths differ.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+from vmetal.engine.runner.decode_ahead import DecodeAhead
+from vmetal.engine.runner.prompt_logprobs import PromptLogprobs
+from vmetal.engine.runner.sampling import MetalSampler, needs_torch_sampler
+
+logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
+
+
+class StepLogits(NamedTuple):
+    """What execute_model leaves for sample_tokens."""
+
+    logits: dict[str, Any]  # req_id -> last position's logits [V]
+    partial: set[str]  # requests whose prompt chunk does not reach the end: nothing to sample
+    so: Any  # the step's SchedulerOutput
+    prompt_logits: dict[str, Any]  # req_id -> [n, V] for each scheduled position (prompt logprobs)
+    # (row order, [B, V] logits, their argmax or None) when every scheduled request is a decode row
+    decode_only: Any = None
+
+
+class ModelRunnerBase:
+    """vLLM's SchedulerOutput in, ModelRunnerOutput out, for any forward and KV layout."""
+
+    backend = "MLX"
+    # Decode-ahead needs MLX's lazy, asynchronous evaluation.
+    decode_ahead_enabled = True
+
+    def __init__(self, vllm_config: Any, device: Any, metal_config: Any):
+        self.vllm_config = vllm_config
+        self.metal_config = metal_config
+        self.model_config = vllm_config.model_config
+        self.scheduler_config = vllm_config.scheduler_config
+        self.cache_config = vllm_config.cache_config
+        self.device = device  # torch device of the sampler: always CPU
+        self.max_num_reqs = self.scheduler_config.max_num_seqs
+        self.max_model_len = self.model_config.max_model_len
+        self.loaded = None
+        self.model = None
+        self.weights_bytes = 0
+        # req_id -> vLLM's CachedRequestState (prompt, outputs, params, generator)
+        self.requests: dict[str, Any] = {}
+        self.torch_reqs: set[str] = set()  # requests whose sampling needs vLLM's sampler
+        self.input_batch = None
+        self.sampler: MetalSampler | None = None
+        self.prompt_logprobs: PromptLogprobs | None = None
+        self.ahead = DecodeAhead()
+        self._pending: StepLogits | None = None  # execute_model -> sample_tokens
+
+    # ---------------------------------------------------------------- set-up
+    def load_model(self) -> None:
+        """Load the checkpoint with mlx-lm; `weights_bytes` is what it took of MLX's memory."""
+        import mlx.core as mx
+
+        from vmetal.engine import models
+
+        before = mx.get_active_memory()
+        self.loaded = models.load(self.model_config.model, revision=self.model_config.revision)
+        self.weights_bytes = mx.get_active_memory() - before
+        self.model = self.loaded.model
+        self._finish_loading(MetalSampler)
+
+    def _finish_loading(self, sampler_class: type[MetalSampler]) -> None:
+        from vllm.utils.math_utils import cdiv
+        from vllm.v1.sample.logits_processor import build_logitsprocs
+        from vllm.v1.worker.gpu_input_batch import InputBatch
+
+        block_size = self.cache_config.block_size
+        self.input_batch = InputBatch(
+            max_num_reqs=self.max_num_reqs,
+            max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens,
+            device=self.device,
+            vocab_size=self.model_config.get_vocab_size(),
+            block_sizes=[block_size],
+            max_num_blocks_per_req=[cdiv(self.max_model_len, block_size)],
+            logitsprocs=build_logitsprocs(self.vllm_config, self.device, False, False),
+        )
+        logprobs_mode = getattr(self.model_config, "logprobs_mode", "raw_logprobs")
+        self.sampler = sampler_class(str(getattr(logprobs_mode, "value", logprobs_mode)))
+        self.prompt_logprobs = PromptLogprobs(self.input_batch.vocab_size)
+
+    def describe_backend(self) -> str:
+        return f"MLX {self.metal_config.mlx_device or 'default device'}"
+
+    def warm_up(self) -> None:
+        """One tiny forward so the backend compiles its kernels before traffic (and vLLM profiles memory)."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- KV cache
+    def kv_bytes_per_token(self) -> int:
+        assert self.loaded is not None
+        return self.loaded.kv_bytes_per_token
+
+    def kv_cache_spec(self) -> dict[str, Any]:
+        """vLLM's view of the KV cache: one full-attention layer spec per layer."""
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        from vmetal.engine.runner.torch_dtypes import torch_dtype_of
+
+        loaded = self.loaded
+        spec = FullAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=loaded.num_kv_heads,
+                                 head_size=loaded.head_dim, dtype=torch_dtype_of(loaded.dtype))
+        return {f"model.layers.{i}.self_attn": spec for i in range(loaded.num_layers)}
+
+    @property
+    def kv_fraction(self) -> float:
+        """The share of device memory this path's KV budget starts from: vLLM's `gpu_memory_utilization`."""
+        return self.cache_config.gpu_memory_utilization
+
+    def kv_budget(self, device_bytes: int, activation_bytes: int) -> int:
+        """KV bytes vLLM may plan with.
+
+        The caches grow on demand, so what matters is that the scheduler never admits more tokens than memory
+        holds: `kv_fraction` of the device, less weights and the activation peak, and never more than
+        `max_num_seqs` full-length sequences (in whole blocks, plus the null block vLLM's pool keeps aside).
+        """
+        budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes
+        bs = self.cache_config.block_size
+        blocks = self.max_num_reqs * -(-self.max_model_len // bs) + 1
+        return max(0, min(budget, blocks * bs * self.kv_bytes_per_token()))
+
+    def initialize_kv(self, kv_cache_config: Any) -> None:
+        """Allocate what vLLM's block budget asks for; caches that grow per request need nothing."""
+
+    def ahead_counts(self) -> dict[str, int]:
+        """How all-decode steps used the decode-ahead (paged path; empty elsewhere)."""
+        return {}
+
+    # ------------------------------------------------------------ state sync
+    def _drop_kv(self, req_id: str) -> None:
+        """Forget a request's KV (finished, aborted, preempted or resumed from scratch)."""
+
+    def _update_states(self, so: Any) -> None:
+        ib = self.input_batch
+        self._forget(so)
+        scheduled = so.num_scheduled_tokens.keys()
+        resumed = so.scheduled_cached_reqs.resumed_req_ids
+        for req_id in ib.req_id_to_index.keys() - (scheduled - resumed):
+            ib.remove_request(req_id)
+        for state in self._add_new(so.scheduled_new_reqs) + self._update_cached(so.scheduled_cached_reqs):
+            ib.add_request(state)
+        ib.condense()
+        ib.refresh_metadata()
+
+    def _forget(self, so: Any) -> None:
+        for req_id in so.finished_req_ids:
+            self._drop_kv(req_id)
+            self.requests.pop(req_id, None)
+            self.torch_reqs.discard(req_id)
+            self.prompt_logprobs.discard(req_id)
+            self.input_batch.remove_request(req_id)
+        for req_id in so.preempted_req_ids or ():
+            # vLLM freed its blocks; it will be resumed from scratch (recompute).
+            self._drop_kv(req_id)
+
+    def _add_new(self, new_reqs: Any) -> list[Any]:
+        """vLLM's per-request state for requests scheduled for the first time."""
+        import torch
+        from vllm.sampling_params import SamplingType
+        from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+        added = []
+        for new in new_reqs:
+            params = new.sampling_params
+            generator = None
+            if params is not None and params.sampling_type == SamplingType.RANDOM_SEED:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed)
+            state = CachedRequestState(
+                req_id=new.req_id, prompt_token_ids=new.prompt_token_ids, prompt_embeds=None, mm_features=[],
+                sampling_params=params, generator=generator, block_ids=tuple(list(ids) for ids in new.block_ids),
+                num_computed_tokens=new.num_computed_tokens, output_token_ids=[], lora_request=None,
+            )
+            self.requests[new.req_id] = state
+            if needs_torch_sampler(params):
+                self.torch_reqs.add(new.req_id)
+            if params is not None:
+                self.prompt_logprobs.want(new.req_id, params.prompt_logprobs)
+            added.append(state)
+        return added
+
+    def _update_cached(self, cached: Any) -> list[Any]:
+        """Bring running and resumed requests up to date; those the input batch does not hold yet."""
+        ib = self.input_batch
+        missing = []
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.requests[req_id]
+            state.num_computed_tokens = cached.num_computed_tokens[i]
+            num_output = cached.num_output_tokens[i]
+            if num_output < len(state.output_token_ids):
+                del state.output_token_ids[num_output:]
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                self._drop_kv(req_id)
+                if new_blocks is not None:
+                    state.block_ids = tuple(list(ids) for ids in new_blocks)
+            elif new_blocks is not None:
+                for ids, more in zip(state.block_ids, new_blocks):
+                    ids.extend(more)
+            index = ib.req_id_to_index.get(req_id)
+            if index is None:
+                missing.append(state)
+            else:
+                ib.num_computed_tokens_cpu[index] = state.num_computed_tokens
+                ib.num_tokens_no_spec[index] = state.num_tokens
+        return missing
+
+    @staticmethod
+    def _tokens(state: Any, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output, without copying the whole sequence every step."""
+        prompt = state.prompt_token_ids
+        n = len(prompt)
+        if end <= n:
+            return list(prompt[start:end])
+        return list(prompt[start:n]) + state.output_token_ids[max(0, start - n) : end - n]
+
+    def _next_token(self, req_id: str) -> int:
+        """The token a decode step of `req_id` feeds: the one after those computed."""
+        state = self.requests[req_id]
+        return state.get_token_id(state.num_computed_tokens)
+
+    # ---------------------------------------------------------------- steps
+    def execute_model(self, so: Any) -> Any:
+        raise NotImplementedError
+
+    def _stack(self, rows: list[Any]) -> Any:
+        import mlx.core as mx
+
+        return mx.stack(rows)
+
+    def _ahead_forward(self, order: tuple[str, ...], tokens: Any) -> Any:
+        """[B, V] logits (lazy) of the decode step after this one, rows `order` fed `tokens`; None when it
+        cannot be built ahead."""
+        return None
+
+    def _on_sampled(self, req_id: str, state: Any, num_scheduled: int, got_token: bool) -> None:
+        """A request's step is done (`got_token`: it sampled one; else its prompt chunk was partial)."""
+
+    def _after_step(self) -> None:
+        """End of `sample_tokens`, after the decode-ahead (if any) was queued."""
+
+    def sample_tokens(self, grammar_output: Any = None) -> Any:
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+        if self._pending is None:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        step, self._pending = self._pending, None
+        ib = self.input_batch
+        req_ids = list(ib.req_ids)
+        tokens, logprobs, use_torch = self._sample(step, req_ids, grammar_output)
+        sampled: list[list[int]] = []
+        for i, req_id in enumerate(req_ids):
+            state = self.requests[req_id]
+            got_token = req_id not in step.partial
+            if got_token:
+                token = int(tokens[i])
+                state.output_token_ids.append(token)
+                end = state.num_tokens
+                ib.token_ids_cpu[i, end - 1] = token
+                ib.num_tokens_no_spec[i] = end
+                sampled.append([token])
+            else:
+                sampled.append([])
+            self._on_sampled(req_id, state, step.so.num_scheduled_tokens[req_id], got_token)
+        prompt_logprobs = self.prompt_logprobs.collect(self.requests, self.sampler, step.prompt_logits,
+                                                       step.so.num_scheduled_tokens)
+        self._after_step()
+        return ModelRunnerOutput(req_ids=req_ids, req_id_to_index=dict(ib.req_id_to_index),
+                                 sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs)
+
+    def _sample(self, step: StepLogits, req_ids: list[str], grammar_output: Any) -> tuple[list[int], Any, bool]:
+        """(a token per row of `req_ids`, vLLM's logprobs or None, whether vLLM's sampler ran)."""
+        grammar = None
+        if grammar_output is not None:
+            # Structured output: vLLM's grammar bitmask, applied by vLLM's own function to the CPU torch
+            # logits right before its sampler.
+            def grammar(torch_logits: Any) -> None:
+                from vllm.v1.structured_output.utils import apply_grammar_bitmask
+
+                apply_grammar_bitmask(step.so, grammar_output, self.input_batch, torch_logits)
+        use_torch = grammar is not None or any(r in self.torch_reqs for r in req_ids)
+        if step.decode_only is not None and not use_torch and self.decode_ahead_enabled:
+            order, batch_logits, greedy = step.decode_only
+            return self.ahead.argmax_feeding_next(order, batch_logits, greedy, self._ahead_forward, req_ids), \
+                None, False
+        # The sampler draws for a partial prompt chunk's row too; a seeded request gets its generator back
+        # as it was, so it samples the same with or without chunked prefill.
+        seeded = {r: self.requests[r].generator for r in step.partial if self.requests[r].generator is not None}
+        saved = {r: g.get_state() for r, g in seeded.items()} if use_torch else {}
+        tokens, logprobs = self.sampler.sample(self._stack([step.logits[r] for r in req_ids]), self.input_batch,
+                                               use_torch, grammar)
+        for r, state in saved.items():
+            seeded[r].set_state(state)
+        return tokens, logprobs, use_torch

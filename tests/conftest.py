@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny random-weight models built on the spot, isolated user dirs."""
+"""Shared fixtures: tiny random-weight models built on the spot, and user directories kept away from the real
+home.
+
+Every test module runs with HOME, VMETAL_HOME, HF_HOME, MODELSCOPE_CACHE and XDG_CACHE_HOME in a temporary
+folder of its own (servers a module starts inherit them), and HF_HUB_OFFLINE=1 unless a test opts in to a
+local hub (tests/support/hub_fixtures.py). After each test, anything new under the real home's vmetal,
+Hugging Face or ModelScope caches (or at the top of the real home) fails that test, naming the paths.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,55 @@ import pytest
 # The plugin activates only when asked on non-Apple hosts; every test process
 # (and the engine processes vLLM spawns from it) should see it active.
 os.environ.setdefault("VMETAL_ENABLE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches a real hub; local hubs turn this off for their tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.support.hub_fixtures"]
+pytest_plugins = ["tests.support.hub_fixtures", "tests.support.servers"]
+
+REAL_HOME = Path.home()
+# Where user state would land if a test escaped its temporary home.
+WATCHED = [REAL_HOME / ".cache" / name for name in ("vmetal", "huggingface", "modelscope")]
+USER_DIRS = {"HOME": "", "XDG_CACHE_HOME": ".cache", "VMETAL_HOME": ".cache/vmetal",
+             "HF_HOME": ".cache/huggingface", "MODELSCOPE_CACHE": ".cache/modelscope"}
+
+
+def _real_home_state() -> set[str]:
+    seen = {p.name for p in REAL_HOME.iterdir()} if REAL_HOME.is_dir() else set()
+    for root in WATCHED:
+        if root.is_dir():
+            seen |= {str(p) for p in root.rglob("*")}
+    return seen
+
+
+@pytest.fixture(scope="module", autouse=True)
+def user_dirs(tmp_path_factory) -> Path:
+    """This module's home; module-scoped so that the servers a module shares start inside it too."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in USER_DIRS.items():
+            mp.setenv(var, str(home / sub))
+        yield home
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_to_the_real_home(request):
+    before = _real_home_state()
+    yield
+    new = sorted(_real_home_state() - before)
+    if new:
+        pytest.fail(f"{request.node.nodeid} wrote under the real home {REAL_HOME}: {', '.join(new[:5])}",
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_env_config():
+    """`envs.get_config` caches the process's config; a test that changes the environment must not leave
+    its config behind for the next one (or find the previous one's)."""
+    from vmetal import envs
+
+    envs.get_config.cache_clear()
+    yield
+    envs.get_config.cache_clear()
 
 
 @pytest.fixture(scope="session")

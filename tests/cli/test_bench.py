@@ -1,9 +1,8 @@
 """`vmetal bench online|offline`: the numbers a user gets, and one clear error for each bad input.
 
-One real server (`ServerProcess`, the tiny random qwen3 model) serves every online test of this module. It is
-started before the offline test and left to come up while that test runs its own engine, so the two start-ups
-overlap; the online tests wait for it. Everything else (bad datasets, an unreachable `--url`, flag errors,
-CSV and plot files) needs no server and no engine.
+The online tests run against the session's shared server of the tiny random qwen3 model
+(tests/support/servers.py). Everything else (bad datasets, an unreachable `--url`, flag errors, CSV and plot
+files) needs no server and no engine.
 """
 
 from __future__ import annotations
@@ -15,12 +14,12 @@ import math
 import pytest
 from typer.testing import CliRunner
 
+from tests.support.servers import SERVED
 from vmetal.bench import dataset as ds
 from vmetal.bench import report as rep
 from vmetal.cli.app import app
-from vmetal.server.process import ServerProcess, free_port
+from vmetal.server.process import free_port
 
-SERVED = "tiny"
 runner = CliRunner()
 
 
@@ -157,16 +156,9 @@ def test_compare_table_and_csv_show_ratios(tmp_path):
 # ------------------------------------------------------------------------------------------- engine
 
 @pytest.fixture(scope="module")
-def server(qwen3_model, tmp_path_factory):
-    """Started, not yet waited for: the first test that needs it answering waits (see `url`)."""
-    log = tmp_path_factory.mktemp("bench-server") / "server.log"
-    proc = ServerProcess(str(qwen3_model), port=free_port(), served_model_name=SERVED, echo=False,
-                         log_path=log, vllm_args=["--max-model-len", "512", "--max-num-seqs", "8"])
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
+def server(default_server):
+    """The session's shared server (tests/support/servers.py)."""
+    return default_server
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ import httpx
 import jsonschema
 import pytest
 
-from vmetal.server.process import STRUCTURED_OUTPUTS_CONFIG, ServerProcess, free_port
+from vmetal.server.process import STRUCTURED_OUTPUTS_CONFIG
 
 pytestmark = pytest.mark.slow
 
-MODEL = "tiny"
-MAX_MODEL_LEN = 512
+from tests.support.servers import SERVED as MODEL
+
 CHAT = [{"role": "user", "content": "Describe a person as JSON."}]
 
 # Nested objects, enums, arrays and required fields; every value bounded, so a random model ends in time.
@@ -54,13 +54,9 @@ GRAMMAR_RE = r"SELECT (id|name|age) FROM (users|orders)"
 
 
 @pytest.fixture(scope="module")
-def server(qwen3_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("so-server") / "server.log"
-    proc = ServerProcess(str(qwen3_model), host="127.0.0.1", port=free_port(), served_model_name=MODEL,
-                         vllm_args=["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8"],
-                         echo=False, log_path=log)
-    with proc:
-        yield proc
+def server(default_server):
+    """The session's shared server (tests/support/servers.py), started as `vmetal serve` starts one."""
+    return default_server
 
 
 @pytest.fixture(scope="module")

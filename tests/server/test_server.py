@@ -14,27 +14,20 @@ import httpx
 import pytest
 
 from tests.support.engine import mlx_greedy
-from vmetal.server.process import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
-MODEL = "tiny"
-MAX_MODEL_LEN = 256
-MAX_NUM_SEQS = 16
+from tests.support.servers import MAX_MODEL_LEN, MAX_NUM_SEQS
+from tests.support.servers import SERVED as MODEL
+
 PROMPT = "The quick brown fox"
 CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 
 
 @pytest.fixture(scope="module")
-def server(qwen3_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(str(qwen3_model), host="127.0.0.1", port=free_port(), served_model_name=MODEL,
-                         vllm_args=["--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS)],
-                         echo=False, log_path=log)
-    with proc:
-        yield proc
-    # Every test ran against a live server, and it stopped cleanly: no leftover process of its group.
-    assert not proc._group_alive()
+def server(default_server):
+    """The session's shared server (tests/support/servers.py), which also checks that it stops cleanly."""
+    return default_server
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +232,7 @@ def error_of(response: httpx.Response) -> str:
 
 
 # Requests vLLM itself refuses before they reach the engine.
-LONG_PROMPT = "hello world " * 200
+LONG_PROMPT = "hello world " * MAX_MODEL_LEN  # longer than the context: each repetition is two tokens or more
 VLLM_REFUSED = {
     "over-long prompt": ("/completions", {"prompt": LONG_PROMPT}, 400, [str(MAX_MODEL_LEN), "length"]),
     "max_tokens -1": ("/completions", {"max_tokens": -1}, 400, ["max_tokens"]),

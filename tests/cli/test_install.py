@@ -412,7 +412,6 @@ main()
 @pytest.mark.parametrize(("sig", "whom", "code"), [("INT", "group", 42), ("TERM", "parent", 43)])
 def test_ctrl_c_and_term_wait_for_install_sh_to_roll_back(tmp_path, sig, whom, code):
     import signal
-    import time
 
     script = tmp_path / "install.sh"
     script.write_text(FAKE_INSTALL.format(sig=sig).replace("$1", sig).replace("$2", str(code)))
@@ -421,7 +420,7 @@ def test_ctrl_c_and_term_wait_for_install_sh_to_roll_back(tmp_path, sig, whom, c
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "started\n"
-        time.sleep(0.2)
+        # No sleep: vmetal's handlers were in place before install.sh started, which printed `started`.
         signum = getattr(signal, f"SIG{sig}")
         if whom == "group":  # a terminal's Ctrl-C reaches the whole foreground group
             os.killpg(proc.pid, signum)
@@ -433,3 +432,90 @@ def test_ctrl_c_and_term_wait_for_install_sh_to_roll_back(tmp_path, sig, whom, c
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == code, err
     assert out == f"rolled back after {sig}\n"
+
+
+# A venv-changing install.sh in miniature: it copies the venv aside before changing it, and its trap puts the
+# copy back, so at no point can a signal lose the previous venv, whatever it interrupts.
+FAKE_REBUILD = """
+V=$1
+ROLLBACK=""
+undo() {
+  trap '' INT TERM HUP
+  if [ -n "$ROLLBACK" ]; then rm -rf "$V"; mv "$V.old" "$V"; echo "rolled back"; fi
+  exit 42
+}
+trap undo INT TERM HUP
+cp -R "$V" "$V.old"
+ROLLBACK=1
+echo new > "$V/version"
+echo started
+while :; do sleep 0.05; done
+"""
+
+# vmetal install with the signal sent by the process itself at a chosen point around install.sh's start.
+RUN_SIGNALLED = """
+import os, signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal
+from pathlib import Path
+from vmetal.cli import install
+script, venv, when, sig, whom = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+signum = getattr(signal, "SIG" + sig)
+real_popen = subprocess.Popen
+
+
+def send():
+    if whom == "group":  # a terminal's Ctrl-C: vmetal and install.sh (once it exists) alike
+        os.killpg(0, signum)
+    else:
+        os.kill(os.getpid(), signum)
+
+
+def popen(cmd, **kwargs):
+    if when == "before":
+        send()
+    child = real_popen([*cmd, venv], **kwargs)
+    if when == "after":
+        send()
+    return child
+
+
+install.find_install_script = lambda: script
+install.subprocess.Popen = popen
+sys.argv = ["vmetal", "install"]
+from vmetal.cli.app import main
+main()
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize(("sig", "whom"), [("INT", "group"), ("TERM", "parent"), ("HUP", "parent")])
+def test_a_signal_as_install_sh_starts_never_loses_the_previous_venv(tmp_path, when, sig, whom):
+    """The signal handlers are installed before install.sh starts (they were installed after, and a Ctrl-C in
+    that window skipped the rollback). Sent just before install.sh starts: it never runs, and vmetal exits
+    128+N. Sent just after: it reaches install.sh (from the terminal, or handed on by vmetal), which stops
+    and rolls back (42) or dies before changing anything; vmetal waits and exits with its code. Either way
+    the previous venv is there, unchanged, and no process is left."""
+    import signal
+
+    script = tmp_path / "install.sh"
+    script.write_text(FAKE_REBUILD)
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / "version").write_text("old\n")
+    proc = subprocess.Popen([sys.executable, "-c", RUN_SIGNALLED, str(script), str(venv), when, sig, whom],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    out = err = ""
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"processes of vmetal install were left running: {err or 'no output'}")
+    signum = getattr(signal, f"SIG{sig}")
+    if when == "before":
+        assert (proc.returncode, out) == (128 + signum, ""), err
+    else:
+        assert proc.returncode in (42, 128 + signum), err
+        assert "started" not in out or "rolled back" in out
+    assert (venv / "version").read_text() == "old\n"

@@ -106,8 +106,10 @@ def run_script(script: Path, args: list[str]) -> int:
 
     Where stdout and stderr are real files (a terminal, a pipe) the child writes to them directly, so it
     sees the terminal as a terminal; otherwise (inside `CliRunner`, say) its output is copied line by line.
-    Ctrl-C reaches install.sh from the terminal, and it rolls back before exiting: this process ignores
-    SIGINT meanwhile and waits, and hands SIGTERM/SIGHUP on to it, so the rollback is never cut short.
+    Ctrl-C reaches install.sh from the terminal, and it rolls back before exiting: this process waits for it
+    and hands SIGTERM/SIGHUP on to it, so the rollback is never cut short. The handlers are in place before
+    install.sh starts: a signal that arrives before it starts stops the install with nothing to undo, one
+    that arrives while it starts is handed on once it has (install.sh ignores a repeat during its rollback).
     """
     bash = shutil.which("bash")
     if bash is None:
@@ -117,31 +119,41 @@ def run_script(script: Path, args: list[str]) -> int:
     direct = out is not None and err is not None
     sys.stdout.flush()
     sys.stderr.flush()
-    try:
-        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
-                                 stdout=out if direct else subprocess.PIPE,
-                                 stderr=err if direct else subprocess.PIPE)
-    except OSError as exc:
-        raise VmetalError(f"cannot run `{script}`: {exc}") from None
 
-    pumps = []
-    if not direct:
-        assert child.stdout is not None and child.stderr is not None
-        pumps = [threading.Thread(target=_pump, args=(child.stdout, sys.stdout), daemon=True),
-                 threading.Thread(target=_pump, args=(child.stderr, sys.stderr), daemon=True)]
-        for pump in pumps:
-            pump.start()
+    started: list[subprocess.Popen] = []  # the child, once it exists
+    early: list[int] = []  # signals that came before the child was known
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not started:
+            early.append(signum)
+        elif signum != signal.SIGINT and started[0].poll() is None:
+            started[0].send_signal(signum)
+        # SIGINT: a terminal's Ctrl-C reaches install.sh too (our process group); it rolls back, we wait.
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        def forward(signum: int, frame: object) -> None:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, forward)
+        # A Python handler, not SIG_IGN: the child must not inherit an ignored SIGINT (bash could not trap it),
+        # and exec resets handlers to the default.
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        if early:
+            return 128 + early[0]  # stopped before install.sh ran: nothing to roll back
+        try:
+            started.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                            stdout=out if direct else subprocess.PIPE,
+                                            stderr=err if direct else subprocess.PIPE))
+        except OSError as exc:
+            raise VmetalError(f"cannot run `{script}`: {exc}") from None
+        child = started[0]
+        if early:
+            child.send_signal(early[0])
+        pumps = []
+        if not direct:
+            assert child.stdout is not None and child.stderr is not None
+            pumps = [threading.Thread(target=_pump, args=(child.stdout, sys.stdout), daemon=True),
+                     threading.Thread(target=_pump, args=(child.stderr, sys.stderr), daemon=True)]
+            for pump in pumps:
+                pump.start()
         code = child.wait()
         for pump in pumps:
             pump.join()

@@ -29,16 +29,32 @@ def secret_values(environ: Mapping[str, str] | None = None, extra: Iterable[str]
     """The strings to mask, longest first (so a secret that contains another is masked whole)."""
     env = os.environ if environ is None else environ
     # Short or boolean values are switches, not secrets, and masking them would garble the output.
-    values = {part for k, v in env.items() if is_secret_name(k)
+    # Stripped: a value read from a CRLF `.env` file or pasted with spaces is printed without them.
+    values = {part.strip() for k, v in env.items() if is_secret_name(k)
               for part in v.split("\n") if len(part.strip()) >= 4 and part.strip().lower() not in _NOT_SECRETS}
-    values.update(s for s in extra if s and len(s) >= 4)
-    # Credentials inside URLs (HF_ENDPOINT, HTTPS_PROXY, …): the password, and the user:password pair.
+    values.update(s.strip() for s in extra if s and len(s.strip()) >= 4)
+    # Credentials inside URLs (HF_ENDPOINT, HTTPS_PROXY, …): the user:password pair and the password, or a
+    # token given as the user alone (`https://TOKEN@host`).
     for value in env.values():
-        if "://" in value and "@" in value:
-            userinfo = value.split("://", 1)[1].split("@", 1)[0]
-            if ":" in userinfo and "/" not in userinfo:
-                values.update(p for p in (userinfo, userinfo.split(":", 1)[1]) if len(p) >= 4)
+        userinfo = _userinfo(value.strip())
+        if userinfo:
+            values.update(p for p in (userinfo, userinfo.split(":", 1)[-1]) if len(p) >= 4)
     return sorted(values, key=len, reverse=True)
+
+
+def _authority_end(rest: str) -> int:
+    """Where a URL's authority (after `scheme://`) ends: at the first `/`, `?` or `#`."""
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    return min(ends, default=len(rest))
+
+
+def _userinfo(url: str) -> str | None:
+    """The userinfo of `url` (what comes before the host's `@`), or None."""
+    if "://" not in url:
+        return None
+    rest = url.split("://", 1)[1]
+    authority = rest[: _authority_end(rest)]
+    return authority.rsplit("@", 1)[0] if "@" in authority else None
 
 
 def mask(text: str, secrets: Iterable[str]) -> str:
@@ -51,10 +67,8 @@ def mask(text: str, secrets: Iterable[str]) -> str:
 
 
 def url_without_credentials(url: str) -> str:
-    if "://" not in url or "@" not in url:
+    if _userinfo(url) is None:
         return url
     scheme, rest = url.split("://", 1)
-    netloc, slash, path = rest.partition("/")
-    if "@" not in netloc:
-        return url
-    return f"{scheme}://{MASK}@{netloc.rsplit('@', 1)[1]}{slash}{path}"
+    end = _authority_end(rest)
+    return f"{scheme}://{MASK}@{rest[:end].rsplit('@', 1)[1]}{rest[end:]}"

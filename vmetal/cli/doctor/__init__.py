@@ -147,7 +147,7 @@ def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeou
     # Called through their modules, so that a test replacing e.g. `plugin.start_vllm_probe` is heard.
     from vmetal.cli.doctor import hub, machine, packages, plugin, serving
     from vmetal.cli.doctor.remote_code import check_remote_code
-    from vmetal.preflight import host as system
+    from vmetal.preflight import host as machine_facts  # not `host`: that is the address to check
 
     # Slowest first: vLLM's import takes seconds; everything else overlaps with it.
     probe_started = time.monotonic()
@@ -158,8 +158,8 @@ def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeou
     hf = _Task(lambda: hub.check_hub_huggingface(environ), "hub_huggingface")
     ms = _Task(lambda: hub.check_hub_modelscope(environ), "hub_modelscope")
 
-    facts = system.host_facts()
-    devices = system.mlx_devices()
+    facts = machine_facts.host_facts()
+    devices = machine_facts.mlx_devices()
     local: list[Check] = []
     for id, fn in (("host", lambda: machine.check_host(facts)),
                    ("python_arch", lambda: machine.check_python_arch(facts)),

@@ -9,6 +9,7 @@ allocated once, from `VLLM_METAL_MEMORY_FRACTION` of the device (`kv_budget`, `i
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from vmetal import envs
+from vmetal.engine.models import logits_of
 from vmetal.engine.runner.attention import metal as attention
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
-from vmetal.engine.models import logits_of
 from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout, install_attention_hook
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -100,15 +101,17 @@ class PagedModelRunner(ModelRunnerBase):
         need = self.max_model_len * per_token
         if budget >= need:
             return
-        fraction_needed = (self.weights_bytes + activation_bytes + need) / total
+        # Rounded up: a fraction shown rounded to nearest (0.524 as 0.52) would be refused again.
+        fraction_needed = math.ceil((self.weights_bytes + activation_bytes + need) / total * 100) / 100
         fits_tokens = max(0, budget) // per_token
-        hint = (f"set VLLM_METAL_MEMORY_FRACTION to at least {fraction_needed:.2f}"
-                if fraction_needed <= 1 else "use a smaller or quantized model")
+        hints = [f"set VLLM_METAL_MEMORY_FRACTION to at least {fraction_needed:.2f}" if fraction_needed <= 1
+                 else "use a smaller or quantized model"]
+        if fits_tokens:
+            hints.append(f"lower --max-model-len to {fits_tokens} or less")
         raise envs.EnvError(
-            f"the paged KV cache gets {max(0, budget) / 2**20:.0f} MiB "
-            f"(VLLM_METAL_MEMORY_FRACTION={self.metal_config.memory_fraction}), but one "
-            f"{self.max_model_len}-token sequence needs {need / 2**20:.0f} MiB; "
-            f"{hint}, or lower --max-model-len to {fits_tokens} or less",
+            f"the paged KV cache gets {_mib(max(0, budget))} (VLLM_METAL_MEMORY_FRACTION="
+            f"{self.metal_config.memory_fraction}), but one {self.max_model_len}-token sequence needs "
+            f"{_mib(need)}; {', or '.join(hints)}",
             variable=envs.MEMORY_FRACTION, value=str(self.metal_config.memory_fraction),
             allowed=f">= {fraction_needed:.2f}",
         )
@@ -283,6 +286,11 @@ class PagedModelRunner(ModelRunnerBase):
             # The pools are part of this step's graph; evaluate them with it so the next step starts from
             # materialised arrays, not a growing lazy graph. (A decode-ahead's async_eval covers them.)
             mx.eval([(c.k_pool, c.v_pool) for c in self.layers])
+
+
+def _mib(n: int) -> str:
+    # One decimal below 10 MiB: whole MiB would read "gets 1 MiB ... needs 1 MiB" for a small budget.
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MiB"
 
 
 def _padded(tables: list[Any]) -> np.ndarray:

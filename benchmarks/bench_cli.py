@@ -18,6 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section  # noqa: E402
 
+from vmetal.bench.machine import machine_info  # noqa: E402
+
 TARGET_S = 0.3
 
 
@@ -49,9 +51,7 @@ def main() -> None:
         med = statistics.median(t)
         rows.append(f"| {name} | {med:.3f} | {min(t):.3f} | {max(t):.3f} | "
                     f"{'yes' if med < TARGET_S else 'no'} |")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
+    cpu = machine_info()["cpu"]
     text = "\n".join([
         "## CLI start-up",
         "",

@@ -26,21 +26,16 @@ import sys
 import time
 from pathlib import Path
 
-from bench_engine import (
-    SHAPE,
-    CpuWatch,
-    _env_setup,
-    _summary,
-    build_model,
-    engine_run,
-    machine_info,
-    make_prompts,
-    quiet_wait,
-    versions,
-)
 from results_md import publish
 
-BACKENDS = {"mlx": "1", "torch": "0"}  # VLLM_METAL_USE_MLX
+from vmetal.bench.contention import CpuWatch, quiet_wait
+from vmetal.bench.inprocess import engine_run, make_prompts, prepare_environ, summary
+from vmetal.bench.machine import machine_info, versions
+from vmetal.bench.online import BACKEND_ENV
+from vmetal.bench.shapes import DEFAULT_SHAPE, SHAPES, build_model
+
+BACKENDS = ("mlx", "torch")  # `vmetal bench`'s backends of those names: VLLM_METAL_USE_MLX=1 and =0
+SHAPE = SHAPES[DEFAULT_SHAPE]
 TARGET = 1.5  # issue 6: MLX >= 1.5x the PyTorch path
 
 
@@ -57,9 +52,9 @@ def run_trials(model_dir: Path, args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     prompts = make_prompts(tokenizer, args.concurrency, args.prompt_len)
     engines = {}
-    for name, flag in BACKENDS.items():
+    for name in BACKENDS:
         # Read by the engine process vLLM spawns for this LLM; the other engine keeps its own.
-        os.environ["VLLM_METAL_USE_MLX"] = flag
+        os.environ.update(BACKEND_ENV[name])
         engines[name] = LLM(model=str(model_dir), max_model_len=args.prompt_len + args.max_tokens + 16,
                             max_num_seqs=args.concurrency, seed=0)
     watch = CpuWatch()
@@ -152,21 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.trials, args.max_tokens = 2, 32
-    _env_setup()
+    prepare_environ()
     t0 = time.time()
     model_dir = build_model(args.model_dir, args.dtype)
     runs = run_trials(model_dir, args)
-    summary = {name: {"single": _summary(runs[name]["single"]), "batch": _summary(runs[name]["batch"])}
-               for name in BACKENDS}
+    totals = {name: {"single": summary(runs[name]["single"]), "batch": summary(runs[name]["batch"])}
+              for name in BACKENDS}
     for key in ("single", "batch"):
-        summary[f"ratio_{key}"] = _summary([m / t for m, t in zip(runs["mlx"][key], runs["torch"][key])])
+        totals[f"ratio_{key}"] = summary([m / t for m, t in zip(runs["mlx"][key], runs["torch"][key])])
     result = {
         "when": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "seconds": time.time() - t0,
         "command": "python benchmarks/bench_compute.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(), "versions": versions(), "torch_threads": torch_threads(),
         "dtype": args.dtype, "max_tokens": args.max_tokens, "prompt_len": args.prompt_len,
-        "concurrency": args.concurrency, "trials": args.trials, "runs": runs, "summary": summary,
+        "concurrency": args.concurrency, "trials": args.trials, "runs": runs, "summary": totals,
         "same_tokens": runs["mlx"]["tokens"] == runs["torch"]["tokens"],
     }
     section = render(result)

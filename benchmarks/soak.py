@@ -2,7 +2,7 @@
 
 One `vllm serve` process with the vmetal plugin (`vmetal.server.process.ServerProcess`) serves a tiny random-weight
 Qwen3 (`vmetal.demo.build_tiny_model`). The load is a bounded loop of `--requests` requests at
-`--concurrency`, cycling through every (endpoint, prompt, max_tokens) combination of tests/support/loadclient.py,
+`--concurrency`, cycling through every (endpoint, prompt, max_tokens) combination of vmetal/bench/load.py,
 streamed and not; one request in `--abandon-every` is a client that closes its stream after a few events.
 Every answer that is read to the end must equal the combination's sequential answer (asked alone before
 the load), token ids and text.
@@ -30,10 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the shared load client
+import httpx
 
-import httpx  # noqa: E402
-from loadclient import KINDS, PROMPTS, group_rss, metrics, request_body, send  # noqa: E402
+from vmetal.bench.load import KINDS, PROMPTS, group_rss, metrics, request_body, send
 
 MODEL = "tiny"
 LENGTHS = (1, 7, 24)

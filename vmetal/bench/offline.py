@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vmetal.bench.compare import against
+
 TRIAL_KEYS = ("prefill_tps", "decode_tps", "ttft_ms")
 
 
@@ -152,18 +154,15 @@ def run_backends(backends: list[str], model_dir: str, results: Any, *, prompt_le
 
 def ratios(runs: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
     """Each other backend against `baseline`: tok/s theirs/baseline, peak memory baseline/theirs."""
-    base = next((r for r in runs if r["backend"] == baseline), None)
-    out = []
-    for r in runs:
-        if base is None or r is base:
-            continue
-        row: dict[str, Any] = {"backend": r["backend"], "baseline": baseline}
-        for key in ("prefill_tps", "decode_tps"):
-            row[key] = r[key]["mean"] / base[key]["mean"] if r[key] and base[key] and base[key]["mean"] else None
-        peak, base_peak = r.get("peak_memory_bytes"), base.get("peak_memory_bytes")
-        row["peak_memory_bytes"] = base_peak / peak if peak and base_peak else None  # less is better
-        out.append(row)
-    return out
+    return against(runs, baseline, higher=("prefill_tps", "decode_tps"), lower=("peak_memory_bytes",),
+                   value=_mean_or_measured)
+
+
+def _mean_or_measured(row: dict[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    if isinstance(value, dict):  # a metric's summary over the trials
+        return value.get("mean")
+    return value or None  # a peak of 0 bytes was not measured
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

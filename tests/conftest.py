@@ -85,3 +85,15 @@ def llama_model(models_dir) -> Path:
     from vmetal.demo import build_tiny_model
 
     return build_tiny_model(models_dir / "llama", "llama", hidden_size=64, num_layers=2, seed=1)
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """The order this run used (pyproject's addopts shuffles by module); `-q` hides pytest's header line."""
+    try:
+        from random_order.config import Config
+    except ImportError:  # the test extras are not installed: pytest's own order
+        return
+    order = Config(config)
+    if order.is_enabled:
+        terminalreporter.write_line(f"test order: --random-order-bucket={order.bucket_type} "
+                                    f"--random-order-seed={order.seed} (pass both to run this order again)")

@@ -126,8 +126,10 @@ def test_json_schema_and_exit_0_here(real_probe):
     env = checks["env"]["details"]
     assert [v["name"] for v in env["variables"]] == [v.name for v in envs.VARIABLES]
     assert {v["source"] for v in env["variables"]} == {"default"}
-    # The 5 s target holds on an idle 2-core box (see the module docstring); a shared, loaded one gets slack.
-    assert took < 20, took
+    # Not a speed test (how fast doctor answers is benchmarks/bench_cli.py's): the checks run beside the vLLM
+    # probe, so doctor ends within the probe's own timeout and the rest of its checks, with room for a
+    # loaded shared host. Longer means something waited in series or hung.
+    assert took < doctor.PROBE_TIMEOUT_S + 40, took
 
 
 def test_human_output_has_a_fix_for_every_problem_and_a_bug_report():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import pytest
 
@@ -13,7 +12,6 @@ from tests.support.engine import (
     assert_joining_requests_like_mlx,
     greedy,
     metric,
-    mlx_greedy,
     running_llm,
 )
 

@@ -34,7 +34,8 @@ def test_eight_concurrent_requests_match_mlx_lm(paged, qwen3_model):
 
 
 def ahead_counts(llm) -> dict:
-    return llm.collective_rpc("decode_ahead_counts")[0]
+    counts = llm.collective_rpc("step_counts")[0]
+    return {k.removeprefix("ahead_"): v for k, v in counts.items() if k.startswith("ahead_")}
 
 
 def test_decode_steps_run_ahead_across_block_boundaries(paged, qwen3_model):
@@ -64,11 +65,12 @@ def test_freed_memory_kept_for_reuse_is_capped(paged):
 
 
 def test_prefix_cache_is_hit_and_output_stays_exact(paged, qwen3_model):
+    """The second prompt's shared blocks come from vLLM's prefix cache (counted per request: the Prometheus
+    counters of this engine are unregistered once another LLM starts in the process, as a test's may)."""
     shared = " ".join(PROMPTS)  # several blocks long
     first = paged.generate([shared + " first"], greedy(8), use_tqdm=False)[0]
-    hits_before = metric(paged, "vllm:prefix_cache_hits")
     second = paged.generate([shared + " second one"], greedy(8), use_tqdm=False)[0]
-    assert metric(paged, "vllm:prefix_cache_hits") - hits_before >= 16
+    assert second.num_cached_tokens >= 16, second.num_cached_tokens
     assert_greedy_like_mlx(qwen3_model, (first, second), 8)
 
 

@@ -60,11 +60,8 @@ def server(default_server):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    from openai import OpenAI
-
-    with OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120) as c:
-        yield c
+def client(default_client):
+    return default_client
 
 
 def chat(client, **kw):

@@ -9,12 +9,13 @@ sequential: each (endpoint, prompt, max_tokens) combination is asked once, alone
   their stream, while other requests run beside them: the engine aborts the ones that left (the tokens it
   generated in all), its KV cache usage and running/waiting gauges return to their idle values, and the requests
   beside them get exactly their sequential answers.
-- Last, SIGTERM to `vmetal serve` with 24 requests streaming: each ends whole or visibly cut short, the
+- SIGTERM to `vmetal serve` (a server of its own) with 24 requests streaming: each ends whole or visibly cut short, the
   process exits 0, nothing it started is left, the port is free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -51,10 +52,10 @@ class Served(VmetalServe):
         return self.lines
 
 
-@pytest.fixture(scope="module")
-def server(qwen3_model):
-    """`vmetal serve` as a user runs it (`--max-num-seqs 64`); the module's last test SIGTERMs it."""
-    served = Served(qwen3_model, free_port())
+@contextlib.contextmanager
+def serving(model):
+    """`vmetal serve` as a user runs it (`--max-num-seqs 64`), closed (and its processes with it) on leaving."""
+    served = Served(model, free_port())
     try:
         served.wait_serving()
         yield served
@@ -62,10 +63,22 @@ def server(qwen3_model):
         served.close()
 
 
+@contextlib.contextmanager
+def client(served):
+    limits = httpx.Limits(max_connections=CONCURRENCY + 32, max_keepalive_connections=CONCURRENCY + 32)
+    with httpx.Client(base_url=served.url + "/v1", timeout=120, limits=limits) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def server(qwen3_model):
+    with serving(qwen3_model) as served:
+        yield served
+
+
 @pytest.fixture(scope="module")
 def http(server):
-    limits = httpx.Limits(max_connections=CONCURRENCY + 32, max_keepalive_connections=CONCURRENCY + 32)
-    with httpx.Client(base_url=server.url + "/v1", timeout=120, limits=limits) as c:
+    with client(server) as c:
         yield c
 
 
@@ -185,8 +198,10 @@ def test_clients_that_leave_free_their_kv_and_others_are_unaffected(http, server
 
     def time_out(i: int) -> None:
         path, body = request_body(MODEL, KINDS[i % 2], PROMPTS[i % len(PROMPTS)], LONG, stream=False)
+        # A non-streamed answer comes only after all LONG tokens: hundreds of engine steps, each of which costs
+        # the host more than a millisecond on any machine, so 0.05 s without a byte is a timeout everywhere.
         with pytest.raises(httpx.ReadTimeout):
-            http.post(path, json=body, timeout=httpx.Timeout(120, read=0.5))
+            http.post(path, json=body, timeout=httpx.Timeout(120, read=0.05))
         left["timed out"] += 1
 
     def witness(job):
@@ -220,7 +235,8 @@ def test_clients_that_leave_free_their_kv_and_others_are_unaffected(http, server
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SIGTERM to `vmetal serve` while requests stream (last: it ends the module's server). Every request ends,
+# SIGTERM to `vmetal serve` while requests stream, on a server of its own (the module's keeps serving the
+# others, in whatever order they run). Every request ends,
 # whole (its exact answer) or cut short in a way its client can tell (finish_reason `abort`, an error
 # event, a broken connection), never a shorter answer passed off as complete, never a hang; `vmetal serve`
 # exits 0, no process it started is left, and the port can be listened on again.
@@ -229,7 +245,15 @@ SIGTERM_TOKENS = 200
 IN_FLIGHT = 24
 
 
-def test_sigterm_during_load_ends_every_request_cleanly_and_leaves_nothing(server, http):
+@pytest.fixture
+def doomed(qwen3_model):
+    """A server this test stops itself: (the server, a client of it)."""
+    with serving(qwen3_model) as served, client(served) as http:
+        yield served, http
+
+
+def test_sigterm_during_load_ends_every_request_cleanly_and_leaves_nothing(doomed):
+    server, http = doomed
     jobs = [(KINDS[i % 2], i % 3, i % 4 < 2) for i in range(IN_FLIGHT)]  # prompts 0-2 fit LONG in 512
     reference = {(kind, p): send(http, MODEL, kind, PROMPTS[p], SIGTERM_TOKENS, stream=False)
                  for kind in KINDS for p in range(3)}

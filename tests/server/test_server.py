@@ -31,11 +31,8 @@ def server(default_server):
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    from openai import OpenAI
-
-    with OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
+def client(default_client):
+    return default_client
 
 
 @pytest.fixture(scope="module")

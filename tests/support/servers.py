@@ -25,3 +25,12 @@ def default_server(qwen3_model, tmp_path_factory):
     with proc:
         yield proc
     assert not proc._group_alive()
+
+
+@pytest.fixture(scope="session")
+def default_client(default_server):
+    """The `openai` client of the shared server (no retries: a failure shows as it is)."""
+    from openai import OpenAI
+
+    with OpenAI(base_url=default_server.url, api_key="unused", max_retries=0, timeout=120) as client:
+        yield client

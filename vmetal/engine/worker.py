@@ -137,10 +137,11 @@ class MetalWorker(WorkerBase):
         return {"active": mx.get_active_memory(), "cache": mx.get_cache_memory(), "peak": mx.get_peak_memory(),
                 "cache_limit": limit}
 
-    def decode_ahead_counts(self) -> dict[str, int]:
-        """How the runner's all-decode steps used the decode-ahead (paged path; empty elsewhere); for
-        `LLM.collective_rpc("decode_ahead_counts")`."""
-        return self.model_runner.ahead_counts()
+    def step_counts(self) -> dict[str, int]:
+        """What the runner's steps met: requests preempted, and on the paged path how all-decode steps used the
+        decode-ahead (`ModelRunnerBase.counts`); for `LLM.collective_rpc("step_counts")`. Unlike vLLM's
+        Prometheus counters, these belong to this engine even when another one starts in the process."""
+        return self.model_runner.step_counts()
 
     def check_health(self) -> None:
         return

@@ -10,6 +10,7 @@ subclass hooks below are the only places where paths differ.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any, NamedTuple
 
 from vmetal.engine.runner.decode_ahead import DecodeAhead
@@ -57,6 +58,9 @@ class ModelRunnerBase:
         self.prompt_logprobs: PromptLogprobs | None = None
         self.ahead = DecodeAhead()
         self._pending: StepLogits | None = None  # execute_model -> sample_tokens
+        # What steps met ("preempted": requests vLLM preempted; the paged path's "ahead_*": how all-decode
+        # steps used the decode-ahead), for `MetalWorker.step_counts`.
+        self.counts: Counter[str] = Counter()
 
     # ---------------------------------------------------------------- set-up
     def load_model(self) -> None:
@@ -134,9 +138,8 @@ class ModelRunnerBase:
     def initialize_kv(self, kv_cache_config: Any) -> None:
         """Allocate what vLLM's block budget asks for; caches that grow per request need nothing."""
 
-    def ahead_counts(self) -> dict[str, int]:
-        """How all-decode steps used the decode-ahead (paged path; empty elsewhere)."""
-        return {}
+    def step_counts(self) -> dict[str, int]:
+        return dict(self.counts)
 
     # ------------------------------------------------------------ state sync
     def _drop_kv(self, req_id: str) -> None:
@@ -164,6 +167,7 @@ class ModelRunnerBase:
         for req_id in so.preempted_req_ids or ():
             # vLLM freed its blocks; it will be resumed from scratch (recompute).
             self._drop_kv(req_id)
+            self.counts["preempted"] += 1
 
     def _add_new(self, new_reqs: Any) -> list[Any]:
         """vLLM's per-request state for requests scheduled for the first time."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,9 +57,6 @@ class PagedModelRunner(ModelRunnerBase):
         # The decode-ahead step's pool slots, and its rows that wrote to a scratch block.
         self._ahead_slots: np.ndarray | None = None
         self._ahead_scratch: list[int] = []
-        # All-decode steps: served by the decode-ahead ("used", "scratch": with a row written to a scratch block)
-        # or not ("missed": built but not that step, "none": not built).
-        self.counts: Counter[str] = Counter()
 
     def load_model(self) -> None:
         super().load_model()
@@ -129,9 +125,6 @@ class PagedModelRunner(ModelRunnerBase):
         self.scratch_blocks = list(range(num_blocks, num_blocks + scratch))
         logger.info("vmetal: paged KV pools: %d blocks x %d tokens (+%d scratch), %.1f MiB", num_blocks,
                     self.cache_config.block_size, scratch, sum(c.nbytes for c in self.layers) / 2**20)
-
-    def ahead_counts(self) -> dict[str, int]:
-        return dict(self.counts)
 
     def warm_up(self) -> None:
         """A profiling forward, on a scratch pool before vLLM sizes the real one."""
@@ -255,7 +248,7 @@ class PagedModelRunner(ModelRunnerBase):
         """The decode-ahead's (logits, argmax) if this step is exactly that step, else (None, None)."""
         ahead = self.ahead.take()
         if ahead is None:
-            self.counts["none"] += 1
+            self.counts["ahead_none"] += 1
             return None, None
         scratch, self._ahead_scratch = self._ahead_scratch, []
         usable = ahead.order == order
@@ -275,8 +268,10 @@ class PagedModelRunner(ModelRunnerBase):
                                                                    use_kernel=self.kernels["reshape_and_cache"])
         for layer in self.layers:
             layer.kept_kv = None
-        self.counts["used" if usable else "missed"] += 1
-        self.counts["scratch"] += bool(usable and scratch)
+        # All-decode steps served by the decode-ahead ("ahead_used"; "ahead_scratch": with a row written to a
+        # scratch block) or not ("ahead_missed": built but not that step; "ahead_none": not built).
+        self.counts["ahead_used" if usable else "ahead_missed"] += 1
+        self.counts["ahead_scratch"] += bool(usable and scratch)
         return (ahead.logits, ahead.greedy) if usable else (None, None)
 
     def _after_step(self) -> None:

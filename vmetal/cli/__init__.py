@@ -25,6 +25,10 @@ def make_app(**settings: Any) -> typer.Typer:
     return typer.Typer(**{**defaults, **settings})
 
 
+# Commands that pass what follows `--` on to vLLM: Click hands it over in ctx.args.
+PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
 def model_and_passthrough(model: str | None, ctx_args: list[str]) -> tuple[str | None, list[str]]:
     """MODEL and the arguments meant for vLLM (those after `--`).
 

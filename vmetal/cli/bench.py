@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal.cli import make_app, model_and_passthrough, options
+from vmetal.cli import PASSTHROUGH, make_app, model_and_passthrough, options
 from vmetal.cli.options import DEMO_SERVED_NAME, ModelArgument, check_memory_fit, ready_timeout_option, resolve_model
 from vmetal.cli.output import exits_on_error, say
 from vmetal.errors import USAGE, VmetalError
@@ -30,7 +30,7 @@ app = make_app(help="Benchmark serving (online) and single-stream speed (offline
 _EPILOG = ("Arguments after `--` go to vLLM's `vllm bench serve` load generator unchanged, e.g. "
            "`vmetal bench online --demo -- --temperature 0.7 --top-p 0.9`.")
 COMMAND_SETTINGS: dict[str, Any] = {
-    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "context_settings": PASSTHROUGH,
     "epilog": _EPILOG,
 }
 

@@ -13,7 +13,6 @@ and the command says so instead of guessing.
 from __future__ import annotations
 
 import enum
-import os
 import shutil
 import signal
 import subprocess

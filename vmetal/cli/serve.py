@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal.cli import model_and_passthrough, options
+from vmetal.cli import PASSTHROUGH, model_and_passthrough, options
 from vmetal.cli.options import (
     Device,
     HostOption,
@@ -39,8 +39,7 @@ from vmetal.server.process import (
 )
 
 COMMAND_SETTINGS: dict[str, Any] = {
-    # Whatever follows `--` is for `vllm serve`; Click hands it over in ctx.args.
-    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "context_settings": PASSTHROUGH,  # whatever follows `--` is for `vllm serve`
     "epilog": "Arguments after `--` go to `vllm serve` unchanged, e.g. "
               "`vmetal serve --demo -- --max-num-batched-tokens 512`.",
 }

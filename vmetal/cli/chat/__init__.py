@@ -28,7 +28,7 @@ import typer
 from vmetal import envs
 from vmetal.chat.client import APIError, ChatClient, Link, ServerUnreachable
 from vmetal.chat.session import ChatError, Conversation, check_setting
-from vmetal.cli import model_and_passthrough, options
+from vmetal.cli import PASSTHROUGH, model_and_passthrough, options
 from vmetal.cli.chat.view import ReplyView, context_hint, show_stats, stderr_console
 from vmetal.cli.options import DEMO_SERVED_NAME, load_flags_config, ready_timeout_option, resolve_model
 from vmetal.cli.output import say
@@ -39,8 +39,7 @@ DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}/v1"  # where `vmetal serve`
 HISTORY_FILE = "chat_history"
 
 COMMAND_SETTINGS: dict[str, Any] = {
-    # Whatever follows `--` is for the `vllm serve` that chat starts when it has to.
-    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "context_settings": PASSTHROUGH,  # whatever follows `--` is for the `vllm serve` chat starts when it has to
     "epilog": "When chat starts a server, arguments after `--` go to `vllm serve` unchanged, e.g. "
               "`vmetal chat --demo -- --max-model-len 1024`.",
 }

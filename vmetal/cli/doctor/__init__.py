@@ -87,6 +87,7 @@ from typing import Annotated, Any
 import typer
 
 from vmetal import __version__, envs
+from vmetal.cli import PASSTHROUGH
 from vmetal.cli.doctor.base import Check, _fail, _gib, _truthy, _warn, dist_version, mask, secret_values
 
 SCHEMA_VERSION = 1
@@ -99,7 +100,7 @@ PROBE_TIMEOUT_S = 20.0
 
 COMMAND_SETTINGS: dict[str, Any] = {
     # `vmetal doctor -- --trust-remote-code`: the arguments `vmetal serve` will pass to vLLM, judged too.
-    "context_settings": {"allow_extra_args": True, "ignore_unknown_options": True},
+    "context_settings": PASSTHROUGH,
 }
 
 

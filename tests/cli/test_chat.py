@@ -387,17 +387,23 @@ def test_script_errors_exit_1_on_stderr(server, tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error: nothing to send")
 
 
+def servers_of(model) -> set[tuple[int, str]]:
+    """The vLLM servers of `model` running now: (pid, command line)."""
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if "vmetal.server.vllm_cli" in cmdline and str(model) in cmdline:
+            found.add((proc.pid, cmdline))
+    return found
+
+
 def test_model_without_a_server_starts_one_for_the_session(server, qwen3_model, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/v1"
+    before = servers_of(qwen3_model)  # this module's server, and others the session shares
     result = run_chat(dead, tmp_path, str(qwen3_model), "-p", "hello", "--max-tokens", "5",
                       "--", "--max-model-len", str(MAX_MODEL_LEN))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and result.stdout.endswith("\n")
     assert f"no server answers at {dead}; starting {qwen3_model}" in result.stderr
     # Stopped on exit: no process of it is left (its command line names the model folder).
-    leftovers = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or ())
-        if "vmetal.server.vllm_cli" in cmdline and str(qwen3_model) in cmdline and proc.pid != server.pid:
-            leftovers.append(cmdline)
-    assert leftovers == []
+    assert servers_of(qwen3_model) - before == set()

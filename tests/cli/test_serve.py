@@ -301,3 +301,29 @@ def test_serve_demo_end_to_end(stop_signal, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'], "--speculative-config"),
+    (["--speculative_config={\"method\": \"ngram\"}"], "--speculative-config"),
+    (["--enable-lora", "--max-loras", "2"], "--enable-lora"),
+    (["--kv-transfer-config", "{}"], "--kv-transfer-config"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
+    (["--runner", "pooling"], "--runner pooling"),
+])
+def test_vllm_features_the_engine_lacks_are_refused_before_anything_starts(fake_server, args, flag):
+    """Speculative decoding used to start, then kill the EngineCore on the first request (HTTP 500 for all):
+    what the engine does not implement stops serve's pre-flight with one line naming the flag, exit 2."""
+    result = invoke("--demo", "--", *args)
+    assert result.exit_code == 2, result.output
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert f"`{flag}`" in line and "not implemented by vmetal's engine" in line
+    assert fake_server == []
+
+
+@pytest.mark.parametrize("args", [["--kv-cache-dtype", "auto"], ["--runner", "generate"], ["--max-loras", "2"]])
+def test_the_same_flags_with_what_the_engine_does_are_accepted(fake_server, monkeypatch, args):
+    monkeypatch.setattr(options, "demo_model", lambda: "/demo")
+    result = invoke("--demo", "--", *args)
+    assert result.exit_code == 0, result.output
+    assert fake_server[0].vllm_args[-len(args):] == args

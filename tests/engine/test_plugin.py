@@ -117,3 +117,28 @@ def test_engine_refuses_to_start_on_invalid_settings(qwen3_model, tmp_path, env,
     assert out.returncode != 0
     assert "STARTED" not in out.stdout
     assert message in out.stderr
+
+
+def test_vmetal_variables_are_known_to_vllm_and_other_unknown_ones_still_reported(monkeypatch):
+    """vLLM warned "Unknown vLLM environment variable detected" for each of vmetal's own variables at every
+    start; with hard_fail (vLLM's strict mode) they raised. A typo of one of them is still vLLM's to report."""
+    from vmetal import envs
+    from vmetal.engine.platform import MetalPlatform
+
+    for var in envs.VARIABLES:
+        monkeypatch.setenv(var.name, var.default or "x")
+    MetalPlatform.validate_environ(hard_fail=True)  # raised on the first VLLM_METAL_* before
+    monkeypatch.setenv("VLLM_METAL_BLOCKSIZE", "16")
+    with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: VLLM_METAL_BLOCKSIZE"):
+        MetalPlatform.validate_environ(hard_fail=True)
+
+
+@pytest.mark.slow
+def test_llm_with_speculative_decoding_is_refused_at_construction(qwen3_model):
+    """`vllm serve` and `LLM(...)` used directly go through the platform, which refuses what the runner does
+    not implement while vLLM builds its config: before an engine starts, not at the first request."""
+    from vllm import LLM
+
+    with pytest.raises(Exception, match="`--speculative-config`: speculative decoding .* not implemented"):
+        LLM(model=str(qwen3_model), max_model_len=128,
+            speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})

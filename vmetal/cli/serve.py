@@ -28,6 +28,7 @@ from vmetal.cli.options import (
 )
 from vmetal.cli.output import say, warn
 from vmetal.errors import ERROR, USAGE, VmetalError
+from vmetal.preflight import features
 from vmetal.server.process import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -194,6 +195,9 @@ def serve(
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)
     check_parser_flags(tool_call_parser, no_tool_parser, reasoning_parser, vllm_args)
+    refused = features.refused_args(vllm_args)
+    if refused:
+        raise VmetalError(refused, exit_code=USAGE)
     target, given_name = resolve_model(model, demo)
     if api_key is not None and not api_key.strip():
         # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all, silently.

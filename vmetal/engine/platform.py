@@ -8,12 +8,14 @@ forward pass runs in MLX on the device `VLLM_MLX_DEVICE` picks.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
 from vmetal import envs
+from vmetal.preflight import features
 from vmetal.preflight.checkpoint import SUPPORTED_ARCHITECTURES, UnsupportedModelError, quantization_of, supported_list
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -94,6 +96,9 @@ class MetalPlatform(Platform):
         cfg = envs.load_config()  # raises EnvError on an invalid combination
         envs.check_available(cfg)
         envs.check_kernels(cfg)
+        refused = features.refused_config(vllm_config)
+        if refused:
+            raise ValueError(refused)
 
         parallel = vllm_config.parallel_config
         if parallel.world_size > 1:
@@ -129,6 +134,17 @@ class MetalPlatform(Platform):
         comp.cudagraph_mode = CUDAGraphMode.NONE
         comp.cudagraph_capture_sizes = []
         comp.max_cudagraph_capture_size = 0
+
+    @classmethod
+    def validate_environ(cls, hard_fail: bool) -> None:
+        """vLLM warns about every `VLLM_*` variable it does not know, which includes vmetal's own contract
+        (nine warnings a start). They are registered as known here, and validated by `vmetal.envs`; any other
+        unknown `VLLM_*` variable (a typo of one of ours, say) is still reported by vLLM."""
+        from vllm import envs as vllm_envs
+
+        for var in envs.VARIABLES:
+            vllm_envs.environment_variables.setdefault(var.name, lambda name=var.name: os.environ.get(name))
+        super().validate_environ(hard_fail)
 
     @classmethod
     def validate_request(cls, processed_inputs: Any, params: Any) -> None:

@@ -217,15 +217,25 @@ def estimate_folder(folder: str | Path, *, max_model_len: int | None = None, num
         return None
 
 
+def _spellings(name: str) -> set[str]:
+    return {name, name.replace("-", "_").replace("__", "--")}
+
+
 def vllm_arg(args: list[str] | tuple[str, ...], name: str) -> str | None:
     """The value of `--name` in vLLM arguments (last one wins, as in argparse; `_` and `-` both spelled)."""
-    spellings = {name, name.replace("-", "_").replace("__", "--")}
+    spellings = _spellings(name)
     value = None
     for i, arg in enumerate(args):
         flag, eq, inline = arg.partition("=")
         if flag in spellings:
             value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
     return value
+
+
+def vllm_switch(args: list[str] | tuple[str, ...], name: str) -> bool:
+    """Whether the switch `--name` (a flag that takes no value) is among vLLM arguments."""
+    spellings = _spellings(name)
+    return any(arg.partition("=")[0] in spellings for arg in args)
 
 
 def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[str]) -> FitReport | None:

@@ -62,6 +62,7 @@ class LoadedModel:
     vocab_size: int
     dtype: Any  # mx.Dtype of the unquantized weights (norms; scales of affine-quantized layers)
     quantization: Quantization | None = None
+    num_heads: int | None = None  # query heads (None: as many as KV heads)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -94,6 +95,7 @@ def load(model: str, revision: str | None = None) -> LoadedModel:
         path=path,
         num_layers=len(mlx_model.layers),
         num_kv_heads=getattr(args, "num_key_value_heads", None) or num_heads,
+        num_heads=num_heads,
         head_dim=head_dim,
         vocab_size=args.vocab_size,
         dtype=float_dtypes[0] if float_dtypes else mx.float32,

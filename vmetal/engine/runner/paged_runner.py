@@ -54,6 +54,7 @@ class PagedModelRunner(ModelRunnerBase):
         self.num_blocks = 0
         self.scratch_blocks: list[int] = []
         self.kernels = attention.kernel_choice(False)  # per op: its Metal kernel runs; decided once, at load
+        self.kernel_check: attention.SelfCheck | None = None  # the kernel's check at load, where it ran
         # The decode-ahead step's pool slots, and its rows that wrote to a scratch block.
         self._ahead_slots: np.ndarray | None = None
         self._ahead_scratch: list[int] = []
@@ -61,9 +62,29 @@ class PagedModelRunner(ModelRunnerBase):
     def load_model(self) -> None:
         super().load_model()
         install_attention_hook(self.model)
-        self.kernels = attention.kernel_choice(attention.use_kernels(self.metal_config.kernels))
+        self.kernels = attention.kernel_choice(self._kernels_on())
         logger.info("vmetal: paged attention through %s", "the Metal kernel" if self.kernels["paged_attention"]
                     else "the pure-MLX reference")
+
+    def _kernels_on(self) -> bool:
+        """Whether the Metal kernels run (`VLLM_METAL_KERNELS`). Where they would, the attention kernel is first
+        checked against the reference on a step shaped like this model's; under `auto` a disagreement falls
+        back to the reference with one warning, under `1` (forced) it only warns."""
+        if not attention.use_kernels(self.metal_config.kernels):
+            return False
+        lm = self.loaded
+        check = attention.self_check(lm.num_heads or lm.num_kv_heads, lm.num_kv_heads, lm.head_dim,
+                                     self.cache_config.block_size, lm.dtype)
+        self.kernel_check = check
+        if check.ok:
+            logger.info("vmetal: %s", check.describe())
+            return True
+        if self.metal_config.kernels is True:
+            logger.warning("vmetal: %s; serving with the kernel anyway (VLLM_METAL_KERNELS=1)", check.describe())
+            return True
+        logger.warning("vmetal: %s; serving with the reference instead (VLLM_METAL_KERNELS=0 skips the "
+                       "check, =1 keeps the kernel)", check.describe())
+        return False
 
     def _new_layers(self, num_blocks: int) -> list[PagedLayerCache]:
         import mlx.core as mx

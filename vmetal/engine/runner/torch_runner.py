@@ -238,6 +238,7 @@ class TorchModelRunner(MlxModelRunner):
             path=path,
             num_layers=cfg.num_hidden_layers,
             num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+            num_heads=num_heads,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads,
             vocab_size=cfg.vocab_size,
             # vLLM's KV spec and the bytes-per-token maths share the MLX path's dtype type.

@@ -90,6 +90,57 @@ def kernel_choice(on: bool) -> dict[str, bool]:
     return {op: on and automatic for op, automatic in AUTOMATIC.items()}
 
 
+# The kernel against the reference, both in the same dtype (not against float64): the same inputs and the same
+# float32 accumulation leave differences of a few units of the dtype's rounding.
+SELF_CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """The paged-attention kernel against the pure-MLX reference on one small random step."""
+
+    error: float  # max |kernel - reference| / max |reference|
+    tolerance: float
+    shape: str  # what was checked, for the log line
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tolerance  # NaN fails too
+
+    def describe(self) -> str:
+        verdict = "agrees with" if self.ok else "DISAGREES with"
+        return (f"the Metal paged-attention kernel {verdict} the pure-MLX reference on {self.shape}: relative "
+                f"error {self.error:.2e} (tolerance {self.tolerance:.0e})")
+
+
+def self_check(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: mx.Dtype,
+               seed: int = 0) -> SelfCheck:
+    """Run the kernel once on a step shaped like the model's attention (its head dim, GQA ratio, block size and
+    dtype): a decode, a prefill chunk and a whole prompt over scattered blocks, contexts across block
+    boundaries. A few milliseconds; the kernel has never run on real hardware before its first start there."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ctx_lens, q_lens = [1, 2 * block_size + 1, block_size + 3], [1, block_size, block_size + 3]
+    blocks = [-(-c // block_size) for c in ctx_lens]
+    order = rng.permutation(sum(blocks) + 2)
+    tables = np.zeros((len(ctx_lens), max(blocks)), dtype=np.int32)
+    used = 0
+    for i, n in enumerate(blocks):
+        tables[i, :n] = order[used:used + n]
+        used += n
+    shape = (sum(blocks) + 2, block_size, num_kv_heads, head_dim)
+    k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+    v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+    queries = mx.array(rng.standard_normal((sum(q_lens), num_heads, head_dim)).astype(np.float32)).astype(dtype)
+    args = (queries, k_pool, v_pool, mx.array(tables), ctx_lens, q_lens, head_dim ** -0.5)
+    got = paged_attention(*args, use_kernel=True).astype(mx.float32)
+    want = reference.paged_attention(*args).astype(mx.float32)
+    error = (mx.abs(got - want).max() / mx.maximum(mx.abs(want).max(), 1e-30)).item()
+    return SelfCheck(float(error), SELF_CHECK_TOLERANCE.get(dtype, 3e-2),
+                     f"{num_heads} query / {num_kv_heads} KV heads x {head_dim}, block size {block_size}, {dtype}")
+
+
 # ------------------------------------------------------------------------------------------- loading
 def kernels_dir() -> Path:
     """`vmetal/_kernels/` in an installed wheel (package data), else `kernels/` of the source checkout."""

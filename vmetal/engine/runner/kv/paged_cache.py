@@ -16,8 +16,8 @@ context gathered by block table (`vmetal.engine.runner.attention`).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np

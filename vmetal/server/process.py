@@ -37,6 +37,7 @@ from typing import IO
 
 from vmetal import ACTIVATE_ENV, envs
 from vmetal.server import redact
+from vmetal.server.vllm_cli import REQUEST_GUARD_ENV
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -92,6 +93,21 @@ def check_port_free(host: str, port: int) -> None:
         except OSError as exc:
             raise PortInUseError(f"port {port} on {host} is already in use ({exc.strerror or exc})",
                                  hint="stop the other server or pick another port with `--port`") from None
+
+
+def answers_health(base_url: str, timeout: float = 2.0) -> bool:
+    """Whether the server at `base_url` (no `/v1`) answers `GET /health` with 200 (open even with an API key)."""
+    # Imported here: urllib.request pulls in http.client and email, ~20 ms of every `vmetal --help`.
+    import urllib.error
+    import urllib.request
+
+    # No proxies: a proxy from the environment would answer for (or refuse) a loopback address.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(base_url + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -197,6 +213,8 @@ class ServerProcess:
         self.served_model_name = served_model_name
         cfg = envs.load_config(os.environ if environ is None else environ) if config is None else config
         self.environ = server_environ(cfg, environ, api_key)
+        # The child then answers the /v1/responses inputs vLLM 0.32 fails on with a 400 (request_guard.py).
+        self.environ[REQUEST_GUARD_ENV] = "1"
         passed_keys = passthrough_api_keys(vllm_args)
         self.environ.pop(API_KEYS_ENV, None)
         if passed_keys:
@@ -291,23 +309,13 @@ class ServerProcess:
         """
         if self._proc is None:
             raise RuntimeError("ServerProcess.wait_ready() before start()")
-        # Imported here: urllib.request pulls in http.client and email, ~20 ms of every `vmetal --help`.
-        import urllib.error
-        import urllib.request
-
-        # No proxies: a proxy from the environment would answer for (or refuse) a loopback address.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + timeout
         while cancel is None or not cancel.is_set():
             code = self._proc.poll()
             if code is not None:
                 raise self._error(f"the vLLM server exited with code {code} before it was ready")
-            try:
-                with opener.open(self.base_url + "/health", timeout=2.0) as response:
-                    if response.status == 200:
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
+            if answers_health(self.base_url):
+                return True
             if time.monotonic() > deadline:
                 raise self._error(f"the vLLM server was not ready after {timeout:g} s",
                                   hint="a large model may need longer: raise `--ready-timeout`")

@@ -109,6 +109,9 @@ VALIDATED = [
     (["bench", "online", "--url", "http://127.0.0.1:9/v1", "--dataset", "/no/such.jsonl"], "/no/such.jsonl"),
     (["bench", "offline", "--compare", "bogus"], "--compare"),
     (["completion", "tcsh"], "tcsh"),
+    (["serve", "--demo", "--json"], "--detach"),  # JSON is what a detached server prints
+    (["stop", "acme/x"], "acme/x"),  # no server of it
+    (["stop", "acme/x", "--all"], "--all"),
 ]
 
 

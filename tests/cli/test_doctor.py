@@ -18,7 +18,7 @@ import vmetal
 from vmetal import PLATFORM_QUALNAME, envs
 from vmetal.cli import doctor
 from vmetal.cli.app import app
-from vmetal.cli.doctor import base, hub, machine, packages, plugin, serving
+from vmetal.cli.doctor import base, device, hub, machine, packages, plugin, serving
 from vmetal.cli.doctor.smoke import SMOKE_TOKENS
 from vmetal.preflight import host as system
 from vmetal.server.process import free_port
@@ -26,7 +26,7 @@ from vmetal.server.process import free_port
 runner = CliRunner()
 
 CHECK_IDS = ["host", "python_arch", "python_version", "vllm_version", "mlx_version", "mlx_lm_version",
-             "transformers_version", "entry_point", "vllm_platform", "mlx_devices", "memory", "env", "disk",
+             "transformers_version", "entry_point", "vllm_platform", "mlx_devices", "metal_device", "memory", "env", "disk",
              "hub_huggingface", "hub_modelscope", "port", "remote_code"]
 TOP_KEYS = {"schema": int, "vmetal_version": str, "ok": bool, "exit_code": int, "elapsed_s": float,
             "counts": dict, "checks": list, "report": str}
@@ -403,6 +403,74 @@ def test_no_metal_on_apple_silicon_fails():
     facts = system.host_facts(system="Darwin", machine="arm64", sysctl=mac_sysctl(), mac_ver="14.5", memory=1)
     check = machine.check_mlx_devices(system.MlxDevices(version="0.32.4", cpu=True), facts)
     assert check.status == "fail" and "Metal" in check.summary and "pip install" in check.fix
+
+
+# --- The Metal device: Apple silicon or a VM's paravirtual GPU (faked device_info) -------------------------------
+
+# What mx.device_info() reports on GitHub's macos-14/15 arm64 runners (rajveer43/VeloxQuant-MLX#395).
+PARAVIRTUAL_INFO = {"device_name": "Apple Paravirtual device", "architecture": "air64_v27",
+                    "memory_size": 7516192768, "max_recommended_working_set_size": 5010800640}
+M2_PRO_INFO = {"device_name": "Apple M2 Pro", "architecture": "applegpu_g14s",
+               "memory_size": 32 * 1024**3, "max_recommended_working_set_size": 22906503168}
+
+
+def metal_devices(info: dict) -> system.MlxDevices:
+    return system.MlxDevices(version="0.32.4", metal=True, cpu=True, default="gpu", info=info)
+
+
+def mac_facts(memory: int = 7 * 1024**3) -> system.HostFacts:
+    return system.host_facts(system="Darwin", machine="arm64", sysctl=mac_sysctl(), mac_ver="15.5", memory=memory)
+
+
+def test_paravirtual_device_is_named_as_a_vm():
+    check = device.check_metal_device(metal_devices(PARAVIRTUAL_INFO), mac_facts())
+    assert check.status == "warn" and check.summary.startswith("Apple Paravirtual device: a macOS VM's GPU")
+    # What holds there and what does not, in the one line.
+    for words in ("serving and behavioural tests hold", "memory", "numerics", "speed figures", "7.0 GiB memory",
+                  "4.7 GiB working set"):
+        assert words in check.summary, words
+    assert "strict Metal tests" in check.fix
+    assert check.details == {"kind": "paravirtual", "paravirtual": True, **PARAVIRTUAL_INFO}
+
+
+def test_apple_silicon_device_is_ok():
+    check = device.check_metal_device(metal_devices(M2_PRO_INFO), mac_facts(32 * 1024**3))
+    assert check.status == "ok" and check.summary.startswith("Apple M2 Pro (Apple silicon; 32.0 GiB memory")
+    assert check.details["kind"] == "apple_silicon" and check.details["paravirtual"] is False
+
+
+def test_no_metal_device_off_a_mac_is_ok_and_on_a_mac_fails():
+    linux = system.host_facts(system="Linux", machine="x86_64", memory=8 * 1024**3)
+    check = device.check_metal_device(system.MlxDevices(version="0", cpu=True), linux)
+    assert check.status == "ok" and check.summary == "none (not a Mac: MLX computes on the CPU here)"
+    assert check.details["kind"] == "none" and check.details["device_name"] is None
+    check = device.check_metal_device(system.MlxDevices(version="0", cpu=True), mac_facts())
+    assert check.status == "fail" and check.fix
+
+
+def test_doctor_reports_a_vm_in_text_and_json_and_fits_models_to_its_working_set(monkeypatch, tmp_path):
+    """The whole command on a faked runner VM: the device line, the memory line and `--model`'s fit all use the
+    paravirtual device's 4.7 GiB working set, not the 7 GiB `memory_size`."""
+    from tests.support.checkpoints import QWEN3_06B, model_folder
+
+    facts = mac_facts()
+    monkeypatch.setattr(system, "host_facts", lambda: facts)
+    monkeypatch.setattr(system, "mlx_devices", lambda: metal_devices(PARAVIRTUAL_INFO))
+    # 4 GiB of weights at 2048 tokens: ~5.1 GiB needed, which fits in 7 GiB but not in the 4.7 GiB working set.
+    folder = model_folder(tmp_path / "qwen3", QWEN3_06B, 4 * 1024**3)
+    code, data = run_json("--model", str(folder), "--max-model-len", "2048")
+    checks = by_id(data)
+    assert checks["metal_device"]["status"] == "warn" and checks["metal_device"]["details"]["paravirtual"] is True
+    assert checks["memory"]["details"]["mlx_bytes"] == PARAVIRTUAL_INFO["max_recommended_working_set_size"]
+    assert "working set of its paravirtual GPU" in checks["memory"]["summary"]
+    fit = checks["model_fit"]
+    assert fit["status"] == "fail" and fit["details"]["available"] == 5010800640, fit
+    assert "(Apple Paravirtual device: a VM)" in data["report"]
+
+    human = run_human()
+    [line] = [line for line in human.stdout.splitlines() if line.startswith("! Metal device: ")]
+    assert "Apple Paravirtual device: a macOS VM's GPU, not Apple silicon" in line
+    assert human.stdout.splitlines()[human.stdout.splitlines().index(line) + 1].startswith("    fix: ")
 
 
 def test_disk_uses_the_cache_folders(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.support import fakes
+from tests.support.fakes import still_running
 from vmetal import envs
 from vmetal.cli import options
 from vmetal.cli import serve as serve_cmd
@@ -200,22 +201,6 @@ def test_main_maps_errors_to_exit_codes():
     proc = fakes.run_main_fresh(["serve"], {envs.MEMORY_FRACTION: "0.7"})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: VLLM_METAL_MEMORY_FRACTION=0.7")
-
-
-def still_running(procs: list[psutil.Process], timeout: float = 5.0) -> list[psutil.Process]:
-    """Those of `procs` still running after `timeout` s; zombies left for PID 1 to reap count as gone."""
-    deadline = time.monotonic() + timeout
-    while True:
-        running = []
-        for proc in procs:
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    running.append(proc)
-            except psutil.NoSuchProcess:
-                pass
-        if not running or time.monotonic() > deadline:
-            return running
-        time.sleep(0.05)
 
 
 # ServerProcess with stand-in children: the process-group handling without vLLM's 10 s start.

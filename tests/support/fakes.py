@@ -1,5 +1,5 @@
 """What the CLI tests of `vmetal serve` share: a stand-in for `vmetal.server.process.ServerProcess` for those that start
-nothing, and the console script run in a fresh interpreter."""
+nothing, the console script run in a fresh interpreter, and which of a server's processes still run."""
 
 from __future__ import annotations
 
@@ -62,3 +62,24 @@ def run_main_fresh(argv: list[str], env: dict[str, str] | None = None) -> subpro
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_METAL_", "VLLM_MLX_"))}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**clean, **(env or {})})
+
+
+def still_running(procs: list, timeout: float = 5.0) -> list:
+    """Those of `procs` (psutil.Process) still running after up to `timeout` s; zombies left for PID 1 to reap
+    count as gone."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        running = []
+        for proc in procs:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    running.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.05)

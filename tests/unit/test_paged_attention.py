@@ -17,6 +17,7 @@ import pytest
 from vmetal.engine.runner.attention import metal as kernels
 from vmetal.engine.runner.attention import reference as pa
 from vmetal.envs import EnvError
+from vmetal.preflight.host import is_paravirtual
 
 HEAD_DIM = 32
 NUM_KV_HEADS = 2
@@ -307,29 +308,73 @@ def test_plans_cover_the_grid():
     assert list(np.array(copy.inputs[-1]))[:3] == [2, 1, 2]
 
 
-# ------------------------------------------------------------------------------ Metal (a Mac)
+# ------------------------------------------------------------------------------ Metal (a Mac, or a macOS VM)
 metal = pytest.mark.skipif(not kernels.metal_available(), reason="needs MLX with Metal (Apple Silicon)")
+
+# Kernel against reference on Apple silicon: both accumulate in float32, so float32 agrees to rounding; the
+# half-precision bounds are the output's own rounding (a few units of 2^-10 and 2^-7).
+STRICT = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
+# float32 on a VM's paravirtual device; why, in `kernel_tolerance`.
+PARAVIRTUAL_FLOAT32 = 5e-3
+
+
+def metal_device_info() -> dict:
+    """`mx.device_info()` of the Metal device; {} where there is none (it then describes the CPU)."""
+    return dict(mx.device_info()) if kernels.metal_available() else {}
+
+
+def kernel_tolerance(dtype, device_info: dict) -> float:
+    """The relative error the Metal paged-attention kernel may show against the pure-MLX reference.
+
+    On Apple silicon: `STRICT`, always. On a macOS VM's "Apple Paravirtual device" (GitHub's macos-14/15/26
+    runners; `is_paravirtual` reads `device_info`), float32 gets `PARAVIRTUAL_FLOAT32` = 5e-3 instead of 1e-4,
+    and only there. Not measured here: this project's development host has no Mac and no VM, and no run on a
+    paravirtual device exists yet. The figure comes from what projects report: strict parity can diverge on
+    that device, e.g. a deterministic uniform shift of ~7e-4 relative in a parity test that passes on an M2 Max
+    (ohdearquant/lattice#899: the paravirtual GPU is not an Apple7-family device and takes other code paths;
+    llama.cpp reports it without simdgroup reductions, which this kernel's `simd_sum` uses). 1e-4 would fail
+    on such a shift; 5e-3 leaves 7x room. It still catches the bugs a kernel has, measured on the reference
+    here over 100 random packs: a wrong causal mask or KV-head mapping gives relative errors of 0.8-1.3, a
+    context one key short 0.016 or more in 9 packs of 10. A sub-percent error (a softmax scale 1 % off: median
+    6.7e-3) may pass on a VM; that is what the strict job on Apple silicon (`runs-on: [self-hosted, macOS,
+    ARM64]` in .github/workflows/macos.yml) is for. The half-precision bounds already exceed the reported shift
+    and stay as they are."""
+    if dtype == mx.float32 and is_paravirtual(device_info):
+        return PARAVIRTUAL_FLOAT32
+    return STRICT[dtype]
+
+
+def test_kernel_tolerance_is_loosened_only_on_a_paravirtual_device():
+    vm = {"device_name": "Apple Paravirtual device", "memory_size": 7516192768}
+    m2 = {"device_name": "Apple M2 Pro", "memory_size": 34359738368}
+    assert kernel_tolerance(mx.float32, vm) == PARAVIRTUAL_FLOAT32
+    assert [kernel_tolerance(t, m2) for t in STRICT] == [kernel_tolerance(t, {}) for t in STRICT] == [1e-4, 1e-2, 3e-2]
+    assert kernel_tolerance(mx.float16, vm) == STRICT[mx.float16]
 
 
 @pytest.mark.metal
 @metal
-@pytest.mark.parametrize("dtype,tolerance", [(mx.float32, 1e-4), (mx.float16, 1e-2), (mx.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
 @pytest.mark.parametrize("block_size,ratio", [(8, 1), (16, 4), (32, 8)])
-def test_metal_paged_attention_matches_reference(block_size, ratio, dtype, tolerance):
+def test_metal_paged_attention_matches_reference(block_size, ratio, dtype):
+    """Within `kernel_tolerance`: strict on Apple silicon, float32 at 5e-3 on a VM's paravirtual device."""
     seed = fresh_seed()
+    tolerance = kernel_tolerance(dtype, metal_device_info())
     pack = Pack(np.random.default_rng(seed), block_size=block_size, ratio=ratio, dtype=dtype)
     args = pack.args(dtype)
     got = kernels.paged_attention(*args, use_kernel=True)
     want = pa.paged_attention(*args)
     assert got.dtype == dtype and got.shape == want.shape
     err = relative_error(got.astype(mx.float32), want.astype(mx.float32))
-    assert err < tolerance, f"relative error {err:.2e} (seed {seed})"
+    device = metal_device_info().get("device_name")
+    assert err < tolerance, f"relative error {err:.2e} > {tolerance:g} on {device} (seed {seed})"
 
 
 @pytest.mark.metal
 @metal
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
 def test_metal_cache_kernels_match_reference(dtype):
+    """Bit for bit on every Metal device, a VM's included: the cache kernels only move values."""
     seed = fresh_seed()
     rng = np.random.default_rng(seed)
     # The Pack writes through the kernel; attention over it must then equal dense attention.

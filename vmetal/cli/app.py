@@ -18,6 +18,7 @@ from vmetal.cli import doctor as doctor_cmd
 from vmetal.cli import install as install_cmd
 from vmetal.cli import make_app, output, serve
 from vmetal.cli import pull as pull_cmd
+from vmetal.cli import servers as servers_cmd
 from vmetal.cli import uninstall as uninstall_cmd
 from vmetal.errors import DEBUG_ENV, debug_enabled, explain
 
@@ -52,6 +53,8 @@ def _root(
 
 mount(app, "serve", serve.serve, **serve.COMMAND_SETTINGS)
 mount(app, "doctor", doctor_cmd.doctor, **doctor_cmd.COMMAND_SETTINGS)
+mount(app, "ps", servers_cmd.ps)
+mount(app, "stop", servers_cmd.stop)
 mount(app, "chat", chat_cmd.chat, **chat_cmd.COMMAND_SETTINGS)
 mount(app, "pull", pull_cmd.pull)
 mount(app, "list", pull_cmd.list_models)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -109,8 +110,10 @@ def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def supervise(server: ServerProcess, name: str, shown_url: str, ready_timeout: float) -> int:
-    """Run `server` until it exits or we get SIGINT/SIGTERM; the exit code for `vmetal serve`."""
+def supervise(server: ServerProcess, name: str, shown_url: str, ready_timeout: float,
+              on_ready: Callable[[], None] | None = None) -> int:
+    """Run `server` until it exits or we get SIGINT/SIGTERM; the exit code for `vmetal serve`.
+    `on_ready` runs once the server answers."""
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -125,6 +128,8 @@ def supervise(server: ServerProcess, name: str, shown_url: str, ready_timeout: f
         server.start()
         if server.wait_ready(ready_timeout, cancel=stopping):
             say(f"serving {name} at {shown_url}")
+            if on_ready is not None:
+                on_ready()
             while not stopping.is_set():
                 code = server.wait(0.25)
                 if code is not None:
@@ -188,9 +193,18 @@ def serve(
     no_pull: Annotated[bool, typer.Option("--no-pull", help="Do not pull a Hub model first; vLLM and mlx-lm "
                                           "then resolve it themselves.")] = False,
     ready_timeout: ReadyTimeoutOption = READY_TIMEOUT_S,
+    detach: Annotated[bool, typer.Option("--detach", help="Run the server in the background: return once it "
+                                         "answers, print its URL (stdout) and PID; its log goes under the vmetal "
+                                         "home. `vmetal ps` lists it, `vmetal stop` stops it.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="With --detach: print the server as a JSON object "
+                                              "on stdout.")] = False,
 ) -> None:
     """Serve MODEL through vLLM's OpenAI-compatible API, computed with MLX."""
     model, vllm_args = model_and_passthrough(model, ctx.args)
+    if json_output and not detach:
+        raise VmetalError("`--json` goes with `--detach`: a server in the foreground prints its log, not JSON",
+                          exit_code=USAGE)
+    passthrough = list(vllm_args)  # as given: a detached server adds its own arguments again
 
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)
@@ -229,7 +243,18 @@ def serve(
     if max_num_seqs is not None:
         vllm_args[:0] = ["--max-num-seqs", str(max_num_seqs)]
     name = served_model_name or given_name
-    server = ServerProcess(target, host=host, port=port, served_model_name=name, api_key=api_key,
-                           config=cfg, vllm_args=vllm_args)
-    shown_host = f"[{host}]" if ":" in host else host
-    raise typer.Exit(supervise(server, name, f"http://{shown_host}:{port}/v1", ready_timeout))
+    if detach:
+        from vmetal.cli.servers import serve_detached
+
+        serve_detached(ctx, target=target, name=name, vllm_args=passthrough, api_key=api_key,
+                       json_output=json_output)
+        raise typer.Exit(0)
+    from vmetal.server.background import recorded
+
+    # Recorded for `vmetal ps` / `vmetal stop` first, so that vLLM's processes inherit the record's id.
+    with recorded(model=name, source=target, host=host, port=port) as entry:
+        server = ServerProcess(target, host=host, port=port, served_model_name=name, api_key=api_key,
+                               config=cfg, vllm_args=vllm_args)
+        shown_host = f"[{host}]" if ":" in host else host
+        code = supervise(server, name, f"http://{shown_host}:{port}/v1", ready_timeout, on_ready=entry.mark_served)
+    raise typer.Exit(code)

@@ -148,6 +148,18 @@ def wired_limit_mb(sysctl: Sysctl = sysctl) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def is_paravirtual(info: Mapping[str, Any]) -> bool:
+    """Whether `mx.device_info()` (or `info` of `MlxDevices`) describes a VM's paravirtual Metal device.
+
+    That is what Metal calls the GPU of a macOS virtual machine (Apple's Virtualization framework: GitHub's
+    macos-14/15/26 arm64 runners, UTM, Tart, Parallels): "Apple Paravirtual device", which forwards to the
+    host's GPU. MLX and `mx.fast.metal_kernel` work there, but `device_info()` reports the VM's share (on
+    GitHub's runners 7 GiB of memory, a 4.7 GiB working set), llama.cpp reports it without simdgroup reductions
+    (GPU family Common3), and numerics and speed are the VM's, not Apple silicon's.
+    """
+    return "paravirtual" in str(info.get("device_name") or "").lower()
+
+
 @dataclass(frozen=True)
 class MlxDevices:
     """What MLX can compute on here."""
@@ -163,6 +175,11 @@ class MlxDevices:
     @property
     def gpu(self) -> bool:
         return self.metal or self.cuda
+
+    @property
+    def paravirtual(self) -> bool:
+        """MLX's Metal device is a VM's paravirtual GPU, not Apple silicon's own (see `is_paravirtual`)."""
+        return self.metal and is_paravirtual(self.info)
 
     @property
     def names(self) -> list[str]:
@@ -217,7 +234,9 @@ def memory_for_mlx(devices: MlxDevices | None = None, total: int | None = None) 
     """Bytes MLX may use for a model: what the engine budgets with (see `vmetal.engine.worker`).
 
     On Metal that is the device's recommended working set (the share of unified memory macOS lets the GPU
-    wire, raised with `sysctl iogpu.wired_limit_mb`); on CUDA the card's memory; on the CPU, system memory.
+    wire, raised with `sysctl iogpu.wired_limit_mb`), which in a VM is the paravirtual device's own limit
+    (4.7 GiB of the 7 GiB a GitHub runner reports as `memory_size`); on CUDA the card's memory; on the CPU,
+    system memory.
     Pass `devices` to skip probing MLX, `total` to skip reading the system memory.
     """
     if devices is None:

@@ -53,6 +53,9 @@ Check ids and their `details` keys:
     entry_point          value, distribution, module_file, active_by_default (bool), other_plugins (list)
     vllm_platform        platform (qualname|null), vllm_version, import_s, vmetal_file, timed_out, error
     mlx_devices          version, devices (list of "Metal"/"CUDA"/"CPU"), default, device_info (object)
+    metal_device         kind ("apple_silicon"|"paravirtual"|"none"), paravirtual (bool: a macOS VM's GPU),
+                         device_name, architecture, memory_size, max_recommended_working_set_size (null
+                         where not reported; off a Mac the check is "ok" and says there is no Metal device)
     memory               total_bytes, mlx_bytes (what MLX may use), wired_limit_mb (int|null), available_bytes
     env                  variables: [{name, value, source ("default"|"environment"), valid, error}],
                          related: {name: value or "set (masked)" or "unset"}, device (resolved MLX device)
@@ -64,7 +67,7 @@ Check ids and their `details` keys:
     remote_code          trust_remote_code (bool: `--trust-remote-code` after `--`), code_files (the model's)
     smoke                model, tokens, tokens_per_s, load_s, matches_mlx_lm, error   (with --smoke)
 
-The checks live in `vmetal/cli/doctor/`, one module per concern (`machine`, `packages`, `plugin`,
+The checks live in `vmetal/cli/doctor/`, one module per concern (`machine`, `device`, `packages`, `plugin`,
 `serving`, `hub`, `remote_code`, `smoke`; `base` holds `Check`); this module runs them in the order above and
 prints them. It imports them (`base` aside) only when the command runs, so `vmetal --help` stays fast.
 
@@ -146,7 +149,7 @@ def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeou
                model: str | None = None, max_model_len: int | None = None, smoke: bool = False,
                vllm_args: tuple[str, ...] = ()) -> list[Check]:
     # Called through their modules, so that a test replacing e.g. `plugin.start_vllm_probe` is heard.
-    from vmetal.cli.doctor import hub, machine, packages, plugin, serving
+    from vmetal.cli.doctor import device, hub, machine, packages, plugin, serving
     from vmetal.cli.doctor.remote_code import check_remote_code
     from vmetal.preflight import host as machine_facts  # not `host`: that is the address to check
 
@@ -171,6 +174,7 @@ def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeou
         value = _guarded(fn, id)
         local.extend(value if isinstance(value, list) else [value])
     after = [_guarded(fn, id) for id, fn in (("mlx_devices", lambda: machine.check_mlx_devices(devices, facts)),
+                                             ("metal_device", lambda: device.check_metal_device(devices, facts)),
                                              ("memory", lambda: machine.check_memory(facts, devices)),
                                              ("env", lambda: serving.check_env(environ, devices)),
                                              ("disk", lambda: hub.check_disk(environ)))]
@@ -219,6 +223,8 @@ def bug_report(checks: list[Check], environ: Mapping[str, str], symbols: Mapping
     mlx = f"mlx {d('mlx_version', 'version') or 'missing'} ({d('mlx_version', 'backend')})"
     torch = dist_version("torch") or "missing"
     devices = ", ".join(d("mlx_devices", "devices") or []) or "none"
+    if d("metal_device", "paravirtual"):
+        devices += f" ({d('metal_device', 'device_name')}: a VM)"
     lines = [
         f"vmetal {__version__} | {vllm} | {mlx} | mlx-lm {d('mlx_lm_version', 'version') or 'missing'} | "
         f"transformers {d('transformers_version', 'version') or 'missing'} | torch {torch}",

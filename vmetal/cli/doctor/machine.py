@@ -117,6 +117,15 @@ def check_memory(facts: Any, devices: Any) -> Check:
     details = dict(total_bytes=facts.total_memory, mlx_bytes=budget, wired_limit_mb=facts.wired_limit_mb,
                    available_bytes=free)
     total = facts.total_memory
+    if facts.system == "Darwin" and devices.paravirtual:
+        # A VM: the paravirtual GPU's working set is the limit, whatever the wired limit says.
+        summary = (f"{_gib(total)} in this VM; MLX may use {_gib(budget)}, the working set of its paravirtual "
+                   "GPU")
+        if budget < 8 * GiB:
+            return _warn("memory", title, summary + ": little room for models",
+                         "use small or 4-bit models and a short `--max-model-len`, or a larger VM or a Mac itself",
+                         **details)
+        return _ok("memory", title, summary, **details)
     if facts.system == "Darwin":
         limit = facts.wired_limit_mb
         wired = ("iogpu.wired_limit_mb=0 (macOS default)" if not limit else f"iogpu.wired_limit_mb={limit}")

@@ -29,7 +29,6 @@ ARCHITECTURES = {
 # zero, and greedy output then sticks to one token; with this gain activations
 # stay O(1), logits spread a few units, and greedy text keeps changing.
 _GAIN = 4.0
-MLX_MODULES = {"qwen3": "qwen3", "llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
 # Qwen-style: <|endoftext|> ends documents (completion), <|im_end|> ends a chat
 # turn. The tokenizer's eos is <|im_end|> so chat stops where a chat model would;
 # generation_config lists both so plain completion stops too.
@@ -215,8 +214,10 @@ def _random_weights(config: dict, seed: int, emit: list[int]) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    # mlx-lm has no mistral module: it maps mistral onto llama (as models.py does).
-    module = importlib.import_module(f"mlx_lm.models.{MLX_MODULES[config['model_type']]}")
+    from vmetal.preflight.cache_types import mlx_module
+
+    # mlx-lm's own choice of module (it maps mistral onto llama, for one), so any family it implements works.
+    module = importlib.import_module(f"mlx_lm.models.{mlx_module(config)}")
     model = module.Model(module.ModelArgs.from_dict(config))
     params = dict(tree_flatten(model.parameters()))
     keys = mx.random.split(mx.random.key(seed), len(params))
@@ -242,12 +243,17 @@ def _random_weights(config: dict, seed: int, emit: list[int]) -> dict:
     # keeps replies running to max_tokens (no chance <|im_end|>), never names a
     # padded id the tokenizer lacks, and never emits a lone byte of a UTF-8
     # sequence that would decode to U+FFFD.
-    out = "model.embed_tokens.weight" if config["tie_word_embeddings"] else "lm_head.weight"
+    # The output matrix: `lm_head` where the model has one, else the (tied) embedding. Families name the
+    # embedding differently (GPT-style `wte`), so it is found by shape: the [vocab, hidden] matrix.
+    out = "lm_head.weight" if "lm_head.weight" in weights else next(
+        n for n in sorted(weights) if "emb" in n and weights[n].shape[0] == config["vocab_size"])
     keep = mx.zeros((config["vocab_size"], 1), dtype=mx.bool_)
     keep[mx.array(emit)] = True
     weights[out] = mx.where(keep, weights[out], 0.0)
-    # sanitize drops what HF checkpoints do not carry (lm_head when tied).
-    weights = model.sanitize(weights)
+    # sanitize drops what HF checkpoints do not carry (lm_head when tied); mlx-lm's loader calls it where
+    # a family has one.
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
     model.load_weights(list(weights.items()), strict=True)
     return weights
 
@@ -258,6 +264,21 @@ def build_tiny_model(path, arch: str = "qwen3", *, hidden_size: int = 64, num_la
                      dtype: str = "float32", seed: int = 0,
                      tie_word_embeddings: bool = False, head_dim: int | None = None) -> Path:
     """Write a random-weight `arch` checkpoint plus tokenizer into `path`; return it."""
+    config = _model_config(
+        arch, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings, dtype=dtype,
+        tie_word_embeddings=tie_word_embeddings, head_dim=head_dim)
+    return build_checkpoint(path, config, seed=seed, dtype=dtype)
+
+
+def build_checkpoint(path, config: dict, *, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a random-weight checkpoint of any family mlx-lm implements, plus the demo tokenizer, into `path`.
+
+    `config` is the family's config.json (its `model_type` picks mlx-lm's model class, whose parameter names
+    and `sanitize` the weights follow); a `vocab_size` of None is the tokenizer's, rounded up to 64. The
+    token ids and dtype fields are the demo tokenizer's and `dtype`'s.
+    """
     import mlx.core as mx
     from tokenizers import Tokenizer
 
@@ -270,15 +291,13 @@ def build_tiny_model(path, arch: str = "qwen3", *, hidden_size: int = 64, num_la
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     used_vocab = tok.get_vocab_size()
     emit = [i for i in range(len(SPECIAL_TOKENS), used_vocab) if _plain_text(tok.decode([i]))]
-    if vocab_size is None:
-        vocab_size = -(-used_vocab // 64) * 64
-    if vocab_size < used_vocab:
-        raise ValueError(f"vocab_size {vocab_size} is smaller than the tokenizer's {used_vocab}")
-    config = _model_config(
-        arch, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
-        max_position_embeddings=max_position_embeddings, dtype=dtype,
-        tie_word_embeddings=tie_word_embeddings, head_dim=head_dim)
+    config = {**config, "bos_token_id": ENDOFTEXT_ID, "eos_token_id": IM_END_ID, "pad_token_id": ENDOFTEXT_ID,
+              # Both spellings: transformers 5 reads `dtype`, older tools `torch_dtype`.
+              "torch_dtype": dtype, "dtype": dtype}
+    if config.get("vocab_size") is None:
+        config["vocab_size"] = -(-used_vocab // 64) * 64
+    if config["vocab_size"] < used_vocab:
+        raise ValueError(f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {used_vocab}")
     weights = _random_weights(config, seed, emit)
     weights = {k: v.astype(dtypes[dtype]) for k, v in sorted(weights.items())}
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})

@@ -26,7 +26,6 @@ def _median_ms(step, reps: int = 40) -> tuple[float, float]:
 def _paged_step(model, layers, rows: int, ctx: int, block_size: int):
     import mlx.core as mx
 
-    from vmetal.engine.models import logits_of
     from vmetal.engine.runner.kv.paged_cache import StepLayout
 
     tables = np.arange(rows * 20, dtype=np.int32).reshape(rows, 20)[:, : -(-ctx // block_size)]
@@ -38,8 +37,7 @@ def _paged_step(model, layers, rows: int, ctx: int, block_size: int):
         layout = StepLayout.plan(pos, slots, tables, [ctx] * rows, [1] * rows, block_size)
         for layer in layers:
             layer.layout = layout
-        hidden = model.model(mx.zeros((rows,), dtype=mx.int32)[:, None], cache=layers)
-        out = logits_of(model, hidden[:, 0, :])
+        out = model(mx.zeros((rows,), dtype=mx.int32)[:, None], cache=layers)[:, 0, :]
         t1 = time.perf_counter()
         mx.eval(out, [(c.k_pool, c.v_pool) for c in layers])
         return t1 - t0, time.perf_counter() - t0

@@ -21,7 +21,6 @@ from tests.support import fakes
 from tests.support.fakes import still_running
 from vmetal import envs
 from vmetal.cli import options
-from vmetal.cli import serve as serve_cmd
 from vmetal.cli.app import app
 from vmetal.server.process import ServerError, ServerProcess, check_port_free, free_port
 

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from tests.support import fakes
 from vmetal import demo, envs
 from vmetal.cli import options
-from vmetal.cli import serve as serve_cmd
 from vmetal.cli.app import app
 from vmetal.server import parsers
 from vmetal.server.process import free_port

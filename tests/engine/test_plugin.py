@@ -63,14 +63,15 @@ def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-def test_unsupported_architecture_names_it_and_the_supported_ones(qwen3_model, tmp_path):
-    folder = _copy_with_config(qwen3_model, tmp_path / "gpt", architectures=["GPT2LMHeadModel"])
+def test_unsupported_model_names_its_family_and_cache_type(qwen3_model, tmp_path):
+    """The loaded model's own caches decide: sliding-window layers are refused, naming what they are."""
+    from tests.support.families import as_sliding_window
+
+    folder = _copy_with_config(qwen3_model, tmp_path / "sliding", **as_sliding_window({}))
     with pytest.raises(models.UnsupportedModelError) as err:
         models.load(str(folder))
     message = str(err.value)
-    assert "GPT2LMHeadModel" in message
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        assert arch in message
+    assert message.startswith("gemma3_text (Gemma3ForCausalLM): ") and "RotatingKVCache" in message
 
 
 def test_missing_config_and_missing_folder_are_clear_errors(tmp_path):

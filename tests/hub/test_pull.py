@@ -6,12 +6,11 @@ import json
 import time
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from tests.support.hub_fixtures import REPO
-from tests.support.hubserver import HubServer, Repo
-from tests.support.pull_helpers import SERVE_FILES, big_files, damage, interrupt_pull, with_architecture
+from tests.support.hubserver import Repo
+from tests.support.pull_helpers import SERVE_FILES, big_files, damage, interrupt_pull, with_sliding_window
 from vmetal.cli.app import app
 from vmetal.hub import huggingface as vhub
 from vmetal.hub import registry
@@ -56,9 +55,10 @@ def test_full_pull_fetches_only_what_serving_needs(hub, tiny_files):
     from huggingface_hub import snapshot_download
 
     assert snapshot_download(REPO, local_files_only=True, cache_dir=vhub.hf_cache_dir()) == str(snap)
-    from vmetal.preflight.checkpoint import check_architecture, read_config
+    from vmetal.preflight.cache_types import check_model
+    from vmetal.preflight.checkpoint import read_config
 
-    assert check_architecture(read_config(snap)) == "qwen3"
+    assert check_model(read_config(snap)).module == "qwen3"
 
 
 def test_second_pull_downloads_nothing(hub):
@@ -246,10 +246,11 @@ def test_fit_check_refuses_oversized_model_before_downloading_weights(hub):
 
 
 def test_unsupported_architecture_refused_before_weights(hub, tiny_files):
-    hub.add(Repo("acme/gpt2ish", with_architecture(tiny_files, "GPT2LMHeadModel")))
-    r = pull("acme/gpt2ish")
+    """Decided by the caches mlx-lm makes for the config (sliding-window layers here), not by its name."""
+    hub.add(Repo("acme/slidingish", with_sliding_window(tiny_files)))
+    r = pull("acme/slidingish")
     assert r.exit_code == 1
-    assert "GPT2LMHeadModel" in r.stderr and "Qwen3ForCausalLM" in r.stderr
+    assert "gemma3_text (Gemma3ForCausalLM)" in r.stderr and "RotatingKVCache" in r.stderr
     assert hub.resolved_files() == {"config.json"}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.support import REPO
+from tests.support import REPO as CHECKOUT
 from tests.support.hubserver import HubServer, Repo
 from vmetal.cli.app import app
 from vmetal.hub import huggingface as vhub
@@ -55,7 +55,7 @@ def repo_files(tmp_path_factory) -> dict[str, bytes]:
 
 
 def pull_process() -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(CHECKOUT)}
     return subprocess.Popen([sys.executable, "-m", "vmetal.cli.app", "pull", REPO, "--quiet"], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -24,7 +24,7 @@ from tests.support.pull_helpers import (
     interrupt_pull,
     isolate_homes,
     tiny_repo_files,
-    with_architecture,
+    with_sliding_window,
 )
 from vmetal.cli.app import app
 from vmetal.hub import registry
@@ -137,9 +137,10 @@ def test_full_pull_from_modelscope_only(ms, hf, tiny_files, monkeypatch, how):
     assert "Downloading" not in r.stderr and "modelscope_hub" not in r.stderr
 
     assert modelscope_offline_lookup(REPO) == snap
-    from vmetal.preflight.checkpoint import check_architecture, read_config
+    from vmetal.preflight.cache_types import check_model
+    from vmetal.preflight.checkpoint import read_config
 
-    assert check_architecture(read_config(snap)) == "qwen3"
+    assert check_model(read_config(snap)).module == "qwen3"
 
 
 def test_second_pull_downloads_nothing(ms):
@@ -338,10 +339,11 @@ def test_without_the_package_nothing_is_fetched(ms, hf, monkeypatch):
 
 
 def test_unsupported_architecture_refused_before_weights(ms, tiny_files):
-    ms.add(Repo("acme/gpt2ish", with_architecture(tiny_files, "GPT2LMHeadModel")))
-    r = pull("acme/gpt2ish")
+    """Decided by the caches mlx-lm makes for the config (sliding-window layers here), not by its name."""
+    ms.add(Repo("acme/slidingish", with_sliding_window(tiny_files)))
+    r = pull("acme/slidingish")
     assert r.exit_code == 1
-    assert "GPT2LMHeadModel" in r.stderr and "Qwen3ForCausalLM" in r.stderr
+    assert "gemma3_text (Gemma3ForCausalLM)" in r.stderr and "RotatingKVCache" in r.stderr
     assert ms.fetched_files() == {"config.json"}
     assert registry.pulled_models() == []
 

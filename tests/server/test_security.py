@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 from tests.support import fakes
 from vmetal import envs
 from vmetal.cli import options
-from vmetal.cli import serve as serve_cmd
 from vmetal.cli.app import app
 from vmetal.server.process import API_AUTH_MIDDLEWARE, API_KEYS_ENV, ServerProcess, free_port, passthrough_api_keys
 

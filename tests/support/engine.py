@@ -71,15 +71,31 @@ _mlx_cache: dict = {}
 
 def mlx_greedy(path: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """mlx-lm's own greedy generation: the reference every engine path must match."""
-    from mlx_lm import load
     from mlx_lm.generate import stream_generate
 
-    model, tokenizer = _mlx_cache.get(str(path)) or _mlx_cache.setdefault(str(path), load(str(path)))
+    model, tokenizer = _mlx_model(path)
     out = []
     for resp in stream_generate(model, tokenizer, prompt=prompt_ids, max_tokens=max_tokens):
         out.append(int(resp.token))
     return out[:max_tokens]
 
+
+
+def sampled_logprobs_reference(path, prompt_ids: list[int], token_ids: list[int]) -> list[float]:
+    """mlx-lm's log-softmax of each generated token, from one forward of the model over prompt + output."""
+    import mlx.core as mx
+
+    model, _ = _mlx_model(path)
+    logits = model(mx.array(list(prompt_ids) + list(token_ids[:-1]))[None])[0].astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    first = len(prompt_ids) - 1
+    return [logprobs[first + i, t].item() for i, t in enumerate(token_ids)]
+
+
+def _mlx_model(path):
+    from mlx_lm import load
+
+    return _mlx_cache.get(str(path)) or _mlx_cache.setdefault(str(path), load(str(path)))
 
 
 def prompt_logprobs_reference(path, prompt_ids: list[int], top_k: int) -> list[tuple[float, int, list[int]]]:

@@ -53,10 +53,11 @@ def big_files(tiny_files: dict[str, bytes], size: int) -> dict[str, bytes]:
     return files
 
 
-def with_architecture(files: dict[str, bytes], architecture: str) -> dict[str, bytes]:
-    config = json.loads(files["config.json"])
-    config["architectures"] = [architecture]
-    return {**files, "config.json": json.dumps(config).encode()}
+def with_sliding_window(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The tiny repo relabelled as a sliding-window model (`families.as_sliding_window`), which vmetal refuses."""
+    from tests.support.families import as_sliding_window
+
+    return {**files, "config.json": json.dumps(as_sliding_window(json.loads(files["config.json"]))).encode()}
 
 
 def damage(path: Path, at: int = 100) -> None:

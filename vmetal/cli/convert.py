@@ -76,10 +76,11 @@ def resolve_source(src: str) -> Path:
 
 def check_source(folder: Path, config: dict[str, Any], group_size: int) -> None:
     """Refuse what mlx-lm would convert wrongly or only after loading every weight."""
-    from vmetal.preflight.checkpoint import check_architecture, quantization_of
+    from vmetal.preflight.cache_types import check_model
+    from vmetal.preflight.checkpoint import quantization_of
 
     where = str(folder / "config.json")
-    check_architecture(config, where=where)  # UnsupportedModelError: exit 2 with the supported list
+    check_model(config, where)  # UnsupportedModelError: exit 2, naming what no KV path holds
     done = quantization_of(config)
     method = (config.get("quantization_config") or {}).get("quant_method")
     if done is not None or method:

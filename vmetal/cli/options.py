@@ -104,13 +104,15 @@ def demo_model() -> str:
     return str(ensure_demo_model())
 
 
-def pulled(model_id: str, max_model_len: int | None) -> str:
+def pulled(model_id: str, max_model_len: int | None, kv_path: str | None = None) -> str:
     """A Hub model's local folder, pulled first with `vmetal pull`'s checks, progress and resumability (a
-    verification only when it is complete), so that the engine loads from disk only."""
+    verification only when it is complete), so that the engine loads from disk only. `kv_path`: the path it
+    will be served on, so that a model it cannot hold is refused before the download."""
     from vmetal import hub
     from vmetal.cli.pull.view import TerminalView
 
-    return str(hub.ensure_local(model_id, max_model_len=max_model_len, view=TerminalView(quiet=False)))
+    return str(hub.ensure_local(model_id, max_model_len=max_model_len, view=TerminalView(quiet=False),
+                                kv_path=kv_path))
 
 
 def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str]) -> None:

@@ -224,11 +224,16 @@ def serve(
     if "--trust-remote-code" in vllm_args:
         warn("`--trust-remote-code` is on: Python code shipped with the model's files may run in the server")
     if target is not None and not Path(target).is_dir() and not no_pull:
-        target = options.pulled(target, max_model_len)
+        target = options.pulled(target, max_model_len, cfg.kv_path)
     if target is not None and Path(target).is_dir():
+        from vmetal.preflight.cache_types import check_model
+        from vmetal.preflight.checkpoint import read_config
         from vmetal.preflight.model_files import check_folder
 
         check_folder(target)  # a damaged file fails here in milliseconds, not in the engine
+        # A model whose caches this KV path does not hold (sliding windows, SSM state, …): exit 2 with one line
+        # naming the family, the cache type and the path that would serve it, not a traceback ~10 s later.
+        check_model(read_config(Path(target)), str(Path(target) / "config.json"), cfg.kv_path)
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
         target = options.demo_model()

@@ -1,7 +1,9 @@
 """Model loading through mlx-lm: a checkpoint folder (or a hub id from the local cache) as an MLX model.
 
-The checkpoint checks (architecture, quantization block) are `vmetal.preflight.checkpoint`'s, shared with the
-CLI's pre-flight; this module adds what only the engine process does: resolving the folder and loading it.
+The checkpoint checks (which KV path holds the model's caches, the quantization block) are `vmetal.preflight`'s,
+shared with the CLI's pre-flight (asked again here, in-process, before any weight is read); this module adds
+what only the engine process does: resolving the folder, loading it, measuring the K/V shapes its caches hold,
+and its output head on selected hidden states (`logits_at`).
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmetal.preflight import cache_types
 from vmetal.preflight.checkpoint import (
     ModelNotFoundError,
     Quantization,
     UnsupportedModelError,
-    check_architecture,
     quantization_of,
     read_config,
 )
 
-__all__ = ["LoadedModel", "ModelNotFoundError", "UnsupportedModelError", "load", "read_config", "resolve_model_path"]
+__all__ = ["LoadedModel", "ModelNotFoundError", "UnsupportedModelError", "load", "logits_at", "read_config",
+           "resolve_model_path"]
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> Path:
@@ -58,11 +61,16 @@ class LoadedModel:
     path: Path
     num_layers: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # of the keys (and of the values, on the paged path: `cache_types.paged_obstacle`)
     vocab_size: int
     dtype: Any  # mx.Dtype of the unquantized weights (norms; scales of affine-quantized layers)
     quantization: Quantization | None = None
     num_heads: int | None = None  # query heads (None: as many as KV heads)
+    # (KV heads, key width, value width) of each layer, as its cache holds them after a probe forward; MLA
+    # layers (DeepSeek-V2) have keys wider than values. Empty: every layer is num_kv_heads x head_dim for both.
+    kv_widths: tuple[tuple[int, int, int], ...] = ()
+    # Whether the model's output head may run on selected hidden states only (checked at load: `_probe`).
+    head_on_rows: bool = True
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -71,40 +79,124 @@ class LoadedModel:
         In a quantized model the activations (hence K and V) come out of the quantized matmuls in the
         dtype of the floating weights beside them, not in the packed integer dtype.
         """
+        if self.kv_widths:
+            return sum(h * (k + v) for h, k, v in self.kv_widths) * self.dtype.size
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size
 
 
-def load(model: str, revision: str | None = None) -> LoadedModel:
+def load(model: str, revision: str | None = None, kv_path: str = "mlx") -> LoadedModel:
+    """Load `model` with mlx-lm, refused (UnsupportedModelError) unless `kv_path` holds every cache it makes."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import load_model
+    from mlx_lm.utils import load_model  # mlx-lm itself, before `cache_types.probe` would stand in a bare package
 
     path = resolve_model_path(model, revision)
     config = read_config(path)
-    check_architecture(config, where=str(path / "config.json"))
+    # The pre-flight's decision, in this process (mlx-lm is imported here anyway): before any weight is read.
+    cache_types.check_caches(cache_types.model_state_here(config, str(path / "config.json")), kv_path)
     mlx_model, config = load_model(path)
-    args = mlx_model.args
-    num_heads = args.num_attention_heads
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // num_heads
+    # Shapes as the model really makes them, whatever its config calls them (MLA's keys are wider than its
+    # values; families name their head counts differently).
+    probe = _probe(mlx_model)
     params = tree_flatten(mlx_model.parameters())
     # Packed weights of a quantized layer are uint32 (mxfp4 scales uint8): only floating ones count.
     float_dtypes = [v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating)]
+    kv_heads, head_dim, _ = probe.kv_widths[0]
     return LoadedModel(
         model=mlx_model,
         config=config,
         path=path,
-        num_layers=len(mlx_model.layers),
-        num_kv_heads=getattr(args, "num_key_value_heads", None) or num_heads,
-        num_heads=num_heads,
+        num_layers=len(probe.kv_widths),
+        num_kv_heads=kv_heads,
+        num_heads=getattr(mlx_model.args, "num_attention_heads", None),
         head_dim=head_dim,
-        vocab_size=args.vocab_size,
+        vocab_size=probe.vocab_size,
         dtype=float_dtypes[0] if float_dtypes else mx.float32,
         quantization=quantization_of(config),
+        kv_widths=probe.kv_widths,
+        head_on_rows=probe.head_on_rows,
     )
 
 
-def logits_of(model: Any, hidden: Any) -> Any:
-    """The LM head of an mlx-lm causal LM, applied to selected hidden states only."""
-    if getattr(model.args, "tie_word_embeddings", False):
-        return model.model.embed_tokens.as_linear(hidden)
-    return model.lm_head(hidden)
+# ------------------------------------------------------------------------------------------ output head
+#
+# mlx-lm's `Model.__call__` is `head(self.model(inputs, cache))`: the inner model gives hidden states and the
+# class's own code turns them into logits, which differs by family (a tied embedding or an `lm_head`, Gemma 2's
+# final softcapping, Granite's `logits_scaling`, Cohere's `logit_scale`, …). Only some positions' logits are
+# needed (a prefill's last one; the paged path's last row per request), and on a large vocabulary the head
+# over every position costs more than the rest of a prefill. So the model's own `__call__` runs with its
+# `self.model` seen through `_Selecting`, which hands the head only the selected rows of the hidden states:
+# the family's own output code, on the rows that are needed.
+
+
+class _Selecting:
+    """The inner model, returning only `select(hidden)`; every other attribute is the inner model's."""
+
+    def __init__(self, inner: Any, select: Any):
+        self._inner, self._select = inner, select
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._select(self._inner(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _HeadOnRows:
+    """`model` as its own `__call__` sees `self`, with `self.model` selecting rows (everything else is the model's)."""
+
+    def __init__(self, model: Any, select: Any):
+        self._model, self._select = model, select
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "model":
+            return _Selecting(self._model.model, self._select)
+        return getattr(self._model, name)
+
+
+def logits_at(model: Any, inputs: Any, cache: Any, select: Any, head_on_rows: bool = True) -> Any:
+    """`model(inputs, cache=cache)` reduced to `select(...)` of its positions: the family's own output head and
+    post-processing, computed on the selected hidden states only (see above). `select` takes and returns
+    [B, L, …] arrays (keep the axes: a family's output code may rely on them). With `head_on_rows` False (a
+    model whose output code is not position by position, see `_head_on_rows`) the head runs on every position
+    and the logits are selected afterwards."""
+    if not head_on_rows:
+        return select(model(inputs, cache=cache))
+    return type(model).__call__(_HeadOnRows(model, select), inputs, cache=cache)
+
+
+@dataclass(frozen=True)
+class _Probe:
+    kv_widths: tuple[tuple[int, int, int], ...]  # per layer (KV heads, key width, value width)
+    vocab_size: int  # the logits' width
+    head_on_rows: bool
+
+
+def _probe(model: Any) -> _Probe:
+    """One 4-token forward of the loaded model: the K/V shapes its caches then hold, its logits' width, and
+    whether `logits_at` with the head on selected rows gives what the whole forward gives (true of every
+    family whose output code works position by position, all of those tested; a family where it is not
+    keeps the exact, slower head over every position)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    tokens = mx.array([[0, 1, 2, 3]], dtype=mx.int32)
+    cache = make_prompt_cache(model)
+    want = model(tokens, cache=cache)[:, -1:]
+    # KVCache keys/values: [batch, KV heads, positions, width].
+    widths = tuple((c.keys.shape[1], c.keys.shape[3], c.values.shape[3]) for c in cache)
+    try:
+        got = logits_at(model, tokens, make_prompt_cache(model), last_position)
+    except Exception:  # a shape error in the family's output code: it needs every position
+        got = None
+    # One row's matmul may round differently from four rows' in a 16-bit dtype; a wrong row or a skipped
+    # scaling differs by whole units.
+    tol = 1e-4 if want.dtype == mx.float32 else 2e-2
+    on_rows = got is not None and got.shape == want.shape and bool(
+        mx.allclose(got.astype(mx.float32), want.astype(mx.float32), rtol=tol, atol=tol))
+    return _Probe(widths, int(want.shape[-1]), on_rows)
+
+
+def last_position(hidden: Any) -> Any:
+    """`logits_at`'s selection of a [B, L, …] batch's last position, axes kept."""
+    return hidden[:, -1:]

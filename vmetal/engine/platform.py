@@ -16,7 +16,7 @@ from vllm.platforms.interface import Platform, PlatformEnum
 
 from vmetal import envs
 from vmetal.preflight import features
-from vmetal.preflight.checkpoint import SUPPORTED_ARCHITECTURES, UnsupportedModelError, quantization_of, supported_list
+from vmetal.preflight.checkpoint import quantization_of
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
@@ -63,10 +63,10 @@ class MetalPlatform(Platform):
 
     @classmethod
     def verify_model_arch(cls, model_arch: str) -> None:
-        if model_arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {model_arch} is not supported by vmetal; supported: {supported_list()}"
-            )
+        # vLLM asks by architecture name alone. vmetal decides by the state the checkpoint's mlx-lm model makes
+        # (vmetal.preflight.cache_types), which takes its config.json: `check_and_update_config` asks for a
+        # local folder before the engine starts, and the runner's load asks again before reading a weight.
+        return
 
     @classmethod
     def verify_quantization(cls, quant: str) -> None:
@@ -99,6 +99,7 @@ class MetalPlatform(Platform):
         refused = features.refused_config(vllm_config)
         if refused:
             raise ValueError(refused)
+        _check_model_state(vllm_config.model_config.model, cfg.kv_path)
 
         parallel = vllm_config.parallel_config
         if parallel.world_size > 1:
@@ -151,3 +152,17 @@ class MetalPlatform(Platform):
         from vmetal.engine.request_checks import check_request
 
         check_request(processed_inputs, params)
+
+
+def _check_model_state(model: str, kv_path: str) -> None:
+    """Refuse, before the engine starts, a local checkpoint whose state `kv_path` does not hold (one line
+    naming the family, the cache type and the path that would serve it). A hub id is left to the runner's
+    load, which asks the same once the engine has resolved it: resolving it here could reach the network."""
+    from pathlib import Path
+
+    from vmetal.preflight.cache_types import check_model
+    from vmetal.preflight.checkpoint import read_config
+
+    folder = Path(model).expanduser()
+    if (folder / "config.json").is_file():
+        check_model(read_config(folder), str(folder / "config.json"), kv_path)

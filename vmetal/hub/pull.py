@@ -54,13 +54,17 @@ class PullResult:
 # ----------------------------------------------------------------------------------------- checks
 
 
-def _check_architecture(config: dict, where: str) -> str:
-    from vmetal.preflight.checkpoint import UnsupportedModelError, check_architecture, supported_list
+def _check_architecture(config: dict, where: str, kv_path: str | None = None) -> str:
+    """Refuse, before any weight byte, a model that `kv_path` (None: every KV path) cannot serve, decided by the
+    caches mlx-lm makes for it."""
+    from vmetal.preflight.cache_types import check_model
+    from vmetal.preflight.checkpoint import UnsupportedModelError
 
     try:
-        return check_architecture(config, where=where)
+        return check_model(config, where, kv_path).module
     except UnsupportedModelError as exc:
-        raise VmetalError(str(exc), hint=f"vmetal serves {supported_list()}; nothing was downloaded") from None
+        raise VmetalError(str(exc), hint="nothing was downloaded; the README's table lists the families "
+                                         "vmetal serves") from None
 
 
 def _check_config(config: dict, where: str) -> None:
@@ -148,11 +152,13 @@ def _plan_files(remote: Any, include: Sequence[str], force: bool, where: str,
 
 
 def pull(model: str, *, source: str | None = None, revision: str | None = None, include: Sequence[str] = (),
-         force: bool = False, max_model_len: int | None = None, view: PullView = SilentView()) -> PullResult:
+         force: bool = False, max_model_len: int | None = None, view: PullView = SilentView(),
+         kv_path: str | None = None) -> PullResult:
     """Download what serving `model` needs (or check a local folder), verified, and record it.
 
     `source`: `huggingface`/`hf` or `modelscope`/`ms`; None follows VLLM_USE_MODELSCOPE. `force` pulls a model
-    that does not fit or has no safetensors weights (with a warning).
+    that does not fit or has no safetensors weights (with a warning). `kv_path`: the KV path it will be served
+    on (`serve` knows it), refused before the download when that path cannot hold it; None: any path.
     """
     hub = hub_for(common.resolve_source(source))
     if common.looks_local(model):
@@ -168,7 +174,7 @@ def pull(model: str, *, source: str | None = None, revision: str | None = None, 
     with hub.lock(remote):
         where = f"{remote.repo_id}/config.json"
         config = hub.fetch_json(remote, "config.json")
-        _check_architecture(config, where)
+        _check_architecture(config, where, kv_path)
         _check_config(config, where)
         report = _fit(config, weight_bytes, max_model_len, force, remote.repo_id, view) if weights else None
 
@@ -210,7 +216,7 @@ def pulled_copy(model: str) -> Path | None:
 
 
 def ensure_local(model: str, *, refresh: bool = True, force: bool = False, max_model_len: int | None = None,
-                 view: PullView = SilentView()) -> Path:
+                 view: PullView = SilentView(), kv_path: str | None = None) -> Path:
     """The local folder of `model`: a folder as given, or a hub id pulled first.
 
     `refresh`: pull even when a complete copy is there (a no-op apart from verifying it, unless the revision
@@ -223,7 +229,7 @@ def ensure_local(model: str, *, refresh: bool = True, force: bool = False, max_m
         raise VmetalError(f"model folder `{model}` does not exist or is not a folder", exit_code=USAGE)
     folder = None if refresh else pulled_copy(model)
     if folder is None:
-        folder = pull(model, force=force, max_model_len=max_model_len, view=view).path
+        folder = pull(model, force=force, max_model_len=max_model_len, view=view, kv_path=kv_path).path
     registry.touch(str(folder))
     return folder
 

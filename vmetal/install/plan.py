@@ -32,6 +32,7 @@ import argparse
 import platform
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 # --- The pins ---------------------------------------------------------------------------
@@ -101,10 +102,8 @@ class Step:
 PythonVersion = Union[str, Sequence[int]]
 
 
-def default_venv() -> "Path":
+def default_venv() -> Path:
     """The managed venv: $VMETAL_VENV, else ~/.venv-vllm-metal (install.sh's default too)."""
-    from pathlib import Path
-
     return Path(os.environ.get(VENV_ENV) or Path.home() / DEFAULT_VENV_NAME).expanduser()
 
 

@@ -1,8 +1,5 @@
-"""What a checkpoint's config.json says: its architecture (against the allow-list) and its MLX quantization.
-
-mlx-lm knows many architectures; the engine is tested on the dense decoder-only families below (GQA,
-standard KV cache). `vmetal serve`'s pre-flight, `pull`, `convert` and the engine itself (at load) all ask
-this module, so a model is refused with the same message wherever it is first seen.
+"""What a checkpoint's config.json says: its MLX quantization, and the errors of a checkpoint that is missing or
+not served (whether vmetal serves it is `cache_types`' decision).
 
 Stdlib only: the CLI imports it for its pre-flight checks.
 """
@@ -14,38 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# HF `architectures` entry -> mlx-lm module that implements it.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
-
 
 class UnsupportedModelError(ValueError):
-    """The checkpoint's architecture is not one the engine supports."""
+    """The checkpoint is not one the engine serves (on the KV path asked for)."""
 
 
 class ModelNotFoundError(FileNotFoundError):
     """Neither a local folder nor a hub id that resolves to one."""
-
-
-def supported_list() -> str:
-    return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
-
-
-def check_architecture(config: dict[str, Any], where: str = "config.json") -> str:
-    """Return the mlx-lm module name for `config`, or raise UnsupportedModelError."""
-    archs = config.get("architectures") or []
-    for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES:
-            return SUPPORTED_ARCHITECTURES[arch]
-    named = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
-    raise UnsupportedModelError(
-        f"architecture {named} (from {where}) is not supported by vmetal; "
-        f"supported: {supported_list()}"
-    )
 
 
 def read_config(path: Path) -> dict[str, Any]:

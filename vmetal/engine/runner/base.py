@@ -70,7 +70,8 @@ class ModelRunnerBase:
         from vmetal.engine import models
 
         before = mx.get_active_memory()
-        self.loaded = models.load(self.model_config.model, revision=self.model_config.revision)
+        self.loaded = models.load(self.model_config.model, revision=self.model_config.revision,
+                                  kv_path=self.metal_config.kv_path)
         self.weights_bytes = mx.get_active_memory() - before
         self.model = self.loaded.model
         self._finish_loading(MetalSampler)

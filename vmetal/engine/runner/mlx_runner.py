@@ -64,7 +64,7 @@ class MlxModelRunner(ModelRunnerBase):
             layer.trim(drop)
 
     def _prefill(self, cache: Any, tokens: list[int], start: int, all_logits: bool = False) -> Any:
-        return mlx_cache.prefill(self.model, cache, tokens, all_logits)
+        return mlx_cache.prefill(self.model, cache, tokens, all_logits, self.loaded.head_on_rows)
 
     def _compute(self) -> Any:
         """Context for a step's forwards (torch: inference mode)."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from vmetal import envs
-from vmetal.engine.models import logits_of
+from vmetal.engine.models import logits_at
 from vmetal.engine.runner.attention import metal as attention
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
@@ -163,8 +163,10 @@ class PagedModelRunner(ModelRunnerBase):
         for layer in layers:
             layer.layout = layout
         ids = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
-        hidden = self.model.model(ids[:, None], cache=layers)
-        return logits_of(self.model, hidden[mx.array(last_rows, dtype=mx.int32), 0, :])
+        rows = mx.array(last_rows, dtype=mx.int32)
+        # Each packed token is a batch row [T, 1]: the model's own head runs on the rows asked for only.
+        return logits_at(self.model, ids[:, None], layers, lambda hidden: hidden[rows],
+                         self.loaded.head_on_rows)[:, 0, :]
 
     # ---------------------------------------------------------------- steps
     def _update_states(self, so: Any) -> None:

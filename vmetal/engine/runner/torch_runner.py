@@ -213,10 +213,11 @@ class TorchModelRunner(MlxModelRunner):
         from transformers.utils import logging as hf_logging
 
         from vmetal.engine import models
+        from vmetal.preflight import cache_types
 
         path = models.resolve_model_path(self.model_config.model, self.model_config.revision)
         config = models.read_config(path)
-        models.check_architecture(config, where=str(path / "config.json"))
+        cache_types.check_model(config, str(path / "config.json"), "torch")
         if config.get("quantization") or config.get("quantization_config"):
             raise models.UnsupportedModelError(
                 f"`{path}` is quantized; the PyTorch compute path (VLLM_METAL_USE_MLX=0) loads "

@@ -97,17 +97,20 @@ def new_request_cache(model: Any) -> list[Any]:
     return make_prompt_cache(model)
 
 
-def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = False) -> Any:
+def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = False,
+            head_on_rows: bool = True) -> Any:
     """Run `tokens` through `model` on a per-request cache; returns the last position's logits [V].
 
-    Only the last position goes through the LM head: on a 150k-word vocabulary the
-    head over a whole prompt would cost more than the rest of the prefill. With
-    `all_logits` (prompt logprobs asked for) every position's [n, V] instead.
+    Only the last position goes through the model's output head (`models.logits_at`: the family's own head
+    and post-processing, handed the last hidden state only): on a 150k-word vocabulary the head over a whole
+    prompt would cost more than the rest of the prefill. With `all_logits` (prompt logprobs asked for) every
+    position's [n, V] instead. `head_on_rows`: `LoadedModel.head_on_rows`.
     """
     import mlx.core as mx
 
-    from vmetal.engine.models import logits_of
+    from vmetal.engine.models import last_position, logits_at
 
     inputs = mx.array(tokens, dtype=mx.int32)[None]
-    hidden = model.model(inputs, cache=cache)
-    return logits_of(model, hidden[0] if all_logits else hidden[0, -1, :])
+    if all_logits:
+        return model(inputs, cache=cache)[0]
+    return logits_at(model, inputs, cache, last_position, head_on_rows)[0, -1]

@@ -93,21 +93,27 @@ class PagedLayerCache:
 
 
 def install_attention_hook(model: Any) -> None:
-    """Route the model module's SDPA to our caches when it is handed a PagedLayerCache.
+    """Route SDPA to our caches when it is handed a PagedLayerCache, in every module the model's attention
+    calls it from (`cache_types.attention_modules`: SmolLM3's is Llama's). Whether that is all of its attention
+    (no family-specific attention code, one width for K and V) is the pre-flight's `paged_obstacle`.
 
     Any other cache (the MLX-managed path, mlx-lm's own generate) goes to the
     original function unchanged.
     """
-    module_name = type(model).__module__
-    if module_name in _HOOKED:
-        return
-    module = importlib.import_module(module_name)
-    original = module.scaled_dot_product_attention
+    from vmetal.preflight.cache_types import attention_modules
 
+    for module_name in attention_modules(model):
+        if module_name in _HOOKED:
+            continue
+        module = importlib.import_module(module_name)
+        module.scaled_dot_product_attention = _routed(module.scaled_dot_product_attention)
+        _HOOKED.add(module_name)
+
+
+def _routed(original: Any) -> Any:
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, *args, **kwargs):
         if isinstance(cache, PagedLayerCache):
             return cache.attention(queries, scale)
         return original(queries, keys, values, *args, cache=cache, scale=scale, mask=mask, **kwargs)
 
-    module.scaled_dot_product_attention = scaled_dot_product_attention
-    _HOOKED.add(module_name)
+    return scaled_dot_product_attention

@@ -1,0 +1,113 @@
+"""Model families beyond the demo's four, each a tiny random checkpoint built from mlx-lm's own model class
+(`tests/support/families.py`), through vLLM's `LLM` on every KV path that serves it: greedy tokens equal to
+mlx-lm's with eight requests at once and with requests joining mid-decode (rows merged into and taken out of
+the decode batch), and each sampled token's logprob equal to mlx-lm's log-softmax. The logprobs are where a
+family's own output code shows: a skipped Granite `logits_scaling` or Gemma 2 softcapping leaves greedy
+tokens as they were (both are monotonic) and moves every logprob.
+
+Which paths serve a family is the pre-flight's decision (`vmetal.preflight.cache_types`, from the caches and
+attention mlx-lm's model makes); `PATHS` is what was measured here, and the first test holds the decision to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.support.engine import (
+    PROMPTS,
+    assert_joining_requests_like_mlx,
+    greedy,
+    mlx_greedy,
+    running_llm,
+    sampled_logprobs_reference,
+)
+from tests.support.families import FAMILIES, build_family
+
+pytestmark = pytest.mark.slow
+
+# family -> the KV paths that serve it. DeepSeek-V2's MLA keys are wider than its values (the paged pools hold
+# one width); Gemma 2 computes attention in its own code (softcapped scores), which the paged hook cannot route.
+PATHS: dict[str, tuple[str, ...]] = {
+    "qwen3_moe": ("mlx", "paged"),
+    "mixtral": ("mlx", "paged"),
+    "phi3": ("mlx", "paged"),
+    "smollm3": ("mlx", "paged"),
+    "granite": ("mlx", "paged"),
+    "glm4": ("mlx", "paged"),
+    "olmo2": ("mlx", "paged"),
+    "deepseek_v2": ("mlx",),
+    "gemma": ("mlx", "paged"),
+    "gemma2": ("mlx",),
+}
+RUNS = [(family, kv_path) for family, paths in PATHS.items() for kv_path in paths]
+MAX_TOKENS = 12
+
+
+def test_every_family_is_measured():
+    assert set(PATHS) == set(FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def family_dir(models_dir):
+    built = {}
+
+    def path_of(family: str):
+        if family not in built:
+            built[family] = build_family(models_dir / f"family-{family}", family)
+        return built[family]
+
+    return path_of
+
+
+@pytest.mark.parametrize("family", sorted(PATHS))
+def test_preflight_serves_each_family_on_its_measured_paths(family_dir, family):
+    from vmetal.preflight.cache_types import model_state, servable_paths
+
+    config = json.loads((family_dir(family) / "config.json").read_text())
+    assert tuple(servable_paths(model_state(config))) == PATHS[family]
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=[f"{f}-{p}" for f, p in RUNS])
+def engine(request, family_dir):
+    family, kv_path = request.param
+    path = family_dir(family)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1" if kv_path == "paged" else "0")
+        mp.setenv("VLLM_METAL_MEMORY_FRACTION", "0.2" if kv_path == "paged" else "auto")
+        with running_llm(path, max_model_len=256, max_num_seqs=8, seed=0) as llm:
+            yield path, llm, f"{family}-{kv_path}"
+
+
+def test_concurrent_greedy_tokens_and_logprobs_equal_mlx_lm(engine):
+    path, llm, _ = engine
+    outs = llm.generate(PROMPTS, greedy(MAX_TOKENS, logprobs=1), use_tqdm=False)
+    assert len(outs) == 8
+    for out in outs:
+        tokens = list(out.outputs[0].token_ids)
+        assert tokens == mlx_greedy(path, out.prompt_token_ids, MAX_TOKENS)
+        want = sampled_logprobs_reference(path, out.prompt_token_ids, tokens)
+        got = [step[token].logprob for step, token in zip(out.outputs[0].logprobs, tokens)]
+        # float32 models: the same forward up to summation order.
+        assert all(math.isclose(g, w, abs_tol=1e-4) for g, w in zip(got, want)), (got, want)
+
+
+def test_requests_joining_mid_decode_equal_mlx_lm(engine):
+    path, llm, tag = engine
+    assert_joining_requests_like_mlx(path, llm, tag)
+
+
+def test_paged_path_refuses_mla_before_the_engine_starts(family_dir, monkeypatch):
+    """`LLM(...)` on the paged path stops in vLLM's config step, naming the family, what its attention keeps
+    and the path that serves it; no engine process is started."""
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.2")
+    with pytest.raises(Exception) as err:
+        LLM(model=str(family_dir("deepseek_v2")), max_model_len=256)
+    message = str(err.value)
+    assert "deepseek_v2 (DeepseekV2ForCausalLM): its attention keeps keys 24 and values 16 wide (MLA)" in message
+    assert "use the MLX-managed path" in message

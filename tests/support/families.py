@@ -1,0 +1,105 @@
+"""Tiny random-weight checkpoints of the model families vmetal serves beyond the demo's four, built from
+mlx-lm's own model classes (`vmetal.demo.build_checkpoint`: its parameter names and `sanitize`) with the demo
+tokenizer.
+
+Each config is the family's config.json as its Hugging Face checkpoints spell it (vLLM's front-end reads it
+through transformers; mlx-lm's `ModelArgs` pick their fields from it), shrunk to hidden 64, 2 layers, 4 query
+heads, so that a family's own structure is kept: MoE routing, MLA's low-rank K/V, fused projections, NoPE
+layers, output scalings. Values that change what the output code computes (Granite's `logits_scaling`, Gemma 2's
+final softcapping) are set so that skipping them changes the logprobs by whole units.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_COMMON: dict[str, Any] = {
+    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "intermediate_size": 128, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "tie_word_embeddings": False, "hidden_act": "silu", "attention_dropout": 0.0, "initializer_range": 0.02,
+    "use_cache": True, "vocab_size": None,
+}
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"], "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "moe_intermediate_size": 64, "norm_topk_prob": True,
+        "attention_bias": False,
+    },
+    "mixtral": {
+        "architectures": ["MixtralForCausalLM"], "num_local_experts": 4, "num_experts_per_tok": 2,
+        "sliding_window": None,
+    },
+    "phi3": {
+        # Fused qkv_proj and gate_up_proj.
+        "architectures": ["Phi3ForCausalLM"], "original_max_position_embeddings": 2048, "sliding_window": None,
+        "partial_rotary_factor": 1.0,
+    },
+    "smollm3": {
+        # Layer 1 without RoPE (NoPE), as every 4th layer of SmolLM3-3B.
+        "architectures": ["SmolLM3ForCausalLM"], "no_rope_layers": [1, 0], "no_rope_layer_interval": 4,
+        "attention_bias": False, "mlp_bias": False, "use_sliding_window": False, "sliding_window": None,
+    },
+    "granite": {
+        # Scaled embeddings, residuals and attention, and logits divided by `logits_scaling`; tied, as
+        # Granite 3 is.
+        "architectures": ["GraniteForCausalLM"], "logits_scaling": 4.0, "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5, "attention_multiplier": 0.25, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": True,
+    },
+    "glm4": {
+        # Half-rotary, interleaved RoPE; q/k/v biases; extra post-norms.
+        "architectures": ["Glm4ForCausalLM"], "head_dim": 16, "attention_bias": True,
+        "partial_rotary_factor": 0.5,
+    },
+    "olmo2": {
+        # q/k norms over all heads; norms after attention and MLP.
+        "architectures": ["Olmo2ForCausalLM"], "attention_bias": False,
+    },
+    "deepseek_v2": {
+        # MLA (DeepSeek-V2-Lite: no q_lora), K 24 wide (16 + 8 rotary), V 16; one dense layer then MoE with a
+        # shared expert.
+        "architectures": ["DeepseekV2ForCausalLM"], "num_key_value_heads": 4, "kv_lora_rank": 32,
+        "q_lora_rank": None, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
+        "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "greedy", "routed_scaling_factor": 1.0,
+        "n_group": 1, "topk_group": 1, "scoring_func": "softmax", "norm_topk_prob": False,
+        "attention_bias": False,
+        # DeepSeek-V2-Lite's YaRN (mlx-lm's DeepSeek-V2 attention reads it unconditionally).
+        "max_position_embeddings": 163840,
+        "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+    },
+    "gemma": {
+        # No lm_head: the embedding is the output matrix; embeddings scaled by sqrt(hidden).
+        "architectures": ["GemmaForCausalLM"], "head_dim": 16, "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+    },
+    "gemma2": {
+        # Gemma's tied head, then tanh softcapping of the final logits at 30, as Gemma 2 ships it (the tiny
+        # model's raw logits reach ±100, so the cap changes them by whole units); attention logits capped too.
+        # As many KV heads as query heads: mlx-lm's Gemma 2 cannot batch grouped-query attention
+        # (`batch_obstacle`), which is what every published Gemma 2 uses, so those are refused.
+        "architectures": ["Gemma2ForCausalLM"], "head_dim": 16, "num_key_value_heads": 4,
+        "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
+        "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16,
+        "sliding_window": 4096, "cache_implementation": "hybrid",
+    },
+}
+for _family, _config in FAMILIES.items():
+    FAMILIES[_family] = {**_COMMON, "model_type": _family, **_config}
+
+
+def build_family(path: Path, family: str, seed: int = 0) -> Path:
+    """A tiny random `family` checkpoint (float32) with the demo tokenizer in `path`."""
+    from vmetal.demo import build_checkpoint
+
+    return build_checkpoint(path, FAMILIES[family], seed=seed)
+
+
+def as_sliding_window(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` relabelled as a Gemma 3 text model of the same shape: mlx-lm's `gemma3_text` then makes a
+    sliding-window `RotatingKVCache` for each of its layers (five in six are sliding; two layers are both), a
+    state no vmetal KV path holds yet. Only the config changes: it is refused before any weight is read."""
+    return {**config, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "sliding_window": 16}

@@ -34,9 +34,9 @@ HF_SECRET = "hf_TopSecretToken0123456789"
 def clean_environment(monkeypatch):
     for var in envs.VARIABLES:
         monkeypatch.delenv(var.name, raising=False)
-    for var in ("VLLM_API_KEY", API_KEYS_ENV):
+    for var in ("VLLM_API_KEY", API_KEYS_ENV, "VLLM_LOGGING_LEVEL"):
         monkeypatch.delenv(var, raising=False)
-    # `-v` sets VLLM_METAL_DEBUG in this process; restored after each test.
+    # `-v` sets VLLM_METAL_DEBUG and VLLM_LOGGING_LEVEL in this process; both restored after each test.
     monkeypatch.setenv("VLLM_METAL_DEBUG", "0")
 
 
@@ -123,6 +123,14 @@ def test_pull_debug_output_masks_token_and_url_credentials(monkeypatch, tmp_path
     assert r.exit_code == 1, r.output
     assert "Traceback" in r.stderr and "error: cannot reach" in r.stderr  # -v really printed details
     assert HF_SECRET not in r.output and "hunter2pw" not in r.output and "****" in r.output
+
+
+def test_verbose_turns_on_vllms_debug_logs_unless_the_user_chose_a_level(monkeypatch):
+    assert runner.invoke(app, ["-v", "list"]).exit_code == 0
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "DEBUG" and os.environ["VLLM_METAL_DEBUG"] == "1"
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "WARNING")
+    assert runner.invoke(app, ["-v", "list"]).exit_code == 0
+    assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"
 
 
 # ------------------------------------------------------------------------- a real server
@@ -213,7 +221,10 @@ def test_the_key_opens_them(keyed_server, method, path, body):
 
 @pytest.mark.slow
 def test_server_log_holds_no_secret(keyed_server):
-    _, log = keyed_server
+    base, log = keyed_server
+    # A request of its own: the engine's debug lines are written per step, and this test may run first.
+    status, body = _request(base, "POST", "/v1/completions", KEY, {"model": "m", "prompt": "Hi", "max_tokens": 2})
+    assert status == 200, body
     text = log.read_text()
     assert "vmetal: serving m" in text and "DEBUG" in text  # -v: vLLM's debug logs were on
     assert KEY not in text and HF_SECRET not in text

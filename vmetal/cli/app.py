@@ -43,12 +43,15 @@ def _root(
     version: Annotated[bool, typer.Option("--version", help="Print vmetal's version and exit.",
                                           callback=_print_version, is_eager=True)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug output: tracebacks for errors, "
-                                          "debug logs from the engine (sets VLLM_METAL_DEBUG=1).")] = False,
+                                          "debug logs from vLLM and the engine (sets VLLM_METAL_DEBUG=1 and, "
+                                          "unless set, VLLM_LOGGING_LEVEL=DEBUG).")] = False,
 ) -> None:
     """Run LLMs with vLLM on MLX (Apple Silicon; MLX CPU or CUDA elsewhere)."""
     if verbose:
         # Through the environment, so the server and engine processes started below see it too.
         os.environ[DEBUG_ENV] = "1"
+        # vLLM's log handler filters by this level, so without it the engine's debug lines never print.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG")
 
 
 mount(app, "serve", serve.serve, **serve.COMMAND_SETTINGS)

@@ -7,6 +7,7 @@ tests stand a fake in for it. `--smoke` (a real generation, ~30 s) is marked slo
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -26,8 +27,8 @@ from vmetal.server.process import free_port
 runner = CliRunner()
 
 CHECK_IDS = ["host", "python_arch", "python_version", "vllm_version", "mlx_version", "mlx_lm_version",
-             "transformers_version", "entry_point", "vllm_platform", "mlx_devices", "metal_device", "memory", "env", "disk",
-             "hub_huggingface", "hub_modelscope", "port", "remote_code"]
+             "transformers_version", "entry_point", "vllm_platform", "mlx_devices", "metal_device", "metal_kernels",
+             "memory", "env", "disk", "hub_huggingface", "hub_modelscope", "port", "remote_code"]
 TOP_KEYS = {"schema": int, "vmetal_version": str, "ok": bool, "exit_code": int, "elapsed_s": float,
             "counts": dict, "checks": list, "report": str}
 CHECK_KEYS = {"id": str, "title": str, "status": str, "summary": str, "details": dict, "elapsed_s": float}
@@ -446,6 +447,67 @@ def test_no_metal_device_off_a_mac_is_ok_and_on_a_mac_fails():
     assert check.details["kind"] == "none" and check.details["device_name"] is None
     check = device.check_metal_device(system.MlxDevices(version="0", cpu=True), mac_facts())
     assert check.status == "fail" and check.fix
+
+
+# --- The Metal kernels' self-check (issue 18, item 5): the child faked, except where it can run here -----------
+
+AGREES = {"ok": True, "error": 2.1e-3, "tolerance": 3e-2, "device": "Device(gpu, 0)",
+          "shape": "16 query / 8 KV heads x 128, block size 16, mlx.core.bfloat16"}
+DISAGREES = {**AGREES, "ok": False, "error": 0.1}
+
+
+def never_run(environ):
+    raise AssertionError("the self-check ran where it must not")
+
+
+@pytest.mark.parametrize("setting, status, words", [
+    ({}, "ok", "not used: no Metal device"),
+    ({"VLLM_METAL_KERNELS": "0"}, "ok", "not used: no Metal device"),
+    ({"VLLM_METAL_KERNELS": "1"}, "fail", "VLLM_METAL_KERNELS=1 asks for them, but MLX has no Metal device"),
+])
+def test_kernels_off_metal_never_run(setting, status, words):
+    check = device.check_metal_kernels(system.MlxDevices(version="0", cpu=True), setting, run=never_run)
+    assert (check.status, check.details["ran"]) == (status, False) and check.summary.startswith(words)
+
+
+def test_kernels_switched_off_on_metal_are_not_checked():
+    check = device.check_metal_kernels(metal_devices(M2_PRO_INFO), {"VLLM_METAL_KERNELS": "0"}, run=never_run)
+    assert check.status == "ok" and check.summary.startswith("off (VLLM_METAL_KERNELS=0)")
+
+
+@pytest.mark.parametrize("setting, result, status, words", [
+    ({}, AGREES, "ok", "paged attention agrees: relative error 2.10e-03"),
+    ({"VLLM_METAL_KERNELS": "1"}, AGREES, "ok", "paged attention agrees"),
+    ({}, DISAGREES, "warn", "paged attention DISAGREES: relative error 1.00e-01"),
+    ({"VLLM_METAL_KERNELS": "1"}, DISAGREES, "fail", "paged attention DISAGREES"),
+    ({}, {"failed": "no answer within 60 s"}, "warn", "the self-check did not finish: no answer within 60 s"),
+])
+def test_kernels_on_metal_report_the_self_check(setting, result, status, words):
+    check = device.check_metal_kernels(metal_devices(PARAVIRTUAL_INFO), setting, run=lambda environ: result)
+    assert check.status == status and check.summary.startswith(words), check.summary
+    assert check.details["ran"] is True and (check.fix is None) == (status == "ok")
+    if status == "warn" and "DISAGREES" in words:
+        assert "pure-MLX reference instead" in check.summary  # what the engine will do
+    if status == "fail":
+        assert "wrong outputs" in check.summary and "unset VLLM_METAL_KERNELS" in check.fix
+
+
+def test_self_check_child_prints_its_verdict(monkeypatch):
+    """The child itself, for real, with the reference standing in for the kernel (off a Mac the kernel cannot
+    run): doctor reads what it prints. A child that crashes is reported with its last stderr line."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vmetal.engine.runner.attention import metal, reference;"
+            "metal.paged_attention = lambda *a, use_kernel: reference.paged_attention(*a) * float(sys.argv[1]);"
+            "sys.exit(metal.main())")
+    for factor, ok in (("1.0", True), ("1.1", False)):
+        proc = subprocess.run([sys.executable, "-c", code, factor], capture_output=True, text=True, timeout=120)
+        verdict = json.loads(proc.stdout)
+        assert (proc.returncode, verdict["ok"]) == ((0, True) if ok else (1, False))
+        assert verdict["shape"].startswith("16 query / 8 KV heads x 128, block size 16")
+    monkeypatch.setattr(device, "SELF_CHECK_MODULE", "vmetal.no_such_module")
+    assert "No module named vmetal.no_such_module" in device.run_self_check({**os.environ})["failed"]
 
 
 def test_doctor_reports_a_vm_in_text_and_json_and_fits_models_to_its_working_set(monkeypatch, tmp_path):

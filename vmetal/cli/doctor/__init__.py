@@ -56,6 +56,9 @@ Check ids and their `details` keys:
     metal_device         kind ("apple_silicon"|"paravirtual"|"none"), paravirtual (bool: a macOS VM's GPU),
                          device_name, architecture, memory_size, max_recommended_working_set_size (null
                          where not reported; off a Mac the check is "ok" and says there is no Metal device)
+    metal_kernels        setting ("auto"|"1"|"0": VLLM_METAL_KERNELS), ran (bool: the self-check ran, only
+                         on a Metal device), ok, error (relative), tolerance, shape, device (null unless it
+                         ran), failed (str, only when the check's child did not answer)
     memory               total_bytes, mlx_bytes (what MLX may use), wired_limit_mb (int|null), available_bytes
     env                  variables: [{name, value, source ("default"|"environment"), valid, error}],
                          related: {name: value or "set (masked)" or "unset"}, device (resolved MLX device)
@@ -175,6 +178,8 @@ def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeou
         local.extend(value if isinstance(value, list) else [value])
     after = [_guarded(fn, id) for id, fn in (("mlx_devices", lambda: machine.check_mlx_devices(devices, facts)),
                                              ("metal_device", lambda: device.check_metal_device(devices, facts)),
+                                             ("metal_kernels", lambda: device.check_metal_kernels(devices,
+                                                                                                  environ)),
                                              ("memory", lambda: machine.check_memory(facts, devices)),
                                              ("env", lambda: serving.check_env(environ, devices)),
                                              ("disk", lambda: hub.check_disk(environ)))]

@@ -10,8 +10,13 @@ either, so doctor says which device this is.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from vmetal import envs
 from vmetal.cli.doctor.base import Check, _fail, _gib, _ok, _warn
 
 TITLE = "Metal device"
@@ -61,3 +66,69 @@ def check_metal_device(devices: Any, facts: Any) -> Check:
     details = _details(devices, "apple_silicon")
     name = details["device_name"] or facts.chip
     return _ok("metal_device", TITLE, f"{name} (Apple silicon; {_sizes(details)})", **details)
+
+
+# --- The Metal kernels -----------------------------------------------------------------------------------
+KERNELS_TITLE = "Metal kernels"
+SELF_CHECK_TIMEOUT_S = 60.0  # importing MLX and compiling one kernel: seconds; a hung GPU must not hang doctor
+SELF_CHECK_MODULE = "vmetal.engine.runner.attention.metal"
+
+
+def run_self_check(environ: Mapping[str, str], timeout: float = SELF_CHECK_TIMEOUT_S) -> dict[str, Any]:
+    """The engine's start-up self-check of the paged-attention kernel, in a child (a kernel that faults takes
+    its process down): {ok, error, tolerance, shape, device} as it printed them, or {failed: why}."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", SELF_CHECK_MODULE], env=dict(environ), capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"no answer within {timeout:g} s"}
+    except OSError as exc:
+        return {"failed": f"could not start {sys.executable}: {exc}"}
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return dict(json.loads(lines[-1]))
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}, no output"])[-1]
+        return {"failed": tail}
+
+
+def check_metal_kernels(devices: Any, environ: Mapping[str, str],
+                        run: Callable[[Mapping[str, str]], dict[str, Any]] = run_self_check) -> Check:
+    """`metal_kernels`: what the engine's start-up self-check would decide (`VLLM_METAL_KERNELS`): the Metal
+    paged-attention kernel against the pure-MLX reference, run where MLX has a Metal device."""
+    try:
+        setting = envs.load_config(environ).kernels
+    except envs.EnvError:
+        setting = None  # the `env` check reports the bad value; the engine would not start at all
+    details: dict[str, Any] = {"setting": {None: "auto", True: "1", False: "0"}[setting], "ran": False}
+    off = f"{envs.KERNELS}=0"
+    if not devices.metal:
+        if setting is True:
+            return _fail("metal_kernels", KERNELS_TITLE, f"{envs.KERNELS}=1 asks for them, but MLX has no Metal "
+                         "device here: the paged KV path would refuse to start",
+                         f"set {envs.KERNELS}=auto (or 0) off a Mac", **details)
+        return _ok("metal_kernels", KERNELS_TITLE, "not used: no Metal device (the paged KV path computes "
+                   "with the pure-MLX reference)", **details)
+    if setting is False:
+        return _ok("metal_kernels", KERNELS_TITLE, f"off ({off}): the paged KV path computes with the pure-MLX "
+                   "reference, unchecked", **details)
+    result = run(environ)
+    details.update(ran=True, **{k: result.get(k) for k in ("ok", "error", "tolerance", "shape", "device")})
+    if "failed" in result:
+        details["failed"] = result["failed"]
+        return _warn("metal_kernels", KERNELS_TITLE, f"the self-check did not finish: {result['failed']}",
+                     f"run `python -m {SELF_CHECK_MODULE}` to see why; {off} serves the paged KV path "
+                     "with the pure-MLX reference meanwhile", **details)
+    measured = (f"relative error {result['error']:.2e} against the pure-MLX reference (tolerance "
+                f"{result['tolerance']:.0e}) on {result['shape']}")
+    if result["ok"]:
+        return _ok("metal_kernels", KERNELS_TITLE, f"paged attention agrees: {measured}", **details)
+    if setting is True:
+        return _fail("metal_kernels", KERNELS_TITLE, f"paged attention DISAGREES: {measured}, and "
+                     f"{envs.KERNELS}=1 makes the engine serve with it anyway (wrong outputs)",
+                     f"unset {envs.KERNELS} (auto falls back to the reference) and report the bug-report "
+                     "block below", **details)
+    return _warn("metal_kernels", KERNELS_TITLE, f"paged attention DISAGREES: {measured}; the engine will "
+                 "serve the paged KV path with the pure-MLX reference instead",
+                 "report the bug-report block below; serving stays correct, at the reference's speed",
+                 **details)

@@ -294,3 +294,26 @@ def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.a
     if not use_kernel or keys.shape[0] == 0:
         return reference.write_cache(keys, values, k_pool, v_pool, writes)
     return reshape_and_cache(keys, values, k_pool, v_pool, writes.slot_mapping, use_kernel=use_kernel)
+
+
+# ------------------------------------------------------------------------------------------- doctor's probe
+# The shape `vmetal doctor` checks: a common GQA attention (Llama 3 8B, Qwen3 8B have 32/8 x 128; 16/8 is
+# half the work with the same ratio and head dim) in bfloat16, the dtype most checkpoints serve in.
+DOCTOR_SHAPE = dict(num_heads=16, num_kv_heads=8, head_dim=128, block_size=16, dtype=mx.bfloat16)
+
+
+def main() -> int:
+    """`python -m vmetal.engine.runner.attention.metal`: doctor's `metal_kernels` check, in a child process
+    because a kernel that faults takes its process down. Prints the self-check as JSON; exit 0 when the
+    kernel agrees with the reference, 1 when it does not (any other failure is a traceback and exit 1 too,
+    with no JSON)."""
+    import json
+
+    check = self_check(**DOCTOR_SHAPE)
+    print(json.dumps({"ok": check.ok, "error": check.error, "tolerance": check.tolerance, "shape": check.shape,
+                      "device": str(mx.default_device())}))
+    return 0 if check.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

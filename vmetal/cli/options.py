@@ -115,6 +115,15 @@ def pulled(model_id: str, max_model_len: int | None, kv_path: str | None = None)
                                 kv_path=kv_path))
 
 
+def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, kv_path: str) -> None:
+    """Refuse parallel sizes the engine cannot serve for this model (exit 2, one line), before vLLM starts."""
+    from vmetal.preflight.parallel import refused_args
+
+    refused = refused_args(vllm_args, config, kv_path)
+    if refused:
+        raise VmetalError(refused, exit_code=USAGE)
+
+
 def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str]) -> None:
     """Refuse a local model that cannot fit in the memory MLX may use; warn when it fits only tightly."""
     from vmetal.preflight.fit import serving_fit

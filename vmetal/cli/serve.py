@@ -24,6 +24,7 @@ from vmetal.cli.options import (
     PortOption,
     ReadyTimeoutOption,
     check_memory_fit,
+    check_parallel,
     load_flags_config,
     resolve_model,
 )
@@ -212,6 +213,7 @@ def serve(
     refused = features.refused_args(vllm_args)
     if refused:
         raise VmetalError(refused, exit_code=USAGE)
+    check_parallel(vllm_args, None, cfg.kv_path)
     target, given_name = resolve_model(model, demo)
     if api_key is not None and not api_key.strip():
         # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all, silently.
@@ -234,6 +236,7 @@ def serve(
         # A model whose caches this KV path does not hold (sliding windows, SSM state, …): exit 2 with one line
         # naming the family, the cache type and the path that would serve it, not a traceback ~10 s later.
         check_model(read_config(Path(target)), str(Path(target) / "config.json"), cfg.kv_path)
+        check_parallel(vllm_args, read_config(Path(target)), cfg.kv_path)
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
         target = options.demo_model()

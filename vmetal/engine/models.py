@@ -84,8 +84,12 @@ class LoadedModel:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size
 
 
-def load(model: str, revision: str | None = None, kv_path: str = "mlx") -> LoadedModel:
-    """Load `model` with mlx-lm, refused (UnsupportedModelError) unless `kv_path` holds every cache it makes."""
+def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: Any = None) -> LoadedModel:
+    """Load `model` with mlx-lm, refused (UnsupportedModelError) unless `kv_path` holds every cache it makes.
+
+    With an MLX distributed `group` (tensor parallel, `vmetal.engine.distributed`) the model is split across it
+    by mlx-lm's own `shard` before any weight is read, so each rank reads and holds only its part; the shapes
+    recorded (heads, KV heads) are then this rank's."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model  # mlx-lm itself, before `cache_types.probe` would stand in a bare package
@@ -94,7 +98,14 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx") -> Loade
     config = read_config(path)
     # The pre-flight's decision, in this process (mlx-lm is imported here anyway): before any weight is read.
     cache_types.check_caches(cache_types.model_state_here(config, str(path / "config.json")), kv_path)
-    mlx_model, config = load_model(path)
+    mlx_model, config = load_model(path, lazy=group is not None)
+    if group is not None:
+        if not hasattr(mlx_model, "shard"):
+            raise UnsupportedModelError(
+                f"model `{model}` ({config.get('model_type')}) cannot be split by tensor parallel: mlx-lm's "
+                f"`{type(mlx_model).__module__}` has no `shard`; serve it with --tensor-parallel-size 1")
+        mlx_model.shard(group)
+        mx.eval(mlx_model.parameters())
     # Shapes as the model really makes them, whatever its config calls them (MLA's keys are wider than its
     # values; families name their head counts differently).
     probe = _probe(mlx_model)
@@ -108,7 +119,7 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx") -> Loade
         path=path,
         num_layers=len(probe.kv_widths),
         num_kv_heads=kv_heads,
-        num_heads=getattr(mlx_model.args, "num_attention_heads", None),
+        num_heads=_per_rank(getattr(mlx_model.args, "num_attention_heads", None), group),
         head_dim=head_dim,
         vocab_size=probe.vocab_size,
         dtype=float_dtypes[0] if float_dtypes else mx.float32,
@@ -116,6 +127,10 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx") -> Loade
         kv_widths=probe.kv_widths,
         head_on_rows=probe.head_on_rows,
     )
+
+
+def _per_rank(count: int | None, group: Any) -> int | None:
+    return count // group.size() if count is not None and group is not None else count
 
 
 # ------------------------------------------------------------------------------------------ output head

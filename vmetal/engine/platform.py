@@ -16,6 +16,7 @@ from vllm.platforms.interface import Platform, PlatformEnum
 
 from vmetal import envs
 from vmetal.preflight import features
+from vmetal.preflight import parallel as parallel_modes
 from vmetal.preflight.checkpoint import quantization_of
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -102,13 +103,25 @@ class MetalPlatform(Platform):
         _check_model_state(vllm_config.model_config.model, cfg.kv_path)
 
         parallel = vllm_config.parallel_config
-        if parallel.world_size > 1:
-            raise ValueError(
-                "vmetal runs on one device: tensor/pipeline/data parallel sizes must be 1"
-            )
+        model_config = vllm_config.model_config
+        refused = parallel_modes.refusal(
+            parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.data_parallel_size,
+            kv_heads=model_config.get_total_num_kv_heads(), moe=model_config.is_moe, kv_path=cfg.kv_path,
+            unsplittable=parallel_modes.unsplittable_module(model_config.hf_config.to_dict())
+            if parallel.tensor_parallel_size > 1 else None)
+        if refused:
+            raise ValueError(refused)
         if parallel.worker_cls == "auto":
             parallel.worker_cls = "vmetal.engine.worker.MetalWorker"
-        parallel.distributed_executor_backend = "uni"
+        # One worker in the engine's process, or one process per rank (vLLM's own executor for either).
+        parallel.distributed_executor_backend = "uni" if parallel.world_size == 1 else "mp"
+        if parallel.world_size > 1:
+            from vmetal.engine.distributed import OMP_BIND_ENV
+
+            os.environ.setdefault(OMP_BIND_ENV, "nobind")
+        if isinstance(vllm_config.additional_config, dict):
+            vllm_config.additional_config[parallel_modes.MEMORY_SHARE_KEY] = parallel_modes.ranks_sharing_memory(
+                parallel.local_world_size, parallel.data_parallel_size_local)
 
         cache = vllm_config.cache_config
         cache.block_size = cfg.block_size

@@ -1,6 +1,7 @@
 """MetalWorker: vLLM's worker interface over the model runner of the chosen KV path.
 
-vLLM's engine core drives one worker (the `uni` executor): it loads the model, asks how much KV memory there
+vLLM's engine core drives one worker (the `uni` executor), or one per tensor-parallel rank (the `mp` executor,
+`vmetal.engine.distributed`): it loads the model, asks how much KV memory there
 is, hands back the block budget it chose, then calls `execute_model` / `sample_tokens` once per scheduler step.
 The KV path is decided once (`MetalConfig.kv_path`) and picks the runner class (`runner.RUNNERS`); what differs
 between paths (weights accounting, KV budget and allocation, the forward) is the runner's, so this class never
@@ -16,8 +17,10 @@ from typing import Any
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vmetal import envs
+from vmetal.engine import distributed
 from vmetal.engine.device import cache_limit_bytes, device_memory_bytes
 from vmetal.engine.runner import runner_class
+from vmetal.preflight import parallel
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
@@ -54,8 +57,9 @@ class MetalWorker(WorkerBase):
         mx.set_cache_limit(self.cache_limit)
         # The sampler's tensors live on the CPU torch device on every host.
         self.device = torch.device("cpu")
+        group = distributed.init_ranks(self.vllm_config, self.rank, self.local_rank, self.distributed_init_method)
         self.model_runner = runner_class(self.metal_config.kv_path)(self.vllm_config, self.device,
-                                                                    self.metal_config)
+                                                                    self.metal_config, group)
 
     @property
     def weights_bytes(self) -> int:
@@ -102,12 +106,15 @@ class MetalWorker(WorkerBase):
         mx.reset_peak_memory()
         self.model_runner.warm_up()
         self.peak_activation_bytes = max(0, mx.get_peak_memory() - mx.get_active_memory())
-        total = device_memory_bytes(self.mlx_device)
+        # Ranks and replicas on one Mac share its unified memory: each plans with its share, or together they
+        # would promise the device several times over.
+        sharing = int((self.vllm_config.additional_config or {}).get(parallel.MEMORY_SHARE_KEY, 1))
+        total = device_memory_bytes(self.mlx_device) // sharing
         available = self.model_runner.kv_budget(total, self.peak_activation_bytes)
         logger.info(
-            "vmetal: KV budget %.1f MiB (device %.1f GiB x %.2f, weights %.1f MiB, activations %.1f MiB)",
-            available / 2**20, total / 2**30, self.model_runner.kv_fraction, self.weights_bytes / 2**20,
-            self.peak_activation_bytes / 2**20,
+            "vmetal: KV budget %.1f MiB (device %.1f GiB%s x %.2f, weights %.1f MiB, activations %.1f MiB)",
+            available / 2**20, total / 2**30, f" (a 1/{sharing} share)" if sharing > 1 else "",
+            self.model_runner.kv_fraction, self.weights_bytes / 2**20, self.peak_activation_bytes / 2**20,
         )
         return available
 

@@ -38,8 +38,10 @@ class ModelRunnerBase:
     # Decode-ahead needs MLX's lazy, asynchronous evaluation.
     decode_ahead_enabled = True
 
-    def __init__(self, vllm_config: Any, device: Any, metal_config: Any):
+    def __init__(self, vllm_config: Any, device: Any, metal_config: Any, group: Any = None):
         self.vllm_config = vllm_config
+        # MLX's tensor-parallel group (`vmetal.engine.distributed`), None on one worker.
+        self.group = group
         self.metal_config = metal_config
         self.model_config = vllm_config.model_config
         self.scheduler_config = vllm_config.scheduler_config
@@ -71,7 +73,7 @@ class ModelRunnerBase:
 
         before = mx.get_active_memory()
         self.loaded = models.load(self.model_config.model, revision=self.model_config.revision,
-                                  kv_path=self.metal_config.kv_path)
+                                  kv_path=self.metal_config.kv_path, group=self.group)
         self.weights_bytes = mx.get_active_memory() - before
         self.model = self.loaded.model
         self._finish_loading(MetalSampler)
@@ -308,4 +310,8 @@ class ModelRunnerBase:
                                                use_torch, grammar)
         for r, state in saved.items():
             seeded[r].set_state(state)
+        if self.group is not None and use_torch:  # argmax agrees on every rank already
+            from vmetal.engine.distributed import agree_on_tokens
+
+            tokens, logprobs = agree_on_tokens(tokens, logprobs)
         return tokens, logprobs, use_torch

@@ -19,8 +19,8 @@ logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and leve
 
 
 class MlxModelRunner(ModelRunnerBase):
-    def __init__(self, vllm_config: Any, device: Any, metal_config: Any):
-        super().__init__(vllm_config, device, metal_config)
+    def __init__(self, vllm_config: Any, device: Any, metal_config: Any, group: Any = None):
+        super().__init__(vllm_config, device, metal_config, group)
         # Per-request caches: requests in prefill, or decoders the scheduler paused.
         self.request_caches: dict[str, Any] = {}
         # Tokens held in each request's KV cache (per-request or decode row).

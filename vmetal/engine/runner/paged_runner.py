@@ -48,8 +48,8 @@ class Pack:
 
 
 class PagedModelRunner(ModelRunnerBase):
-    def __init__(self, vllm_config: Any, device: Any, metal_config: Any):
-        super().__init__(vllm_config, device, metal_config)
+    def __init__(self, vllm_config: Any, device: Any, metal_config: Any, group: Any = None):
+        super().__init__(vllm_config, device, metal_config, group)
         self.layers: list[PagedLayerCache] = []
         self.num_blocks = 0
         self.scratch_blocks: list[int] = []

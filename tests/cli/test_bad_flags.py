@@ -139,6 +139,7 @@ VALIDATED = [
     (["bench", "offline", "--compare", "{}"], ["bogus"], "--compare"),
     (["completion", "{}"], ["tcsh"], "tcsh"),
     (["serve", "--demo", "{}"], ["--json"], "--detach"),  # JSON is what a detached server prints
+    (["serve", "--demo", "--detach", "--", "{}"], ["--headless"], "`--headless` node serves none"),
     (["stop", "{}"], ["acme/x"], "acme/x"),  # no server of it
     (["stop", "acme/x", "{}"], ["--all"], "--all"),
 ]

@@ -53,10 +53,12 @@ def test_two_ranks_generate_what_the_unsplit_model_does(qwen3_model, monkeypatch
             assert reported == pytest.approx(want, abs=1e-3), (got.token_ids, reported, want)
 
 
-def test_two_ranks_split_a_mixture_of_experts_model(tmp_path_factory):
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_two_ranks_split_other_families(request, tmp_path_factory, family):
     from tests.support.families import build_family
 
-    path = build_family(tmp_path_factory.mktemp("moe") / "qwen3_moe", "qwen3_moe")
+    path = (request.getfixturevalue("llama_model") if family == "llama" else
+            build_family(tmp_path_factory.mktemp("moe") / family, family))
     with running_llm(path, max_model_len=256, tensor_parallel_size=2, seed=0) as llm:
         outs = llm.generate(PROMPTS[:3], greedy(10), use_tqdm=False)
         assert_greedy_like_mlx(path, outs, 10)

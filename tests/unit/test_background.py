@@ -187,3 +187,14 @@ def test_finish_does_not_wait_for_a_stop_in_progress(stand_in):
         background.finish(s.server, died=None)
         assert time.monotonic() - started < 1
         assert [r.id for r in background.records()] == [s.server.id]  # left for the stopper
+
+
+def test_a_headless_node_is_running_while_alive_and_has_no_url(monkeypatch, tmp_path):
+    """A `--headless` node of a multi-node serve answers no HTTP: `ps` lists it as running while its process
+    lives (not `starting` forever), with no URL."""
+    monkeypatch.setenv("VMETAL_HOME", str(tmp_path))
+    with background.recorded(model="tiny", source="/models/x", host="127.0.0.1", port=free_port(), headless=True):
+        [record] = background.records()
+        assert record.headless and record.url == "-"
+        assert background.status(record) == background.RUNNING
+    assert background.records() == []

@@ -91,3 +91,15 @@ def test_serve_refuses_before_starting_anything(qwen3_model, nothing_starts, vll
     assert r.exit_code == 2, r.output
     [line] = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert line.startswith("error: " + words), line
+
+
+def test_a_parallel_serve_that_ends_says_which_rank():
+    from vmetal.cli.serve import _cause
+
+    died = ["(EngineCore pid=9) ERROR 12-04 23:11:59 [multiproc_executor.py:315] Worker proc VllmWorker-1 died "
+            "unexpectedly (exit code: None), shutting down executor."]
+    assert _cause(died) == ": rank 1's worker process died"
+    lost = ["(EngineCore pid=9) ERROR [core.py:1512] RuntimeError: Worker failed with error 'vmetal: "
+            "tensor-parallel rank 0 lost MLX's ring ([ring] connection to a peer was lost); …'"]
+    assert _cause(lost) == ": tensor-parallel rank 0 lost MLX's ring: another rank or its node stopped"
+    assert _cause(["(APIServer pid=1) ERROR something else"]) == ""

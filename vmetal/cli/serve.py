@@ -7,10 +7,12 @@ because vLLM itself takes ~10 s to reach the point where it would notice. The se
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,6 +33,7 @@ from vmetal.cli.options import (
 from vmetal.cli.output import say, warn
 from vmetal.errors import ERROR, USAGE, VmetalError
 from vmetal.preflight import features
+from vmetal.preflight.fit import vllm_switch
 from vmetal.server.process import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -111,21 +114,48 @@ def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def supervise(server: ServerProcess, name: str, shown_url: str, ready_timeout: float,
-              on_ready: Callable[[], None] | None = None) -> int:
-    """Run `server` until it exits or we get SIGINT/SIGTERM; the exit code for `vmetal serve`.
-    `on_ready` runs once the server answers."""
+# What ended a parallel serve, as vLLM's log says it (the worker that died) or vmetal's own (a rank that
+# lost MLX's ring, when the dead rank was on another node).
+_CAUSES = ((re.compile(r"Worker proc VllmWorker-(\d+) died unexpectedly"), "rank {0}'s worker process died"),
+           (re.compile(r"vmetal: (tensor-parallel rank \d+ lost MLX's ring)"), "{0}: another rank or its node stopped"))
+
+
+def _cause(lines: list[str]) -> str:
+    for pattern, words in _CAUSES:
+        for line in lines:
+            found = pattern.search(line)
+            if found:
+                return ": " + words.format(*found.groups())
+    return ""
+
+
+@contextlib.contextmanager
+def _stop_on_signal(server: ServerProcess, what: str) -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM set the event (a graceful stop); a second one kills `server`'s group. The handlers are
+    restored and the server stopped on leaving."""
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         if stopping.is_set():
             server.kill()  # a second Ctrl-C: the user does not want to wait for a graceful stop
         else:
-            say("stopping the server (press Ctrl-C again to kill it)")
+            say(f"stopping {what} (press Ctrl-C again to kill it)")
         stopping.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        yield stopping
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def supervise(server: ServerProcess, name: str, shown_url: str, ready_timeout: float,
+              on_ready: Callable[[], None] | None = None) -> int:
+    """Run `server` until it exits or we get SIGINT/SIGTERM; the exit code for `vmetal serve`.
+    `on_ready` runs once the server answers."""
+    with _stop_on_signal(server, "the server") as stopping:
         server.start()
         if server.wait_ready(ready_timeout, cancel=stopping):
             say(f"serving {name} at {shown_url}")
@@ -137,17 +167,37 @@ def supervise(server: ServerProcess, name: str, shown_url: str, ready_timeout: f
                     server.stop()  # whatever the child left behind in its group
                     # It stops only when asked: exiting on its own is a failure even with code 0, which is
                     # what vLLM's API server exits with when its EngineCore dies.
-                    raise VmetalError(f"the vLLM server exited by itself with code {code} while serving",
+                    raise VmetalError(f"the vLLM server exited by itself with code {code} while serving"
+                                      f"{_cause(server.errors)}",
                                       hint="its log above says why; `-v` adds the engine's debug logs",
                                       exit_code=_exit_code(code) or ERROR)
         server.stop()
         if server.killed:
             warn("the server did not stop in time and was killed")
         return 0
-    finally:
+
+
+def supervise_headless(server: ServerProcess, name: str, vllm_args: list[str]) -> int:
+    """Run a `--headless` node (its ranks or replicas join a head node's serve) until it exits or we get
+    SIGINT/SIGTERM. There is no endpoint to wait for: vLLM's own log says when its workers are up."""
+    from vmetal.preflight.fit import vllm_arg
+
+    head = vllm_arg(vllm_args, "--master-addr") or vllm_arg(vllm_args, "--data-parallel-address") or "?"
+    with _stop_on_signal(server, "this node") as stopping:
+        server.start()
+        say(f"headless node for {name}: its workers join the head node at {head}; stop it with Ctrl-C")
+        while not stopping.is_set():
+            code = server.wait(0.25)
+            if code is not None:
+                server.stop()
+                if code == 0:
+                    say("the headless node exited")
+                    return 0
+                raise VmetalError(f"the headless vLLM node exited with code {code}",
+                                  hint=f"its log above says why (is the head node up, and reachable at {head}?)",
+                                  exit_code=_exit_code(code) or ERROR)
         server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        return 0
 
 
 def serve(
@@ -219,7 +269,13 @@ def serve(
         # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all, silently.
         raise VmetalError("`--api-key` is empty, so the server would accept every client",
                           hint="pass the key itself, or leave `--api-key` out", exit_code=USAGE)
-    check_port_free(host, port)
+    headless = vllm_switch(vllm_args, "--headless")
+    if headless and detach:
+        raise VmetalError("`--detach` waits for the server to answer HTTP, and a `--headless` node serves none",
+                          hint="run the node in the foreground, or under your own process supervisor",
+                          exit_code=USAGE)
+    if not headless:  # a headless node listens on no HTTP port
+        check_port_free(host, port)
     if not is_loopback(host) and not (api_key or os.environ.get("VLLM_API_KEY") or passthrough_api_keys(vllm_args)):
         warn(f"`--host {host}` accepts connections from other machines and no `--api-key` is set: "
              "anyone who can reach this port can use the server")
@@ -260,9 +316,10 @@ def serve(
     from vmetal.server.background import recorded
 
     # Recorded for `vmetal ps` / `vmetal stop` first, so that vLLM's processes inherit the record's id.
-    with recorded(model=name, source=target, host=host, port=port) as entry:
+    with recorded(model=name, source=target, host=host, port=port, headless=headless) as entry:
         server = ServerProcess(target, host=host, port=port, served_model_name=name, api_key=api_key,
                                config=cfg, vllm_args=vllm_args)
         shown_host = f"[{host}]" if ":" in host else host
-        code = supervise(server, name, f"http://{shown_host}:{port}/v1", ready_timeout, on_ready=entry.mark_served)
+        code = (supervise_headless(server, name, vllm_args) if headless else
+                supervise(server, name, f"http://{shown_host}:{port}/v1", ready_timeout, on_ready=entry.mark_served))
     raise typer.Exit(code)

@@ -51,11 +51,12 @@ def _duration(seconds: float) -> str:
 
 
 def _as_json(server: Any, state: str, now: float) -> dict[str, Any]:
-    return {"id": server.id, "model": server.model, "url": server.url, "host": server.host, "port": server.port,
+    return {"id": server.id, "model": server.model, "url": None if server.headless else server.url,
+            "host": server.host, "port": server.port,
             "pid": server.pid, "status": state,
             "uptime_s": None if state == "dead" else round(now - server.started, 1),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(server.started)),
-            "source": server.source, "log": server.log, "died": server.died}
+            "source": server.source, "log": server.log, "died": server.died, "headless": server.headless}
 
 
 def serve_detached(ctx: typer.Context, *, target: str, name: str, vllm_args: list[str], api_key: str | None,

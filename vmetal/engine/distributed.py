@@ -19,18 +19,46 @@ all-reduced activations of all of them. So rank 0's tokens are broadcast (`agree
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
 # vLLM's executor starts the workers through its CPU OpenMP manager, which pins each to cores ("auto") and
 # asserts on hosts whose core layout it does not know; MLX schedules its own threads.
 OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
-def init_ranks(vllm_config: Any, rank: int, local_rank: int, init_method: str) -> Any:
+@dataclass(frozen=True)
+class Ring:
+    """This worker's place in MLX's ring."""
+
+    group: Any  # mx.distributed.Group
+    rank: int
+    addresses: tuple[str, ...]  # every rank's host:port, by rank
+
+    @contextlib.contextmanager
+    def lost_peer_named(self) -> Iterator[None]:
+        """MLX reports a peer gone (its process killed, its node down) as "[ring] connection to a peer was
+        lost", naming no one; the error that stops the engine names this rank and the ring instead."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if "[ring]" not in str(exc):
+                raise
+            raise RuntimeError(f"vmetal: tensor-parallel rank {self.rank} lost MLX's ring ({exc}); one of the "
+                               f"other ranks stopped or its node went away (ring: {' '.join(self.addresses)})") \
+                from exc
+
+
+def init_ranks(vllm_config: Any, rank: int, local_rank: int, init_method: str) -> Ring | None:
     """Join vLLM's group and MLX's ring for this worker; None (and nothing done) for a single worker."""
     parallel = vllm_config.parallel_config
     if parallel.world_size == 1:
@@ -39,26 +67,39 @@ def init_ranks(vllm_config: Any, rank: int, local_rank: int, init_method: str) -
     from vllm.v1.worker.gpu_worker import init_worker_distributed_environment
 
     # vLLM's CPU communicator names its shared-memory segments after this (vLLM's CPU worker sets it the
-    # same way): the port of the init address, or the file name of a file:// one.
-    os.environ["VLLM_DIST_IDENT"] = (os.path.basename(init_method.removeprefix("file://"))
-                                     if init_method.startswith("file://") else init_method.split(":")[-1])
+    # same way): the port of the init address, or the file name of a file:// one. Across machines the name
+    # also carries this node's address: ranks agreeing on one name would try shared memory between Macs.
+    ident = (os.path.basename(init_method.removeprefix("file://")) if init_method.startswith("file://")
+             else init_method.split(":")[-1])
+    host = "127.0.0.1" if parallel.nnodes == 1 else _node_address()
+    os.environ["VLLM_DIST_IDENT"] = ident if parallel.nnodes == 1 else f"{ident}-{host}"
     init_worker_distributed_environment(vllm_config, rank, init_method, local_rank, current_platform.dist_backend)
-    return _join_ring(rank, parallel.world_size, local_host=parallel.nnodes == 1)
+    return _join_ring(rank, parallel.world_size, host)
 
 
-def _join_ring(rank: int, world_size: int, local_host: bool) -> Any:
-    """MLX's ring over TCP: each rank listens on a port of its own, the addresses are traded over vLLM's
-    group, and MLX connects them from a hostfile (what `mlx.launch` would write)."""
+def _node_address() -> str:
+    """This machine's address for the other nodes (vLLM's `get_ip`: VLLM_HOST_IP, else the interface of the
+    default route). gloo, left alone, advertises whatever the hostname resolves to, often 127.0.0.1 or a
+    Wi-Fi address; unless GLOO_SOCKET_IFNAME says otherwise it is pointed at the interface holding this one."""
+    import psutil
+    from vllm.utils.network_utils import get_ip
+
+    address = get_ip()
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        for name, addrs in psutil.net_if_addrs().items():
+            if any(a.family == socket.AF_INET and a.address == address for a in addrs):
+                os.environ["GLOO_SOCKET_IFNAME"] = name
+                break
+    return address
+
+
+def _join_ring(rank: int, world_size: int, host: str) -> Ring:
+    """MLX's ring over TCP: each rank listens on a port of its own at `host`, the addresses are traded over
+    vLLM's group, and MLX connects them from a hostfile (what `mlx.launch` would write)."""
     import mlx.core as mx
     import torch.distributed as dist
     from vllm.distributed.parallel_state import get_world_group
 
-    if local_host:
-        host = "127.0.0.1"
-    else:
-        from vllm.utils.network_utils import get_ip  # VLLM_HOST_IP, else the interface of the default route
-
-        host = get_ip()
     # Bound and released, then bound again by MLX: another process could take it in between, which fails the
     # start with MLX's error rather than hanging. A fixed base port (set per Mac) would close that window.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -76,7 +117,9 @@ def _join_ring(rank: int, world_size: int, local_host: bool) -> Any:
     if (group.rank(), group.size()) != (rank, world_size):
         raise RuntimeError(f"MLX's ring made rank {group.rank()} of {group.size()}, vLLM's rank {rank} of "
                            f"{world_size}")
-    return group
+    logger.info("vmetal: rank %d of %d joined MLX's ring at %s (ring: %s)", rank, world_size, addresses[rank],
+                " ".join(addresses))
+    return Ring(group, rank, tuple(addresses))
 
 
 def agree_on_tokens(tokens: list[int], logprobs: Any) -> tuple[list[int], Any]:

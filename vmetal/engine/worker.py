@@ -10,6 +10,7 @@ asks which path it is on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -32,6 +33,7 @@ class MetalWorker(WorkerBase):
         if self.metal_config.debug:
             logger.setLevel(logging.DEBUG)
         self.mlx_device = "cpu"
+        self.ring: distributed.Ring | None = None  # MLX's ring, with more than one rank
         self.peak_activation_bytes = 0
         self.cache_limit = 0
 
@@ -57,9 +59,11 @@ class MetalWorker(WorkerBase):
         mx.set_cache_limit(self.cache_limit)
         # The sampler's tensors live on the CPU torch device on every host.
         self.device = torch.device("cpu")
-        group = distributed.init_ranks(self.vllm_config, self.rank, self.local_rank, self.distributed_init_method)
+        self.ring = distributed.init_ranks(self.vllm_config, self.rank, self.local_rank,
+                                           self.distributed_init_method)
         self.model_runner = runner_class(self.metal_config.kv_path)(self.vllm_config, self.device,
-                                                                    self.metal_config, group)
+                                                                    self.metal_config,
+                                                                    self.ring.group if self.ring else None)
 
     @property
     def weights_bytes(self) -> int:
@@ -130,10 +134,15 @@ class MetalWorker(WorkerBase):
 
     # ----------------------------------------------------------------- steps
     def execute_model(self, scheduler_output: Any) -> Any:
-        return self.model_runner.execute_model(scheduler_output)
+        with self._ring_errors():
+            return self.model_runner.execute_model(scheduler_output)
 
     def sample_tokens(self, grammar_output: Any) -> Any:
-        return self.model_runner.sample_tokens(grammar_output)
+        with self._ring_errors():  # MLX evaluates the forward here, where a lost peer shows
+            return self.model_runner.sample_tokens(grammar_output)
+
+    def _ring_errors(self) -> Any:
+        return self.ring.lost_peer_named() if self.ring else contextlib.nullcontext()
 
     def mlx_memory(self) -> dict[str, int]:
         """MLX's memory counters in bytes (active, cache, peak, cache_limit); for

@@ -69,6 +69,8 @@ class Server:
     port: int
     log: str | None
     died: str | None = None  # why it stopped, when it died after it had served
+    # A `--headless` node of a multi-node serve: its ranks join a head node elsewhere, it answers no HTTP.
+    headless: bool = False
 
     @property
     def base_url(self) -> str:
@@ -77,8 +79,8 @@ class Server:
 
     @property
     def url(self) -> str:
-        """The OpenAI base URL."""
-        return self.base_url + "/v1"
+        """The OpenAI base URL ("-" for a headless node, which serves none)."""
+        return "-" if self.headless else self.base_url + "/v1"
 
 
 def servers_dir() -> Path:
@@ -115,14 +117,15 @@ def _write(server: Server) -> None:
     os.replace(tmp, path)
 
 
-def register(*, model: str, source: str, host: str, port: int, log: str | None = None) -> Server:
+def register(*, model: str, source: str, host: str, port: int, log: str | None = None,
+             headless: bool = False) -> Server:
     """Record this process as a server; `log` defaults to what `--detach` set."""
     import psutil
 
     me = psutil.Process()
     server = Server(id=f"{me.pid}-{int(me.create_time() * 1000)}", pid=me.pid, started=me.create_time(),
                     command=_digest(me.cmdline()), model=model, source=source, host=host, port=port,
-                    log=log if log is not None else os.environ.get(LOG_ENV))
+                    log=log if log is not None else os.environ.get(LOG_ENV), headless=headless)
     _write(server)
     return server
 
@@ -139,10 +142,10 @@ class Entry:
 
 
 @contextlib.contextmanager
-def recorded(*, model: str, source: str, host: str, port: int) -> Iterator[Entry]:
+def recorded(*, model: str, source: str, host: str, port: int, headless: bool = False) -> Iterator[Entry]:
     """This process is a server while the block runs: recorded, and its id exported to what it starts."""
     previous = os.environ.get(ID_ENV)  # a server above this one (`vmetal serve` run from inside another)
-    entry = Entry(register(model=model, source=source, host=host, port=port))
+    entry = Entry(register(model=model, source=source, host=host, port=port, headless=headless))
     os.environ[ID_ENV] = entry.server.id
     try:
         yield entry
@@ -224,10 +227,10 @@ def process(server: Server) -> Any:
 
 
 def status(server: Server) -> str:
-    """`running` (it answers /health), `starting` (alive, not answering yet) or `dead`."""
+    """`running` (it answers /health; a headless node: alive), `starting` (alive, not answering yet) or `dead`."""
     if process(server) is None:
         return DEAD
-    return RUNNING if answers_health(server.base_url, timeout=1.0) else STARTING
+    return RUNNING if server.headless or answers_health(server.base_url, timeout=1.0) else STARTING
 
 
 def uptime(server: Server, now: float | None = None) -> float:

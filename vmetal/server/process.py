@@ -44,6 +44,7 @@ DEFAULT_PORT = 8000
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 15.0
 TAIL_LINES = 40
+ERROR_LINES = 400
 
 
 class ServerError(RuntimeError):
@@ -230,6 +231,8 @@ class ServerProcess:
         self.log_path = Path(log_path) if log_path else None
         self.killed = False  # set when the group had to be SIGKILLed
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        # vLLM's ERROR lines, kept longer than the tail: the first one says why, and tracebacks follow it.
+        self._errors: collections.deque[str] = collections.deque(maxlen=ERROR_LINES)
         self._proc: subprocess.Popen[bytes] | None = None
         self._readers: list[threading.Thread] = []
         self._log: IO[str] | None = None
@@ -256,6 +259,11 @@ class ServerProcess:
     def tail(self) -> list[str]:
         return list(self._tail)
 
+    @property
+    def errors(self) -> list[str]:
+        """The last `ERROR_LINES` of its output that vLLM logged at ERROR level."""
+        return list(self._errors)
+
     def start(self) -> ServerProcess:
         if self._proc is not None:
             raise RuntimeError("ServerProcess.start() called twice")
@@ -278,6 +286,8 @@ class ServerProcess:
             if not line.endswith("\n"):  # a last line cut short: what we print next starts a line of its own
                 line += "\n"
             self._tail.append(line.rstrip("\n"))
+            if " ERROR " in line:
+                self._errors.append(line.rstrip("\n"))
             if self.echo:
                 try:
                     target.write(line)

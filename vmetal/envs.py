@@ -26,6 +26,7 @@ MODELSCOPE_CACHE = "VLLM_METAL_MODELSCOPE_CACHE"
 PREFIX_CACHE = "VLLM_METAL_PREFIX_CACHE"
 PREFIX_CACHE_FRACTION = "VLLM_METAL_PREFIX_CACHE_FRACTION"
 KERNELS = "VLLM_METAL_KERNELS"
+RING_PORT = "VLLM_METAL_RING_PORT"
 # Not part of the engine's contract (the engine never reads it), but read here so there is one reader.
 HOME = "VMETAL_HOME"
 
@@ -60,6 +61,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(PREFIX_CACHE_FRACTION, "0.05", "fraction of the MLX working set for the prefix cache, in (0, 1]"),
     Variable(KERNELS, "auto", "paged attention through the Metal kernels: `auto` where MLX computes on Metal, "
              "`1` always (an error elsewhere), `0` never (the pure-MLX reference)"),
+    Variable(RING_PORT, None, "first TCP port of MLX's ring under tensor parallel: the ranks on a machine "
+             "listen on it and the ports after it (unset: a free port each, picked at start)"),
 )
 
 _NAMES = tuple(v.name for v in VARIABLES)
@@ -107,6 +110,7 @@ class MetalConfig:
     prefix_cache: bool = False
     prefix_cache_fraction: float = 0.05
     kernels: bool | None = None  # None: `auto`
+    ring_port: int | None = None  # None: each rank picks a free port
     # Provenance is about how a config was reached, not what it is: two configs that behave the same
     # compare equal whatever their sources, which is what lets a child process be checked against its parent.
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -179,6 +183,22 @@ def _parse_block_size(name: str, value: str) -> int:
     return size
 
 
+# The ring's ranks on one machine take this port and the ones after it: leave room for eight.
+RING_PORT_RANGE = (1024, 65535 - 8)
+
+
+def _parse_port(name: str, value: str) -> int:
+    low, high = RING_PORT_RANGE
+    allowed = f"a port number from {low} to {high}"
+    try:
+        port = int(value)
+    except ValueError:
+        raise _invalid(name, value, allowed) from None
+    if not low <= port <= high:
+        raise _invalid(name, value, allowed)
+    return port
+
+
 def _parse_abspath(name: str, value: str) -> str:
     if not os.path.isabs(value):
         raise _invalid(name, value, "an absolute path")
@@ -198,6 +218,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     PREFIX_CACHE: ("prefix_cache", _parse_bool),
     PREFIX_CACHE_FRACTION: ("prefix_cache_fraction", lambda n, v: _parse_fraction(n, v)),
     KERNELS: ("kernels", _parse_auto_bool),
+    RING_PORT: ("ring_port", _parse_port),
 }
 assert tuple(_PARSERS) == _NAMES
 
@@ -270,6 +291,7 @@ def to_environ(cfg: MetalConfig) -> dict[str, str]:
         PREFIX_CACHE: _bool(cfg.prefix_cache),
         PREFIX_CACHE_FRACTION: repr(float(cfg.prefix_cache_fraction)),
         KERNELS: "auto" if cfg.kernels is None else _bool(cfg.kernels),
+        RING_PORT: "" if cfg.ring_port is None else str(cfg.ring_port),
     }
 
 

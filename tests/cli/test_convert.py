@@ -199,13 +199,13 @@ def test_source_without_config(tmp_path):
 
 
 def test_unsupported_architecture(src, tmp_path):
-    """A model no KV path serves (sliding-window layers: decided by the caches mlx-lm makes for it)."""
-    from tests.support.families import as_sliding_window
+    """A model no KV path serves (recurrent layers of a hybrid: decided by the caches mlx-lm makes for it)."""
+    from tests.support.families import as_hybrid
 
-    config = as_sliding_window(json.loads((src / "config.json").read_text()))
+    config = as_hybrid(json.loads((src / "config.json").read_text()))
     (src / "config.json").write_text(json.dumps(config))
     line = refused(convert(src, tmp_path / "dst", "--bits", "4"), tmp_path)
-    assert "gemma3_text (Gemma3ForCausalLM)" in line and "RotatingKVCache" in line
+    assert "lfm2 (Lfm2ForCausalLM)" in line and "ArraysCache" in line
 
 
 def test_already_quantized_source(src, tmp_path):

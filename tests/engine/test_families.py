@@ -41,6 +41,10 @@ PATHS: dict[str, tuple[str, ...]] = {
     "deepseek_v2": ("mlx",),
     "gemma": ("mlx", "paged"),
     "gemma2": ("mlx",),
+    # Sliding-window layers: mlx-lm's RotatingKVCache, merged into its BatchRotatingKVCache on the MLX path; the
+    # paged path's pools hold full-attention K/V only.
+    "gemma3_text": ("mlx",),
+    "gpt_oss": ("mlx",),
 }
 RUNS = [(family, kv_path) for family, paths in PATHS.items() for kv_path in paths]
 MAX_TOKENS = 12

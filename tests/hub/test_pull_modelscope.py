@@ -24,7 +24,7 @@ from tests.support.pull_helpers import (
     interrupt_pull,
     isolate_homes,
     tiny_repo_files,
-    with_sliding_window,
+    with_hybrid_layers,
 )
 from vmetal.cli.app import app
 from vmetal.hub import registry
@@ -339,11 +339,11 @@ def test_without_the_package_nothing_is_fetched(ms, hf, monkeypatch):
 
 
 def test_unsupported_architecture_refused_before_weights(ms, tiny_files):
-    """Decided by the caches mlx-lm makes for the config (sliding-window layers here), not by its name."""
-    ms.add(Repo("acme/slidingish", with_sliding_window(tiny_files)))
-    r = pull("acme/slidingish")
+    """Decided by the caches mlx-lm makes for the config (recurrent layers of a hybrid here), not by its name."""
+    ms.add(Repo("acme/hybridish", with_hybrid_layers(tiny_files)))
+    r = pull("acme/hybridish")
     assert r.exit_code == 1
-    assert "gemma3_text (Gemma3ForCausalLM)" in r.stderr and "RotatingKVCache" in r.stderr
+    assert "lfm2 (Lfm2ForCausalLM)" in r.stderr and "ArraysCache" in r.stderr
     assert ms.fetched_files() == {"config.json"}
     assert registry.pulled_models() == []
 

@@ -86,6 +86,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16,
         "sliding_window": 4096, "cache_implementation": "hybrid",
     },
+    "gemma3_text": {
+        # Gemma 3: sliding-window layers (a RotatingKVCache each) and global ones, one in two here, with a window
+        # of 8 that every test prompt passes; Gemma's tied, scaled embedding.
+        "architectures": ["Gemma3ForCausalLM"], "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+        "sliding_window_pattern": 2, "hidden_activation": "gelu_pytorch_tanh", "rope_local_base_freq": 10000.0,
+        "tie_word_embeddings": True,
+    },
+    "gpt_oss": {
+        # gpt-oss: MoE, alternating sliding-window (8 here) and full layers, attention sinks; float weights
+        # (the published checkpoint's mxfp4 is a separate matter).
+        "architectures": ["GptOssForCausalLM"], "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+        "intermediate_size": 64, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
+    },
 }
 for _family, _config in FAMILIES.items():
     FAMILIES[_family] = {**_COMMON, "model_type": _family, **_config}
@@ -100,6 +113,18 @@ def build_family(path: Path, family: str, seed: int = 0) -> Path:
 
 def as_sliding_window(config: dict[str, Any]) -> dict[str, Any]:
     """`config` relabelled as a Gemma 3 text model of the same shape: mlx-lm's `gemma3_text` then makes a
-    sliding-window `RotatingKVCache` for each of its layers (five in six are sliding; two layers are both), a
-    state no vmetal KV path holds yet. Only the config changes: it is refused before any weight is read."""
-    return {**config, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "sliding_window": 16}
+    sliding-window `RotatingKVCache` for every other layer and a `KVCache` for the rest (a pattern of 2; mlx-lm's
+    Gemma 3 needs at least as many layers as its pattern), a state only the MLX-managed path holds. Only the
+    config changes."""
+    return {**config, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "sliding_window": 16,
+            "sliding_window_pattern": 2}
+
+
+def as_hybrid(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` relabelled as an LFM2 model of the same width: mlx-lm's `lfm2` then makes a recurrent
+    `ArraysCache` for its first layer (a convolution block) and a `KVCache` for the second, a hybrid state no
+    vmetal KV path holds yet. Only the config changes: it is refused before any weight is read."""
+    return {**config, "model_type": "lfm2", "architectures": ["Lfm2ForCausalLM"], "norm_eps": 1e-5,
+            "conv_bias": False, "conv_L_cache": 3, "block_dim": config.get("hidden_size", 64),
+            "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False,
+            "block_ff_dim": config.get("intermediate_size", 128), "full_attn_idxs": [1]}

@@ -53,11 +53,12 @@ def big_files(tiny_files: dict[str, bytes], size: int) -> dict[str, bytes]:
     return files
 
 
-def with_sliding_window(files: dict[str, bytes]) -> dict[str, bytes]:
-    """The tiny repo relabelled as a sliding-window model (`families.as_sliding_window`), which vmetal refuses."""
-    from tests.support.families import as_sliding_window
+def with_hybrid_layers(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The tiny repo relabelled as a hybrid (recurrent + attention) model (`families.as_hybrid`), which vmetal
+    refuses."""
+    from tests.support.families import as_hybrid
 
-    return {**files, "config.json": json.dumps(as_sliding_window(json.loads(files["config.json"]))).encode()}
+    return {**files, "config.json": json.dumps(as_hybrid(json.loads(files["config.json"]))).encode()}
 
 
 def damage(path: Path, at: int = 100) -> None:

@@ -47,12 +47,14 @@ def test_full_attention_kv_caches_are_served_on_both_paths():
     assert refusal(state("KVCache", "KVCache"), "torch") is None
 
 
-def test_sliding_window_layers_are_refused_everywhere_naming_family_cache_and_count():
+def test_sliding_window_layers_are_served_on_the_mlx_path_and_refused_elsewhere_naming_them():
     sliding = state(*["RotatingKVCache"] * 5, "KVCache")
-    for kv_path in ("mlx", "paged", "torch"):
+    assert refusal(sliding, "mlx") is None
+    for kv_path in ("paged", "torch"):
         assert refusal(sliding, kv_path) == (f"{FAMILY}: 5 of 6 layers are sliding-window attention layers "
-                                             "(mlx-lm's RotatingKVCache): no vmetal KV path serves it yet")
-    assert servable_paths(sliding) == []
+                                             "(mlx-lm's RotatingKVCache): use the MLX-managed path (leave out "
+                                             "--paged)")
+    assert servable_paths(sliding) == ["mlx"]
 
 
 def test_hybrid_and_nested_caches_are_named():
@@ -92,7 +94,7 @@ def test_mlx_lm_remappings_pick_the_module():
 def test_sliding_window_config_makes_rotating_caches():
     config = as_sliding_window({**QWEN3, "num_hidden_layers": 6})
     got = model_state(config)
-    assert got.caches == ("RotatingKVCache",) * 5 + ("KVCache",)
+    assert got.caches == ("RotatingKVCache", "KVCache") * 3
     assert got.family == "gemma3_text (Gemma3ForCausalLM)"
 
 
@@ -162,16 +164,16 @@ def serve(*args: str):
 
 
 @pytest.mark.parametrize("config,paged,line", [
-    (as_sliding_window(QWEN3), False,
-     ("error: gemma3_text (Gemma3ForCausalLM): its layers are sliding-window attention layers (mlx-lm's "
-      "RotatingKVCache): no vmetal KV path serves it yet")),
+    (as_sliding_window(QWEN3), True,
+     ("error: gemma3_text (Gemma3ForCausalLM): 1 of 2 layers are sliding-window attention layers (mlx-lm's "
+      "RotatingKVCache): use the MLX-managed path (leave out --paged)")),
     (DEEPSEEK, True,
      ("error: deepseek_v2 (DeepseekV2ForCausalLM): its attention keeps keys 24 and values 16 wide (MLA), and the "
       "paged path's block pools hold one width for both: use the MLX-managed path (leave out --paged)")),
     (LFM2, False,
      ("error: lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent (SSM / linear-attention) layers of a "
       "hybrid model (mlx-lm's ArraysCache): no vmetal KV path serves it yet")),
-], ids=["sliding-window", "mla-on-paged", "hybrid"])
+], ids=["sliding-window-on-paged", "mla-on-paged", "hybrid"])
 def test_serve_refuses_what_its_kv_path_cannot_hold_within_a_second(fake_server, tmp_path, config, paged, line):
     folder = model_folder(tmp_path / "model", config, 1 << 20)
     cache_types._probe_in_child.cache_clear()  # the child's time is part of the promise
@@ -184,6 +186,24 @@ def test_serve_refuses_what_its_kv_path_cannot_hold_within_a_second(fake_server,
     assert seconds < 1.0, seconds
 
 
+def test_prefix_cache_is_refused_for_state_other_than_full_attention(fake_server, tmp_path):
+    from vmetal.preflight.cache_types import check_prefix_cache
+
+    check_prefix_cache(state("KVCache", "KVCache"))  # served
+    with pytest.raises(UnsupportedModelError, match=r"keeps full-attention K/V only, and this model also keeps "
+                                                    r"RotatingKVCache state"):
+        check_prefix_cache(state("RotatingKVCache", "KVCache"))
+    folder = model_folder(tmp_path / "model", as_sliding_window(QWEN3), 1 << 20)
+    result, _ = serve(str(folder), "--prefix-cache")
+    assert result.exit_code == 2, result.output
+    assert [x for x in result.stderr.splitlines() if x.startswith("error:")] == [
+        "error: gemma3_text (Gemma3ForCausalLM): VLLM_METAL_PREFIX_CACHE=1 (--prefix-cache) keeps full-attention "
+        "K/V only, and this model also keeps RotatingKVCache state; serve it without the prefix cache"]
+    assert fake_server == []
+    result, _ = serve(str(folder), "--no-tool-parser")  # the same model without it: served (MLX path)
+    assert result.exit_code == 0, result.output
+
+
 def test_serve_starts_what_its_kv_path_holds(fake_server, tmp_path):
     folder = model_folder(tmp_path / "model", DEEPSEEK, 1 << 20)
     result, _ = serve(str(folder), "--no-tool-parser")
@@ -194,7 +214,7 @@ def test_serve_starts_what_its_kv_path_holds(fake_server, tmp_path):
 def test_serve_refusal_in_a_fresh_interpreter_imports_no_mlx(tmp_path):
     """The same refusal through the console script: exit 2, one line, and mlx, torch and vLLM stay out of the
     CLI's process (`run_main_fresh` fails otherwise)."""
-    folder = model_folder(tmp_path / "model", as_sliding_window(QWEN3), 1 << 20)
+    folder = model_folder(tmp_path / "model", LFM2, 1 << 20)
     proc = fakes.run_main_fresh(["serve", str(folder), "--port", str(free_port())])
     assert proc.returncode == 2, proc.stderr
-    assert "error: gemma3_text (Gemma3ForCausalLM): its layers are sliding-window" in proc.stderr
+    assert "error: lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent" in proc.stderr

@@ -103,3 +103,19 @@ def test_a_parallel_serve_that_ends_says_which_rank():
             "tensor-parallel rank 0 lost MLX's ring ([ring] connection to a peer was lost); …'"]
     assert _cause(lost) == ": tensor-parallel rank 0 lost MLX's ring: another rank or its node stopped"
     assert _cause(["(APIServer pid=1) ERROR something else"]) == ""
+
+
+def test_serve_refuses_a_ring_port_that_is_taken(qwen3_model, nothing_starts, monkeypatch):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = taken.getsockname()[1] - 1  # local rank 1's port is the taken one
+        monkeypatch.setenv("VLLM_METAL_RING_PORT", str(base))
+        r = CliRunner().invoke(app, ["serve", str(qwen3_model), "--port", str(free_port()), "--",
+                                     "--tensor-parallel-size", "2"])
+    assert r.exit_code == 2, r.output
+    [line] = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert line == (f"error: VLLM_METAL_RING_PORT={base}: port {base + 1} (MLX's ring, local rank 1) on 127.0.0.1 "
+                    "is already in use"), line

@@ -115,13 +115,33 @@ def pulled(model_id: str, max_model_len: int | None, kv_path: str | None = None)
                                 kv_path=kv_path))
 
 
-def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, kv_path: str) -> None:
-    """Refuse parallel sizes the engine cannot serve for this model (exit 2, one line), before vLLM starts."""
-    from vmetal.preflight.parallel import refused_args
+def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, cfg: envs.MetalConfig) -> None:
+    """Refuse parallel sizes the engine cannot serve for this model, or ring ports already taken (exit 2, one
+    line), before vLLM starts."""
+    from vmetal.preflight.fit import vllm_arg
+    from vmetal.preflight.parallel import refused_args, sizes_in_args
+    from vmetal.server.process import PortInUseError, check_port_free
 
-    refused = refused_args(vllm_args, config, kv_path)
+    refused = refused_args(vllm_args, config, cfg.kv_path)
     if refused:
         raise VmetalError(refused, exit_code=USAGE)
+    tensor = sizes_in_args(vllm_args)["tensor"]
+    if cfg.ring_port is None or tensor == 1:
+        return
+    try:
+        nodes = max(1, int(vllm_arg(vllm_args, "--nnodes") or 1))
+    except ValueError:
+        nodes = 1  # vLLM's parser says what is wrong with it
+    # Where the ranks will listen: loopback on one machine; across machines the address they advertise.
+    host = "127.0.0.1" if nodes == 1 else os.environ.get("VLLM_HOST_IP")
+    for local_rank in range(max(1, tensor // nodes)) if host else ():
+        port = cfg.ring_port + local_rank
+        try:
+            check_port_free(host, port)
+        except PortInUseError:
+            raise VmetalError(f"{envs.RING_PORT}={cfg.ring_port}: port {port} (MLX's ring, local rank "
+                              f"{local_rank}) on {host} is already in use",
+                              hint=f"choose a free range or unset {envs.RING_PORT}", exit_code=USAGE) from None
 
 
 def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str]) -> None:

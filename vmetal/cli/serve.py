@@ -263,7 +263,7 @@ def serve(
     refused = features.refused_args(vllm_args)
     if refused:
         raise VmetalError(refused, exit_code=USAGE)
-    check_parallel(vllm_args, None, cfg.kv_path)
+    check_parallel(vllm_args, None, cfg)
     target, given_name = resolve_model(model, demo)
     if api_key is not None and not api_key.strip():
         # `--api-key "$KEY"` with KEY unset would otherwise serve with no key at all, silently.
@@ -284,15 +284,17 @@ def serve(
     if target is not None and not Path(target).is_dir() and not no_pull:
         target = options.pulled(target, max_model_len, cfg.kv_path)
     if target is not None and Path(target).is_dir():
-        from vmetal.preflight.cache_types import check_model
+        from vmetal.preflight.cache_types import check_model, check_prefix_cache
         from vmetal.preflight.checkpoint import read_config
         from vmetal.preflight.model_files import check_folder
 
         check_folder(target)  # a damaged file fails here in milliseconds, not in the engine
         # A model whose caches this KV path does not hold (sliding windows, SSM state, …): exit 2 with one line
         # naming the family, the cache type and the path that would serve it, not a traceback ~10 s later.
-        check_model(read_config(Path(target)), str(Path(target) / "config.json"), cfg.kv_path)
-        check_parallel(vllm_args, read_config(Path(target)), cfg.kv_path)
+        state = check_model(read_config(Path(target)), str(Path(target) / "config.json"), cfg.kv_path)
+        if cfg.prefix_cache:
+            check_prefix_cache(state)
+        check_parallel(vllm_args, read_config(Path(target)), cfg)
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
         target = options.demo_model()

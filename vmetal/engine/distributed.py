@@ -58,8 +58,10 @@ class Ring:
                 from exc
 
 
-def init_ranks(vllm_config: Any, rank: int, local_rank: int, init_method: str) -> Ring | None:
-    """Join vLLM's group and MLX's ring for this worker; None (and nothing done) for a single worker."""
+def init_ranks(vllm_config: Any, rank: int, local_rank: int, init_method: str,
+               ring_port: int | None = None) -> Ring | None:
+    """Join vLLM's group and MLX's ring for this worker; None (and nothing done) for a single worker.
+    `ring_port` (`VLLM_METAL_RING_PORT`): the port of this machine's first rank, the next ones count up."""
     parallel = vllm_config.parallel_config
     if parallel.world_size == 1:
         return None
@@ -74,7 +76,7 @@ def init_ranks(vllm_config: Any, rank: int, local_rank: int, init_method: str) -
     host = "127.0.0.1" if parallel.nnodes == 1 else _node_address()
     os.environ["VLLM_DIST_IDENT"] = ident if parallel.nnodes == 1 else f"{ident}-{host}"
     init_worker_distributed_environment(vllm_config, rank, init_method, local_rank, current_platform.dist_backend)
-    return _join_ring(rank, parallel.world_size, host)
+    return _join_ring(rank, parallel.world_size, host, None if ring_port is None else ring_port + local_rank)
 
 
 def _node_address() -> str:
@@ -93,17 +95,23 @@ def _node_address() -> str:
     return address
 
 
-def _join_ring(rank: int, world_size: int, host: str) -> Ring:
-    """MLX's ring over TCP: each rank listens on a port of its own at `host`, the addresses are traded over
-    vLLM's group, and MLX connects them from a hostfile (what `mlx.launch` would write)."""
+def _join_ring(rank: int, world_size: int, host: str, port: int | None) -> Ring:
+    """MLX's ring over TCP: each rank listens on a port of its own at `host` (`port`, or a free one), the
+    addresses are traded over vLLM's group, and MLX connects them from a hostfile (what `mlx.launch` writes)."""
     import mlx.core as mx
     import torch.distributed as dist
     from vllm.distributed.parallel_state import get_world_group
 
-    # Bound and released, then bound again by MLX: another process could take it in between, which fails the
-    # start with MLX's error rather than hanging. A fixed base port (set per Mac) would close that window.
+    from vmetal import envs
+
+    # Tried (or picked) and released, then bound again by MLX: another process could take it in between, which
+    # fails the start with MLX's error rather than hanging.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
+        try:
+            s.bind((host, port or 0))
+        except OSError as exc:
+            raise RuntimeError(f"{envs.RING_PORT}: rank {rank} cannot listen on {host}:{port} ({exc.strerror}); "
+                               f"choose a free range or unset {envs.RING_PORT}") from exc
         port = s.getsockname()[1]
     addresses: list[Any] = [None] * world_size
     dist.all_gather_object(addresses, f"{host}:{port}", group=get_world_group().cpu_group)

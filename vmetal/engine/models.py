@@ -71,6 +71,9 @@ class LoadedModel:
     kv_widths: tuple[tuple[int, int, int], ...] = ()
     # Whether the model's output head may run on selected hidden states only (checked at load: `_probe`).
     head_on_rows: bool = True
+    # Whether every layer's cache can give back positions at any length (`trim`): a KVCache can, a
+    # sliding-window RotatingKVCache cannot once it has wrapped around its window.
+    trimmable: bool = True
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -126,6 +129,7 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
         quantization=quantization_of(config),
         kv_widths=probe.kv_widths,
         head_on_rows=probe.head_on_rows,
+        trimmable=probe.trimmable,
     )
 
 
@@ -185,6 +189,7 @@ class _Probe:
     kv_widths: tuple[tuple[int, int, int], ...]  # per layer (KV heads, key width, value width)
     vocab_size: int  # the logits' width
     head_on_rows: bool
+    trimmable: bool
 
 
 def _probe(model: Any) -> _Probe:
@@ -209,7 +214,7 @@ def _probe(model: Any) -> _Probe:
     tol = 1e-4 if want.dtype == mx.float32 else 2e-2
     on_rows = got is not None and got.shape == want.shape and bool(
         mx.allclose(got.astype(mx.float32), want.astype(mx.float32), rtol=tol, atol=tol))
-    return _Probe(widths, int(want.shape[-1]), on_rows)
+    return _Probe(widths, int(want.shape[-1]), on_rows, all(type(c).__name__ == "KVCache" for c in cache))
 
 
 def last_position(hidden: Any) -> Any:

@@ -100,7 +100,7 @@ class MetalPlatform(Platform):
         refused = features.refused_config(vllm_config)
         if refused:
             raise ValueError(refused)
-        _check_model_state(vllm_config.model_config.model, cfg.kv_path)
+        _check_model_state(vllm_config.model_config.model, cfg.kv_path, cfg.prefix_cache)
 
         parallel = vllm_config.parallel_config
         model_config = vllm_config.model_config
@@ -167,15 +167,18 @@ class MetalPlatform(Platform):
         check_request(processed_inputs, params)
 
 
-def _check_model_state(model: str, kv_path: str) -> None:
-    """Refuse, before the engine starts, a local checkpoint whose state `kv_path` does not hold (one line
-    naming the family, the cache type and the path that would serve it). A hub id is left to the runner's
-    load, which asks the same once the engine has resolved it: resolving it here could reach the network."""
+def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False) -> None:
+    """Refuse, before the engine starts, a local checkpoint whose state `kv_path` (or the MLX path's prefix
+    cache) does not hold (one line naming the family, the cache type and the path that would serve it). A hub
+    id is left to the runner's load, which asks the same once the engine has resolved it: resolving it here
+    could reach the network."""
     from pathlib import Path
 
-    from vmetal.preflight.cache_types import check_model
+    from vmetal.preflight.cache_types import check_model, check_prefix_cache
     from vmetal.preflight.checkpoint import read_config
 
     folder = Path(model).expanduser()
     if (folder / "config.json").is_file():
-        check_model(read_config(folder), str(folder / "config.json"), kv_path)
+        state = check_model(read_config(folder), str(folder / "config.json"), kv_path)
+        if prefix_cache:
+            check_prefix_cache(state)

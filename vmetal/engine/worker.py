@@ -60,7 +60,7 @@ class MetalWorker(WorkerBase):
         # The sampler's tensors live on the CPU torch device on every host.
         self.device = torch.device("cpu")
         self.ring = distributed.init_ranks(self.vllm_config, self.rank, self.local_rank,
-                                           self.distributed_init_method)
+                                           self.distributed_init_method, self.metal_config.ring_port)
         self.model_runner = runner_class(self.metal_config.kv_path)(self.vllm_config, self.device,
                                                                     self.metal_config,
                                                                     self.ring.group if self.ring else None)

@@ -42,7 +42,7 @@ from vmetal.preflight.checkpoint import UnsupportedModelError
 # differently). The MLX-managed path merges rows with mlx-lm's BatchKVCache and rolls back by `trim`; the
 # paged path writes K/V into vLLM's full-attention blocks; the PyTorch baseline batches HF full attention.
 SUPPORTED: dict[str, frozenset[str]] = {
-    "mlx": frozenset({"KVCache"}),
+    "mlx": frozenset({"KVCache", "RotatingKVCache"}),
     "paged": frozenset({"KVCache"}),
     "torch": frozenset({"KVCache"}),
 }
@@ -168,22 +168,23 @@ def probe(module: str, config: dict[str, Any]) -> tuple[list[str], str | None, s
 
     model = arch.Model(arch.ModelArgs.from_dict(config))
     caches = [describe_cache(c) for c in make_prompt_cache(model)]
-    if set(caches) != {"KVCache"}:  # refused on every path by its cache types already
-        return caches, None, None
-    return caches, paged_obstacle(model), batch_obstacle(model)
+    # Probed only where the path holds every cache type (the others are refused by their types already).
+    return (caches, paged_obstacle(model) if set(caches) <= SUPPORTED["paged"] else None,
+            batch_obstacle(model) if set(caches) <= SUPPORTED["mlx"] else None)
 
 
 def batch_obstacle(model: Any) -> str | None:
     """Why mlx-lm's model cannot decode requests of different lengths in one batch, or None when it can.
 
-    The MLX-managed path merges each request's KVCaches into mlx-lm's left-padded BatchKVCache, whose mask and
-    per-row offsets a model's attention must broadcast (Gemma 2's grouped-query attention does not: mlx-lm's
+    The MLX-managed path merges each request's caches into mlx-lm's left-padded batch caches (each cache type's
+    own `merge`: BatchKVCache, BatchRotatingKVCache), whose mask and per-row offsets a model's attention must
+    broadcast (Gemma 2's grouped-query attention does not: mlx-lm's
     own batch_generate fails on it too). Three prompts of different lengths are prefilled and one batched
     decode step is built, never evaluated: a shape error shows when the graph is built, so a full-size model
     computes and allocates nothing. Three rows, not two: a batch as large as a dimension of the model's own
     (Gemma 2's 2-row batch against its 2 KV heads) can broadcast where any other size fails."""
     import mlx.core as mx
-    from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
+    from mlx_lm.models.cache import make_prompt_cache
 
     lengths = (4, 3, 2)
     rows = []
@@ -192,7 +193,7 @@ def batch_obstacle(model: Any) -> str | None:
             cache = make_prompt_cache(model)
             model(mx.zeros((1, length), dtype=mx.int32), cache=cache)
             rows.append(cache)
-        batch = [BatchKVCache.merge(list(layer)) for layer in zip(*rows)]
+        batch = [type(layer[0]).merge(list(layer)) for layer in zip(*rows)]
         shape = model(mx.zeros((len(lengths), 1), dtype=mx.int32), cache=batch).shape
     except Exception as exc:  # whatever the family's code raises on a batched cache: the reason, as one line
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -351,6 +352,16 @@ def check_model(config: dict[str, Any], where: str = "config.json", kv_path: str
     elif not servable_paths(state):
         check_caches(state, "mlx")
     return state
+
+
+def check_prefix_cache(state: ModelState) -> None:
+    """`VLLM_METAL_PREFIX_CACHE=1` (the MLX-managed path's own prefix cache) stores full-attention K/V per
+    prompt prefix; a model with any other cache type is refused with it, naming the family."""
+    others = sorted({c for c in state.caches if c != "KVCache"})
+    if others:
+        raise UnsupportedModelError(
+            f"{state.family}: VLLM_METAL_PREFIX_CACHE=1 (--prefix-cache) keeps full-attention K/V only, and this "
+            f"model also keeps {', '.join(others)} state; serve it without the prefix cache")
 
 
 def servable_paths(state: ModelState) -> list[str]:

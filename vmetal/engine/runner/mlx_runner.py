@@ -32,6 +32,15 @@ class MlxModelRunner(ModelRunnerBase):
     def load_model(self) -> None:
         super().load_model()
         self.decode = mlx_cache.DecodeBatch(self.loaded.num_layers)
+        if not self.loaded.trimmable:
+            # The decode-ahead step is rolled back by trimming one position, which a sliding-window cache that
+            # has wrapped cannot give back: such models decode one step at a time.
+            self.decode_ahead_enabled = False
+        if self.metal_config.prefix_cache:
+            # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.
+            from vmetal.preflight.cache_types import check_prefix_cache, model_state_here
+
+            check_prefix_cache(model_state_here(self.loaded.config))
         if self.metal_config.prefix_cache:
             from vmetal.engine.device import device_memory_bytes
 
@@ -60,6 +69,8 @@ class MlxModelRunner(ModelRunnerBase):
         return mlx_cache.new_request_cache(self.model)
 
     def _trim_request_cache(self, cache: Any, drop: int) -> None:
+        if not all(layer.is_trimmable() for layer in cache):
+            raise RuntimeError(f"cannot roll back {drop} positions: a sliding-window cache has wrapped")
         for layer in cache:
             layer.trim(drop)
 
@@ -92,7 +103,9 @@ class MlxModelRunner(ModelRunnerBase):
                                    f"the MLX cache holds {held}")
             cache = self._new_request_cache()
             held = 0
-        if held > start:
+        if held > start and start == 0:
+            cache = self._new_request_cache()  # all of it recomputed (a preempted request): no trim needed
+        elif held > start:
             self._trim_request_cache(cache, held - start)
         self.request_caches[req_id] = cache
         self.cache_len[req_id] = start

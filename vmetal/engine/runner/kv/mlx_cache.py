@@ -1,9 +1,10 @@
 """The MLX-managed KV path: per-request caches for prefill, one batched cache for decode.
 
-A request's prompt (or a chunk of it) runs alone on its own mlx-lm `KVCache`, so a
-long prompt never pads the decode batch. Once its prompt is done the request's
-cache is merged into the decode batch (mlx-lm's left-padded `BatchKVCache`), and
-from then on every decoding request advances in one forward per step.
+A request's prompt (or a chunk of it) runs alone on its own mlx-lm caches (what the
+model makes: `KVCache`, or a sliding-window `RotatingKVCache` per layer), so a long
+prompt never pads the decode batch. Once its prompt is done the request's caches are
+merged into the decode batch (mlx-lm's left-padded batch caches), and from then on
+every decoding request advances in one forward per step.
 """
 
 from __future__ import annotations
@@ -38,17 +39,17 @@ class DecodeBatch:
         return self._caches
 
     def add(self, req_id: str, request_cache: list[Any]) -> None:
-        from mlx_lm.models.cache import BatchKVCache
-
         if self._caches is None:
             self._caches, self._batched = request_cache, False
             self.req_ids.append(req_id)
             return
+        # Each layer's cache type batches itself (mlx-lm's `merge`): a KVCache into a BatchKVCache, a
+        # sliding-window RotatingKVCache into a BatchRotatingKVCache, whose rows may have wrapped.
         if not self._batched:
-            self._caches = [BatchKVCache.merge([c]) for c in self._caches]
+            self._caches = [type(c).merge([c]) for c in self._caches]
             self._batched = True
         for batch, row in zip(self._caches, request_cache):
-            batch.extend(BatchKVCache.merge([row]))
+            batch.extend(type(row).merge([row]))
         self.req_ids.append(req_id)
 
     def remove(self, req_ids: set[str]) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli_server import CliServer
 from tests.support.engine import mlx_greedy
 
 pytestmark = pytest.mark.slow
@@ -72,35 +72,10 @@ def hosts():
             _ip("netns", "del", name)
 
 
-class Node:
-    """One `vmetal serve` inside a namespace, its output in a log file, its process group stopped on exit."""
-
-    def __init__(self, host: Host, argv: list[str], log: Path):
-        self.log = log
-        env = {**os.environ, "VLLM_HOST_IP": host.address}
-        with log.open("w") as out:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", host.netns, sys.executable, "-m", "vmetal.cli.app",
-                                          "serve", *argv], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, words: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while words not in self.text():
-            assert self.proc.poll() is None, self.text()[-3000:]
-            assert time.monotonic() < deadline, f"no {words!r} in {timeout:g} s: {self.text()[-3000:]}"
-            time.sleep(0.5)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            return self.proc.wait()
+def node(host: Host, argv: list[str], log: Path) -> CliServer:
+    """`vmetal serve ARGV` inside `host`'s namespace, advertising its address."""
+    return CliServer(["serve", *argv], log, {**os.environ, "VLLM_HOST_IP": host.address},
+                     prefix=["ip", "netns", "exec", host.netns])
 
 
 CLIENT = textwrap.dedent("""
@@ -143,8 +118,8 @@ def test_tensor_parallel_across_two_hosts(hosts, qwen3_model, tmp_path):
     a, b = hosts
     rendezvous = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", a.address,
                   "--master-port", "29517"]
-    node_b = Node(b, common(qwen3_model, 8000) + rendezvous + ["--node-rank", "1", "--headless"], tmp_path / "b.log")
-    head = Node(a, common(qwen3_model, 8000) + rendezvous + ["--node-rank", "0"], tmp_path / "a.log")
+    node_b = node(b, common(qwen3_model, 8000) + rendezvous + ["--node-rank", "1", "--headless"], tmp_path / "b.log")
+    head = node(a, common(qwen3_model, 8000) + rendezvous + ["--node-rank", "0"], tmp_path / "a.log")
     try:
         head.wait_for("vmetal: serving")
         answer = ask(a, 8000, PROMPTS)
@@ -162,8 +137,8 @@ def test_data_parallel_across_two_hosts(hosts, qwen3_model, tmp_path):
     a, b = hosts
     rendezvous = ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--data-parallel-address",
                   a.address, "--data-parallel-rpc-port", "29519"]
-    head = Node(a, common(qwen3_model, 8000) + rendezvous, tmp_path / "a.log")
-    node_b = Node(b, common(qwen3_model, 8000) + rendezvous + ["--headless", "--data-parallel-start-rank", "1"],
+    head = node(a, common(qwen3_model, 8000) + rendezvous, tmp_path / "a.log")
+    node_b = node(b, common(qwen3_model, 8000) + rendezvous + ["--headless", "--data-parallel-start-rank", "1"],
                   tmp_path / "b.log")
     try:
         head.wait_for("vmetal: serving")
@@ -190,8 +165,8 @@ def test_a_rank_killed_mid_generation_stops_the_head_naming_it(hosts, qwen3_mode
     a, b = hosts
     rendezvous = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", a.address,
                   "--master-port", "29521"]
-    node_b = Node(b, common(qwen3_model, 8000) + rendezvous + ["--node-rank", "1", "--headless"], tmp_path / "b.log")
-    head = Node(a, [str(qwen3_model), "--port", "8000", "--max-model-len", "2048", "--served-model-name", SERVED,
+    node_b = node(b, common(qwen3_model, 8000) + rendezvous + ["--node-rank", "1", "--headless"], tmp_path / "b.log")
+    head = node(a, [str(qwen3_model), "--port", "8000", "--max-model-len", "2048", "--served-model-name", SERVED,
                     "--", *rendezvous, "--node-rank", "0"], tmp_path / "a.log")
     try:
         head.wait_for("vmetal: serving")

@@ -12,13 +12,12 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
+from tests.support.cli_server import CliServer
 from tests.support.engine import mlx_greedy
 from vmetal.server.process import free_port
 
@@ -33,26 +32,11 @@ PROMPTS = [f"{w} number {i} reads" for i, w in enumerate(["The cat", "A small do
 def server(qwen3_model, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("parallel") / "serve.log"
-    argv = [sys.executable, "-m", "vmetal.cli.app", "serve", str(qwen3_model), "--port", str(port),
-            "--max-model-len", "256", "--served-model-name", SERVED, "--",
-            "--data-parallel-size", "2", "--tensor-parallel-size", "2"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while "vmetal: serving" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 300 s"
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}", log, proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    argv = ["serve", str(qwen3_model), "--port", str(port), "--max-model-len", "256", "--served-model-name", SERVED,
+            "--", "--data-parallel-size", "2", "--tensor-parallel-size", "2"]
+    with CliServer(argv, log) as server:
+        server.wait_for()
+        yield f"http://127.0.0.1:{port}", log, server.proc
 
 
 def _metric_by_engine(base: str, name: str) -> dict[str, float]:

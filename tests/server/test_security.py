@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -20,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.support import fakes
+from tests.support.cli_server import CliServer
 from vmetal import envs
 from vmetal.cli import options
 from vmetal.cli.app import app
@@ -158,26 +156,11 @@ def keyed_server(qwen3_model, tmp_path_factory):
     env.pop("VLLM_API_KEY", None)
     # The key reaches vLLM on its own command line (after `--`), which vLLM prefers and logs among its
     # arguments: both the guard and the masking are exercised by the harder path.
-    argv = [sys.executable, "-m", "vmetal.cli.app", "-v", "serve", str(qwen3_model), "--port", str(port),
-            "--max-model-len", "256", "--served-model-name", "m", "--", "--api-key", KEY]
-    with log.open("w") as out:
-        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while "vmetal: serving" not in log.read_text():
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "server not ready in 300 s"
-            time.sleep(0.5)
+    argv = ["-v", "serve", str(qwen3_model), "--port", str(port), "--max-model-len", "256", "--served-model-name",
+            "m", "--", "--api-key", KEY]
+    with CliServer(argv, log, env) as server:
+        server.wait_for()
         yield f"http://127.0.0.1:{port}", log
-    finally:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.slow

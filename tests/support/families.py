@@ -99,6 +99,22 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "architectures": ["GptOssForCausalLM"], "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
         "intermediate_size": 64, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
     },
+    "lfm2": {
+        # LFM2: a hybrid, short-convolution blocks (a recurrent ArraysCache each) and attention layers; one of
+        # each here.
+        "architectures": ["Lfm2ForCausalLM"], "norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3,
+        "block_dim": 64, "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False,
+        "block_ff_dim": 128, "full_attn_idxs": [1],
+    },
+    "qwen3_next": {
+        # Qwen3-Next: gated DeltaNet linear-attention layers (an ArraysCache of conv and recurrent state each)
+        # with a full-attention layer every 2nd (every 4th in the published model), MoE with a shared expert.
+        "architectures": ["Qwen3NextForCausalLM"], "head_dim": 16, "partial_rotary_factor": 0.25,
+        "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1, "shared_expert_intermediate_size": 64, "mlp_only_layers": [],
+        "moe_intermediate_size": 64, "full_attention_interval": 2,
+    },
 }
 for _family, _config in FAMILIES.items():
     FAMILIES[_family] = {**_COMMON, "model_type": _family, **_config}

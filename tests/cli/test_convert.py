@@ -199,13 +199,13 @@ def test_source_without_config(tmp_path):
 
 
 def test_unsupported_architecture(src, tmp_path):
-    """A model no KV path serves (recurrent layers of a hybrid: decided by the caches mlx-lm makes for it)."""
-    from tests.support.families import as_hybrid
+    """A model no KV path serves (several caches per layer: decided by the caches mlx-lm makes for it)."""
+    from tests.support.families import as_nested_caches
 
-    config = as_hybrid(json.loads((src / "config.json").read_text()))
+    config = as_nested_caches(json.loads((src / "config.json").read_text()))
     (src / "config.json").write_text(json.dumps(config))
     line = refused(convert(src, tmp_path / "dst", "--bits", "4"), tmp_path)
-    assert "lfm2 (Lfm2ForCausalLM)" in line and "ArraysCache" in line
+    assert "baichuan_m1 (BaichuanM1ForCausalLM)" in line and "CacheList" in line
 
 
 def test_already_quantized_source(src, tmp_path):

@@ -45,6 +45,10 @@ PATHS: dict[str, tuple[str, ...]] = {
     # paged path's pools hold full-attention K/V only.
     "gemma3_text": ("mlx",),
     "gpt_oss": ("mlx",),
+    # Hybrids: recurrent layers keep mlx-lm's ArraysCache (a fixed-size state per request), merged into the
+    # decode batch by its own `merge`; the paged path has no pools for such state.
+    "lfm2": ("mlx",),
+    "qwen3_next": ("mlx",),
 }
 RUNS = [(family, kv_path) for family, paths in PATHS.items() for kv_path in paths]
 MAX_TOKENS = 12

@@ -136,11 +136,9 @@ def as_sliding_window(config: dict[str, Any]) -> dict[str, Any]:
             "sliding_window_pattern": 2}
 
 
-def as_hybrid(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` relabelled as an LFM2 model of the same width: mlx-lm's `lfm2` then makes a recurrent
-    `ArraysCache` for its first layer (a convolution block) and a `KVCache` for the second, a hybrid state no
-    vmetal KV path holds yet. Only the config changes: it is refused before any weight is read."""
-    return {**config, "model_type": "lfm2", "architectures": ["Lfm2ForCausalLM"], "norm_eps": 1e-5,
-            "conv_bias": False, "conv_L_cache": 3, "block_dim": config.get("hidden_size", 64),
-            "block_multiple_of": 16, "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False,
-            "block_ff_dim": config.get("intermediate_size", 128), "full_attn_idxs": [1]}
+def as_nested_caches(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` relabelled as a Baichuan-M1 model of the same shape: mlx-lm's `baichuan_m1` then makes a
+    `CacheList(ArraysCache, KVCache)` per layer (a short convolution state beside the K/V of each layer), a
+    state no vmetal KV path holds yet. Only the config changes: it is refused before any weight is read."""
+    return {**config, "model_type": "baichuan_m1", "architectures": ["BaichuanM1ForCausalLM"],
+            "sliding_window": 16, "sliding_window_layers": [], "conv_window": 2}

@@ -53,12 +53,12 @@ def big_files(tiny_files: dict[str, bytes], size: int) -> dict[str, bytes]:
     return files
 
 
-def with_hybrid_layers(files: dict[str, bytes]) -> dict[str, bytes]:
-    """The tiny repo relabelled as a hybrid (recurrent + attention) model (`families.as_hybrid`), which vmetal
-    refuses."""
-    from tests.support.families import as_hybrid
+def with_nested_caches(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The tiny repo relabelled as a model whose layers keep several caches each (`families.as_nested_caches`),
+    which vmetal refuses."""
+    from tests.support.families import as_nested_caches
 
-    return {**files, "config.json": json.dumps(as_hybrid(json.loads(files["config.json"]))).encode()}
+    return {**files, "config.json": json.dumps(as_nested_caches(json.loads(files["config.json"]))).encode()}
 
 
 def damage(path: Path, at: int = 100) -> None:

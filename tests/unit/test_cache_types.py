@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from tests.support import fakes
 from tests.support.checkpoints import model_folder
-from tests.support.families import FAMILIES, as_sliding_window
+from tests.support.families import FAMILIES, as_nested_caches, as_sliding_window
 from vmetal import envs
 from vmetal.cli.app import app
 from vmetal.preflight import cache_types
@@ -58,8 +58,10 @@ def test_sliding_window_layers_are_served_on_the_mlx_path_and_refused_elsewhere_
 
 
 def test_hybrid_and_nested_caches_are_named():
-    assert "its layers are recurrent (SSM / linear-attention) layers of a hybrid model (mlx-lm's ArraysCache)" \
-        in refusal(state("ArraysCache", "ArraysCache"), "mlx")
+    # A hybrid's recurrent layers: the MLX-managed path holds them (mlx-lm batches ArraysCache), the paged does not.
+    assert refusal(state("ArraysCache", "KVCache"), "mlx") is None
+    assert "1 of 2 layers are recurrent (SSM / linear-attention) layers of a hybrid model (mlx-lm's ArraysCache)" \
+        in refusal(state("ArraysCache", "KVCache"), "paged")
     line = refusal(state("CacheList(KVCache, KVCache)", "KVCache"), "mlx")
     assert "1 of 2 layers are layers with several caches each (mlx-lm's CacheList(KVCache, KVCache))" in line
     assert "its layers are layers with a cache of their own kind (mlx-lm's OddCache)" in refusal(state("OddCache"),
@@ -110,7 +112,8 @@ def test_the_config_decides_not_the_family_name():
 def test_hybrid_config_makes_arrays_caches():
     got = model_state(LFM2)
     assert got.caches == ("ArraysCache", "KVCache", "ArraysCache", "KVCache")
-    assert refusal(got, "mlx").startswith("lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent")
+    assert refusal(got, "mlx") is None and got.batch is None  # mlx-lm batches it: the MLX-managed path holds it
+    assert refusal(got, "paged").startswith("lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent")
 
 
 def test_mla_widths_and_own_attention_code_keep_models_off_the_paged_path():
@@ -170,10 +173,13 @@ def serve(*args: str):
     (DEEPSEEK, True,
      ("error: deepseek_v2 (DeepseekV2ForCausalLM): its attention keeps keys 24 and values 16 wide (MLA), and the "
       "paged path's block pools hold one width for both: use the MLX-managed path (leave out --paged)")),
-    (LFM2, False,
+    (LFM2, True,
      ("error: lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent (SSM / linear-attention) layers of a "
-      "hybrid model (mlx-lm's ArraysCache): no vmetal KV path serves it yet")),
-], ids=["sliding-window-on-paged", "mla-on-paged", "hybrid"])
+      "hybrid model (mlx-lm's ArraysCache): use the MLX-managed path (leave out --paged)")),
+    (as_nested_caches(QWEN3), False,
+     ("error: baichuan_m1 (BaichuanM1ForCausalLM): its layers are layers with several caches each (mlx-lm's "
+      "CacheList(ArraysCache, KVCache)): no vmetal KV path serves it yet")),
+], ids=["sliding-window-on-paged", "mla-on-paged", "hybrid-on-paged", "nested-caches"])
 def test_serve_refuses_what_its_kv_path_cannot_hold_within_a_second(fake_server, tmp_path, config, paged, line):
     folder = model_folder(tmp_path / "model", config, 1 << 20)
     cache_types._probe_in_child.cache_clear()  # the child's time is part of the promise
@@ -214,7 +220,8 @@ def test_serve_starts_what_its_kv_path_holds(fake_server, tmp_path):
 def test_serve_refusal_in_a_fresh_interpreter_imports_no_mlx(tmp_path):
     """The same refusal through the console script: exit 2, one line, and mlx, torch and vLLM stay out of the
     CLI's process (`run_main_fresh` fails otherwise)."""
-    folder = model_folder(tmp_path / "model", LFM2, 1 << 20)
+    folder = model_folder(tmp_path / "model", as_nested_caches(QWEN3), 1 << 20)
     proc = fakes.run_main_fresh(["serve", str(folder), "--port", str(free_port())])
     assert proc.returncode == 2, proc.stderr
-    assert "error: lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent" in proc.stderr
+    assert "error: baichuan_m1 (BaichuanM1ForCausalLM): its layers are layers with several caches each" \
+        in proc.stderr

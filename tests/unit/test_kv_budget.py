@@ -29,12 +29,12 @@ MAX_SEQS = 4
 
 
 def make_runner(cls, *, weights: int, device: str = "gpu", fraction: str = "auto", max_model_len=MAX_LEN,
-                max_num_seqs=MAX_SEQS, gpu_memory_utilization=0.5):
+                max_num_seqs=MAX_SEQS, gpu_memory_utilization=0.5, state_bytes=0):
     config = stub_vllm_config(max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=BLOCK,
                               gpu_memory_utilization=gpu_memory_utilization)
     runner = cls(config, "cpu", paged_metal_config(device, fraction))
     runner.weights_bytes = weights
-    runner.loaded = SimpleNamespace(kv_bytes_per_token=PER_TOKEN)
+    runner.loaded = SimpleNamespace(kv_bytes_per_token=PER_TOKEN, state_bytes=state_bytes)
     return runner
 
 
@@ -52,6 +52,14 @@ def test_managed_budget_is_utilization_of_device_less_weights_and_activations(cl
     budget = runner.kv_budget(10 * MiB, MiB // 2)
     assert budget == 5 * MiB - MiB - MiB // 2
     assert budget < MANAGED_CAP
+
+
+@pytest.mark.parametrize("cls", MANAGED)
+def test_managed_budget_sets_aside_a_hybrids_recurrent_state_for_every_request(cls):
+    """A hybrid's recurrent layers keep a fixed-size state per request whatever its length: `max_num_seqs` of
+    them come off the budget before K/V is planned."""
+    runner = make_runner(cls, weights=1 * MiB, gpu_memory_utilization=0.5, state_bytes=MiB // 4)
+    assert runner.kv_budget(10 * MiB, MiB // 2) == 5 * MiB - MiB - MiB // 2 - MAX_SEQS * (MiB // 4)
 
 
 @pytest.mark.parametrize("cls", MANAGED)

@@ -59,7 +59,7 @@ class LoadedModel:
     model: Any  # mlx.nn.Module from mlx-lm
     config: dict[str, Any]
     path: Path
-    num_layers: int
+    num_layers: int  # the layers that keep K/V (a hybrid's recurrent layers keep a fixed-size state instead)
     num_kv_heads: int
     head_dim: int  # of the keys (and of the values, on the paged path: `cache_types.paged_obstacle`)
     vocab_size: int
@@ -72,8 +72,12 @@ class LoadedModel:
     # Whether the model's output head may run on selected hidden states only (checked at load: `_probe`).
     head_on_rows: bool = True
     # Whether every layer's cache can give back positions at any length (`trim`): a KVCache can, a
-    # sliding-window RotatingKVCache cannot once it has wrapped around its window.
+    # sliding-window RotatingKVCache cannot once it has wrapped around its window, a recurrent state never.
     trimmable: bool = True
+    # A hybrid's recurrent layers (mlx-lm's ArraysCache): how many, and the bytes of state one request keeps
+    # in them whatever its length.
+    state_layers: int = 0
+    state_bytes: int = 0
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -130,6 +134,8 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
         kv_widths=probe.kv_widths,
         head_on_rows=probe.head_on_rows,
         trimmable=probe.trimmable,
+        state_layers=probe.state_layers,
+        state_bytes=probe.state_bytes,
     )
 
 
@@ -190,6 +196,8 @@ class _Probe:
     vocab_size: int  # the logits' width
     head_on_rows: bool
     trimmable: bool
+    state_layers: int  # layers whose cache holds no K/V (a hybrid's recurrent state)
+    state_bytes: int  # what those hold for one request
 
 
 def _probe(model: Any) -> _Probe:
@@ -203,8 +211,10 @@ def _probe(model: Any) -> _Probe:
     tokens = mx.array([[0, 1, 2, 3]], dtype=mx.int32)
     cache = make_prompt_cache(model)
     want = model(tokens, cache=cache)[:, -1:]
-    # KVCache keys/values: [batch, KV heads, positions, width].
-    widths = tuple((c.keys.shape[1], c.keys.shape[3], c.values.shape[3]) for c in cache)
+    # KVCache keys/values: [batch, KV heads, positions, width]; a recurrent layer's ArraysCache has none.
+    kv = [c for c in cache if hasattr(c, "keys")]
+    widths = tuple((c.keys.shape[1], c.keys.shape[3], c.values.shape[3]) for c in kv)
+    state = [c for c in cache if not hasattr(c, "keys")]
     try:
         got = logits_at(model, tokens, make_prompt_cache(model), last_position)
     except Exception:  # a shape error in the family's output code: it needs every position
@@ -214,7 +224,8 @@ def _probe(model: Any) -> _Probe:
     tol = 1e-4 if want.dtype == mx.float32 else 2e-2
     on_rows = got is not None and got.shape == want.shape and bool(
         mx.allclose(got.astype(mx.float32), want.astype(mx.float32), rtol=tol, atol=tol))
-    return _Probe(widths, int(want.shape[-1]), on_rows, all(type(c).__name__ == "KVCache" for c in cache))
+    return _Probe(widths, int(want.shape[-1]), on_rows, all(type(c).__name__ == "KVCache" for c in cache),
+                  len(state), sum(c.nbytes for c in state))
 
 
 def last_position(hidden: Any) -> Any:

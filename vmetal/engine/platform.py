@@ -133,6 +133,11 @@ class MetalPlatform(Platform):
                 "(VLLM_METAL_PREFIX_CACHE is this path's own prefix cache)"
             )
             cache.enable_prefix_caching = False
+            if getattr(model_config, "is_hybrid", False):
+                # vLLM set a hybrid's recurrent state up for prefix caching (state aligned to KV blocks) when it
+                # saw it on; off, it keeps one state per request, as vLLM sets it when prefix caching is off.
+                cache.mamba_cache_mode = "none"
+                cache.mamba_block_size = model_config.max_model_len
 
         quant = quantization_of(vllm_config.model_config.hf_config.to_dict())
         if quant is not None:

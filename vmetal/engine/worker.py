@@ -86,7 +86,9 @@ class MetalWorker(WorkerBase):
         return (
             f"{type(loaded.model).__module__}.{type(loaded.model).__name__} "
             f"({self.model_runner.backend}, {loaded.dtype}{quant}): "
-            f"{loaded.num_layers} layers, {loaded.num_kv_heads} KV heads x {loaded.head_dim}, "
+            f"{loaded.num_layers} layers"
+            f"{f' with K/V and {loaded.state_layers} recurrent' if loaded.state_layers else ''}, "
+            f"{loaded.num_kv_heads} KV heads x {loaded.head_dim}, "
             f"{self.weights_bytes} bytes of weights"
         )
 

@@ -42,7 +42,7 @@ from vmetal.preflight.checkpoint import UnsupportedModelError
 # differently). The MLX-managed path merges rows with mlx-lm's BatchKVCache and rolls back by `trim`; the
 # paged path writes K/V into vLLM's full-attention blocks; the PyTorch baseline batches HF full attention.
 SUPPORTED: dict[str, frozenset[str]] = {
-    "mlx": frozenset({"KVCache", "RotatingKVCache"}),
+    "mlx": frozenset({"KVCache", "RotatingKVCache", "ArraysCache"}),
     "paged": frozenset({"KVCache"}),
     "torch": frozenset({"KVCache"}),
 }

@@ -133,7 +133,10 @@ class ModelRunnerBase:
         holds: `kv_fraction` of the device, less weights and the activation peak, and never more than
         `max_num_seqs` full-length sequences (in whole blocks, plus the null block vLLM's pool keeps aside).
         """
-        budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes
+        # A hybrid's recurrent state is a fixed size per request, whatever its length: set aside for the most
+        # requests the scheduler may run at once.
+        state = self.max_num_reqs * (self.loaded.state_bytes if self.loaded is not None else 0)
+        budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes - state
         bs = self.cache_config.block_size
         blocks = self.max_num_reqs * -(-self.max_model_len // bs) + 1
         return max(0, min(budget, blocks * bs * self.kv_bytes_per_token()))

@@ -107,6 +107,27 @@ def test_requests_joining_mid_decode_equal_mlx_lm(engine):
     assert_joining_requests_like_mlx(path, llm, tag)
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next"])
+def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(family_dir, family):
+    """The states that cannot roll back (a wrapped sliding window, a recurrent state): a long prompt prefilled in
+    chunks of 32 tokens carries its state from chunk to chunk, and requests that vLLM preempts for want of KV
+    start again on fresh caches (their state cannot be trimmed to what vLLM says is computed); tokens stay
+    mlx-lm's."""
+    from tests.support.engine import LONG_PROMPT, assert_greedy_like_mlx, metric
+    from vmetal.engine import models
+
+    path = family_dir(family)
+    per_token = models.load(str(path)).kv_bytes_per_token
+    # KV for 192 tokens: the 92-token prompt and its 40 tokens fit, the nine requests together (~500) do not.
+    with running_llm(path, max_model_len=160, max_num_seqs=8, max_num_batched_tokens=32,
+                     enable_chunked_prefill=True, kv_cache_memory_bytes=per_token * 192, block_size=16,
+                     disable_log_stats=False, seed=0) as llm:
+        outs = llm.generate([LONG_PROMPT, *PROMPTS], greedy(40), use_tqdm=False)
+        assert len(outs[0].prompt_token_ids) > 32
+        assert_greedy_like_mlx(path, outs, 40)
+        assert metric(llm, "vllm:num_preemptions") > 0
+
+
 def test_paged_path_refuses_mla_before_the_engine_starts(family_dir, monkeypatch):
     """`LLM(...)` on the paged path stops in vLLM's config step, naming the family, what its attention keeps
     and the path that serves it; no engine process is started."""

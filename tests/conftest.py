@@ -87,6 +87,18 @@ def llama_model(models_dir) -> Path:
     return build_tiny_model(models_dir / "llama", "llama", hidden_size=64, num_layers=2, seed=1)
 
 
+def pytest_configure(config) -> None:
+    """Ctrl-C reaches the CLI processes the tests start, however the suite itself was started. A shell starts a
+    background job (`pytest &`, a CI step run with `&`) with SIGINT ignored, and children inherit an ignored
+    signal: `vmetal chat`, `vmetal pull` and `vmetal install` children then never see the Ctrl-C their tests
+    send (three tests failed that way in a backgrounded run). A handler of our own is not inherited: children
+    start with the default, as from a terminal."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_terminal_summary(terminalreporter, config) -> None:
     """The order this run used (pyproject's addopts shuffles by module); `-q` hides pytest's header line."""
     try:

@@ -75,10 +75,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def interrupt_pull(args: list[str], partial: Path, size: int, **env: str) -> tuple[int, str]:
     """`vmetal pull ARGS` in a child process, stopped by Ctrl-C once `partial` holds `size` bytes: its exit code
-    and stderr. The fake hub stalls the download there; huggingface_hub's own read timeout (10 s) is raised so
-    that a slow moment of a shared test machine cannot turn the stall into a resumed, finished download (it did
-    once in a full run: exit 0, "Trying to resume download...") before the Ctrl-C lands."""
-    env = {"HF_HUB_DOWNLOAD_TIMEOUT": "120", **env}
+    and stderr."""
     proc = subprocess.Popen([sys.executable, "-m", "vmetal.cli.app", "pull", *args], env=child_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

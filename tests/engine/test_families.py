@@ -108,7 +108,7 @@ def test_requests_joining_mid_decode_equal_mlx_lm(engine):
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next"])
-def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(family_dir, family):
+def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(family_dir, family, monkeypatch):
     """The states that cannot roll back (a wrapped sliding window, a recurrent state): a long prompt prefilled in
     chunks of 32 tokens carries its state from chunk to chunk, and requests that vLLM preempts for want of KV
     start again on fresh caches (their state cannot be trimmed to what vLLM says is computed); tokens stay
@@ -116,6 +116,9 @@ def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(fami
     from tests.support.engine import LONG_PROMPT, assert_greedy_like_mlx, metric
     from vmetal.engine import models
 
+    # The MLX-managed path, whatever the module's engine fixture (which may hold a paged one) has set.
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "0")
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "auto")
     path = family_dir(family)
     per_token = models.load(str(path)).kv_bytes_per_token
     # KV for 192 tokens: the 92-token prompt and its 40 tokens fit, the nine requests together (~500) do not.

@@ -78,6 +78,8 @@ class LoadedModel:
     # in them whatever its length.
     state_layers: int = 0
     state_bytes: int = 0
+    # The pre-flight's view of the checkpoint (cache types per layer), as decided before the weights were read.
+    state: cache_types.ModelState | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -104,7 +106,8 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
     path = resolve_model_path(model, revision)
     config = read_config(path)
     # The pre-flight's decision, in this process (mlx-lm is imported here anyway): before any weight is read.
-    cache_types.check_caches(cache_types.model_state_here(config, str(path / "config.json")), kv_path)
+    state = cache_types.model_state_here(config, str(path / "config.json"))
+    cache_types.check_caches(state, kv_path)
     mlx_model, config = load_model(path, lazy=group is not None)
     if group is not None:
         if not hasattr(mlx_model, "shard"):
@@ -136,6 +139,7 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
         trimmable=probe.trimmable,
         state_layers=probe.state_layers,
         state_bytes=probe.state_bytes,
+        state=state,
     )
 
 

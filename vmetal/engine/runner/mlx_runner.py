@@ -38,9 +38,9 @@ class MlxModelRunner(ModelRunnerBase):
             self.decode_ahead_enabled = False
         if self.metal_config.prefix_cache:
             # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.
-            from vmetal.preflight.cache_types import check_prefix_cache, model_state_here
+            from vmetal.preflight.cache_types import check_prefix_cache
 
-            check_prefix_cache(model_state_here(self.loaded.config))
+            check_prefix_cache(self.loaded.state)
         if self.metal_config.prefix_cache:
             from vmetal.engine.device import device_memory_bytes
 

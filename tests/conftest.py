@@ -58,6 +58,19 @@ def _nothing_written_to_the_real_home(request):
 
 
 @pytest.fixture(autouse=True)
+def _environment_restored():
+    """What a command run in-process puts in `os.environ` (`vmetal -v` sets VLLM_LOGGING_LEVEL=DEBUG for the
+    servers it starts) ends with its test: otherwise every later test's vLLM logs at debug level."""
+    before = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(before):
+        del os.environ[name]
+    for name, value in before.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
+@pytest.fixture(autouse=True)
 def _fresh_env_config():
     """`envs.get_config` caches the process's config; a test that changes the environment must not leave
     its config behind for the next one (or find the previous one's)."""

@@ -27,7 +27,11 @@ was looked up, this host has no network):
   the client sees the chunked body cut (without `stream`, the same error is a 400 after the whole generation);
 - `"truncation": null`, the same way (`truncation` must be "auto" or "disabled" there).
 
-vmetal answers all five with a 400 naming the field before vLLM's handler runs (vmetal/server/request_guard.py,
+And one on `/v1/chat/completions` and `/v1/completions`, met by this test in CI: a `structured_outputs` that is
+not an object (`true` there) reaches a pydantic "before" validator that calls `.get` on it, and the AttributeError
+is a 500 "'bool' object has no attribute 'get'".
+
+vmetal answers all six with a 400 naming the field before vLLM's handler runs (vmetal/server/request_guard.py,
 added to every server vmetal starts); tests/server/test_responses_guard.py proves in-process that each still breaks
 the installed vLLM, so a vLLM upgrade that fixes one says so. Nothing is excused here: a new upstream failure would
 be excused by a predicate on the request body that names it, never by endpoint.
@@ -94,6 +98,7 @@ def test_every_operation_fuzzed_from_the_openapi_schema_gets_no_5xx(server):
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
+    from schemathesis.core.errors import UnsupportedSchema
 
     before = greedy_text(server)
     schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json", timeout=30)
@@ -110,7 +115,7 @@ def test_every_operation_fuzzed_from_the_openapi_schema_gets_no_5xx(server):
             @given(case=op.as_strategy(generation_mode=mode))
             def call(case):
                 clamp(case.body)
-                sent = json.dumps(case.body, default=str)[:200]
+                sent = json.dumps(case.body, default=str)[:2000]  # enough to send the failing request again
                 try:
                     r = case.call(base_url=server.base_url, timeout=60)
                 except requests.RequestException as e:  # a stream cut short is a crash the client sees
@@ -122,11 +127,20 @@ def test_every_operation_fuzzed_from_the_openapi_schema_gets_no_5xx(server):
                     outcome, detail = str(r.status_code), r.text[:200]
                 failures.append(f"{op.method.upper()} {op.path} -> {outcome} {detail} body={sent}")
 
-            try:
-                call()
-            except Unsatisfiable:
-                # An operation without inputs (GET /health) has no schema-violating request to make.
-                assert mode == GenerationMode.NEGATIVE, op.path
+            for attempt in range(3):
+                try:
+                    call()
+                except Unsatisfiable:
+                    # An operation without inputs (GET /health) has no schema-violating request to make.
+                    assert mode == GenerationMode.NEGATIVE, op.path
+                except UnsupportedSchema:
+                    # Now and then schemathesis draws a part of a schema it cannot negate ("a `not` whose
+                    # complement is not spelled out") and stops that run: a limit of the generator, not an
+                    # answer of the server. A new run draws other requests; three such runs in a row fail.
+                    if mode == GenerationMode.NEGATIVE and attempt < 2:
+                        continue
+                    raise
+                break
     # The figures RESULTS.md records (pytest -s shows them).
     print(f"fuzzed {len(operations) - len(SKIPPED)} operations: {sum(statuses.values())} answered, "
           f"statuses {dict(sorted(statuses.items()))}")
@@ -160,3 +174,19 @@ def test_the_responses_inputs_vllm_fails_on_get_a_400_naming_the_field(server, b
     error = r.json()["error"]
     assert error["param"] == field and f"`{field}`" in error["message"], error
     assert greedy_text(server)  # the server is still serving
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": True}),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": [{"choice": ["a", "b"]}]}),
+], ids=["chat", "completions"])
+def test_structured_outputs_that_is_not_an_object_gets_a_400(server, path, body):
+    r = httpx.post(server.base_url + path, json={"model": MODEL, "max_tokens": 4, **body}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "structured_outputs"
+    # The object form still reaches vLLM and constrains the answer.
+    r = httpx.post(server.base_url + path, timeout=60,
+                   json={"model": MODEL, "max_tokens": 4, **body, "structured_outputs": {"choice": ["yes", "no"]}})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert (choice.get("text") or choice.get("message", {}).get("content")) in ("yes", "no")

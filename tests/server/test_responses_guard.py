@@ -1,9 +1,10 @@
-"""vmetal's `/v1/responses` request check (vmetal/server/request_guard.py), without a server.
+"""vmetal's request check (vmetal/server/request_guard.py), without a server: `/v1/responses`, and
+`structured_outputs` on `/v1/chat/completions` and `/v1/completions`.
 
 - Each input it refuses still breaks vLLM 0.32 itself, at the place its docstring names (called in-process here):
   when a vLLM upgrade fixes one, its test here fails, and the check for it can go.
 - What it refuses gets a 400 naming the field; the request shapes the OpenAI SDK and agents send pass untouched.
-- As ASGI middleware it answers only `POST /v1/responses` with a JSON body, hands vLLM the body exactly as it
+- As ASGI middleware it answers only a `POST` with a JSON body to those three paths, hands vLLM the body exactly as it
   came (then the client's own messages, for disconnects mid-stream), and passes every other request through
   without reading it.
 - Every server `ServerProcess` starts gets it as the first `--middleware` of `vllm serve`; a `vllm serve` run by
@@ -22,7 +23,7 @@ import pytest
 
 from vmetal.server import vllm_cli
 from vmetal.server.process import API_AUTH_MIDDLEWARE, ServerProcess
-from vmetal.server.request_guard import ResponsesRequestGuard, check_responses_request
+from vmetal.server.request_guard import CHECKS, RequestGuard, check_responses_request, check_sampling_request
 
 HI = {"role": "user", "content": "hi"}
 EMPTY_ASSISTANT = {"type": "message", "role": "assistant", "content": [], "status": "completed", "id": "msg_1"}
@@ -84,6 +85,27 @@ def test_what_vllm_handles_is_left_to_it(body):
     assert check_responses_request(body) is None
 
 
+NOT_AN_OBJECT = [True, False, 0, 7, 1.5, "", "json", [], [{"choice": ["a"]}]]
+
+
+@pytest.mark.parametrize("value", NOT_AN_OBJECT, ids=repr)
+def test_structured_outputs_that_is_not_an_object_is_refused_naming_it(value):
+    for body in ({"prompt": "hi"}, {"messages": [HI]}):
+        rejection = check_sampling_request({"model": "tiny", **body, "structured_outputs": value})
+        assert rejection is not None and rejection.param == "structured_outputs"
+        assert rejection.message.startswith("`structured_outputs` must be an object")
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "hi"}, {"prompt": "hi", "structured_outputs": None},
+    {"prompt": "hi", "structured_outputs": {"choice": ["yes", "no"]}},
+    {"messages": [HI], "structured_outputs": {}}, {"messages": [HI], "structured_outputs": {"regex": 7}},
+    [HI], "hi",
+], ids=["absent", "null", "choice", "empty-object", "bad-inside-vllm-refuses", "list", "string"])
+def test_structured_outputs_vllm_can_read_is_left_to_it(body):
+    assert check_sampling_request(body) is None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The upstream failures, still there in the installed vLLM
 
@@ -115,6 +137,19 @@ def test_vllm_still_renders_an_off_schema_tool_output_as_models():
         _parse_chat_message_content_mm_part(part)
 
 
+@pytest.mark.parametrize("kind", ["chat_completion", "completion"])
+@pytest.mark.parametrize("value", NOT_AN_OBJECT, ids=repr)
+def test_vllm_still_calls_get_on_structured_outputs(kind, value):
+    """Not a ValidationError (which vLLM answers with a 400) but an AttributeError: the 500 the fuzz met."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    request, body = ((ChatCompletionRequest, {"messages": [HI]}) if kind == "chat_completion"
+                     else (CompletionRequest, {"prompt": "hi"}))
+    with pytest.raises(AttributeError, match="object has no attribute 'get'"):
+        request.model_validate({"model": "tiny", **body, "structured_outputs": value})
+
+
 @pytest.mark.parametrize("field", ["background", "truncation"])
 def test_vllm_still_accepts_a_null_it_cannot_answer(field):
     from pydantic import ValidationError
@@ -140,7 +175,7 @@ class App:
     async def __call__(self, scope, receive, send):
         self.calls.append((scope, receive))
         self.messages = [await receive()]
-        if scope["path"] == "/v1/responses":
+        if scope["path"] in CHECKS:
             self.messages.append(await receive())  # what vLLM's disconnect watch would see next
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -161,7 +196,7 @@ def _serve(body: bytes, *, path="/v1/responses", method="POST", content_type=b"a
 
     scope = {"type": "http", "method": method, "path": root_path + path, "root_path": root_path,
              "headers": [(b"content-type", content_type)] if content_type else []}
-    asyncio.run(ResponsesRequestGuard(app)(scope, receive, send))
+    asyncio.run(RequestGuard(app)(scope, receive, send))
     return app, sent, receive
 
 
@@ -185,7 +220,7 @@ def test_a_request_vllm_handles_reaches_it_byte_for_byte_then_the_clients_own_me
 
 
 @pytest.mark.parametrize("where", [
-    {"path": "/v1/chat/completions"}, {"method": "GET"}, {"content_type": b"text/plain"}, {"content_type": None},
+    {"path": "/v1/embeddings"}, {"method": "GET"}, {"content_type": b"text/plain"}, {"content_type": None},
     {"path": "/v1/responses/resp_1"},
 ], ids=["other-path", "get", "not-json", "no-content-type", "retrieve"])
 def test_other_requests_pass_through_unread(where):
@@ -194,6 +229,18 @@ def test_other_requests_pass_through_unread(where):
     ((_, given_receive),) = app.calls
     assert given_receive is receive  # vLLM reads the client's own stream: the guard never touched it
     assert sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "tiny", "messages": [HI], "structured_outputs": True}),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "structured_outputs": "json"}),
+], ids=["chat", "completions"])
+def test_structured_outputs_not_an_object_gets_a_400_on_both_sampling_paths(path, body):
+    app, sent, _ = _serve(json.dumps(body).encode(), path=path)
+    assert app.calls == [] and sent[0]["status"] == 400
+    assert json.loads(sent[1]["body"])["error"]["param"] == "structured_outputs"
+    app, sent, _ = _serve(json.dumps({**body, "structured_outputs": {"choice": ["a"]}}).encode(), path=path)
+    assert len(app.calls) == 1 and sent[0]["status"] == 200
 
 
 def test_the_path_is_matched_under_a_root_path():
@@ -231,7 +278,7 @@ def test_a_client_gone_before_its_body_gets_nothing():
 
     scope = {"type": "http", "method": "POST", "path": "/v1/responses",
              "headers": [(b"content-type", b"application/json")]}
-    asyncio.run(ResponsesRequestGuard(app)(scope, receive, send))
+    asyncio.run(RequestGuard(app)(scope, receive, send))
     assert app.calls == [] and sent == []
 
 
@@ -253,7 +300,7 @@ def test_every_server_vmetal_starts_runs_the_guard_inside_its_other_middleware(k
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from vmetal.server.api_auth import ApiKeyEverywhere
-    from vmetal.server.request_guard import ResponsesRequestGuard
+    from vmetal.server.request_guard import RequestGuard
 
     for var in ("VLLM_API_KEY", "VMETAL_API_KEYS"):
         monkeypatch.delenv(var, raising=False)
@@ -270,9 +317,9 @@ def test_every_server_vmetal_starts_runs_the_guard_inside_its_other_middleware(k
     while layer is not None:
         layers.append(type(layer))
         layer = getattr(layer, "app", None)
-    assert ResponsesRequestGuard in layers
+    assert RequestGuard in layers
     if key:  # a client without the key is refused before its body is read
-        assert layers.index(ApiKeyEverywhere) < layers.index(ResponsesRequestGuard)
+        assert layers.index(ApiKeyEverywhere) < layers.index(RequestGuard)
 
 
 def test_the_guard_goes_first_among_the_middleware_and_never_before_the_model():

@@ -214,7 +214,7 @@ class ServerProcess:
         self.served_model_name = served_model_name
         cfg = envs.load_config(os.environ if environ is None else environ) if config is None else config
         self.environ = server_environ(cfg, environ, api_key)
-        # The child then answers the /v1/responses inputs vLLM 0.32 fails on with a 400 (request_guard.py).
+        # The child then answers the inputs vLLM 0.32 accepts and fails on with a 400 (request_guard.py).
         self.environ[REQUEST_GUARD_ENV] = "1"
         passed_keys = passthrough_api_keys(vllm_args)
         self.environ.pop(API_KEYS_ENV, None)

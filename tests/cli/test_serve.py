@@ -288,8 +288,10 @@ def test_serve_demo_end_to_end(stop_signal, tmp_path):
 
 
 @pytest.mark.parametrize(("args", "flag"), [
-    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'], "--speculative-config"),
-    (["--speculative_config={\"method\": \"ngram\"}"], "--speculative-config"),
+    (["--speculative-config", '{"method": "eagle", "model": "x/y", "num_speculative_tokens": 2}'],
+     "--speculative-config"),
+    (["--speculative_config={\"model\": \"Qwen/Qwen3-0.6B\"}"], "--speculative-config"),
+    (["--speculative-config.method", "mtp"], "--speculative-config"),
     (["--enable-lora", "--max-loras", "2"], "--enable-lora"),
     (["--kv-transfer-config", "{}"], "--kv-transfer-config"),
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
@@ -305,7 +307,24 @@ def test_vllm_features_the_engine_lacks_are_refused_before_anything_starts(fake_
     assert fake_server == []
 
 
-@pytest.mark.parametrize("args", [["--kv-cache-dtype", "auto"], ["--runner", "generate"], ["--max-loras", "2"]])
+@pytest.mark.parametrize(("args", "env", "words"), [
+    (["--speculative-config", '{"method": "ngram"}'], {"VLLM_METAL_USE_PAGED_ATTENTION": "1"},
+     "runs on the MLX-managed KV path only, and this server uses the paged path"),
+    (["--speculative-config", '{"method": "ngram"}', "--tensor-parallel-size", "2"], {},
+     "runs on one worker, and this server has 2 (tensor parallel)"),
+])
+def test_ngram_speculation_where_it_cannot_run_is_refused(fake_server, monkeypatch, args, env, words):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = invoke("--demo", "--", *args)
+    assert result.exit_code == 2, result.output
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith("error: `--speculative-config`: n-gram speculation ") and words in line, line
+    assert fake_server == []
+
+
+@pytest.mark.parametrize("args", [["--kv-cache-dtype", "auto"], ["--runner", "generate"], ["--max-loras", "2"],
+                                  ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']])
 def test_the_same_flags_with_what_the_engine_does_are_accepted(fake_server, monkeypatch, args):
     monkeypatch.setattr(options, "demo_model", lambda: "/demo")
     result = invoke("--demo", "--", *args)

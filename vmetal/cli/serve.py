@@ -260,7 +260,7 @@ def serve(
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)
     check_parser_flags(tool_call_parser, no_tool_parser, reasoning_parser, vllm_args)
-    refused = features.refused_args(vllm_args)
+    refused = features.refused_args(vllm_args, cfg.kv_path)
     if refused:
         raise VmetalError(refused, exit_code=USAGE)
     check_parallel(vllm_args, None, cfg)

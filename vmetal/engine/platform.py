@@ -97,10 +97,11 @@ class MetalPlatform(Platform):
         cfg = envs.load_config()  # raises EnvError on an invalid combination
         envs.check_available(cfg)
         envs.check_kernels(cfg)
-        refused = features.refused_config(vllm_config)
+        refused = features.refused_config(vllm_config, cfg.kv_path)
         if refused:
             raise ValueError(refused)
-        _check_model_state(vllm_config.model_config.model, cfg.kv_path, cfg.prefix_cache)
+        _check_model_state(vllm_config.model_config.model, cfg.kv_path, cfg.prefix_cache,
+                           vllm_config.speculative_config is not None)
 
         parallel = vllm_config.parallel_config
         model_config = vllm_config.model_config
@@ -172,14 +173,14 @@ class MetalPlatform(Platform):
         check_request(processed_inputs, params)
 
 
-def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False) -> None:
+def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False, speculative: bool = False) -> None:
     """Refuse, before the engine starts, a local checkpoint whose state `kv_path` (or the MLX path's prefix
-    cache) does not hold (one line naming the family, the cache type and the path that would serve it). A hub
-    id is left to the runner's load, which asks the same once the engine has resolved it: resolving it here
-    could reach the network."""
+    cache, or n-gram speculation's roll-back) does not hold (one line naming the family, the cache type and the
+    path that would serve it). A hub id is left to the runner's load, which asks the same once the engine has
+    resolved it: resolving it here could reach the network."""
     from pathlib import Path
 
-    from vmetal.preflight.cache_types import check_model, check_prefix_cache
+    from vmetal.preflight.cache_types import check_model, check_prefix_cache, check_speculation
     from vmetal.preflight.checkpoint import read_config
 
     folder = Path(model).expanduser()
@@ -187,3 +188,5 @@ def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False) -> 
         state = check_model(read_config(folder), str(folder / "config.json"), kv_path)
         if prefix_cache:
             check_prefix_cache(state)
+        if speculative:
+            check_speculation(state)

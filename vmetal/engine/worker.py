@@ -143,6 +143,10 @@ class MetalWorker(WorkerBase):
         with self._ring_errors():  # MLX evaluates the forward here, where a lost peer shows
             return self.model_runner.sample_tokens(grammar_output)
 
+    def take_draft_token_ids(self) -> Any:
+        """The draft tokens of n-gram speculation for the step just sampled (vLLM's engine asks after each)."""
+        return self.model_runner.take_draft_token_ids()
+
     def _ring_errors(self) -> Any:
         return self.ring.lost_peer_named() if self.ring else contextlib.nullcontext()
 

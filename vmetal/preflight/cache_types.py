@@ -364,6 +364,17 @@ def check_prefix_cache(state: ModelState) -> None:
             f"model also keeps {', '.join(others)} state; serve it without the prefix cache")
 
 
+def check_speculation(state: ModelState) -> None:
+    """N-gram speculation (`--speculative-config`) rolls rejected drafts back out of the cache by trimming it; a
+    model with any layer whose cache cannot trim at every length is refused with it, naming the family."""
+    others = sorted({c for c in state.caches if c != "KVCache"})
+    if others:
+        raise UnsupportedModelError(
+            f"{state.family}: n-gram speculation (`--speculative-config`) rolls rejected tokens back out of the "
+            f"KV cache, and this model also keeps {', '.join(others)} state, which cannot give them back; serve "
+            "it without speculation")
+
+
 def servable_paths(state: ModelState) -> list[str]:
     """The vmetal KV paths (of the MLX compute backend) that hold every cache of `state`."""
     return [p for p in ("mlx", "paged") if refusal(state, p) is None]

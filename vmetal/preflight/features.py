@@ -1,6 +1,7 @@
 """vLLM features vmetal's engine does not implement: refused before anything starts, never accepted and then
 fatal (speculative decoding was: the server started, then the EngineCore died on the first request and every
-request got HTTP 500).
+request got HTTP 500). Speculative decoding is now half in: n-gram lookup on the MLX-managed KV path on one
+worker (vmetal/engine/runner/speculative.py); every other method or place is refused here.
 
 One table, read twice: `vmetal serve`'s pre-flight looks for the flags among the arguments for vLLM (exit 2
 within a second, nothing started), and the platform (`MetalPlatform.check_and_update_config`) looks at vLLM's
@@ -40,8 +41,6 @@ def _not_auto(value: Any) -> bool:
 
 
 UNSUPPORTED: tuple[Unsupported, ...] = (
-    Unsupported("--speculative-config", "speculative decoding (draft models, n-gram lookup, MTP)",
-                _given("--speculative-config"), lambda c: c.speculative_config is not None),
     Unsupported("--enable-lora", "serving LoRA adapters", lambda args: vllm_switch(list(args), "--enable-lora"),
                 lambda c: c.lora_config is not None),
     Unsupported("--kv-transfer-config", "transferring KV cache between engines", _given("--kv-transfer-config"),
@@ -56,11 +55,61 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
 )
 
 
-def refused_args(args: Sequence[str]) -> str | None:
-    """The refusal for the first unsupported feature vLLM's arguments ask for, or None."""
-    return next((item.message() for item in UNSUPPORTED if item.asked(args)), None)
+SPECULATIVE = "--speculative-config"
+# What vLLM's SpeculativeConfig calls n-gram lookup (prompt lookup decoding).
+NGRAM = "ngram"
 
 
-def refused_config(vllm_config: Any) -> str | None:
+def speculation_refusal(method: str | None, kv_path: str, world_size: int) -> str | None:
+    """Why speculative decoding by `method` cannot run on `kv_path` with `world_size` workers, or None."""
+    if method != NGRAM:
+        return (f"`{SPECULATIVE}`: speculative decoding by {method or 'a draft model'} is not implemented by "
+                f'vmetal\'s engine; it speculates with n-gram lookup only (\'{{"method": "{NGRAM}", '
+                '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'), or start without it')
+    if kv_path != "mlx":
+        return (f"`{SPECULATIVE}`: n-gram speculation runs on the MLX-managed KV path only, and this server "
+                f"uses the {kv_path} path; unset VLLM_METAL_USE_PAGED_ATTENTION (or drop `--paged`), or start "
+                "without speculation")
+    if world_size > 1:
+        return (f"`{SPECULATIVE}`: n-gram speculation runs on one worker, and this server has {world_size} "
+                "(tensor parallel); start without one or the other")
+    return None
+
+
+def _speculative_method(args: Sequence[str]) -> tuple[bool, str | None]:
+    """(whether vLLM's arguments ask for speculation, the method they name: None for a draft model)."""
+    import json
+
+    raw = vllm_arg(list(args), SPECULATIVE)
+    dotted = vllm_arg(list(args), f"{SPECULATIVE}.method")
+    if raw is None:
+        return dotted is not None, dotted
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return True, NGRAM  # not JSON: vLLM's parser says what is wrong with it
+    if not isinstance(value, dict):
+        return True, NGRAM
+    return True, dotted or value.get("method") or (NGRAM if value.get("model") in (None, "[ngram]") else None)
+
+
+def refused_args(args: Sequence[str], kv_path: str = "mlx") -> str | None:
+    """The refusal for the first unsupported feature vLLM's arguments ask for (the server to run on `kv_path`),
+    or None."""
+    refused = next((item.message() for item in UNSUPPORTED if item.asked(args)), None)
+    asked, method = _speculative_method(args)
+    if refused is None and asked:
+        from vmetal.preflight.parallel import sizes_in_args
+
+        sizes = sizes_in_args(args)
+        refused = speculation_refusal(method, kv_path, sizes["tensor"] * sizes["pipeline"])
+    return refused
+
+
+def refused_config(vllm_config: Any, kv_path: str = "mlx") -> str | None:
     """The refusal for the first unsupported feature vLLM's resolved config asks for, or None."""
-    return next((item.message() for item in UNSUPPORTED if item.configured(vllm_config)), None)
+    refused = next((item.message() for item in UNSUPPORTED if item.configured(vllm_config)), None)
+    spec = vllm_config.speculative_config
+    if refused is None and spec is not None:
+        refused = speculation_refusal(spec.method, kv_path, vllm_config.parallel_config.world_size)
+    return refused

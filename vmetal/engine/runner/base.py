@@ -29,6 +29,8 @@ class StepLogits(NamedTuple):
     prompt_logits: dict[str, Any]  # req_id -> [n, V] for each scheduled position (prompt logprobs)
     # (row order, [B, V] logits, their argmax or None) when every scheduled request is a decode row
     decode_only: Any = None
+    # req_id -> (its draft tokens, [drafts + 1, V] logits of the positions that verify them): speculative.py
+    drafts: Any = None
 
 
 class ModelRunnerBase:
@@ -60,8 +62,11 @@ class ModelRunnerBase:
         self.prompt_logprobs: PromptLogprobs | None = None
         self.ahead = DecodeAhead()
         self._pending: StepLogits | None = None  # execute_model -> sample_tokens
+        self.drafter = None  # speculative.NgramDrafter when vLLM's config asks for n-gram speculation
+        self.verifying: Any = frozenset()  # the requests fed draft positions in the step being sampled
         # What steps met ("preempted": requests vLLM preempted; the paged path's "ahead_*": how all-decode
-        # steps used the decode-ahead), for `MetalWorker.step_counts`.
+        # steps used the decode-ahead; "spec_*": draft tokens checked and accepted), for
+        # `MetalWorker.step_counts`.
         self.counts: Counter[str] = Counter()
 
     # ---------------------------------------------------------------- set-up
@@ -270,25 +275,53 @@ class ModelRunnerBase:
         ib = self.input_batch
         req_ids = list(ib.req_ids)
         tokens, logprobs, use_torch = self._sample(step, req_ids, grammar_output)
+        verified = self._verify(step.drafts) if step.drafts else {}
+        self.verifying = (step.drafts or {}).keys()
         sampled: list[list[int]] = []
         for i, req_id in enumerate(req_ids):
             state = self.requests[req_id]
             got_token = req_id not in step.partial
             if got_token:
-                token = int(tokens[i])
-                state.output_token_ids.append(token)
-                end = state.num_tokens
-                ib.token_ids_cpu[i, end - 1] = token
-                ib.num_tokens_no_spec[i] = end
-                sampled.append([token])
+                new = verified.get(req_id) or [int(tokens[i])]
+                start = state.num_tokens
+                state.output_token_ids.extend(new)
+                ib.token_ids_cpu[i, start:start + len(new)] = new
+                ib.num_tokens_no_spec[i] = state.num_tokens
+                sampled.append(new)
             else:
                 sampled.append([])
             self._on_sampled(req_id, state, step.so.num_scheduled_tokens[req_id], got_token)
+        if self.drafter is not None:
+            self.drafter.last = (req_ids, sampled)
         prompt_logprobs = self.prompt_logprobs.collect(self.requests, self.sampler, step.prompt_logits,
                                                        step.so.num_scheduled_tokens)
         self._after_step()
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index=dict(ib.req_id_to_index),
                                  sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs)
+
+    def _verify(self, drafts: dict[str, tuple[list[int], Any]]) -> dict[str, list[int]]:
+        """Each speculating request's tokens of this step: its accepted drafts and one token of its own."""
+        from vmetal.engine.runner.speculative import accepted_tokens, greedy_targets
+
+        verified = {}
+        for req_id, (tokens, logits) in drafts.items():
+            # A request that may not speculate can still be scheduled with vLLM's -1 placeholders (slots for
+            # drafts it never got): its token is the sampler's, as in any step.
+            if self.may_speculate(req_id):
+                verified[req_id] = accepted_tokens(tokens, greedy_targets(logits))
+                self.counts["spec_draft_tokens"] += sum(t >= 0 for t in tokens)
+                self.counts["spec_accepted_tokens"] += len(verified[req_id]) - 1
+        return verified
+
+    def may_speculate(self, req_id: str) -> bool:
+        """Whether a request may get draft tokens: greedy, nothing that needs vLLM's sampler, no grammar."""
+        params = self.requests[req_id].sampling_params
+        return (req_id not in self.torch_reqs and params is not None
+                and getattr(params, "structured_outputs", None) is None)
+
+    def take_draft_token_ids(self) -> Any:
+        """vLLM's DraftTokenIds for the step just sampled (the engine asks after each step), or None."""
+        return None if self.drafter is None else self.drafter.propose(self.input_batch, self.may_speculate)
 
     def _sample(self, step: StepLogits, req_ids: list[str], grammar_output: Any) -> tuple[list[int], Any, bool]:
         """(a token per row of `req_ids`, vLLM's logprobs or None, whether vLLM's sampler ran)."""
@@ -297,9 +330,17 @@ class ModelRunnerBase:
             # Structured output: vLLM's grammar bitmask, applied by vLLM's own function to the CPU torch
             # logits right before its sampler.
             def grammar(torch_logits: Any) -> None:
+                import copy
+
                 from vllm.v1.structured_output.utils import apply_grammar_bitmask
 
-                apply_grammar_bitmask(step.so, grammar_output, self.input_batch, torch_logits)
+                so = step.so
+                if so.scheduled_spec_decode_tokens:
+                    # vLLM lays a speculating request's verify positions out as rows of their own; here each
+                    # request has one row, and only requests without a grammar speculate (may_speculate).
+                    so = copy.copy(so)
+                    so.scheduled_spec_decode_tokens = {}
+                apply_grammar_bitmask(so, grammar_output, self.input_batch, torch_logits)
         use_torch = grammar is not None or any(r in self.torch_reqs for r in req_ids)
         if step.decode_only is not None and not use_torch and self.decode_ahead_enabled:
             order, batch_logits, greedy = step.decode_only

@@ -36,6 +36,14 @@ class MlxModelRunner(ModelRunnerBase):
             # The decode-ahead step is rolled back by trimming one position, which a sliding-window cache that
             # has wrapped cannot give back: such models decode one step at a time.
             self.decode_ahead_enabled = False
+        if self.vllm_config.speculative_config is not None:
+            # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.
+            from vmetal.engine.runner.speculative import NgramDrafter
+            from vmetal.preflight.cache_types import check_speculation
+
+            check_speculation(self.loaded.state)
+
+            self.drafter = NgramDrafter(self.vllm_config)
         if self.metal_config.prefix_cache:
             # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.
             from vmetal.preflight.cache_types import check_prefix_cache
@@ -139,12 +147,13 @@ class MlxModelRunner(ModelRunnerBase):
 
         logits: dict[str, Any] = {}
         prompt_logits: dict[str, Any] = {}
+        drafts: dict[str, Any] = {}
         with self._compute():
-            partial = self._prefill_all(so, prefilling, logits, prompt_logits)
+            partial = self._prefill_all(so, prefilling, logits, prompt_logits, drafts)
             decode_only = self._decode_all(decoding, ahead, logits) if decoding else None
         if prefilling:
             decode_only = None
-        self._pending = StepLogits(logits, partial, so, prompt_logits, decode_only)
+        self._pending = StepLogits(logits, partial, so, prompt_logits, decode_only, drafts)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("vmetal step: %d decoding in one batch, %d prefilling (%d partial)",
                          len(decoding), len(prefilling), len(partial))
@@ -174,13 +183,26 @@ class MlxModelRunner(ModelRunnerBase):
         return None
 
     def _prefill_all(self, so: Any, prefilling: list[str], logits: dict[str, Any],
-                     prompt_logits: dict[str, Any]) -> set[str]:
-        """Each prefilling request's chunk on its own cache; the requests whose chunk ends before the prompt."""
+                     prompt_logits: dict[str, Any], drafts: dict[str, Any]) -> set[str]:
+        """Each prefilling request's chunk on its own cache; the requests whose chunk ends before the prompt.
+        A speculating request's step runs here too: its last token and its drafts in one forward, whose
+        [drafts + 1, V] logits go to `drafts`."""
         partial: set[str] = set()
         for req_id in prefilling:
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
             cache = self._cache_for_prefill(req_id, start)
+            proposed = list(so.scheduled_spec_decode_tokens.get(req_id, ()))
+            if proposed:
+                # The cache holds what vLLM counts as computed (the last step's rejected drafts were trimmed).
+                # vLLM may schedule -1 placeholders (a draft it found invalid, or slots held for drafts not
+                # proposed yet): a position is fed for each, and verification rejects it there.
+                fed = self._tokens(state, start, start + n - len(proposed)) + [max(t, 0) for t in proposed]
+                out = mlx_cache.prefill(self.model, cache, fed, head_on_rows=self.loaded.head_on_rows,
+                                        last=len(proposed) + 1)
+                drafts[req_id] = (proposed, out)
+                logits[req_id] = out[0]
+                continue
             begin = start
             want_prompt = req_id in self.prompt_logprobs
             if start == 0 and self.prefix_cache is not None and not want_prompt:
@@ -211,7 +233,9 @@ class MlxModelRunner(ModelRunnerBase):
 
     def _on_sampled(self, req_id: str, state: Any, num_scheduled: int, got_token: bool) -> None:
         self.cache_len[req_id] = state.num_computed_tokens + num_scheduled
-        if got_token and req_id in self.request_caches:
+        # A request that verified drafts keeps its own cache, which the next step trims to what was accepted:
+        # joining the decode batch would copy its KV in and out every step it speculates.
+        if got_token and req_id in self.request_caches and req_id not in self.verifying:
             # Its prompt is done: the request joins the decode batch.
             cache = self.request_caches.pop(req_id)
             if self.prefix_cache is not None:

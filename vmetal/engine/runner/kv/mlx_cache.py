@@ -99,8 +99,9 @@ def new_request_cache(model: Any) -> list[Any]:
 
 
 def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = False,
-            head_on_rows: bool = True) -> Any:
-    """Run `tokens` through `model` on a per-request cache; returns the last position's logits [V].
+            head_on_rows: bool = True, last: int = 0) -> Any:
+    """Run `tokens` through `model` on a per-request cache; returns the last position's logits [V] (with
+    `last`, the last `last` positions' [last, V]: a speculative step's verified positions).
 
     Only the last position goes through the model's output head (`models.logits_at`: the family's own head
     and post-processing, handed the last hidden state only): on a 150k-word vocabulary the head over a whole
@@ -114,4 +115,6 @@ def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = 
     inputs = mx.array(tokens, dtype=mx.int32)[None]
     if all_logits:
         return model(inputs, cache=cache)[0]
+    if last:
+        return logits_at(model, inputs, cache, lambda hidden: hidden[:, -last:], head_on_rows)[0]
     return logits_at(model, inputs, cache, last_position, head_on_rows)[0, -1]

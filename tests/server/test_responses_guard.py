@@ -260,7 +260,7 @@ def test_a_fault_in_the_check_leaves_the_request_to_vllm(monkeypatch):
     def broken(body):
         raise TypeError("a bug in the check")
 
-    monkeypatch.setattr(request_guard, "check_responses_request", broken)
+    monkeypatch.setitem(request_guard.CHECKS, "/v1/responses", broken)
     body = json.dumps({"model": "tiny", "input": "hi"}).encode()
     app, sent, _ = _serve(body)
     assert app.messages[0]["body"] == body and sent[0]["status"] == 200

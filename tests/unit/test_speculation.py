@@ -42,8 +42,9 @@ def test_ngram_on_the_mlx_path_on_one_worker_is_let_through(args):
     (_args({"method": "eagle", "model": "a/b"}), "mlx", "speculative decoding by eagle is not implemented"),
     (_args({"model": "Qwen/Qwen3-0.6B"}), "mlx", "speculative decoding by a draft model is not implemented"),
     (["--speculative-config.method", "suffix"], "mlx", "speculative decoding by suffix is not implemented"),
-    (_args({"method": "ngram"}), "paged", "runs on the MLX-managed KV path only, and this server uses the paged"),
-    (_args({"method": "ngram"}), "torch", "runs on the MLX-managed KV path only, and this server uses the torch"),
+    (_args({"method": "ngram"}), "paged",
+     "uses the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)"),
+    (_args({"method": "ngram"}), "torch", "uses the torch path; leave out VLLM_METAL_USE_MLX=0"),
     (_args({"method": "ngram"}, "--tensor-parallel-size", "2"), "mlx", "runs on one worker, and this server has 2"),
 ])
 def test_what_the_engine_cannot_speculate_with_is_refused_in_one_line(args, kv_path, words):

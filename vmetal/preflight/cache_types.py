@@ -357,7 +357,7 @@ def check_model(config: dict[str, Any], where: str = "config.json", kv_path: str
 def check_prefix_cache(state: ModelState) -> None:
     """`VLLM_METAL_PREFIX_CACHE=1` (the MLX-managed path's own prefix cache) stores full-attention K/V per
     prompt prefix; a model with any other cache type is refused with it, naming the family."""
-    others = sorted({c for c in state.caches if c != "KVCache"})
+    others = _beyond_full_attention(state)
     if others:
         raise UnsupportedModelError(
             f"{state.family}: VLLM_METAL_PREFIX_CACHE=1 (--prefix-cache) keeps full-attention K/V only, and this "
@@ -367,12 +367,17 @@ def check_prefix_cache(state: ModelState) -> None:
 def check_speculation(state: ModelState) -> None:
     """N-gram speculation (`--speculative-config`) rolls rejected drafts back out of the cache by trimming it; a
     model with any layer whose cache cannot trim at every length is refused with it, naming the family."""
-    others = sorted({c for c in state.caches if c != "KVCache"})
+    others = _beyond_full_attention(state)
     if others:
         raise UnsupportedModelError(
             f"{state.family}: n-gram speculation (`--speculative-config`) rolls rejected tokens back out of the "
             f"KV cache, and this model also keeps {', '.join(others)} state, which cannot give them back; serve "
             "it without speculation")
+
+
+def _beyond_full_attention(state: ModelState) -> list[str]:
+    """The cache types of `state` other than mlx-lm's full-attention `KVCache`, sorted."""
+    return sorted({c for c in state.caches if c != "KVCache"})
 
 
 def servable_paths(state: ModelState) -> list[str]:

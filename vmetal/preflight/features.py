@@ -67,9 +67,10 @@ def speculation_refusal(method: str | None, kv_path: str, world_size: int) -> st
                 f'vmetal\'s engine; it speculates with n-gram lookup only (\'{{"method": "{NGRAM}", '
                 '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'), or start without it')
     if kv_path != "mlx":
+        leave = ("VLLM_METAL_USE_MLX=0" if kv_path == "torch"
+                 else "VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)")
         return (f"`{SPECULATIVE}`: n-gram speculation runs on the MLX-managed KV path only, and this server "
-                f"uses the {kv_path} path; unset VLLM_METAL_USE_PAGED_ATTENTION (or drop `--paged`), or start "
-                "without speculation")
+                f"uses the {kv_path} path; leave out {leave}, or start without speculation")
     if world_size > 1:
         return (f"`{SPECULATIVE}`: n-gram speculation runs on one worker, and this server has {world_size} "
                 "(tensor parallel); start without one or the other")

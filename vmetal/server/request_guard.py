@@ -154,10 +154,10 @@ def _is_json(scope: Scope) -> bool:
     return False
 
 
-# The path of each request this guard reads, and its check (looked up at call time, so a test can swap one).
-CHECKS = {"/v1/responses": "check_responses_request",
-          "/v1/chat/completions": "check_sampling_request",
-          "/v1/completions": "check_sampling_request"}
+# The path of each request this guard reads, and its check.
+CHECKS = {"/v1/responses": check_responses_request,
+          "/v1/chat/completions": check_sampling_request,
+          "/v1/completions": check_sampling_request}
 
 
 class RequestGuard:
@@ -183,7 +183,7 @@ class RequestGuard:
         except (ValueError, RecursionError):  # not JSON (or nested too deep to parse): vLLM answers it
             parsed = None
         try:
-            rejection = globals()[check](parsed)
+            rejection = check(parsed)
         except Exception:  # a fault here must not cost a request that vLLM would serve
             logger.exception("vmetal's %s check failed; the request goes to vLLM unchecked", path)
             rejection = None

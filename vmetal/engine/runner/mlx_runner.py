@@ -42,7 +42,6 @@ class MlxModelRunner(ModelRunnerBase):
             from vmetal.preflight.cache_types import check_speculation
 
             check_speculation(self.loaded.state)
-
             self.drafter = NgramDrafter(self.vllm_config)
         if self.metal_config.prefix_cache:
             # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.

@@ -115,6 +115,6 @@ def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = 
     inputs = mx.array(tokens, dtype=mx.int32)[None]
     if all_logits:
         return model(inputs, cache=cache)[0]
-    if last:
-        return logits_at(model, inputs, cache, lambda hidden: hidden[:, -last:], head_on_rows)[0]
-    return logits_at(model, inputs, cache, last_position, head_on_rows)[0, -1]
+    select = (lambda hidden: hidden[:, -last:]) if last else last_position
+    logits = logits_at(model, inputs, cache, select, head_on_rows)[0]
+    return logits if last else logits[-1]

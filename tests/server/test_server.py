@@ -85,6 +85,17 @@ def test_models_lists_served_name(client, http):
     assert r.json()["data"][0]["max_model_len"] == MAX_MODEL_LEN
 
 
+def test_engine_core_runs_in_the_interpreter_started_with_the_server(server):
+    """The start-up overlap (vmetal/server/prestart.py) is in use: vLLM's EngineCore is the interpreter the
+    API server started before importing vLLM, not a second one spawned after."""
+    import psutil
+
+    waiting = [child for child in psutil.Process(server.pid).children()
+               if "vmetal.server.prestart" in " ".join(child.cmdline())]
+    assert len(waiting) == 1
+    assert f"(EngineCore pid={waiting[0].pid})" in server.log_path.read_text()
+
+
 def test_completion_greedy_matches_mlx_lm(client, tokenizer, qwen3_model):
     prompt_ids = encode(tokenizer, PROMPT)
     expected = mlx_greedy(qwen3_model, prompt_ids, 12)

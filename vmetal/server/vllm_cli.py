@@ -78,10 +78,15 @@ def with_request_guard(args: Sequence[str], environ: Mapping[str, str]) -> list[
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["serve"] and os.environ.get(REQUEST_GUARD_ENV) == "1":
+        # First, before vLLM's imports: the EngineCore's interpreter imports in parallel (prestart.py).
+        from vmetal.server import prestart
+
+        prestart.install()
     _alias_vllm_distribution()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    given = list(sys.argv[1:] if argv is None else argv)
     args = with_request_guard(given, os.environ)
     if args != given:
         _quiet_repeated_middleware()

@@ -330,3 +330,55 @@ def test_the_same_flags_with_what_the_engine_does_are_accepted(fake_server, monk
     result = invoke("--demo", "--", *args)
     assert result.exit_code == 0, result.output
     assert fake_server[0].vllm_args[-len(args):] == args
+
+
+@pytest.mark.parametrize(("args", "tokens"), [(["--speculative", "ngram"], 4),
+                                              (["--speculative", "ngram", "--speculative-tokens", "6"], 6)])
+def test_speculative_ngram_is_vllms_speculative_config(fake_server, monkeypatch, args, tokens):
+    import json
+
+    monkeypatch.setattr(options, "demo_model", lambda: "/demo")
+    result = invoke("--demo", *args)
+    assert result.exit_code == 0, result.output
+    given = fake_server[0].vllm_args
+    config = json.loads(given[given.index("--speculative-config") + 1])
+    assert config == {"method": "ngram", "num_speculative_tokens": tokens, "prompt_lookup_max": 4}
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--speculative-tokens", "3"], "error: `--speculative-tokens` goes with `--speculative ngram`"),
+    (["--speculative", "ngram", "--", "--speculative-config", '{"method": "ngram"}'],
+     "error: give `--speculative` or `--speculative-config` after `--`, not both"),
+    (["--speculative", "ngram", "--paged"],
+     "error: `--speculative ngram`: n-gram speculation runs on the MLX-managed KV path only, and this server "
+     "uses the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`), or start without speculation"),
+])
+def test_speculative_flags_that_cannot_hold_exit_2(fake_server, args, line):
+    result = invoke("--demo", *args)
+    assert result.exit_code == 2, result.output
+    assert [text for text in result.stderr.splitlines() if text.startswith("error: ")] == [line]
+    assert fake_server == []
+
+
+def test_speculative_with_a_draft_model_is_not_a_choice(fake_server):
+    result = invoke("--demo", "--speculative", "Qwen/Qwen3-0.6B")
+    assert result.exit_code == 2
+    assert "Invalid value for '--speculative'" in " ".join(result.output.split())
+    assert fake_server == []
+
+
+def test_speculation_on_a_model_whose_cache_cannot_roll_back_stops_at_preflight(fake_server, qwen3_model, tmp_path):
+    """Before, the platform refused it in the server process, ~10 s later, after the banner."""
+    import json
+
+    from tests.support.families import as_sliding_window
+
+    folder = tmp_path / "sliding"
+    shutil.copytree(qwen3_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(as_sliding_window(config)))
+    result = invoke(str(folder), "--speculative", "ngram")
+    assert result.exit_code == 2, result.output
+    [line] = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
+    assert line.startswith("error: gemma3_text (Gemma3ForCausalLM): n-gram speculation") and "RotatingKVCache" in line
+    assert fake_server == []

@@ -8,6 +8,7 @@ because vLLM itself takes ~10 s to reach the point where it would notice. The se
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import re
 import signal
@@ -74,6 +75,21 @@ def check_parser_flags(tool_call_parser: str | None, no_tool_parser: bool, reaso
                 parsers.check_name(kind, name, flag)
             except parsers.UnknownParserError as exc:
                 raise VmetalError(str(exc), exit_code=USAGE) from None
+
+
+class Speculation(str, enum.Enum):
+    ngram = "ngram"
+
+
+def speculation_args(method: Speculation | None, tokens: int | None, vllm_args: list[str]) -> list[str]:
+    """The vLLM arguments `--speculative`/`--speculative-tokens` stand for (none without them)."""
+    if method is None:
+        if tokens is not None:
+            raise VmetalError("`--speculative-tokens` goes with `--speculative ngram`", exit_code=USAGE)
+        return []
+    if features.asks_speculation(vllm_args):
+        raise VmetalError(f"give `--speculative` or `{features.SPECULATIVE}` after `--`, not both", exit_code=USAGE)
+    return features.ngram_args(tokens)
 
 
 def tool_and_reasoning_args(target: str | None, *, tool_call_parser: str | None, no_tool_parser: bool,
@@ -235,6 +251,14 @@ def serve(
     no_tool_parser: Annotated[bool, typer.Option("--no-tool-parser", help="Run without a tool-call parser: "
                                                  "`tool_choice` auto is refused, named and required still "
                                                  "work.", rich_help_panel=_TOOLS)] = False,
+    speculative: Annotated[Speculation | None, typer.Option(
+        help="Speculative decoding: `ngram` drafts the tokens that followed the context's last 4 tokens where "
+        "they appeared before (prompt lookup) and keeps those the model agrees with; greedy requests only, "
+        "same tokens, faster where the answer repeats its input (code edits, quotes). Same as vLLM's "
+        "`--speculative-config`.", show_default=False, rich_help_panel=_VLLM)] = None,
+    speculative_tokens: Annotated[int | None, typer.Option(
+        min=1, max=16, help=f"Tokens drafted per step with --speculative. [default: {features.NGRAM_TOKENS}]",
+        show_default=False, rich_help_panel=_VLLM)] = None,
     reasoning_parser: Annotated[str | None, typer.Option(
         metavar="NAME", help="vLLM reasoning parser (qwen3, deepseek_r1, …): the model's thinking goes to "
         "the reply's `reasoning` (a thinking block on /v1/messages), not its answer.", show_default=False, rich_help_panel=_TOOLS)] = None,
@@ -260,8 +284,11 @@ def serve(
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)
     check_parser_flags(tool_call_parser, no_tool_parser, reasoning_parser, vllm_args)
+    vllm_args[:0] = speculation_args(speculative, speculative_tokens, vllm_args)
     refused = features.refused_args(vllm_args, cfg.kv_path)
     if refused:
+        if speculative is not None:  # name the flag the user gave
+            refused = refused.replace(f"`{features.SPECULATIVE}`", f"`--speculative {speculative.value}`")
         raise VmetalError(refused, exit_code=USAGE)
     check_parallel(vllm_args, None, cfg)
     target, given_name = resolve_model(model, demo)
@@ -284,7 +311,7 @@ def serve(
     if target is not None and not Path(target).is_dir() and not no_pull:
         target = options.pulled(target, max_model_len, cfg.kv_path)
     if target is not None and Path(target).is_dir():
-        from vmetal.preflight.cache_types import check_model, check_prefix_cache
+        from vmetal.preflight.cache_types import check_model, check_prefix_cache, check_speculation
         from vmetal.preflight.checkpoint import read_config
         from vmetal.preflight.model_files import check_folder
 
@@ -294,6 +321,8 @@ def serve(
         state = check_model(read_config(Path(target)), str(Path(target) / "config.json"), cfg.kv_path)
         if cfg.prefix_cache:
             check_prefix_cache(state)
+        if features.asks_speculation(vllm_args):
+            check_speculation(state)
         check_parallel(vllm_args, read_config(Path(target)), cfg)
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:

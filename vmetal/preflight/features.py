@@ -77,6 +77,24 @@ def speculation_refusal(method: str | None, kv_path: str, world_size: int) -> st
     return None
 
 
+# `vmetal serve --speculative ngram`: look up the last 4 tokens in the context and propose the 4 that followed
+# them (benchmarks/bench_speculative.py measures this setting). vLLM's own defaults match 5-grams only.
+NGRAM_TOKENS = 4
+NGRAM_LOOKUP = 4
+
+
+def ngram_args(tokens: int | None = None) -> list[str]:
+    """The vLLM arguments `vmetal serve --speculative ngram [--speculative-tokens K]` stands for."""
+    import json
+
+    config = {"method": NGRAM, "num_speculative_tokens": tokens or NGRAM_TOKENS, "prompt_lookup_max": NGRAM_LOOKUP}
+    return [SPECULATIVE, json.dumps(config)]
+
+
+def asks_speculation(args: Sequence[str]) -> bool:
+    return _speculative_method(args)[0]
+
+
 def _speculative_method(args: Sequence[str]) -> tuple[bool, str | None]:
     """(whether vLLM's arguments ask for speculation, the method they name: None for a draft model)."""
     import json

@@ -2,8 +2,8 @@
 
 What a user would notice: greedy output identical to mlx-lm's token for token while drafts are proposed,
 accepted and rejected (vLLM's own spec-decode counters prove each happened), through concurrency, requests
-joining mid-decode, preemption and a grammar-constrained neighbour; a sampled request gets the very tokens it
-gets without speculation; a model whose cache cannot roll back is refused when the engine starts.
+joining mid-decode, preemption and a grammar-constrained neighbour; sampled requests speculate too and keep the
+distribution of their tokens; a model whose cache cannot roll back is refused when the engine starts.
 """
 
 from __future__ import annotations
@@ -56,17 +56,69 @@ def test_requests_joining_while_others_speculate_match_mlx_lm(llm, qwen3_model):
     assert_joining_requests_like_mlx(qwen3_model, llm, "spec-join", max_tokens=TOKENS)
 
 
-def test_a_sampled_request_gets_the_tokens_it_gets_without_speculation(llm, qwen3_model):
-    """Only greedy requests speculate; a seeded sampled one beside them decodes as it would alone."""
+def _same_distribution(a: list[list[int]], b: list[list[int]], alpha: float = 1e-4) -> bool:
+    """Whether two sets of sampled sequences could have one distribution of token at each position: a
+    chi-square test of homogeneity per position (tokens seen fewer than 10 times in all pooled into one
+    category), Bonferroni over the positions."""
+    import collections
+
+    import torch
+
+    positions = len(a[0])
+    for pos in range(positions):
+        ca, cb = collections.Counter(x[pos] for x in a), collections.Counter(x[pos] for x in b)
+        rare = {t for t in set(ca) | set(cb) if ca[t] + cb[t] < 10}
+        table = collections.defaultdict(lambda: [0, 0])
+        for column, counts in enumerate((ca, cb)):
+            for token, n in counts.items():
+                table[-1 if token in rare else token][column] += n
+        if len(table) < 2:
+            continue
+        statistic = 0.0
+        for row in table.values():
+            for column, total in enumerate((len(a), len(b))):
+                expected = sum(row) * total / (len(a) + len(b))
+                statistic += (row[column] - expected) ** 2 / expected
+        dof = torch.tensor((len(table) - 1) / 2, dtype=torch.float64)
+        if torch.special.gammaincc(dof, torch.tensor(statistic / 2, dtype=torch.float64)).item() < alpha / positions:
+            return False
+    return True
+
+
+def test_sampled_requests_speculate_and_keep_their_distribution(llm, qwen3_model):
+    """Rejection sampling (tests/unit/test_rejection_sampling.py checks the rule exactly): over 300 seeds, the
+    tokens at each position are distributed as without speculation, while drafts of these very requests were
+    accepted and rejected. The prompt ends in the model's own greedy loop, so drafts are often its likely tokens;
+    a verifier that kept every draft the target could produce would fail this at the first positions."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from tests.support.engine import mlx_greedy
+
+    prompt_ids = llm.get_tokenizer().encode(REPEATING)
+    prompt = TokensPrompt(prompt_token_ids=prompt_ids + mlx_greedy(qwen3_model, prompt_ids, 40))
+    params = [SamplingParams(temperature=0.6, top_p=0.9, seed=1000 + i, max_tokens=8, ignore_eos=True)
+              for i in range(300)]
+    before = spec_counts(llm)
+    speculated = [list(o.outputs[0].token_ids) for o in llm.generate([prompt] * 300, params, use_tqdm=False)]
+    after = spec_counts(llm)
+    drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
+    accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
+    assert 0 < accepted < drafted, (accepted, drafted)
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=8, seed=0) as plain:
+        alone = [list(o.outputs[0].token_ids) for o in plain.generate([prompt] * 300, params, use_tqdm=False)]
+    assert speculated != alone  # the same seeds draw differently: the test compares distributions
+    assert _same_distribution(speculated, alone)
+
+
+def test_a_seeded_sampled_request_is_reproducible_while_speculating(llm):
+    """Its draws come from its own generator, whatever else is in the batch."""
     from vllm import SamplingParams
 
-    sampled = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=24, ignore_eos=True)
-    prompts = [REPEATING, PROMPTS[1], REPEATING]
-    mixed = llm.generate(prompts, [greedy(TOKENS), sampled, greedy(TOKENS)], use_tqdm=False)
-    assert_greedy_like_mlx(qwen3_model, [mixed[0], mixed[2]], TOKENS)
-    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=8, seed=0) as plain:
-        alone = plain.generate([PROMPTS[1]], sampled, use_tqdm=False)
-    assert list(mixed[1].outputs[0].token_ids) == list(alone[0].outputs[0].token_ids)
+    sampled = SamplingParams(temperature=0.9, top_k=50, seed=7, max_tokens=24, ignore_eos=True)
+    first = llm.generate([REPEATING], sampled, use_tqdm=False)
+    mixed = llm.generate([PROMPTS[1], REPEATING, PROMPTS[2]], [greedy(TOKENS), sampled, greedy(TOKENS)],
+                         use_tqdm=False)
+    assert list(first[0].outputs[0].token_ids) == list(mixed[1].outputs[0].token_ids)
 
 
 def test_a_grammar_constrained_request_beside_speculating_ones(llm, qwen3_model):

@@ -301,23 +301,35 @@ class ModelRunnerBase:
 
     def _verify(self, drafts: dict[str, tuple[list[int], Any]]) -> dict[str, list[int]]:
         """Each speculating request's tokens of this step: its accepted drafts and one token of its own."""
-        from vmetal.engine.runner.speculative import accepted_tokens, greedy_targets
+        from vmetal.engine.runner.speculative import (
+            accepted_tokens,
+            greedy_targets,
+            rejection_sample,
+            target_probs,
+            verifiable,
+        )
 
         verified = {}
         for req_id, (tokens, logits) in drafts.items():
             # A request that may not speculate can still be scheduled with vLLM's -1 placeholders (slots for
             # drafts it never got): its token is the sampler's, as in any step.
-            if self.may_speculate(req_id):
+            state = self.requests[req_id]
+            how = verifiable(state.sampling_params)
+            if how == "greedy":
                 verified[req_id] = accepted_tokens(tokens, greedy_targets(logits))
+            elif how == "sampled":
+                verified[req_id] = rejection_sample(tokens, target_probs(logits, state.sampling_params),
+                                                    state.generator)
+            if how is not None:
                 self.counts["spec_draft_tokens"] += sum(t >= 0 for t in tokens)
                 self.counts["spec_accepted_tokens"] += len(verified[req_id]) - 1
         return verified
 
     def may_speculate(self, req_id: str) -> bool:
-        """Whether a request may get draft tokens: greedy, nothing that needs vLLM's sampler, no grammar."""
-        params = self.requests[req_id].sampling_params
-        return (req_id not in self.torch_reqs and params is not None
-                and getattr(params, "structured_outputs", None) is None)
+        """Whether a request may get draft tokens: greedy or plain sampling, no grammar (speculative.py)."""
+        from vmetal.engine.runner.speculative import verifiable
+
+        return verifiable(self.requests[req_id].sampling_params) is not None
 
     def take_draft_token_ids(self) -> Any:
         """vLLM's DraftTokenIds for the step just sampled (the engine asks after each step), or None."""

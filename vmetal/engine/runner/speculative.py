@@ -12,9 +12,17 @@ it counts the rest as rejected, rolls `num_computed_tokens` back and reports bot
   target's argmax at each position; the drafts are accepted while they equal it, and the first argmax that
   differs (or the one after the last draft) is the step's own token. The output is then exactly the tokens
   decoding one at a time would give.
-- Only greedy requests without logprobs, penalties or a grammar get drafts. A sampled request would need
-  rejection sampling over vLLM's processed distribution to keep its output distribution; it decodes one token
-  a step as before (its tokens are those it gets without speculation).
+- A sampled request (temperature, top-k, top-p) is verified by rejection sampling against the
+  distribution vLLM's sampler would draw from at each position (`target_probs`: the same steps in the same
+  order, vLLM's own top-k/top-p function). A draft from n-gram lookup is one token proposed with certainty, so
+  the rule reduces to: accept draft d with probability p(d); at the first rejection draw from p with d removed;
+  after the last draft draw the bonus token from the next position's p. The tokens then have exactly the
+  distribution one-at-a-time sampling gives (tests/unit/test_rejection_sampling.py checks it exactly, and the
+  engine test by frequencies), not the same tokens: a seeded request stays reproducible, drawing from its own
+  generator.
+- Requests with logprobs, penalties, logit bias, allowed or banned tokens, min_tokens or a grammar get no
+  drafts: their distribution depends on what vLLM's sampler sees beyond the logits. They decode one token a step
+  with the tokens they get without speculation.
 - The rejected positions' KV is rolled back by trimming the request's own cache to what vLLM counts as
   computed (`MlxModelRunner._cache_for_prefill`), so a model whose cache cannot trim (a sliding window that
   wraps, a recurrent state) is refused.
@@ -34,6 +42,60 @@ def accepted_tokens(drafts: list[int], targets: list[int]) -> list[int]:
         if draft != target:
             return out
     out.append(targets[len(drafts)])
+    return out
+
+
+def verifiable(params: Any) -> str | None:
+    """How a request's drafts are verified: "greedy", "sampled", or None when it may not speculate."""
+    if params is None or getattr(params, "structured_outputs", None) is not None:
+        return None
+    from vllm.sampling_params import SamplingType
+
+    if (params.logprobs is not None or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            or params.repetition_penalty != 1.0 or params.logit_bias or params.min_tokens
+            or params.allowed_token_ids or params.bad_words_token_ids):
+        return None
+    return "greedy" if params.sampling_type == SamplingType.GREEDY else "sampled"
+
+
+def target_probs(logits: Any, params: Any) -> Any:
+    """torch [rows, V] float32: the distribution vLLM's sampler draws each row's token from, for `params`
+    (temperature, then top-k and top-p, as vllm/v1/sample/sampler.py orders them; vLLM refuses min_p and
+    logit_bias when speculating)."""
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    scores = torch.from_numpy(np.array(logits.astype(mx.float32))) / params.temperature
+    rows, vocab = scores.shape
+    top_k = params.top_k if 0 < params.top_k < vocab else None
+    top_p = params.top_p if params.top_p < 1.0 else None
+    if top_k is not None or top_p is not None:
+        scores = apply_top_k_top_p_pytorch(
+            scores, None if top_k is None else torch.full((rows,), top_k, dtype=torch.long),
+            None if top_p is None else torch.full((rows,), top_p, dtype=torch.float32), allow_cpu_sync=True)
+    return scores.softmax(dim=-1)
+
+
+def rejection_sample(drafts: list[int], probs: Any, generator: Any = None) -> list[int]:
+    """The step's tokens for drafts proposed with certainty, given the target's distributions `probs`
+    [drafts + 1, V] after each fed position: accepted drafts, then one drawn token (see the module's text).
+    A draft < 0 (vLLM's placeholder) is a draft with probability 0: always rejected."""
+    import torch
+
+    out: list[int] = []
+    for i, draft in enumerate(drafts):
+        row = probs[i]
+        if draft >= 0 and torch.rand((), generator=generator) < row[draft]:
+            out.append(draft)
+            continue
+        if draft >= 0:
+            row = row.clone()
+            row[draft] = 0.0  # the residual max(p - q, 0) when q is all on `draft`
+        out.append(int(torch.multinomial(row, 1, generator=generator)))
+        return out
+    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=generator)))
     return out
 
 

@@ -281,3 +281,22 @@ def test_engine_refusing_torch_at_start_up_is_recognised():
     assert refused_torch(ServerError("the vLLM server exited with code 1 before it was ready", tail))
     assert not refused_torch(ServerError("the vLLM server exited with code 1 before it was ready",
                                          ["RuntimeError: Engine core initialization failed"]))
+
+
+@pytest.mark.slow
+def test_offline_compares_ngram_speculation_with_the_plain_path(qwen3_model):
+    """`--compare mlx,ngram`: the same greedy workload with and without `--speculative ngram`; `--repeat` builds
+    prompts that repeat themselves, so drafts are proposed and checked (and only the ngram row has any)."""
+    result = invoke("offline", str(qwen3_model), "--prompt-len", "48", "--gen-len", "24", "--trials", "1",
+                    "--repeat", "4", "--compare", "mlx,ngram", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["complete"] and report["workload"]["repeat"] == 4
+    rows = {r["backend"]: r for r in report["runs"]}
+    assert set(rows) == {"mlx", "ngram"}
+    assert all(t["tokens"] == 24 for r in rows.values() for t in r["per_trial"])
+    assert rows["mlx"]["spec_draft_tokens"] is None
+    assert rows["ngram"]["spec_draft_tokens"] > 0
+    assert 0 <= rows["ngram"]["spec_accepted_tokens"] <= rows["ngram"]["spec_draft_tokens"]
+    [ratio] = report["ratios"]
+    assert ratio["backend"] == "ngram" and ratio["decode_tps"] > 0

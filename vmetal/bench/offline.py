@@ -7,8 +7,9 @@ once per backend. The child (`main`) runs vLLM's `LLM` with the plugin active an
 also keeps vLLM's spawn-only start method (see `vmetal.register`) and a crash out of the front end.
 
 Each trial sends one prompt of `prompt_len` random token ids (a new one each trial: no prefix cache can
-serve it) with greedy sampling and `ignore_eos`, so exactly `gen_len` tokens come out, and timestamps every
-engine step's new tokens:
+serve it; with `repeat` N, one random block N times over, text that repeats itself as code edits do) with greedy
+sampling and `ignore_eos`, so exactly `gen_len` tokens come out, and timestamps every engine step's new tokens
+(a speculating step returns several):
 
     prefill tok/s = prompt_len / time to the first token
     decode tok/s  = (gen_len - 1) / (time of the last token - time of the first)
@@ -70,7 +71,8 @@ def summary_row(backend: str, result: dict[str, Any]) -> dict[str, Any]:
                            "gen_len": result.get("gen_len"), "trials": len(trials)}
     for key in TRIAL_KEYS:
         row[key] = summarize([t[key] for t in trials if t.get(key) is not None])
-    for key in ("peak_memory_bytes", "peak_rss_bytes", "load_s", "mlx_device", "kv_cache_memory_bytes"):
+    for key in ("peak_memory_bytes", "peak_rss_bytes", "load_s", "mlx_device", "kv_cache_memory_bytes",
+                "spec_draft_tokens", "spec_accepted_tokens"):
         row[key] = result.get(key)
     row["per_trial"] = trials
     return row
@@ -86,11 +88,17 @@ def child_environ(cfg: Any) -> dict[str, str]:
 
 
 def run(model_dir: str, cfg: Any, *, prompt_len: int, gen_len: int, trials: int, log_path: Path,
-        timeout: float, say: Callable[[str], None], label: str) -> tuple[dict[str, Any], str | None]:
-    """Run the child for one backend: (its result, partial if it failed; an error line or None)."""
+        timeout: float, say: Callable[[str], None], label: str, repeat: int = 1,
+        vllm_args: list[str] | None = None) -> tuple[dict[str, Any], str | None]:
+    """Run the child for one backend: (its result, partial if it failed; an error line or None).
+    `vllm_args`: the backend's own (`online.backend_vllm_args`); only `--speculative-config` is read."""
+    from vmetal.preflight.fit import vllm_arg
+
     max_model_len = prompt_len + gen_len + 1
+    speculative = vllm_arg(vllm_args or [], "--speculative-config")
     spec = {"model": model_dir, "prompt_len": prompt_len, "gen_len": gen_len, "trials": trials,
-            "max_model_len": max_model_len,
+            "max_model_len": max_model_len, "repeat": repeat,
+            "speculative_config": json.loads(speculative) if speculative else None,
             "kv_cache_memory_bytes": kv_cache_bytes(model_dir, max_model_len, cfg.block_size)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vmetal-bench-offline-") as tmp:
@@ -119,9 +127,9 @@ def run(model_dir: str, cfg: Any, *, prompt_len: int, gen_len: int, trials: int,
 
 
 def run_backends(backends: list[str], model_dir: str, results: Any, *, prompt_len: int, gen_len: int,
-                 trials: int, timeout: float, log_dir: Path, say: Callable[[str], None]) -> None:
+                 trials: int, timeout: float, log_dir: Path, say: Callable[[str], None], repeat: int = 1) -> None:
     """Each backend in its own child, rows and errors added to `results` (a failed one keeps its trials)."""
-    from vmetal.bench.online import NOT_AVAILABLE, backend_config
+    from vmetal.bench.online import NOT_AVAILABLE, backend_config, backend_vllm_args
     from vmetal.errors import VmetalError
 
     runs, errors = results.runs, results.errors
@@ -136,7 +144,8 @@ def run_backends(backends: list[str], model_dir: str, results: Any, *, prompt_le
             continue
         log_path = log_dir / f"bench-offline-{backend}.log"
         result, error = run(model_dir, cfg, prompt_len=prompt_len, gen_len=gen_len, trials=trials,
-                            log_path=log_path, timeout=timeout, say=say, label=backend)
+                            log_path=log_path, timeout=timeout, say=say, label=backend, repeat=repeat,
+                            vllm_args=backend_vllm_args(backend))
         if result.get("trials"):
             runs.append(summary_row(backend, result))
         if error is None:
@@ -195,18 +204,19 @@ def _peak_rss_bytes() -> int | None:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; Linux: KiB
 
 
-def _prompt(tokenizer: Any, length: int, seed: int) -> list[int]:
+def _prompt(tokenizer: Any, length: int, seed: int, repeat: int = 1) -> list[int]:
+    """`length` random ids: one random block, repeated `repeat` times (then cut to `length`)."""
     import random
 
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     size = int(getattr(tokenizer, "vocab_size", 0) or len(tokenizer))
     rng = random.Random(seed)
-    out: list[int] = []
-    while len(out) < length:
+    block: list[int] = []
+    while len(block) < -(-length // repeat):
         t = rng.randrange(size)
         if t not in special:
-            out.append(t)
-    return out
+            block.append(t)
+    return (block * repeat)[:length]
 
 
 def _one(engine: Any, prompt: list[int], gen_len: int, request_id: str) -> dict[str, Any]:
@@ -254,15 +264,23 @@ def main(argv: list[str]) -> int:
                                   "enable_prefix_caching": False, "seed": 0}
         if spec.get("kv_cache_memory_bytes"):
             kwargs["kv_cache_memory_bytes"] = spec["kv_cache_memory_bytes"]
+        if spec.get("speculative_config"):
+            kwargs["speculative_config"] = spec["speculative_config"]
         llm = LLM(model=spec["model"], **kwargs)
         result["load_s"] = time.perf_counter() - t0
         result["mlx_device"] = str(mx.default_device())
         engine = llm.llm_engine
         tokenizer = llm.get_tokenizer()
-        _one(engine, _prompt(tokenizer, spec["prompt_len"], seed=10_000), spec["gen_len"], "warmup")
+        repeat = spec.get("repeat", 1)
+        _one(engine, _prompt(tokenizer, spec["prompt_len"], 10_000, repeat), spec["gen_len"], "warmup")
+        counted = llm.collective_rpc("step_counts")[0]
         for i in range(spec["trials"]):
-            trial = _one(engine, _prompt(tokenizer, spec["prompt_len"], seed=i), spec["gen_len"], f"trial-{i}")
+            trial = _one(engine, _prompt(tokenizer, spec["prompt_len"], i, repeat), spec["gen_len"], f"trial-{i}")
             result["trials"].append(trial)
+            if spec.get("speculative_config"):  # the runner's counts since the warm-up
+                now = llm.collective_rpc("step_counts")[0]
+                for key in ("spec_draft_tokens", "spec_accepted_tokens"):
+                    result[key] = now.get(key, 0) - counted.get(key, 0)
             result["peak_memory_bytes"] = int(mx.get_peak_memory())
             result["peak_rss_bytes"] = _peak_rss_bytes()
             _write(out, result)

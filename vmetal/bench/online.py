@@ -31,13 +31,21 @@ from vmetal.bench.compare import against
 from vmetal.bench.dataset import CUSTOM, SHAREGPT, Dataset
 from vmetal.errors import USAGE, VmetalError
 
-BACKENDS = ("mlx", "paged", "torch")
+BACKENDS = ("mlx", "paged", "torch", "ngram")
 # Environment of each backend's server, on top of the user's VLLM_METAL_* settings.
 BACKEND_ENV = {
     "mlx": {envs.USE_PAGED_ATTENTION: "0", envs.USE_MLX: "1"},
     "paged": {envs.USE_PAGED_ATTENTION: "1", envs.USE_MLX: "1"},
     "torch": {envs.USE_PAGED_ATTENTION: "0", envs.USE_MLX: "0"},
+    "ngram": {envs.USE_PAGED_ATTENTION: "0", envs.USE_MLX: "1"},
 }
+
+
+def backend_vllm_args(backend: str) -> list[str]:
+    """vLLM arguments a backend adds: `ngram` is the MLX-managed path with `vmetal serve --speculative ngram`."""
+    from vmetal.preflight.features import ngram_args
+
+    return ngram_args() if backend == "ngram" else []
 NOT_AVAILABLE = "not available in this build"
 
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -317,7 +325,8 @@ def backend_server(backend: str, model_dir: str, name: str, *, log_path: Path, a
 
     cfg = backend_config(backend, environ)
     return ServerProcess(model_dir, port=free_port(), served_model_name=name, api_key=api_key, config=cfg,
-                         vllm_args=list(vllm_args), environ=environ, echo=False, log_path=log_path)
+                         vllm_args=[*backend_vllm_args(backend), *vllm_args], environ=environ, echo=False,
+                         log_path=log_path)
 
 
 @contextlib.contextmanager

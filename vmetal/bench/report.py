@@ -121,16 +121,27 @@ def print_offline(report: dict[str, Any], out: TextIO | None = None) -> None:
             t.add_column(name, justify="left" if name == "backend" else "right")
         if baseline:
             t.add_column(f"decode vs {baseline}", justify="right")
+        speculated = any(r.get("spec_draft_tokens") is not None for r in runs)
+        if speculated:
+            t.add_column("drafts kept", justify="right")
         for r in runs:
             cells = [r["backend"], str(r["prompt_len"]), str(r["gen_len"]), str(r["trials"]),
                      _spread(r["prefill_tps"]), _spread(r["decode_tps"]), _spread(r["ttft_ms"]),
                      _bytes(r.get("peak_memory_bytes")), _bytes(r.get("peak_rss_bytes"))]
             if baseline:
                 cells.append(_ratio(_mean_ratio(r, base, "decode_tps")))
+            if speculated:
+                cells.append(_kept(r.get("spec_accepted_tokens"), r.get("spec_draft_tokens")))
             t.add_row(*cells)
         console.print(t)
         console.print("mean ± standard deviation over the trials; min–max in `--json`.")
     _print_errors(console, report)
+
+
+def _kept(accepted: int | None, drafted: int | None) -> str:
+    if drafted is None:
+        return "–"
+    return f"{accepted or 0:,}/{drafted:,}" + (f" ({100 * (accepted or 0) / drafted:.0f}%)" if drafted else "")
 
 
 def _spread(s: dict[str, float] | None) -> str:

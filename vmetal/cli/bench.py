@@ -48,8 +48,8 @@ CsvOption = Annotated[Path | None, typer.Option("--csv", metavar="FILE", show_de
                                                 rich_help_panel=_OUT)]
 CompareOption = Annotated[str | None, typer.Option(
     metavar="BACKENDS", show_default=False,
-    help="Run the same workload on each of these backends (mlx, paged, torch), comma-separated; ratios "
-         "against the first.")]
+    help="Run the same workload on each of these backends (mlx, paged, torch, ngram: the MLX path with "
+         "`serve --speculative ngram`), comma-separated; ratios against the first.")]
 
 
 def _home_logs() -> Path:
@@ -220,6 +220,9 @@ def offline(
     prompt_len: Annotated[int, typer.Option(min=1, help="Prompt tokens per trial (random ids).")] = 128,
     gen_len: Annotated[int, typer.Option(min=1, help="Tokens generated per trial.")] = 128,
     trials: Annotated[int, typer.Option(min=1, help="Timed runs, after one warm-up.")] = 3,
+    repeat: Annotated[int, typer.Option(min=1, help="Build each prompt from one random block repeated this "
+                                                    "many times: text that repeats itself, where n-gram "
+                                                    "speculation (`--compare mlx,ngram`) pays off.")] = 1,
     compare: CompareOption = None,
     json_out: JsonOption = False,
     csv_path: CsvOption = None,
@@ -237,11 +240,11 @@ def offline(
     model_dir, name = _model_dir(model, demo, prompt_len + gen_len + 1, [])
     report: dict[str, Any] = {"schema": rep.SCHEMA, "kind": "offline", "model": name, "url": None,
                               "backends": backends, "workload": {"prompt_len": prompt_len, "gen_len": gen_len,
-                                                                 "trials": trials}}
+                                                                 "trials": trials, "repeat": repeat}}
     results = on.Results()
     try:
         off.run_backends(backends, model_dir, results, prompt_len=prompt_len, gen_len=gen_len, trials=trials,
-                         timeout=timeout, log_dir=_home_logs(), say=say)
+                         timeout=timeout, log_dir=_home_logs(), say=say, repeat=repeat)
     except KeyboardInterrupt:  # the child is stopped by now; show the backends that finished
         results.fail(None, None, "interrupted", exit_code=130)
     report.update(runs=results.runs, errors=results.errors, ratios=off.ratios(results.runs, backends[0]))

@@ -43,33 +43,29 @@ P1 = _p([0.1, 0.1, 0.1, 0.1, 0.6])
 P2 = _p([0.25, 0.25, 0.25, 0.0, 0.25])
 
 
-def always_keep(drafts, probs, gen):
-    """Wrong: keep a draft whenever the target could produce it."""
-    out = []
-    for i, d in enumerate(drafts):
-        if probs[i, d] > 0:
-            out.append(d)
-            continue
-        out.append(int(torch.multinomial(probs[i], 1, generator=gen)))
+def _wrong_rule(keep):
+    """A sampler that keeps draft d when `keep(p, d, generator)` and otherwise draws from p itself."""
+    def sampler(drafts, probs, gen):
+        out = []
+        for i, d in enumerate(drafts):
+            if keep(probs[i], d, gen):
+                out.append(d)
+                continue
+            out.append(int(torch.multinomial(probs[i], 1, generator=gen)))
+            return out
+        out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=gen)))
         return out
-    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=gen)))
-    return out
+    return sampler
 
 
-def resample_without_residual(drafts, probs, gen):
-    """Wrong: accept with p(d), but on rejection draw from p itself (the draft can come back)."""
-    out = []
-    for i, d in enumerate(drafts):
-        if torch.rand((), generator=gen) < probs[i, d]:
-            out.append(d)
-            continue
-        out.append(int(torch.multinomial(probs[i], 1, generator=gen)))
-        return out
-    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=gen)))
-    return out
+# Wrong: keep a draft whenever the target could produce it.
+always_keep = _wrong_rule(lambda p, d, gen: p[d] > 0)
+# Wrong: keep with probability p(d), but on rejection draw from p itself (the draft can come back).
+resample_without_residual = _wrong_rule(lambda p, d, gen: torch.rand((), generator=gen) < p[d])
 
 
-@pytest.mark.parametrize("sampler", [rejection_sample, always_keep, resample_without_residual])
+@pytest.mark.parametrize("sampler", [rejection_sample, always_keep, resample_without_residual],
+                         ids=["rejection_sample", "always_keep", "resample_without_residual"])
 def test_each_position_has_the_targets_distribution(sampler):
     """First token ~ p0; given it equals draft 0, the second ~ p1; given both drafts kept, the third ~ p2."""
     drafts = [0, 4]

@@ -39,6 +39,14 @@ def report(path: str, code: int = 0) -> None:
     sys.exit(code)
 
 
+def report_title(path: str) -> None:
+    import psutil
+    import setproctitle
+
+    setproctitle.setproctitle("VLLM::EngineCore")
+    Path(path).write_text(json.dumps({"pid": os.getpid(), "cmdline": psutil.Process().cmdline()[0]}))
+
+
 def report_queue(path: str, queue) -> None:
     Path(path).write_text(json.dumps({"pid": os.getpid(), "item": queue.get(timeout=30)}))
 
@@ -88,6 +96,20 @@ def test_first_engine_core_runs_in_the_waiting_interpreter(installed, tmp_path, 
     assert seen == {"pid": installed.pid, "preloaded": True, "env": "set after the interpreter started",
                     "name": "EngineCore", "parent": os.getpid()}
     assert proc.pid == installed.pid
+
+
+def test_the_handed_process_can_name_itself(monkeypatch, tmp_path):
+    """vLLM names its EngineCore with setproctitle ("VLLM::EngineCore", what ps and psutil show); replacing the
+    environment before setproctitle's first use used to make every title a silent no-op."""
+    monkeypatch.setattr(context.SpawnProcess, "_Popen", context.SpawnProcess.__dict__["_Popen"])
+    warm = prestart.install(preload=("setproctitle",))
+    out = tmp_path / "title.json"
+    proc = SPAWN.Process(target=report_title, name="EngineCore", args=(str(out),))
+    proc.start()
+    proc.join(60)
+    warm.close()
+    assert proc.exitcode == 0
+    assert json.loads(out.read_text()) == {"pid": warm.pid, "cmdline": "VLLM::EngineCore"}
 
 
 def test_later_and_other_processes_spawn_as_usual(installed, tmp_path):

@@ -91,6 +91,7 @@ def child_main(data_fd: int, alive_fd: int, tracker_fd: int, preload: Sequence[s
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the process imports it again and reports the error where it belongs
             pass
+    _ready_process_title()
     with os.fdopen(data_fd, "rb", closefd=False) as from_parent:
         try:
             environ = reduction.pickle.load(from_parent)
@@ -107,6 +108,20 @@ def child_main(data_fd: int, alive_fd: int, tracker_fd: int, preload: Sequence[s
             del process.current_process()._inheriting
     # As in spawn: the data pipe's read end tells the process when its parent is gone.
     sys.exit(process_obj._bootstrap(parent_sentinel=data_fd))
+
+
+def _ready_process_title() -> None:
+    """Let setproctitle find this process's argv before the environment is replaced.
+
+    vLLM names its processes with setproctitle ("VLLM::EngineCore": what `ps`, psutil and users see). Its
+    set-up, done at first use, locates argv through the C environment block, which `os.environ.clear()` moves;
+    after that every title is silently dropped. Set up first, it keeps working.
+    """
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.getproctitle()
 
 
 def _popen_class() -> type:

@@ -253,9 +253,9 @@ def serve(
                                                  "work.", rich_help_panel=_TOOLS)] = False,
     speculative: Annotated[Speculation | None, typer.Option(
         help="Speculative decoding: `ngram` drafts the tokens that followed the context's last 4 tokens where "
-        "they appeared before (prompt lookup) and keeps those the model agrees with; greedy requests only, "
-        "same tokens, faster where the answer repeats its input (code edits, quotes). Same as vLLM's "
-        "`--speculative-config`.", show_default=False, rich_help_panel=_VLLM)] = None,
+        "they appeared before (prompt lookup) and checks them in one step: greedy requests keep their exact "
+        "tokens, sampled ones their distribution; faster where the answer repeats its input (code edits, "
+        "quotes). Same as vLLM's `--speculative-config`.", show_default=False, rich_help_panel=_VLLM)] = None,
     speculative_tokens: Annotated[int | None, typer.Option(
         min=1, max=16, help=f"Tokens drafted per step with --speculative. [default: {features.NGRAM_TOKENS}]",
         show_default=False, rich_help_panel=_VLLM)] = None,

@@ -89,16 +89,11 @@ def child_environ(cfg: Any) -> dict[str, str]:
 
 def run(model_dir: str, cfg: Any, *, prompt_len: int, gen_len: int, trials: int, log_path: Path,
         timeout: float, say: Callable[[str], None], label: str, repeat: int = 1,
-        vllm_args: list[str] | None = None) -> tuple[dict[str, Any], str | None]:
-    """Run the child for one backend: (its result, partial if it failed; an error line or None).
-    `vllm_args`: the backend's own (`online.backend_vllm_args`); only `--speculative-config` is read."""
-    from vmetal.preflight.fit import vllm_arg
-
+        speculative_config: dict[str, Any] | None = None) -> tuple[dict[str, Any], str | None]:
+    """Run the child for one backend: (its result, partial if it failed; an error line or None)."""
     max_model_len = prompt_len + gen_len + 1
-    speculative = vllm_arg(vllm_args or [], "--speculative-config")
     spec = {"model": model_dir, "prompt_len": prompt_len, "gen_len": gen_len, "trials": trials,
-            "max_model_len": max_model_len, "repeat": repeat,
-            "speculative_config": json.loads(speculative) if speculative else None,
+            "max_model_len": max_model_len, "repeat": repeat, "speculative_config": speculative_config,
             "kv_cache_memory_bytes": kv_cache_bytes(model_dir, max_model_len, cfg.block_size)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vmetal-bench-offline-") as tmp:
@@ -129,7 +124,7 @@ def run(model_dir: str, cfg: Any, *, prompt_len: int, gen_len: int, trials: int,
 def run_backends(backends: list[str], model_dir: str, results: Any, *, prompt_len: int, gen_len: int,
                  trials: int, timeout: float, log_dir: Path, say: Callable[[str], None], repeat: int = 1) -> None:
     """Each backend in its own child, rows and errors added to `results` (a failed one keeps its trials)."""
-    from vmetal.bench.online import NOT_AVAILABLE, backend_config, backend_vllm_args
+    from vmetal.bench.online import NOT_AVAILABLE, backend_config, backend_speculation
     from vmetal.errors import VmetalError
 
     runs, errors = results.runs, results.errors
@@ -145,7 +140,7 @@ def run_backends(backends: list[str], model_dir: str, results: Any, *, prompt_le
         log_path = log_dir / f"bench-offline-{backend}.log"
         result, error = run(model_dir, cfg, prompt_len=prompt_len, gen_len=gen_len, trials=trials,
                             log_path=log_path, timeout=timeout, say=say, label=backend, repeat=repeat,
-                            vllm_args=backend_vllm_args(backend))
+                            speculative_config=backend_speculation(backend))
         if result.get("trials"):
             runs.append(summary_row(backend, result))
         if error is None:

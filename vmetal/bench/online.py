@@ -16,6 +16,7 @@ JSON.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -41,11 +42,20 @@ BACKEND_ENV = {
 }
 
 
-def backend_vllm_args(backend: str) -> list[str]:
-    """vLLM arguments a backend adds: `ngram` is the MLX-managed path with `vmetal serve --speculative ngram`."""
-    from vmetal.preflight.features import ngram_args
+def backend_speculation(backend: str) -> dict[str, Any] | None:
+    """vLLM's speculative config of a backend: `ngram` is the MLX-managed path with `vmetal serve --speculative
+    ngram`; the others speculate not at all."""
+    from vmetal.preflight.features import ngram_config
 
-    return ngram_args() if backend == "ngram" else []
+    return ngram_config() if backend == "ngram" else None
+
+
+def backend_vllm_args(backend: str) -> list[str]:
+    """The vLLM arguments a backend's server adds."""
+    from vmetal.preflight.features import SPECULATIVE
+
+    spec = backend_speculation(backend)
+    return [] if spec is None else [SPECULATIVE, json.dumps(spec)]
 NOT_AVAILABLE = "not available in this build"
 
 METRICS = ("ttft", "tpot", "itl", "e2el")

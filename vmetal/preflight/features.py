@@ -63,9 +63,11 @@ NGRAM = "ngram"
 def speculation_refusal(method: str | None, kv_path: str, world_size: int) -> str | None:
     """Why speculative decoding by `method` cannot run on `kv_path` with `world_size` workers, or None."""
     if method != NGRAM:
+        import json
+
         return (f"`{SPECULATIVE}`: speculative decoding by {method or 'a draft model'} is not implemented by "
-                f'vmetal\'s engine; it speculates with n-gram lookup only (\'{{"method": "{NGRAM}", '
-                '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\'), or start without it')
+                f"vmetal's engine; it speculates with n-gram lookup only ('{json.dumps(ngram_config())}'), or "
+                "start without it")
     if kv_path != "mlx":
         leave = ("VLLM_METAL_USE_MLX=0" if kv_path == "torch"
                  else "VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)")
@@ -83,12 +85,16 @@ NGRAM_TOKENS = 4
 NGRAM_LOOKUP = 4
 
 
+def ngram_config(tokens: int | None = None) -> dict[str, Any]:
+    """vLLM's speculative config that `vmetal serve --speculative ngram [--speculative-tokens K]` stands for."""
+    return {"method": NGRAM, "num_speculative_tokens": tokens or NGRAM_TOKENS, "prompt_lookup_max": NGRAM_LOOKUP}
+
+
 def ngram_args(tokens: int | None = None) -> list[str]:
-    """The vLLM arguments `vmetal serve --speculative ngram [--speculative-tokens K]` stands for."""
+    """The same as vLLM arguments."""
     import json
 
-    config = {"method": NGRAM, "num_speculative_tokens": tokens or NGRAM_TOKENS, "prompt_lookup_max": NGRAM_LOOKUP}
-    return [SPECULATIVE, json.dumps(config)]
+    return [SPECULATIVE, json.dumps(ngram_config(tokens))]
 
 
 def asks_speculation(args: Sequence[str]) -> bool:

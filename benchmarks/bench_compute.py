@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_md import publish
+from results_md import add_output_args, publish
 
 from vmetal.bench.contention import CpuWatch, quiet_wait
 from vmetal.bench.inprocess import engine_run, make_prompts, prepare_environ, summary
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--model-dir", type=Path, help="where to build (or reuse) the model; default a temp folder")
     ap.add_argument("--max-foreign", type=float, default=0.25, help="other processes' cores counted as quiet")
-    ap.add_argument("--no-write", action="store_true", help="print the section, do not write RESULTS.md")
-    ap.add_argument("--json", type=Path, help="also dump the raw numbers here")
+    add_output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.trials, args.max_tokens = 2, 32

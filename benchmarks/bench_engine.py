@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 from engine_section import TARGET_BATCH_GAIN, TARGET_SINGLE_RATIO, notes, render
-from results_md import RESULTS, command_line, publish
+from results_md import RESULTS, add_output_args, command_line, publish
 
 from vmetal.bench.contention import CpuWatch, quiet_wait
 from vmetal.bench.inprocess import engine_run, make_prompts, mlx_batch, mlx_single, prepare_environ, summary
@@ -85,7 +85,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model-dir", type=Path,
                     help="where to build (or reuse) the model; default a fresh temp folder")
     ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
-    ap.add_argument("--no-write", action="store_true", help="print the section, do not write it")
+    add_output_args(ap)
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="a trial counts as clean when processes outside this benchmark used at "
                          "most this many cores during each of its runs (default 0.25)")
@@ -100,7 +100,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="after the trials, sample the EngineCore with py-spy during single-stream "
                          "decode (default 12 s) and run an in-process decode-loop diagnostic; "
                          "both go into the results")
-    ap.add_argument("--json", type=Path, help="also dump all raw numbers as JSON here")
     args = ap.parse_args(argv)
     args.trials = args.trials or (2 if args.quick else 5)
     args.max_tokens = args.max_tokens or (64 if args.quick else 128)

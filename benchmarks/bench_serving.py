@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_md import RESULTS, command_line, publish
+from results_md import RESULTS, add_output_args, command_line, publish
 from serving_load import KEEP, register, run_load, sample_requests
 from serving_section import TARGET_C, TARGET_TTFT, TARGET_VS_MLX, TARGET_VS_MLX_LM, fmt, notes, ratios, render
 
@@ -209,8 +209,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model-dir", type=Path, help="where to build (or reuse) the model; default a temp folder")
     ap.add_argument("--log-dir", type=Path, help="server and load-generator logs; default a temp folder")
     ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
-    ap.add_argument("--no-write", action="store_true", help="print the section, do not write it")
-    ap.add_argument("--json", type=Path, help="also dump all raw numbers as JSON here")
+    add_output_args(ap)
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="a run counts as uncontended when other processes used at most this many "
                          "cores during it (default 0.25)")

@@ -83,6 +83,14 @@ class MetalPlatform(Platform):
         )
 
     @classmethod
+    def pre_register_and_update(cls, parser: Any = None) -> None:
+        # vLLM calls this first in every create_engine_config (and when it builds `vllm serve`'s parser),
+        # before it resolves an unset --max-num-batched-tokens / --max-num-seqs from the platform.
+        from vmetal.engine import batch_defaults
+
+        batch_defaults.install()
+
+    @classmethod
     def update_block_size_for_backend(cls, vllm_config: Any) -> None:
         # There is no torch attention backend to negotiate with: the block size
         # is vmetal's own setting (ENV.md), applied in check_and_update_config.

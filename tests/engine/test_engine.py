@@ -9,6 +9,7 @@ from tests.support.engine import (
     PROMPTS,
     assert_greedy_like_mlx,
     assert_joining_requests_like_mlx,
+    assert_step_times_split,
     greedy,
     metric,
     running_llm,
@@ -39,6 +40,10 @@ def test_eight_concurrent_requests_match_mlx_lm(engine):
 def test_requests_joining_mid_decode_match_mlx_lm(engine):
     """Requests of different lengths arrive while others are decoding."""
     assert_joining_requests_like_mlx(*engine, "join")
+
+
+def test_step_times_split_each_decode_step(engine):
+    assert_step_times_split(engine[1])
 
 
 def test_chunked_prefill_of_a_long_prompt_matches(qwen3_model):

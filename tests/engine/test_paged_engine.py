@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.engine import LONG_PROMPT, PROMPTS, assert_greedy_like_mlx, greedy, metric, running_llm
+from tests.support.engine import (
+    LONG_PROMPT,
+    PROMPTS,
+    assert_greedy_like_mlx,
+    assert_step_times_split,
+    greedy,
+    metric,
+    running_llm,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +39,10 @@ def paged(qwen3_model):
 
 def test_eight_concurrent_requests_match_mlx_lm(paged, qwen3_model):
     assert_greedy_like_mlx(qwen3_model, paged.generate(PROMPTS, greedy(16), use_tqdm=False), 16)
+
+
+def test_step_times_split_each_decode_step(paged):
+    assert_step_times_split(paged)
 
 
 def ahead_counts(llm) -> dict:

@@ -48,6 +48,21 @@ def metric(llm, name: str) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 
 
+def assert_step_times_split(llm) -> None:
+    """The runner's own timer (`MetalWorker.step_times`) sees the steps the scheduler ran, each split into its
+    phases: every token of three requests came from one timed step (requests reach the engine process one by
+    one, so the first steps may hold fewer rows), and most steps decoded all three together."""
+    llm.collective_rpc("step_times", kwargs={"clear": True})
+    llm.generate(PROMPTS[:3], greedy(16), use_tqdm=False)
+    summary = llm.collective_rpc("step_times")[0]
+    assert sum(rows * s["steps"] for kind in summary.values() for rows, s in kind.items()) == 3 * 16
+    step = summary["decode"][3]
+    assert step["steps"] >= 12
+    assert step["build_ms"] > 0 and step["vllm_ms"] > 0 and step["host_cpu_ms"] > 0
+    for phase in ("build_ms", "launch_ms", "wait_ms", "vllm_ms", "host_cpu_ms"):
+        assert step[phase] < step["cycle_ms"], phase
+
+
 def assert_joining_requests_like_mlx(path, llm, tag: str, max_tokens: int = 20) -> None:
     """Requests of different lengths join while others decode (the engine stepped by hand, each prompt added at
     its step of ARRIVALS): every one finishes, with mlx-lm's greedy tokens."""

@@ -3,7 +3,8 @@
 Random weights need no download and no licence, and a shape is all a throughput number depends on. `tiny` is
 small enough for a 2-core CPU box to run every benchmark in minutes; `qwen3-0.6b` is Qwen/Qwen3-0.6B's real
 shape (its config.json: head_dim 128, vocabulary 151936, tied embeddings) for GPU runs, where the tiny model
-would measure only overheads. `vmetal.demo.build_tiny_model` writes the checkpoint.
+would measure only overheads; `deep-tiny` has the real model's depth and a tiny width, for what a step
+costs the host. `vmetal.demo.build_tiny_model` writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from typing import Any
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {"arch": "qwen3", "hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
              "intermediate_size": 1536},
+    # Qwen3-0.6B's 28 layers at a tiny width: a step's host work at full depth while its compute stays small
+    # (benchmarks/bench_host.py).
+    "deep-tiny": {"arch": "qwen3", "hidden_size": 128, "num_layers": 28, "num_heads": 4, "num_kv_heads": 2,
+                  "intermediate_size": 384},
     "qwen3-0.6b": {"arch": "qwen3", "hidden_size": 1024, "num_layers": 28, "num_heads": 16, "num_kv_heads": 8,
                    "intermediate_size": 3072, "head_dim": 128, "vocab_size": 151936,
                    "tie_word_embeddings": True},

@@ -35,6 +35,7 @@ class MetalWorker(WorkerBase):
         self.mlx_device = "cpu"
         self.ring: distributed.Ring | None = None  # MLX's ring, with more than one rank
         self.peak_activation_bytes = 0
+        self._step_shape = (0, False)  # execute_model -> sample_tokens (step_times)
         self.cache_limit = 0
 
     # ------------------------------------------------------------- lifecycle
@@ -136,12 +137,33 @@ class MetalWorker(WorkerBase):
 
     # ----------------------------------------------------------------- steps
     def execute_model(self, scheduler_output: Any) -> Any:
-        with self._ring_errors():
-            return self.model_runner.execute_model(scheduler_output)
+        times = self.model_runner.step_times
+        so = scheduler_output
+        rows = len(so.num_scheduled_tokens)
+        # (requests, every one decoding a single token) of the step sample_tokens finishes.
+        self._step_shape = (rows, so.total_num_scheduled_tokens == rows and not so.scheduled_new_reqs
+                            and not so.scheduled_spec_decode_tokens)
+        times.enter()
+        try:
+            with self._ring_errors():
+                out = self.model_runner.execute_model(so)
+        finally:
+            times.leave()
+        if out is not None:  # nothing to sample: vLLM does not call sample_tokens for this step
+            times.idle()
+        return out
 
     def sample_tokens(self, grammar_output: Any) -> Any:
-        with self._ring_errors():  # MLX evaluates the forward here, where a lost peer shows
-            return self.model_runner.sample_tokens(grammar_output)
+        times = self.model_runner.step_times
+        times.enter()
+        try:
+            with self._ring_errors():  # MLX evaluates the forward here, where a lost peer shows
+                out = self.model_runner.sample_tokens(grammar_output)
+        except BaseException:
+            times.idle()
+            raise
+        times.step(*self._step_shape)
+        return out
 
     def take_draft_token_ids(self) -> Any:
         """The draft tokens of n-gram speculation for the step just sampled (vLLM's engine asks after each)."""
@@ -158,6 +180,15 @@ class MetalWorker(WorkerBase):
         limit = mx.set_cache_limit(self.cache_limit)  # the same value: only reads MLX's limit back
         return {"active": mx.get_active_memory(), "cache": mx.get_cache_memory(), "peak": mx.get_peak_memory(),
                 "cache_limit": limit}
+
+    def step_times(self, clear: bool = False) -> dict[str, Any]:
+        """Medians of where the steps' time went, by kind of step and batch size (`StepTimes.summary`), over
+        the last few thousand steps; `clear` starts afresh. For `LLM.collective_rpc("step_times")`."""
+        times = self.model_runner.step_times
+        summary = times.summary()
+        if clear:
+            times.clear()
+        return summary
 
     def step_counts(self) -> dict[str, int]:
         """What the runner's steps met: requests preempted, and on the paged path how all-decode steps used the

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from vmetal.engine.runner.decode_ahead import DecodeAhead
 from vmetal.engine.runner.prompt_logprobs import PromptLogprobs
 from vmetal.engine.runner.sampling import MetalSampler, needs_torch_sampler
+from vmetal.engine.runner.step_times import StepTimes
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
@@ -60,7 +61,9 @@ class ModelRunnerBase:
         self.input_batch = None
         self.sampler: MetalSampler | None = None
         self.prompt_logprobs: PromptLogprobs | None = None
-        self.ahead = DecodeAhead()
+        # Where each step's time goes (step_times.py); VLLM_METAL_DEBUG=1 logs it every few hundred steps.
+        self.step_times = StepTimes(log=logger.debug if getattr(metal_config, "debug", False) else None)
+        self.ahead = DecodeAhead(self.step_times)
         self._pending: StepLogits | None = None  # execute_model -> sample_tokens
         self.drafter = None  # speculative.NgramDrafter when vLLM's config asks for n-gram speculation
         self.verifying: Any = frozenset()  # the requests fed draft positions in the step being sampled
@@ -101,6 +104,7 @@ class ModelRunnerBase:
         )
         logprobs_mode = getattr(self.model_config, "logprobs_mode", "raw_logprobs")
         self.sampler = sampler_class(str(getattr(logprobs_mode, "value", logprobs_mode)))
+        self.sampler.wait = self.step_times.wait
         self.prompt_logprobs = PromptLogprobs(self.input_batch.vocab_size)
 
     def describe_backend(self) -> str:

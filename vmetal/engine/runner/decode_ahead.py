@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vmetal.engine.runner.step_times import StepTimes
+
 
 @dataclass(frozen=True)
 class Ahead:
@@ -32,8 +34,9 @@ class Ahead:
 
 
 class DecodeAhead:
-    def __init__(self) -> None:
+    def __init__(self, times: StepTimes | None = None) -> None:
         self.pending: Ahead | None = None
+        self.times = times or StepTimes()  # its async_evals and its blocking read of the tokens are timed
 
     def take(self) -> Ahead | None:
         """The queued step, which is no longer queued."""
@@ -45,7 +48,8 @@ class DecodeAhead:
         import mlx.core as mx
 
         greedy = _argmax(logits)
-        mx.async_eval(logits, greedy)
+        with self.times.launch():
+            mx.async_eval(logits, greedy)
         self.pending = Ahead(tuple(order), tuple(tokens), logits, greedy)
 
     def argmax_feeding_next(self, order: tuple[str, ...], batch_logits: Any, greedy: Any,
@@ -64,13 +68,16 @@ class DecodeAhead:
 
         if greedy is None:
             greedy = _argmax(batch_logits)
-            mx.async_eval(greedy)
+            with self.times.launch():
+                mx.async_eval(greedy)
         logits = forward(order, greedy)
         next_greedy = None
         if logits is not None:
             next_greedy = _argmax(logits)
-            mx.async_eval(logits, next_greedy)
-        values = greedy.tolist()
+            with self.times.launch():
+                mx.async_eval(logits, next_greedy)
+        with self.times.wait():
+            values = greedy.tolist()
         self.pending = None if logits is None else Ahead(order, tuple(values), logits, next_greedy)
         by_req = dict(zip(order, values))
         return [by_req[r] for r in req_ids]

@@ -221,14 +221,18 @@ class MlxModelRunner(ModelRunnerBase):
         if ahead is not None:
             batch_logits, greedy = ahead.logits, ahead.greedy
         else:
-            batch_logits, greedy = self.decode.forward(self.model, [self._next_token(r) for r in order]), None
+            batch_logits, greedy = self._decode_forward([self._next_token(r) for r in order]), None
         for i, req_id in enumerate(order):
             logits[req_id] = batch_logits[i]
         return order, batch_logits, greedy
 
     def _ahead_forward(self, order: tuple[str, ...], tokens: Any) -> Any:
         # The decode batch's rows are `order`.
-        return self.decode.forward(self.model, tokens)
+        return self._decode_forward(tokens)
+
+    def _decode_forward(self, tokens: Any) -> Any:
+        with self.step_times.build():
+            return self.decode.forward(self.model, tokens)
 
     def _on_sampled(self, req_id: str, state: Any, num_scheduled: int, got_token: bool) -> None:
         self.cache_len[req_id] = state.num_computed_tokens + num_scheduled
@@ -256,4 +260,4 @@ class MlxModelRunner(ModelRunnerBase):
             if state is None or self.cache_len.get(req_id) != state.num_tokens - 1:
                 return
             tokens.append(state.output_token_ids[-1])
-        self.ahead.queue(order, tokens, self.decode.forward(self.model, tokens))
+        self.ahead.queue(order, tokens, self._decode_forward(tokens))

@@ -165,8 +165,9 @@ class PagedModelRunner(ModelRunnerBase):
         ids = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
         rows = mx.array(last_rows, dtype=mx.int32)
         # Each packed token is a batch row [T, 1]: the model's own head runs on the rows asked for only.
-        return logits_at(self.model, ids[:, None], layers, lambda hidden: hidden[rows],
-                         self.loaded.head_on_rows)[:, 0, :]
+        with self.step_times.build():
+            return logits_at(self.model, ids[:, None], layers, lambda hidden: hidden[rows],
+                             self.loaded.head_on_rows)[:, 0, :]
 
     # ---------------------------------------------------------------- steps
     def _update_states(self, so: Any) -> None:
@@ -303,7 +304,8 @@ class PagedModelRunner(ModelRunnerBase):
         if self.ahead.pending is None:
             # The pools are part of this step's graph; evaluate them with it so the next step starts from
             # materialised arrays, not a growing lazy graph. (A decode-ahead's async_eval covers them.)
-            mx.eval([(c.k_pool, c.v_pool) for c in self.layers])
+            with self.step_times.wait():
+                mx.eval([(c.k_pool, c.v_pool) for c in self.layers])
 
 
 def _mib(n: int) -> str:

@@ -10,6 +10,7 @@ keeps an `InputBatch` and hands logits to the sampler on the CPU torch device
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,14 @@ class MetalSampler:
 
         self._sampler = Sampler(logprobs_mode=logprobs_mode)
         self.logprobs_mode = logprobs_mode
+        self.wait: Any = contextlib.nullcontext  # a context around blocking reads of MLX (step_times.py)
 
     def _argmax(self, logits: Any) -> list[int]:
         import mlx.core as mx
 
-        return mx.argmax(logits, axis=-1).tolist()
+        tokens = mx.argmax(logits, axis=-1)
+        with self.wait():
+            return tokens.tolist()
 
     def _to_torch(self, logits: Any) -> Any:
         import mlx.core as mx
@@ -53,7 +57,10 @@ class MetalSampler:
         # np.array on an MLX array goes through the buffer protocol; float32 keeps
         # the sampler's maths (softmax, penalties) at full precision. A copy: the
         # grammar mask writes into it.
-        return torch.from_numpy(np.array(logits.astype(mx.float32)))
+        scores = logits.astype(mx.float32)
+        with self.wait():
+            mx.eval(scores)
+        return torch.from_numpy(np.array(scores))
 
     def sample(self, logits: Any, input_batch: Any, use_torch: bool, grammar: Any = None):
         """`logits` is a [num_reqs, vocab] array in `input_batch` row order.

@@ -3,6 +3,7 @@ stand-in children, and one slow test per stop signal against a real server with 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -290,7 +291,6 @@ def test_serve_demo_end_to_end(stop_signal, tmp_path):
 @pytest.mark.parametrize(("args", "flag"), [
     (["--speculative-config", '{"method": "eagle", "model": "x/y", "num_speculative_tokens": 2}'],
      "--speculative-config"),
-    (["--speculative_config={\"model\": \"Qwen/Qwen3-0.6B\"}"], "--speculative-config"),
     (["--speculative-config.method", "mtp"], "--speculative-config"),
     (["--enable-lora", "--max-loras", "2"], "--enable-lora"),
     (["--kv-transfer-config", "{}"], "--kv-transfer-config"),
@@ -346,7 +346,8 @@ def test_speculative_ngram_is_vllms_speculative_config(fake_server, monkeypatch,
 
 
 @pytest.mark.parametrize(("args", "line"), [
-    (["--speculative-tokens", "3"], "error: `--speculative-tokens` goes with `--speculative ngram`"),
+    (["--speculative-tokens", "3"], "error: `--speculative-tokens` goes with `--speculative ngram|DRAFT_MODEL`"),
+    (["--speculative", "./no-such-draft"], "error: draft model folder `./no-such-draft` does not exist"),
     (["--speculative", "ngram", "--", "--speculative-config", '{"method": "ngram"}'],
      "error: give `--speculative` or `--speculative-config` after `--`, not both"),
     (["--speculative", "ngram", "--paged"],
@@ -360,10 +361,51 @@ def test_speculative_flags_that_cannot_hold_exit_2(fake_server, args, line):
     assert fake_server == []
 
 
-def test_speculative_with_a_draft_model_is_not_a_choice(fake_server):
-    result = invoke("--demo", "--speculative", "Qwen/Qwen3-0.6B")
-    assert result.exit_code == 2
-    assert "Invalid value for '--speculative'" in " ".join(result.output.split())
+@pytest.mark.parametrize(("more", "tokens"), [([], 3), (["--speculative-tokens", "5"], 5)])
+def test_speculative_with_a_draft_model_folder(fake_server, qwen3_model, tmp_path, monkeypatch, more, tokens):
+    from tests.support.families import first_layers
+
+    draft = first_layers(qwen3_model, tmp_path / "draft", 1)
+    monkeypatch.chdir(tmp_path)
+    result = invoke(str(qwen3_model), "--speculative", "draft", *more)  # relative: made absolute
+    assert result.exit_code == 0, result.output
+    given = fake_server[0].vllm_args
+    config = json.loads(given[given.index("--speculative-config") + 1])
+    assert config == {"method": "draft_model", "model": str(draft.resolve()), "num_speculative_tokens": tokens}
+
+
+def test_a_hub_draft_model_is_pulled_first(fake_server, qwen3_model, tmp_path, monkeypatch):
+    from tests.support.families import first_layers
+
+    draft = first_layers(qwen3_model, tmp_path / "pulled", 1)
+    pulls = []
+    monkeypatch.setattr(options, "pulled", lambda *args: pulls.append(args) or str(draft))
+    result = invoke(str(qwen3_model), "--speculative", "Qwen/Qwen3-0.6B", "--max-model-len", "256")
+    assert result.exit_code == 0, result.output
+    assert pulls == [("Qwen/Qwen3-0.6B", 256, "mlx")]
+    given = fake_server[0].vllm_args
+    assert json.loads(given[given.index("--speculative-config") + 1])["model"] == str(draft)
+
+
+def test_a_draft_model_that_cannot_draft_stops_at_preflight(fake_server, qwen3_model, tmp_path):
+    from tests.support.families import as_sliding_window, first_layers
+    from vmetal.demo import build_tiny_model
+
+    config = json.loads((qwen3_model / "config.json").read_text())
+    other = build_tiny_model(tmp_path / "other-vocab", "qwen3", hidden_size=64, num_layers=1,
+                             vocab_size=config["vocab_size"] + 64)
+    sliding = first_layers(qwen3_model, tmp_path / "sliding", 2)
+    (sliding / "config.json").write_text(json.dumps(as_sliding_window(config)))
+    for draft, line in (
+            (other, f"error: draft model `{other}` has a vocabulary of {config['vocab_size'] + 64} tokens and the "
+                    f"model it drafts for {config['vocab_size']}: a draft must share the target's tokenizer; pick "
+                    "a smaller model of the same family"),
+            (sliding, "error: gemma3_text (Gemma3ForCausalLM): speculative decoding (`--speculative-config`) rolls "
+                      "rejected tokens back out of the KV cache")):
+        result = invoke(str(qwen3_model), "--speculative", str(draft))
+        assert result.exit_code == 2, result.output
+        [shown] = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
+        assert shown.startswith(line), shown
     assert fake_server == []
 
 
@@ -380,5 +422,5 @@ def test_speculation_on_a_model_whose_cache_cannot_roll_back_stops_at_preflight(
     result = invoke(str(folder), "--speculative", "ngram")
     assert result.exit_code == 2, result.output
     [line] = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
-    assert line.startswith("error: gemma3_text (Gemma3ForCausalLM): n-gram speculation") and "RotatingKVCache" in line
+    assert line.startswith("error: gemma3_text (Gemma3ForCausalLM): speculative decoding") and "RotatingKVCache" in line
     assert fake_server == []

@@ -152,7 +152,7 @@ def test_a_model_whose_cache_cannot_roll_back_is_refused_at_start(tmp_path):
     from tests.support.families import build_family
 
     path = build_family(tmp_path / "gemma3", "gemma3_text")
-    with pytest.raises(Exception, match=r"gemma3_text \(Gemma3ForCausalLM\): n-gram speculation "
+    with pytest.raises(Exception, match=r"gemma3_text \(Gemma3ForCausalLM\): speculative decoding "
                                         r"\(`--speculative-config`\) rolls rejected tokens back out of the KV cache, "
                                         "and this model also keeps RotatingKVCache state"):
         with running_llm(path, max_model_len=128, speculative_config=SPEC):

@@ -1,9 +1,10 @@
-"""`vmetal serve MODEL -- --speculative-config '{"method": "ngram", ...}'` (issue 15): n-gram speculation through
-the real CLI and vLLM's OpenAI server. Before, the server started and every request got HTTP 500.
+"""`vmetal serve MODEL -- --speculative-config '{"method": "ngram", ...}'` and `vmetal serve MODEL --speculative
+DRAFT` (issue 15): n-gram and draft-model speculation through the real CLI and vLLM's OpenAI server. Before, the
+server started and every request got HTTP 500.
 
-One server: a greedy completion that repeats its prompt comes back with mlx-lm's own text while vLLM's
+A server of each (the draft: the model cut to its first layer): a greedy completion that repeats its prompt comes back with mlx-lm's own text while vLLM's
 `/metrics` counts drafts and accepted tokens; a sampled request beside it is answered. The engine's behaviour
-in detail: tests/engine/test_speculative.py.
+in detail: tests/engine/test_speculative.py and test_draft_model.py.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, 
 REPEATING = "one two three four five six seven " * 3
 
 
-@pytest.fixture(scope="module")
-def server(qwen3_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=["ngram", "draft"])
+def server(request, qwen3_model, tmp_path_factory):
+    from tests.support.families import first_layers
+
     port = free_port()
-    log = tmp_path_factory.mktemp("spec") / "serve.log"
+    folder = tmp_path_factory.mktemp("spec")
+    log = folder / "serve.log"
+    speculation = (["--", "--speculative-config", json.dumps(SPEC)] if request.param == "ngram"
+                   else ["--speculative", str(first_layers(qwen3_model, folder / "draft", 1))])
     argv = ["serve", str(qwen3_model), "--port", str(port), "--max-model-len", "256", "--served-model-name", SERVED,
-            "--", "--speculative-config", json.dumps(SPEC)]
+            *speculation]
     with CliServer(argv, log) as server:
         server.wait_for()
         yield f"http://127.0.0.1:{port}"

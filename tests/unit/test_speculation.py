@@ -8,8 +8,9 @@ import json
 
 import pytest
 
+from vmetal.engine.runner.draft_model import shared_prefix
 from vmetal.engine.runner.speculative import accepted_tokens
-from vmetal.preflight.features import refused_args, speculation_refusal
+from vmetal.preflight.features import draft_refusal, refused_args, speculation_refusal
 
 
 @pytest.mark.parametrize("drafts, targets, kept", [
@@ -33,14 +34,16 @@ def _args(config: dict, *more: str) -> list[str]:
     ["--speculative-config.method", "ngram"],
     ["--speculative-config", "{not json"],  # vLLM's parser names what is wrong with it
     ["--max-num-seqs", "4"],
+    _args({"model": "Qwen/Qwen3-0.6B", "num_speculative_tokens": 4}),  # a draft model
+    _args({"method": "draft_model", "model": "./small"}),
 ])
-def test_ngram_on_the_mlx_path_on_one_worker_is_let_through(args):
+def test_ngram_or_a_draft_model_on_the_mlx_path_on_one_worker_is_let_through(args):
     assert refused_args(args, "mlx") is None
 
 
 @pytest.mark.parametrize("args, kv_path, words", [
     (_args({"method": "eagle", "model": "a/b"}), "mlx", "speculative decoding by eagle is not implemented"),
-    (_args({"model": "Qwen/Qwen3-0.6B"}), "mlx", "speculative decoding by a draft model is not implemented"),
+    (_args({"model": "Qwen/Qwen3-0.6B"}), "paged", "draft-model speculation runs on the MLX-managed KV path only"),
     (["--speculative-config.method", "suffix"], "mlx", "speculative decoding by suffix is not implemented"),
     (_args({"method": "ngram"}), "paged",
      "uses the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)"),
@@ -55,4 +58,19 @@ def test_what_the_engine_cannot_speculate_with_is_refused_in_one_line(args, kv_p
 
 def test_the_same_rule_reads_vllms_resolved_config():
     assert speculation_refusal("ngram", "mlx", 1) is None
-    assert "draft_model" in speculation_refusal("draft_model", "mlx", 1)
+    assert speculation_refusal("draft_model", "mlx", 1) is None
+    assert "draft-model speculation runs on one worker" in speculation_refusal("draft_model", "mlx", 2)
+    assert "speculative decoding by eagle3 is not implemented" in speculation_refusal("eagle3", "mlx", 1)
+
+
+def test_a_draft_must_share_the_targets_vocabulary():
+    assert draft_refusal({"vocab_size": 151936}, {"vocab_size": 151936}, "small") is None
+    assert draft_refusal({"vocab_size": 151936}, {}, "small") is None  # not known: vLLM checks it again
+    assert draft_refusal({"vocab_size": 151936}, {"text_config": {"vocab_size": 262144}}, "gemma") == (
+        "draft model `gemma` has a vocabulary of 262144 tokens and the model it drafts for 151936: a draft must "
+        "share the target's tokenizer; pick a smaller model of the same family")
+
+
+def test_the_draft_cache_keeps_what_it_shares_with_the_request():
+    assert shared_prefix([1, 2, 3, 9], [1, 2, 3, 4, 5]) == 3  # its rejected draft 9 goes
+    assert shared_prefix([], [1, 2]) == 0 and shared_prefix([1, 2], [1, 2, 3]) == 2

@@ -8,7 +8,6 @@ because vLLM itself takes ~10 s to reach the point where it would notice. The se
 from __future__ import annotations
 
 import contextlib
-import enum
 import os
 import re
 import signal
@@ -19,7 +18,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vmetal.cli import PASSTHROUGH, model_and_passthrough, options
+from vmetal.cli import PASSTHROUGH, model_and_passthrough, options, speculation
 from vmetal.cli.options import (
     Device,
     HostOption,
@@ -75,21 +74,6 @@ def check_parser_flags(tool_call_parser: str | None, no_tool_parser: bool, reaso
                 parsers.check_name(kind, name, flag)
             except parsers.UnknownParserError as exc:
                 raise VmetalError(str(exc), exit_code=USAGE) from None
-
-
-class Speculation(str, enum.Enum):
-    ngram = "ngram"
-
-
-def speculation_args(method: Speculation | None, tokens: int | None, vllm_args: list[str]) -> list[str]:
-    """The vLLM arguments `--speculative`/`--speculative-tokens` stand for (none without them)."""
-    if method is None:
-        if tokens is not None:
-            raise VmetalError("`--speculative-tokens` goes with `--speculative ngram`", exit_code=USAGE)
-        return []
-    if features.asks_speculation(vllm_args):
-        raise VmetalError(f"give `--speculative` or `{features.SPECULATIVE}` after `--`, not both", exit_code=USAGE)
-    return features.ngram_args(tokens)
 
 
 def tool_and_reasoning_args(target: str | None, *, tool_call_parser: str | None, no_tool_parser: bool,
@@ -251,14 +235,16 @@ def serve(
     no_tool_parser: Annotated[bool, typer.Option("--no-tool-parser", help="Run without a tool-call parser: "
                                                  "`tool_choice` auto is refused, named and required still "
                                                  "work.", rich_help_panel=_TOOLS)] = False,
-    speculative: Annotated[Speculation | None, typer.Option(
-        help="Speculative decoding: `ngram` drafts the tokens that followed the context's last 4 tokens where "
-        "they appeared before (prompt lookup) and checks them in one step: greedy requests keep their exact "
-        "tokens, sampled ones their distribution; faster where the answer repeats its input (code edits, "
-        "quotes). Same as vLLM's `--speculative-config`.", show_default=False, rich_help_panel=_VLLM)] = None,
-    speculative_tokens: Annotated[int | None, typer.Option(
-        min=1, max=16, help=f"Tokens drafted per step with --speculative. [default: {features.NGRAM_TOKENS}]",
+    speculative: Annotated[str | None, typer.Option(
+        metavar="ngram|DRAFT_MODEL", autocompletion=lambda: [speculation.NGRAM],
+        help="Speculative decoding: drafts several tokens, checked in one step (greedy requests keep their exact "
+        "tokens, sampled ones their distribution). `ngram` drafts the tokens that followed the context's last 4 "
+        "where they appeared before (prompt lookup: code edits, quotes); a folder or Hub id drafts with that "
+        "smaller model of the same family (pulled like MODEL). Same as vLLM's `--speculative-config`.",
         show_default=False, rich_help_panel=_VLLM)] = None,
+    speculative_tokens: Annotated[int | None, typer.Option(
+        min=1, max=16, help=f"Tokens drafted per step with --speculative. [default: {features.NGRAM_TOKENS} for "
+        f"ngram, {features.DRAFT_TOKENS} for a draft model]", show_default=False, rich_help_panel=_VLLM)] = None,
     reasoning_parser: Annotated[str | None, typer.Option(
         metavar="NAME", help="vLLM reasoning parser (qwen3, deepseek_r1, …): the model's thinking goes to "
         "the reply's `reasoning` (a thinking block on /v1/messages), not its answer.", show_default=False, rich_help_panel=_TOOLS)] = None,
@@ -284,11 +270,11 @@ def serve(
     cfg = load_flags_config(block_size=block_size, device=device.value if device else None, paged=paged,
                             memory_fraction=memory_fraction, prefix_cache=prefix_cache)
     check_parser_flags(tool_call_parser, no_tool_parser, reasoning_parser, vllm_args)
-    vllm_args[:0] = speculation_args(speculative, speculative_tokens, vllm_args)
+    vllm_args[:0] = speculation.speculation_args(speculative, speculative_tokens, vllm_args)
     refused = features.refused_args(vllm_args, cfg.kv_path)
     if refused:
         if speculative is not None:  # name the flag the user gave
-            refused = refused.replace(f"`{features.SPECULATIVE}`", f"`--speculative {speculative.value}`")
+            refused = refused.replace(f"`{features.SPECULATIVE}`", f"`--speculative {speculative}`")
         raise VmetalError(refused, exit_code=USAGE)
     check_parallel(vllm_args, None, cfg)
     target, given_name = resolve_model(model, demo)
@@ -327,6 +313,9 @@ def serve(
         check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
         target = options.demo_model()
+    draft = speculation.resolve_draft(vllm_args, max_model_len, no_pull)
+    if draft is not None and Path(target).is_dir():
+        speculation.check_draft(target, draft)
     api_args, tools_line = tool_and_reasoning_args(
         target, tool_call_parser=tool_call_parser, no_tool_parser=no_tool_parser,
         reasoning_parser=reasoning_parser, no_thinking=no_thinking, vllm_args=vllm_args)

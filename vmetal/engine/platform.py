@@ -108,8 +108,9 @@ class MetalPlatform(Platform):
         refused = features.refused_config(vllm_config, cfg.kv_path)
         if refused:
             raise ValueError(refused)
-        _check_model_state(vllm_config.model_config.model, cfg.kv_path, cfg.prefix_cache,
-                           vllm_config.speculative_config is not None)
+        spec = vllm_config.speculative_config
+        _check_model_state(vllm_config.model_config.model, cfg.kv_path, cfg.prefix_cache, spec is not None,
+                           draft=spec.model if spec is not None and spec.method == features.DRAFT_MODEL else None)
 
         parallel = vllm_config.parallel_config
         model_config = vllm_config.model_config
@@ -181,11 +182,13 @@ class MetalPlatform(Platform):
         check_request(processed_inputs, params)
 
 
-def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False, speculative: bool = False) -> None:
+def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False, speculative: bool = False,
+                       draft: str | None = None) -> None:
     """Refuse, before the engine starts, a local checkpoint whose state `kv_path` (or the MLX path's prefix
-    cache, or n-gram speculation's roll-back) does not hold (one line naming the family, the cache type and the
-    path that would serve it). A hub id is left to the runner's load, which asks the same once the engine has
-    resolved it: resolving it here could reach the network."""
+    cache, or speculation's roll-back) does not hold (one line naming the family, the cache type and the
+    path that would serve it), and a local `draft` model that cannot draft for it. A hub id is left to the
+    runner's load, which asks the same once the engine has resolved it: resolving it here could reach the
+    network."""
     from pathlib import Path
 
     from vmetal.preflight.cache_types import check_model, check_prefix_cache, check_speculation
@@ -198,3 +201,13 @@ def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False, spe
             check_prefix_cache(state)
         if speculative:
             check_speculation(state)
+    draft_folder = Path(draft).expanduser() if draft else None
+    if draft_folder is not None and (draft_folder / "config.json").is_file():
+        from vmetal.preflight.checkpoint import UnsupportedModelError
+
+        draft_config = read_config(draft_folder)
+        check_speculation(check_model(draft_config, str(draft_folder / "config.json"), "mlx"))
+        if (folder / "config.json").is_file():
+            refused = features.draft_refusal(read_config(folder), draft_config, draft)
+            if refused:
+                raise UnsupportedModelError(refused)

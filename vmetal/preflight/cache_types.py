@@ -365,12 +365,13 @@ def check_prefix_cache(state: ModelState) -> None:
 
 
 def check_speculation(state: ModelState) -> None:
-    """N-gram speculation (`--speculative-config`) rolls rejected drafts back out of the cache by trimming it; a
-    model with any layer whose cache cannot trim at every length is refused with it, naming the family."""
+    """Speculation (`--speculative-config`) rolls rejected drafts back out of the cache by trimming it (the
+    target's, and a draft model's own); a model with any layer whose cache cannot trim at every length is
+    refused with it, naming the family."""
     others = _beyond_full_attention(state)
     if others:
         raise UnsupportedModelError(
-            f"{state.family}: n-gram speculation (`--speculative-config`) rolls rejected tokens back out of the "
+            f"{state.family}: speculative decoding (`--speculative-config`) rolls rejected tokens back out of the "
             f"KV cache, and this model also keeps {', '.join(others)} state, which cannot give them back; serve "
             "it without speculation")
 

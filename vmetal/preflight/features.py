@@ -1,7 +1,7 @@
 """vLLM features vmetal's engine does not implement: refused before anything starts, never accepted and then
 fatal (speculative decoding was: the server started, then the EngineCore died on the first request and every
-request got HTTP 500). Speculative decoding is now half in: n-gram lookup on the MLX-managed KV path on one
-worker (vmetal/engine/runner/speculative.py); every other method or place is refused here.
+request got HTTP 500). Speculative decoding by n-gram lookup or a draft model runs on the MLX-managed KV path on
+one worker (vmetal/engine/runner/speculative.py, draft_model.py); every other method or place is refused here.
 
 One table, read twice: `vmetal serve`'s pre-flight looks for the flags among the arguments for vLLM (exit 2
 within a second, nothing started), and the platform (`MetalPlatform.check_and_update_config`) looks at vLLM's
@@ -56,26 +56,42 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
 
 
 SPECULATIVE = "--speculative-config"
-# What vLLM's SpeculativeConfig calls n-gram lookup (prompt lookup decoding).
+# What vLLM's SpeculativeConfig calls n-gram lookup (prompt lookup decoding), and a draft model.
 NGRAM = "ngram"
+DRAFT_MODEL = "draft_model"
 
 
 def speculation_refusal(method: str | None, kv_path: str, world_size: int) -> str | None:
-    """Why speculative decoding by `method` cannot run on `kv_path` with `world_size` workers, or None."""
-    if method != NGRAM:
+    """Why speculative decoding by `method` (None: a draft model named without one) cannot run on `kv_path` with
+    `world_size` workers, or None."""
+    if method not in (NGRAM, DRAFT_MODEL, None):
         import json
 
-        return (f"`{SPECULATIVE}`: speculative decoding by {method or 'a draft model'} is not implemented by "
-                f"vmetal's engine; it speculates with n-gram lookup only ('{json.dumps(ngram_config())}'), or "
-                "start without it")
+        return (f"`{SPECULATIVE}`: speculative decoding by {method} is not implemented by vmetal's engine; it "
+                f"speculates with n-gram lookup ('{json.dumps(ngram_config())}') or a draft model "
+                "('{\"model\": DRAFT, \"num_speculative_tokens\": 4}'), or start without it")
+    what = "n-gram speculation" if method == NGRAM else "draft-model speculation"
     if kv_path != "mlx":
         leave = ("VLLM_METAL_USE_MLX=0" if kv_path == "torch"
                  else "VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)")
-        return (f"`{SPECULATIVE}`: n-gram speculation runs on the MLX-managed KV path only, and this server "
+        return (f"`{SPECULATIVE}`: {what} runs on the MLX-managed KV path only, and this server "
                 f"uses the {kv_path} path; leave out {leave}, or start without speculation")
     if world_size > 1:
-        return (f"`{SPECULATIVE}`: n-gram speculation runs on one worker, and this server has {world_size} "
+        return (f"`{SPECULATIVE}`: {what} runs on one worker, and this server has {world_size} "
                 "(tensor parallel); start without one or the other")
+    return None
+
+
+def draft_refusal(target: dict[str, Any], draft: dict[str, Any], name: str) -> str | None:
+    """Why the checkpoint config `draft` cannot draft for `target`'s, or None: its tokens must mean the same
+    (the same vocabulary size; a tokenizer that merely overlaps would propose ids the target reads otherwise)."""
+    def vocab(config: dict[str, Any]) -> Any:
+        return config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+
+    if vocab(target) and vocab(draft) and vocab(target) != vocab(draft):
+        return (f"draft model `{name}` has a vocabulary of {vocab(draft)} tokens and the model it drafts for "
+                f"{vocab(target)}: a draft must share the target's tokenizer; pick a smaller model of the same "
+                "family")
     return None
 
 
@@ -88,6 +104,16 @@ NGRAM_LOOKUP = 4
 def ngram_config(tokens: int | None = None) -> dict[str, Any]:
     """vLLM's speculative config that `vmetal serve --speculative ngram [--speculative-tokens K]` stands for."""
     return {"method": NGRAM, "num_speculative_tokens": tokens or NGRAM_TOKENS, "prompt_lookup_max": NGRAM_LOOKUP}
+
+
+# `vmetal serve --speculative DRAFT`: mlx-lm's own default (`mlx_lm.server --num-draft-tokens`), so the two
+# compare like for like.
+DRAFT_TOKENS = 3
+
+
+def draft_config(model: str, tokens: int | None = None) -> dict[str, Any]:
+    """vLLM's speculative config that `vmetal serve --speculative DRAFT [--speculative-tokens K]` stands for."""
+    return {"method": DRAFT_MODEL, "model": model, "num_speculative_tokens": tokens or DRAFT_TOKENS}
 
 
 def ngram_args(tokens: int | None = None) -> list[str]:

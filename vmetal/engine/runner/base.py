@@ -65,7 +65,8 @@ class ModelRunnerBase:
         self.step_times = StepTimes(log=logger.debug if getattr(metal_config, "debug", False) else None)
         self.ahead = DecodeAhead(self.step_times)
         self._pending: StepLogits | None = None  # execute_model -> sample_tokens
-        self.drafter = None  # speculative.NgramDrafter when vLLM's config asks for n-gram speculation
+        # speculative.NgramDrafter or draft_model.DraftModelDrafter when vLLM's config asks for speculation
+        self.drafter = None
         self.verifying: Any = frozenset()  # the requests fed draft positions in the step being sampled
         # What steps met ("preempted": requests vLLM preempted; the paged path's "ahead_*": how all-decode
         # steps used the decode-ahead; "spec_*": draft tokens checked and accepted), for
@@ -146,6 +147,9 @@ class ModelRunnerBase:
         # requests the scheduler may run at once.
         state = self.max_num_reqs * (self.loaded.state_bytes if self.loaded is not None else 0)
         budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes - state
+        # A draft model (draft_model.py) holds every token again in caches of its own: the target's share.
+        draft = getattr(self.drafter, "kv_bytes_per_token", 0)
+        budget = budget * self.kv_bytes_per_token() // (self.kv_bytes_per_token() + draft)
         bs = self.cache_config.block_size
         blocks = self.max_num_reqs * -(-self.max_model_len // bs) + 1
         return max(0, min(budget, blocks * bs * self.kv_bytes_per_token()))
@@ -175,6 +179,8 @@ class ModelRunnerBase:
     def _forget(self, so: Any) -> None:
         for req_id in so.finished_req_ids:
             self._drop_kv(req_id)
+            if self.drafter is not None:
+                self.drafter.forget(req_id)
             self.requests.pop(req_id, None)
             self.torch_reqs.discard(req_id)
             self.prompt_logprobs.discard(req_id)

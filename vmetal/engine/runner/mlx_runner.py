@@ -38,11 +38,18 @@ class MlxModelRunner(ModelRunnerBase):
             self.decode_ahead_enabled = False
         if self.vllm_config.speculative_config is not None:
             # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.
-            from vmetal.engine.runner.speculative import NgramDrafter
             from vmetal.preflight.cache_types import check_speculation
 
             check_speculation(self.loaded.state)
-            self.drafter = NgramDrafter(self.vllm_config)
+            if self.vllm_config.speculative_config.method == "ngram":
+                from vmetal.engine.runner.speculative import NgramDrafter
+
+                self.drafter = NgramDrafter(self.vllm_config)
+            else:
+                from vmetal.engine.runner.draft_model import DraftModelDrafter
+
+                self.drafter = DraftModelDrafter(self.vllm_config, self.loaded.config)
+                self.weights_bytes += self.drafter.weights_bytes
         if self.metal_config.prefix_cache:
             # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.
             from vmetal.preflight.cache_types import check_prefix_cache

@@ -1,4 +1,5 @@
-"""Speculative decoding by n-gram lookup (prompt lookup): vLLM proposes, the MLX runner verifies.
+"""Speculative decoding by n-gram lookup (prompt lookup): vLLM proposes, the MLX runner verifies (a draft model
+proposes instead in draft_model.py; verification is shared).
 
 vLLM's engine drives it: after each step it asks the worker for draft tokens (`take_draft_token_ids`), the
 scheduler sends them back the next step as `scheduled_spec_decode_tokens`, one more scheduled position per
@@ -115,6 +116,9 @@ class NgramDrafter:
         self.num_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.proposer = NgramProposer(vllm_config)
         self.last: tuple[list[str], list[list[int]]] | None = None  # the step's (row order, tokens per row)
+
+    def forget(self, req_id: str) -> None:
+        """A request finished: nothing of it is kept here."""
 
     def propose(self, input_batch: Any, eligible: Any) -> Any:
         """vLLM's DraftTokenIds for the rows of the last step (`eligible(req_id)`: whether a row may get

@@ -1,0 +1,106 @@
+"""Speculative decoding with a draft model on the MLX-managed path (vmetal/engine/runner/draft_model.py), through
+vLLM's `LLM`.
+
+The target is the tiny Qwen3; the draft is the same checkpoint cut to its first layer, so its greedy tokens
+agree with the target's often but not always and drafts are both accepted and rejected (vLLM's counters, as the
+runner reports them, show both). What a user would notice: greedy output identical to mlx-lm's on the target,
+sampled requests keeping their distribution and their seeds, and a draft that cannot serve refused at start.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.engine.test_speculative import REPEATING, TOKENS, _same_distribution, spec_counts
+from tests.support.engine import PROMPTS, assert_greedy_like_mlx, assert_joining_requests_like_mlx, greedy, running_llm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def draft(qwen3_model, tmp_path_factory):
+    from tests.support.families import first_layers
+
+    return first_layers(qwen3_model, tmp_path_factory.mktemp("draft") / "qwen3-1-layer", 1)
+
+
+def config(draft_path, k: int = 3) -> dict:
+    return {"model": str(draft_path), "num_speculative_tokens": k}
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_model, draft):
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=8, seed=0, speculative_config=config(draft)) as llm:
+        yield llm
+
+
+def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_model):
+    before = spec_counts(llm)
+    outs = llm.generate([REPEATING, *PROMPTS], greedy(TOKENS), use_tqdm=False)
+    assert_greedy_like_mlx(qwen3_model, outs, TOKENS)
+    after = spec_counts(llm)
+    drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
+    accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
+    assert 0 < accepted < drafted, (accepted, drafted)
+
+
+def test_requests_joining_while_others_speculate_match_mlx_lm(llm, qwen3_model):
+    assert_joining_requests_like_mlx(qwen3_model, llm, "draft-join", max_tokens=TOKENS)
+
+
+def test_the_target_as_its_own_draft_has_every_draft_accepted(qwen3_model):
+    """The draft's cache follows the request through accepted drafts: with the target itself drafting, every
+    draft is the target's own greedy token."""
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=4, seed=0,
+                     speculative_config=config(qwen3_model, 4)) as llm:
+        outs = llm.generate(PROMPTS[:3], greedy(TOKENS), use_tqdm=False)
+        assert_greedy_like_mlx(qwen3_model, outs, TOKENS)
+        counts = spec_counts(llm)
+    assert counts["num_draft_tokens"] > 0 and counts["num_accepted_tokens"] == counts["num_draft_tokens"]
+
+
+def test_sampled_requests_keep_their_distribution_and_their_seeds(llm, qwen3_model):
+    """Greedy drafts are a function of the context, so the rejection rule of n-gram drafts applies
+    (tests/unit/test_rejection_sampling.py): over 300 seeds the tokens at each position are distributed as
+    without speculation, and a seeded request draws the same tokens beside other requests."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.6, top_p=0.9, seed=1000 + i, max_tokens=8, ignore_eos=True)
+              for i in range(300)]
+    before = spec_counts(llm)
+    speculated = [list(o.outputs[0].token_ids) for o in llm.generate([REPEATING] * 300, params, use_tqdm=False)]
+    after = spec_counts(llm)
+    assert 0 < after["num_accepted_tokens"] - before["num_accepted_tokens"] < \
+        after["num_draft_tokens"] - before["num_draft_tokens"]
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=8, seed=0) as plain:
+        alone = [list(o.outputs[0].token_ids) for o in plain.generate([REPEATING] * 300, params, use_tqdm=False)]
+    assert speculated != alone
+    assert _same_distribution(speculated, alone)
+    seeded = params[0]
+    mixed = llm.generate([PROMPTS[1], REPEATING], [greedy(TOKENS), seeded], use_tqdm=False)
+    assert list(mixed[1].outputs[0].token_ids) == speculated[0]
+
+
+def test_a_draft_with_another_vocabulary_is_refused_at_start(qwen3_model, draft, tmp_path):
+    """vLLM's own check, before vmetal's (`features.draft_refusal`, which `vmetal serve` runs first)."""
+    import shutil
+
+    other = tmp_path / "other-vocab"
+    shutil.copytree(draft, other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 64}))
+    with pytest.raises(Exception, match="Target and draft model should have the same vocabulary size"):
+        with running_llm(qwen3_model, max_model_len=128, speculative_config=config(other)):
+            pass
+
+
+def test_a_draft_whose_cache_cannot_roll_back_is_refused_at_start(qwen3_model, tmp_path):
+    from tests.support.families import build_family
+
+    sliding = build_family(tmp_path / "gemma3", "gemma3_text")
+    with pytest.raises(Exception, match=r"gemma3_text \(Gemma3ForCausalLM\): speculative decoding "
+                                        r"\(`--speculative-config`\) rolls rejected tokens back"):
+        with running_llm(qwen3_model, max_model_len=128, speculative_config=config(sliding)):
+            pass

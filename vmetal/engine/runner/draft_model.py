@@ -1,0 +1,121 @@
+"""Speculative decoding with a draft model: a smaller model of the same family proposes, the target verifies.
+
+vLLM's `--speculative-config '{"model": DRAFT, "num_speculative_tokens": k}'` (method `draft_model`) is driven by
+vLLM's engine exactly as n-gram lookup is (speculative.py): after each step the worker hands vLLM draft tokens,
+the scheduler feeds them back the next step, and the runner's verification decides what is kept. Only the
+proposer differs. vLLM's own `DraftModelProposer` runs a torch model in the GPU runner's buffers, so this one is
+ours: the draft is loaded with mlx-lm beside the target and keeps a cache of its own per request.
+
+- Each step, for every request that may speculate, the draft cache is cut back to the longest prefix it shares
+  with the request's tokens (what it held past that were its own rejected drafts), fed the tokens it has not
+  seen, and asked for k tokens greedily, each fed back as the next input. The k forwards of all requests are
+  built lazily and evaluated together; the host waits once per step.
+- Greedy drafts are a deterministic function of the context, so verification is the same as for n-gram
+  drafts: exact for greedy requests, rejection sampling for sampled ones (a draft proposed with certainty is
+  kept with the target's probability of it), which keeps the output distribution exactly.
+- Its weights count against the KV budget, and every token a request holds is held twice, once in each
+  model's cache, so the target's share of the budget shrinks by the draft's share of the bytes per token.
+- The draft must trim its cache (full attention only, like the target) and share the target's vocabulary;
+  both are checked before the engine starts for a local folder (`MetalPlatform`), and again here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def shared_prefix(held: list[int], tokens: Any) -> int:
+    """How many leading tokens `held` and `tokens` have in common."""
+    n = 0
+    for a, b in zip(held, tokens):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+class DraftModelDrafter:
+    """Proposes `num_tokens` greedy tokens per request from the draft model; `last` is set by the runner after
+    each step (row order, tokens sampled per row), as for `speculative.NgramDrafter`."""
+
+    def __init__(self, vllm_config: Any, target_config: dict[str, Any]):
+        import mlx.core as mx
+
+        from vmetal.engine import models
+        from vmetal.preflight.cache_types import check_speculation
+        from vmetal.preflight.checkpoint import UnsupportedModelError
+        from vmetal.preflight.features import draft_refusal
+
+        spec = vllm_config.speculative_config
+        self.num_tokens = spec.num_speculative_tokens
+        self.max_model_len = vllm_config.model_config.max_model_len
+        before = mx.get_active_memory()
+        self.loaded = models.load(spec.model, revision=getattr(spec, "revision", None))
+        self.weights_bytes = mx.get_active_memory() - before
+        check_speculation(self.loaded.state)
+        refused = draft_refusal(target_config, self.loaded.config, spec.model)
+        if refused:
+            raise UnsupportedModelError(refused)
+        self.model = self.loaded.model
+        # req_id -> (the draft's mlx-lm cache for it, the tokens that cache holds)
+        self.caches: dict[str, tuple[list[Any], list[int]]] = {}
+        self.last: tuple[list[str], list[list[int]]] | None = None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.loaded.kv_bytes_per_token
+
+    def forget(self, req_id: str) -> None:
+        self.caches.pop(req_id, None)
+
+    def propose(self, input_batch: Any, eligible: Any) -> Any:
+        """vLLM's DraftTokenIds for the rows of the last step (`eligible(req_id)`: whether a row may get drafts),
+        or None when no step ran since the last call."""
+        import mlx.core as mx
+        from vllm.v1.outputs import DraftTokenIds
+
+        if self.last is None:
+            return None
+        req_ids, sampled = self.last
+        self.last = None
+        lazy: list[Any] = []
+        rows: list[tuple[str, list[int], int]] = []  # (req_id, its tokens, drafts wanted)
+        for i, (req_id, new) in enumerate(zip(req_ids, sampled)):
+            n = int(input_batch.num_tokens_no_spec[i])
+            # No drafts past the context limit: vLLM would not schedule them.
+            k = min(self.num_tokens, self.max_model_len - n - 1)
+            if not new or k <= 0 or not eligible(req_id):
+                continue
+            tokens = [int(t) for t in input_batch.token_ids_cpu[i, :n]]
+            lazy.append(self._draft(req_id, tokens, k))
+            rows.append((req_id, tokens, k))
+        flat = mx.concatenate(lazy).tolist() if lazy else []  # the one wait of the step
+        drafts: dict[str, list[int]] = dict.fromkeys(req_ids, [])
+        at = 0
+        for req_id, tokens, k in rows:
+            got, at = flat[at:at + k], at + k
+            drafts[req_id] = got
+            # The cache now holds the request's tokens and every draft but the last (each was fed to get the next).
+            self.caches[req_id] = (self.caches[req_id][0], tokens + got[:k - 1])
+        return DraftTokenIds(req_ids, [drafts[r] for r in req_ids])
+
+    def _draft(self, req_id: str, tokens: list[int], k: int) -> Any:
+        """k greedy draft tokens after `tokens` (lazy int32 [k]), on the request's draft cache."""
+        import mlx.core as mx
+
+        from vmetal.engine.runner.kv import mlx_cache
+
+        cache, held = self.caches.get(req_id) or (mlx_cache.new_request_cache(self.model), [])
+        # Keep what the cache shares with the tokens, and always feed at least the last token: its logits give
+        # the first draft.
+        keep = min(shared_prefix(held, tokens), len(tokens) - 1)
+        if len(held) > keep:
+            for layer in cache:
+                layer.trim(len(held) - keep)
+        self.caches[req_id] = (cache, held[:keep])
+        logits = mlx_cache.prefill(self.model, cache, tokens[keep:], head_on_rows=self.loaded.head_on_rows)
+        out = [mx.argmax(logits, axis=-1).astype(mx.int32)]
+        for _ in range(k - 1):
+            logits = mlx_cache.prefill(self.model, cache, out[-1][None], head_on_rows=self.loaded.head_on_rows)
+            out.append(mx.argmax(logits, axis=-1).astype(mx.int32))
+        return mx.stack(out)

@@ -6,7 +6,10 @@ other on the same machine, so the rows of one regeneration share a machine, a mo
   engine   bench_engine.py   single-stream decode vs mlx_lm.generate; batch gain beside mlx-lm's   (row 1)
   serving  bench_serving.py  concurrency 1/8/32: paged, MLX-managed, mlx_lm.server                  (row 2)
   compute  bench_compute.py  MLX vs the PyTorch compute path in the same engine                     (row 3)
-  cli      bench_cli.py      `vmetal --help` and Tab completion start-up time
+  cli      bench_cli.py      `vmetal --help` and Tab completion start-up time, `vmetal serve --demo` start-up
+  host     bench_host.py     host time per decode step, by phase, beside mlx-lm's loop
+  speculative bench_speculative.py  n-gram speculation vs the same engine without it
+  draft    bench_draft.py    draft-model speculation beside mlx_lm.generate --draft-model
 
 Not regenerated here, because they are not measured on this kind of machine: the GPU section (row 4: run on
 an NVIDIA machine with mlx[cuda]; its section lists the exact commands, which take `--no-write` and `--json`)
@@ -35,6 +38,9 @@ SECTIONS = {
     "serving": ("bench_serving.py", [], ["--quick"]),
     "compute": ("bench_compute.py", [], ["--quick"]),
     "cli": ("bench_cli.py", [], ["--runs", "5"]),
+    "host": ("bench_host.py", [], ["--trials", "1", "--tokens", "64"]),
+    "speculative": ("bench_speculative.py", [], ["--trials", "1"]),
+    "draft": ("bench_draft.py", [], ["--trials", "1", "--prompts", "2"]),
 }
 
 

@@ -144,20 +144,9 @@ def as_nested_caches(config: dict[str, Any]) -> dict[str, Any]:
             "sliding_window": 16, "sliding_window_layers": [], "conv_window": 2}
 
 
+
 def first_layers(source: Path, path: Path, layers: int) -> Path:
-    """A copy of the checkpoint `source` that keeps only its first `layers` layers (same embeddings, norms and
-    head): a draft model whose greedy tokens often, not always, agree with the source's."""
-    import json
-    import re
-    import shutil
+    """`vmetal.bench.shapes.first_layers`: a draft model for `source` (its first `layers` layers)."""
+    from vmetal.bench.shapes import first_layers as cut
 
-    import mlx.core as mx
-
-    shutil.copytree(source, path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
-    weights = mx.load(str(path / "model.safetensors"))
-    kept = {k: v for k, v in weights.items()
-            if not (m := re.match(r"model\.layers\.(\d+)\.", k)) or int(m.group(1)) < layers}
-    mx.save_safetensors(str(path / "model.safetensors"), kept, metadata={"format": "mlx"})
-    return path
+    return cut(source, path, layers)

@@ -55,3 +55,22 @@ def _matches(config_path: Path, dtype: str, shape: dict[str, Any]) -> bool:
             and c.get("head_dim") == shape.get("head_dim", shape["hidden_size"] // shape["num_heads"])
             and ("vocab_size" not in shape or c.get("vocab_size") == shape["vocab_size"])
             and c.get("torch_dtype") == dtype)
+
+
+def first_layers(source: Path, path: Path, layers: int) -> Path:
+    """A copy of the checkpoint `source` that keeps only its first `layers` layers (the same embeddings, final
+    norm and head): a draft model whose greedy tokens often, not always, agree with the source's, where random
+    weights have no smaller sibling to draft with."""
+    import re
+    import shutil
+
+    import mlx.core as mx
+
+    shutil.copytree(source, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    weights = mx.load(str(path / "model.safetensors"))
+    kept = {k: v for k, v in weights.items()
+            if not (m := re.match(r"model\.layers\.(\d+)\.", k)) or int(m.group(1)) < layers}
+    mx.save_safetensors(str(path / "model.safetensors"), kept, metadata={"format": "mlx"})
+    return path

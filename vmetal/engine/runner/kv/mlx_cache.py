@@ -112,6 +112,13 @@ def prefill(model: Any, cache: list[Any], tokens: list[int], all_logits: bool = 
 
     from vmetal.engine.models import last_position, logits_at
 
+    if not all_logits and not last and len(tokens) > 1:
+        # mlx-lm's own prefill: all but the last token only fill the cache (the call's output is never
+        # evaluated), so the last layer's attention output and MLP run for the last position alone, as
+        # nothing needs them for the others: a layer's worth of compute less (25 % of a 4-layer model's
+        # prefill here, 1/28 of Qwen3-0.6B's).
+        model(mx.array(tokens[:-1], dtype=mx.int32)[None], cache=cache)
+        tokens = tokens[-1:]
     inputs = mx.array(tokens, dtype=mx.int32)[None]
     if all_logits:
         return model(inputs, cache=cache)[0]

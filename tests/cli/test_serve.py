@@ -372,6 +372,9 @@ def test_speculative_with_a_draft_model_folder(fake_server, qwen3_model, tmp_pat
     given = fake_server[0].vllm_args
     config = json.loads(given[given.index("--speculative-config") + 1])
     assert config == {"method": "draft_model", "model": str(draft.resolve()), "num_speculative_tokens": tokens}
+    # The memory pre-flight counts the draft's weights (and its KV) beside the model's.
+    weights = sum(p.stat().st_size for p in draft.glob("*.safetensors"))
+    assert f"{weights / 2**30:.1f} GiB of them the draft model's" in result.stderr
 
 
 def test_a_hub_draft_model_is_pulled_first(fake_server, qwen3_model, tmp_path, monkeypatch):

@@ -33,6 +33,18 @@ def test_estimate_adds_weights_kv_and_overhead():
     assert (report.max_model_len, report.num_seqs) == (4096, 1)
 
 
+def test_a_draft_model_adds_its_weights_and_its_kv():
+    """Speculation with a draft: both models hold every token, and both sets of weights are resident."""
+    alone = fit.estimate(QWEN3_06B, QWEN3_06B_WEIGHTS, max_model_len=4096, memory_bytes=16 * GiB)
+    report = fit.estimate(QWEN3_06B, QWEN3_06B_WEIGHTS, max_model_len=4096, memory_bytes=16 * GiB,
+                          draft=(QWEN3_06B, QWEN3_06B_WEIGHTS))
+    assert report.weights_bytes == 2 * QWEN3_06B_WEIGHTS and report.draft_bytes == QWEN3_06B_WEIGHTS
+    assert report.kv_bytes == 2 * alone.kv_bytes
+    assert report.overhead == fit.OVERHEAD_FIXED + 2 * QWEN3_06B_WEIGHTS // 10
+    assert f"weights {2 * QWEN3_06B_WEIGHTS / GiB:.1f} GiB, {QWEN3_06B_WEIGHTS / GiB:.1f} GiB of them the draft " \
+           "model's + KV" in report.describe()
+
+
 def test_kv_scales_with_sequences_and_length():
     one = fit.estimate(QWEN3_06B, 0, max_model_len=1000, memory_bytes=GiB)
     assert fit.estimate(QWEN3_06B, 0, max_model_len=1000, num_seqs=3, memory_bytes=GiB).kv_bytes == 3 * one.kv_bytes

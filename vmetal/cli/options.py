@@ -144,11 +144,13 @@ def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, cfg: env
                               hint=f"choose a free range or unset {envs.RING_PORT}", exit_code=USAGE) from None
 
 
-def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str]) -> None:
-    """Refuse a local model that cannot fit in the memory MLX may use; warn when it fits only tightly."""
+def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str],
+                     draft: str | None = None) -> None:
+    """Refuse a local model (with its speculative `draft` model, if any) that cannot fit in the memory MLX may
+    use; warn when it fits only tightly."""
     from vmetal.preflight.fit import serving_fit
 
-    report = serving_fit(folder, max_model_len, vllm_args)
+    report = serving_fit(folder, max_model_len, vllm_args, draft)
     if report is None:
         return
     if report.verdict == "tight":

@@ -296,7 +296,8 @@ def serve(
         warn("`--trust-remote-code` is on: Python code shipped with the model's files may run in the server")
     if target is not None and not Path(target).is_dir() and not no_pull:
         target = options.pulled(target, max_model_len, cfg.kv_path)
-    if target is not None and Path(target).is_dir():
+    local = target is not None and Path(target).is_dir()
+    if local:
         from vmetal.preflight.cache_types import check_model, check_prefix_cache, check_speculation
         from vmetal.preflight.checkpoint import read_config
         from vmetal.preflight.model_files import check_folder
@@ -310,12 +311,13 @@ def serve(
         if features.asks_speculation(vllm_args):
             check_speculation(state)
         check_parallel(vllm_args, read_config(Path(target)), cfg)
-        check_memory_fit(target, max_model_len, vllm_args)
     if target is None:
         target = options.demo_model()
     draft = speculation.resolve_draft(vllm_args, max_model_len, no_pull)
     if draft is not None and Path(target).is_dir():
         speculation.check_draft(target, draft)
+    if local:
+        check_memory_fit(target, max_model_len, vllm_args, draft)
     api_args, tools_line = tool_and_reasoning_args(
         target, tool_call_parser=tool_call_parser, no_tool_parser=no_tool_parser,
         reasoning_parser=reasoning_parser, no_thinking=no_thinking, vllm_args=vllm_args)

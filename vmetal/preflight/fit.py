@@ -116,6 +116,7 @@ class FitReport:
     num_seqs: int
     kv_bytes_per_token: int
     quantization: Quantization | None = None  # MLX's, from config.json
+    draft_bytes: int = 0  # of the weights: a speculative draft model's, which serves beside the model
 
     @property
     def share(self) -> float:
@@ -134,6 +135,8 @@ class FitReport:
     def describe(self) -> str:
         seqs = f"{self.num_seqs} x " if self.num_seqs != 1 else ""
         quant = f" ({self.quantization.describe()})" if self.quantization else ""
+        if self.draft_bytes:
+            quant += f", {_gib(self.draft_bytes)} of them the draft model's"
         return (f"~{_gib(self.total)} needed (weights {_gib(self.weights_bytes)}{quant} + KV "
                 f"{_gib(self.kv_bytes)} for {seqs}{self.max_model_len} tokens + overhead "
                 f"{_gib(self.overhead)}) of {_gib(self.available)} available to MLX "
@@ -167,14 +170,20 @@ def verdict_for(total: int, available: int) -> Verdict:
 
 
 def estimate(config: dict[str, Any], weight_bytes: int, *, max_model_len: int, num_seqs: int = 1,
-             memory_bytes: int | None = None) -> FitReport:
-    """Memory needed to serve a model of `config` with `weight_bytes` of weights, against what MLX has.
+             memory_bytes: int | None = None, draft: tuple[dict[str, Any], int] | None = None) -> FitReport:
+    """Memory needed to serve a model of `config` with `weight_bytes` of weights, against what MLX has; with
+    `draft` (its config and weight bytes), a speculative draft model beside it, which holds every token too.
 
-    Raises `ConfigShapeError` when the config lacks the layer/head counts the KV estimate needs.
+    Raises `ConfigShapeError` when a config lacks the layer/head counts the KV estimate needs.
     """
     if max_model_len < 1 or num_seqs < 1:
         raise ValueError("max_model_len and num_seqs must be positive")
     per_token = kv_bytes_per_token(config)
+    draft_bytes = 0
+    if draft is not None:
+        per_token += kv_bytes_per_token(draft[0])
+        draft_bytes = draft[1]
+        weight_bytes += draft_bytes
     kv = per_token * max_model_len * num_seqs
     overhead = overhead_for(weight_bytes)
     total = weight_bytes + kv + overhead
@@ -185,7 +194,7 @@ def estimate(config: dict[str, Any], weight_bytes: int, *, max_model_len: int, n
     return FitReport(weights_bytes=int(weight_bytes), kv_bytes=kv, overhead=overhead, total=total,
                      available=int(memory_bytes), verdict=verdict_for(total, memory_bytes),
                      max_model_len=max_model_len, num_seqs=num_seqs, kv_bytes_per_token=per_token,
-                     quantization=quantization_of(config))
+                     quantization=quantization_of(config), draft_bytes=int(draft_bytes))
 
 
 def weight_bytes_of(folder: str | Path) -> int:
@@ -238,10 +247,11 @@ def vllm_switch(args: list[str] | tuple[str, ...], name: str) -> bool:
     return any(arg.partition("=")[0] in spellings for arg in args)
 
 
-def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[str]) -> FitReport | None:
+def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[str],
+                draft: str | Path | None = None) -> FitReport | None:
     """The fit of a local model folder as `vllm serve` would run it, for one sequence of the context length
     vLLM will use (it refuses to start below that; vLLM itself would find out only after loading the
-    weights). None when there is nothing firm to judge: no weights or no shape in config.json (vLLM will say
+    weights), with a local speculative `draft` model's weights and KV beside it. None when there is nothing firm to judge: no weights or no shape in config.json (vLLM will say
     what is wrong), or a `--max-model-len` after `--` that vLLM sizes itself (`auto`, `1k`, …).
     A model that does not fit is a `VmetalError` (exit 2) naming what to change."""
     from vmetal.errors import USAGE, VmetalError
@@ -252,6 +262,13 @@ def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[s
             return None
         max_model_len = int(given)
     report = estimate_folder(folder, max_model_len=max_model_len)
+    draft_config = read_config(draft) if draft is not None else None
+    if report is not None and draft_config is not None and weight_bytes_of(draft):
+        try:
+            report = estimate(read_config(folder) or {}, report.weights_bytes, max_model_len=report.max_model_len,
+                              draft=(draft_config, weight_bytes_of(draft)))
+        except ConfigShapeError:
+            pass  # the draft's own shape is not known: the engine's KV budget counts it
     if report is not None and report.verdict == "does not fit":
         raise VmetalError(f"model `{folder}` is too big for this machine: {report.describe()}",
                           hint=report.advice(), exit_code=USAGE)

@@ -127,6 +127,10 @@ def test_json_schema_and_exit_0_here(real_probe):
     env = checks["env"]["details"]
     assert [v["name"] for v in env["variables"]] == [v.name for v in envs.VARIABLES]
     assert {v["source"] for v in env["variables"]} == {"default"}
+    # MLX on the CPU here: the scheduler keeps vLLM's CPU defaults (a GPU's: tests/unit/test_batching.py).
+    assert env["device"] == "cpu" and env["batch_defaults"] is None
+    assert checks["env"]["summary"].endswith("MLX device `cpu`: vLLM's CPU defaults a step (2,048 tokens, "
+                                             "128 requests)")
     # Not a speed test (how fast doctor answers is benchmarks/bench_cli.py's): the checks run beside the vLLM
     # probe, so doctor ends within the probe's own timeout and the rest of its checks, with room for a
     # loaded shared host. Longer means something waited in series or hung.

@@ -61,3 +61,9 @@ def test_gpu_device_from_mlx_device_info():
     cuda = batching.gpu_device({"device_name": "NVIDIA H100 80GB HBM3", "total_memory": 79 * GiB},
                                metal=False, cores=None)
     assert cuda == Device("cuda", 79 * GiB, None, "NVIDIA H100 80GB HBM3")
+
+
+def test_what_doctor_says():
+    assert batching.describe(BatchDefaults(8192, 16384, 256)) == (
+        "8,192 tokens (16,384 for LLM(...)) and 256 requests a step by default")
+    assert batching.describe(None) == "vLLM's CPU defaults a step (2,048 tokens, 128 requests)"

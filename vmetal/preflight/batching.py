@@ -88,6 +88,14 @@ def batch_defaults(device: Device) -> BatchDefaults | None:
                          _power_of_two_within(min(2 * by_compute, by_memory)), REQUESTS)
 
 
+def describe(chosen: BatchDefaults | None) -> str:
+    """The defaults a server gets, in the words `vmetal doctor` prints."""
+    if chosen is None:
+        return "vLLM's CPU defaults a step (2,048 tokens, 128 requests)"
+    return (f"{chosen.server_tokens:,} tokens ({chosen.offline_tokens:,} for LLM(...)) and {chosen.requests} "
+            "requests a step by default")
+
+
 def gpu_cores(ioreg: Callable[[], str | None] | None = None) -> int | None:
     """Apple GPU cores, from the IORegistry's AGXAccelerator entry (`"gpu-core-count" = 40`); None elsewhere.
 

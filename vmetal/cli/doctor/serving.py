@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from vmetal import envs
 from vmetal.cli.doctor.base import Check, _fail, _ok, _url_without_credentials, _warn, is_secret_name
+from vmetal.preflight import batching
 
 # Shown in the env check and the bug report besides the ENV.md table (secrets only as set/unset).
 RELATED_VARIABLES = ("VMETAL_ENABLE", "VMETAL_HOME", "VLLM_TARGET_DEVICE", "HF_ENDPOINT", "HF_HUB_OFFLINE",
@@ -67,9 +69,21 @@ def check_env(environ: Mapping[str, str], devices: Any) -> Check:
     except envs.EnvError as exc:
         return _fail("env", title, str(exc), f"set {envs.MLX_DEVICE}=cpu, or unset it", **details)
     details["device"] = device
+    chosen = _batch_defaults(device, devices)
+    details["batch_defaults"] = dataclasses.asdict(chosen) if chosen else None
     changed = [v["name"] for v in details["variables"] if v["source"] != "default"]
     set_text = f"{len(changed)} set ({', '.join(changed)})" if changed else "all defaults"
-    return _ok("env", title, f"valid; {len(variables)} variables, {set_text}; MLX device `{device}`", **details)
+    return _ok("env", title, f"valid; {len(variables)} variables, {set_text}; MLX device `{device}`: "
+               f"{batching.describe(chosen)}", **details)
+
+
+def _batch_defaults(device: str, devices: Any) -> batching.BatchDefaults | None:
+    """What the engine's scheduler takes a step, unless told otherwise (`vmetal.preflight.batching`)."""
+    if device != "gpu":
+        return None
+    facts = batching.gpu_device(devices.info or {}, metal=devices.metal,
+                                cores=batching.gpu_cores() if devices.metal else None)
+    return batching.batch_defaults(facts)
 
 
 def check_port(host: str, port: int) -> Check:

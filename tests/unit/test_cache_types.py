@@ -98,6 +98,7 @@ def test_sliding_window_config_makes_rotating_caches():
     got = model_state(config)
     assert got.caches == ("RotatingKVCache", "KVCache") * 3
     assert got.family == "gemma3_text (Gemma3ForCausalLM)"
+    assert got.held == (16, None) * 3  # the window's tokens, all of them (what `fit` sizes the KV by)
 
 
 def test_the_config_decides_not_the_family_name():
@@ -112,6 +113,7 @@ def test_the_config_decides_not_the_family_name():
 def test_hybrid_config_makes_arrays_caches():
     got = model_state(LFM2)
     assert got.caches == ("ArraysCache", "KVCache", "ArraysCache", "KVCache")
+    assert got.held == (0, None, 0, None)  # a recurrent state holds no tokens
     assert refusal(got, "mlx") is None and got.batch is None  # mlx-lm batches it: the MLX-managed path holds it
     assert refusal(got, "paged").startswith("lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent")
 

@@ -45,6 +45,31 @@ def test_a_draft_model_adds_its_weights_and_its_kv():
            "model's + KV" in report.describe()
 
 
+def test_sliding_window_and_recurrent_layers_hold_fewer_tokens():
+    """Per layer, what its cache keeps: a Gemma-3-like 5:1 pattern grows at a sixth of the full rate past its
+    window, recurrent layers add none; counted full-length, a 27B Gemma 3 would be refused on Macs it fits."""
+    config = {**QWEN3_06B, "num_hidden_layers": 6}
+    per_layer = QWEN3_06B_KV_PER_TOKEN // 28
+    held = (1024, 1024, 1024, 1024, 1024, None)
+    assert fit.kv_bytes(config, 32768, held) == (per_layer * (32768 + 5 * 1024), per_layer)
+    assert fit.kv_bytes(config, 512, held) == (per_layer * 6 * 512, per_layer)  # within the window: all
+    assert fit.kv_bytes(config, 100, (0, None, 0, None, 0, None)) == (per_layer * 3 * 100, per_layer * 3)
+    assert fit.kv_bytes(config, 100, (None,) * 5) == (per_layer * 6 * 100, per_layer * 6)  # not one per layer
+    report = fit.estimate(config, QWEN3_06B_WEIGHTS, max_model_len=32768, memory_bytes=16 * GiB, held=held)
+    assert report.kv_bytes == per_layer * (32768 + 5 * 1024) and report.kv_bytes_per_token == per_layer
+    # The suggested length leaves room for the windows, which stay fixed.
+    room = int(16 * GiB * fit.TIGHT_FRACTION) - report.weights_bytes - report.overhead - per_layer * 5 * 1024
+    assert report.max_len_that_fits(fit.TIGHT_FRACTION) == room // per_layer // fit.LEN_STEP * fit.LEN_STEP
+
+
+def test_mla_keeps_decompressed_keys_and_values():
+    """mlx-lm's DeepSeek-V2 cache holds every head's K (nope + rope wide) and V, not the latent."""
+    config = {"model_type": "deepseek_v2", "num_hidden_layers": 27, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "hidden_size": 2048, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+              "v_head_dim": 128, "kv_lora_rank": 512, "torch_dtype": "bfloat16"}
+    assert fit.kv_bytes_per_token(config) == 27 * 16 * (128 + 64 + 128) * 2
+
+
 def test_kv_scales_with_sequences_and_length():
     one = fit.estimate(QWEN3_06B, 0, max_model_len=1000, memory_bytes=GiB)
     assert fit.estimate(QWEN3_06B, 0, max_model_len=1000, num_seqs=3, memory_bytes=GiB).kv_bytes == 3 * one.kv_bytes

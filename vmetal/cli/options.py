@@ -145,12 +145,12 @@ def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, cfg: env
 
 
 def check_memory_fit(folder: str, max_model_len: int | None, vllm_args: list[str],
-                     draft: str | None = None) -> None:
+                     draft: str | None = None, held: tuple[int | None, ...] = ()) -> None:
     """Refuse a local model (with its speculative `draft` model, if any) that cannot fit in the memory MLX may
     use; warn when it fits only tightly."""
     from vmetal.preflight.fit import serving_fit
 
-    report = serving_fit(folder, max_model_len, vllm_args, draft)
+    report = serving_fit(folder, max_model_len, vllm_args, draft, held)
     if report is None:
         return
     if report.verdict == "tight":

@@ -297,6 +297,7 @@ def serve(
     if target is not None and not Path(target).is_dir() and not no_pull:
         target = options.pulled(target, max_model_len, cfg.kv_path)
     local = target is not None and Path(target).is_dir()
+    held: tuple[int | None, ...] = ()
     if local:
         from vmetal.preflight.cache_types import check_model, check_prefix_cache, check_speculation
         from vmetal.preflight.checkpoint import read_config
@@ -306,6 +307,7 @@ def serve(
         # A model whose caches this KV path does not hold (sliding windows, SSM state, …): exit 2 with one line
         # naming the family, the cache type and the path that would serve it, not a traceback ~10 s later.
         state = check_model(read_config(Path(target)), str(Path(target) / "config.json"), cfg.kv_path)
+        held = state.held
         if cfg.prefix_cache:
             check_prefix_cache(state)
         if features.asks_speculation(vllm_args):
@@ -317,7 +319,7 @@ def serve(
     if draft is not None and Path(target).is_dir():
         speculation.check_draft(target, draft)
     if local:
-        check_memory_fit(target, max_model_len, vllm_args, draft)
+        check_memory_fit(target, max_model_len, vllm_args, draft, held)
     api_args, tools_line = tool_and_reasoning_args(
         target, tool_call_parser=tool_call_parser, no_tool_parser=no_tool_parser,
         reasoning_parser=reasoning_parser, no_thinking=no_thinking, vllm_args=vllm_args)

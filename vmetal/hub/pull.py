@@ -54,14 +54,14 @@ class PullResult:
 # ----------------------------------------------------------------------------------------- checks
 
 
-def _check_architecture(config: dict, where: str, kv_path: str | None = None) -> str:
+def _check_architecture(config: dict, where: str, kv_path: str | None = None) -> tuple[int | None, ...]:
     """Refuse, before any weight byte, a model that `kv_path` (None: every KV path) cannot serve, decided by the
-    caches mlx-lm makes for it."""
+    caches mlx-lm makes for it; the tokens each of its layers keeps (`ModelState.held`), for the fit."""
     from vmetal.preflight.cache_types import check_model
     from vmetal.preflight.checkpoint import UnsupportedModelError
 
     try:
-        return check_model(config, where, kv_path).module
+        return check_model(config, where, kv_path).held
     except UnsupportedModelError as exc:
         raise VmetalError(str(exc), hint="nothing was downloaded; the README's table lists the families "
                                          "vmetal serves") from None
@@ -78,12 +78,12 @@ def _check_config(config: dict, where: str) -> None:
 
 
 def _fit(config: dict, weight_bytes: int, max_model_len: int | None, force: bool, model: str,
-         view: PullView) -> Any:
+         view: PullView, held: tuple[int | None, ...] = ()) -> Any:
     from vmetal.preflight import fit
 
     length = max_model_len or fit.default_max_model_len(config)
     try:
-        report = fit.estimate(config, weight_bytes, max_model_len=length)
+        report = fit.estimate(config, weight_bytes, max_model_len=length, held=held)
     except fit.ConfigShapeError as exc:
         view.warn(f"no fit check for `{model}`: {exc}")
         return None
@@ -112,11 +112,11 @@ def check_local(path: Path, *, max_model_len: int | None = None, force: bool = F
         config = read_config(path)
     except (ModelNotFoundError, UnsupportedModelError) as exc:
         raise VmetalError(str(exc), exit_code=USAGE) from None
-    _check_architecture(config, str(path / "config.json"))
+    held = _check_architecture(config, str(path / "config.json"))
     if not any(path.glob("model*.safetensors")):
         raise VmetalError(f"`{path}` has no `model*.safetensors` weights, which is what vmetal loads",
                           exit_code=USAGE)
-    report = _fit(config, fit.weight_bytes_of(path), max_model_len, force, str(path), view)
+    report = _fit(config, fit.weight_bytes_of(path), max_model_len, force, str(path), view, held)
     view.say(f"`{path}` is a local model folder: checked, nothing to download")
     return PullResult(path, fit=report)
 
@@ -174,9 +174,9 @@ def pull(model: str, *, source: str | None = None, revision: str | None = None, 
     with hub.lock(remote):
         where = f"{remote.repo_id}/config.json"
         config = hub.fetch_json(remote, "config.json")
-        _check_architecture(config, where, kv_path)
+        held = _check_architecture(config, where, kv_path)
         _check_config(config, where)
-        report = _fit(config, weight_bytes, max_model_len, force, remote.repo_id, view) if weights else None
+        report = _fit(config, weight_bytes, max_model_len, force, remote.repo_id, view, held) if weights else None
 
         entry = hub.record(remote, files, total)
         # Incomplete until every file is verified and in the snapshot folder: a damaged blob is deleted before

@@ -74,6 +74,9 @@ class ModelState:
     paged: str | None = None
     # Why the MLX-managed path's decode batch cannot hold several requests of it (`batch_obstacle`), or None.
     batch: str | None = None
+    # Per layer, the most tokens its cache holds: None for all of them (full attention), a sliding window's
+    # size, 0 for a recurrent state that holds none (its size is fixed). Empty: not known. (`fit` sizes KV by it.)
+    held: tuple[int | None, ...] = ()
 
 
 def family_of(config: dict[str, Any]) -> str:
@@ -139,6 +142,16 @@ def mlx_module(config: dict[str, Any], where: str = "config.json") -> str:
 # ------------------------------------------------------------------------------------ the caches
 
 
+def tokens_held(cache: Any) -> int | None:
+    """The most tokens one layer's cache keeps: None (all) for a KVCache and anything not known to keep fewer."""
+    name = type(cache).__name__
+    if name == "RotatingKVCache":
+        return int(cache.max_size)
+    if name == "ArraysCache":
+        return 0
+    return None
+
+
 def describe_cache(cache: Any) -> str:
     """One layer's cache as its mlx-lm class name; a CacheList with its members'."""
     name = type(cache).__name__
@@ -147,9 +160,9 @@ def describe_cache(cache: Any) -> str:
     return name
 
 
-def probe(module: str, config: dict[str, Any]) -> tuple[list[str], str | None, str | None]:
-    """mlx-lm's caches for `config`, one description per layer, its `paged_obstacle` and its `batch_obstacle`,
-    from its model class built lazily (no weights).
+def probe(module: str, config: dict[str, Any]) -> tuple[list[str], str | None, str | None, list[int | None]]:
+    """mlx-lm's caches for `config`, one description per layer, its `paged_obstacle`, its `batch_obstacle` and
+    the tokens each layer's cache holds (`tokens_held`), from its model class built lazily (no weights).
 
     In the child (and any process that has not imported mlx-lm yet) `mlx_lm` is entered in sys.modules as a
     bare package over its folder, so `mlx_lm.models.<module>` imports without the package's `__init__`
@@ -167,10 +180,11 @@ def probe(module: str, config: dict[str, Any]) -> tuple[list[str], str | None, s
     from mlx_lm.models.cache import make_prompt_cache
 
     model = arch.Model(arch.ModelArgs.from_dict(config))
-    caches = [describe_cache(c) for c in make_prompt_cache(model)]
+    made = make_prompt_cache(model)
+    caches = [describe_cache(c) for c in made]
     # Probed only where the path holds every cache type (the others are refused by their types already).
     return (caches, paged_obstacle(model) if set(caches) <= SUPPORTED["paged"] else None,
-            batch_obstacle(model) if set(caches) <= SUPPORTED["mlx"] else None)
+            batch_obstacle(model) if set(caches) <= SUPPORTED["mlx"] else None, [tokens_held(c) for c in made])
 
 
 def batch_obstacle(model: Any) -> str | None:
@@ -276,7 +290,8 @@ def paged_obstacle(model: Any) -> str | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _probe_in_child(module: str, config_json: str) -> tuple[tuple[str, ...], str | None, str | None]:
+def _probe_in_child(module: str, config_json: str) -> tuple[tuple[str, ...], str | None, str | None,
+                                                             tuple[int | None, ...]]:
     # `-P` and an explicit path: this vmetal, never a folder of the same name in the current directory.
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
             f"from vmetal.preflight.cache_types import main; sys.exit(main([{module!r}]))")
@@ -293,21 +308,21 @@ def _probe_in_child(module: str, config_json: str) -> tuple[tuple[str, ...], str
     if "error" in answer:
         raise UnsupportedModelError(f"mlx-lm's `{module}` model cannot be built from this config.json: "
                                     f"{answer['error']}")
-    return tuple(answer["caches"]), answer.get("paged"), answer.get("batch")
+    return tuple(answer["caches"]), answer.get("paged"), answer.get("batch"), tuple(answer.get("held") or ())
 
 
 def model_state(config: dict[str, Any], where: str = "config.json") -> ModelState:
     """The caches mlx-lm makes for `config`, found in a child process (see the module docstring)."""
     module = mlx_module(config, where)
-    caches, paged, batch = _probe_in_child(module, json.dumps(config, sort_keys=True))
-    return ModelState(family_of(config), module, caches, paged, batch)
+    caches, paged, batch, held = _probe_in_child(module, json.dumps(config, sort_keys=True))
+    return ModelState(family_of(config), module, caches, paged, batch, held)
 
 
 def model_state_here(config: dict[str, Any], where: str = "config.json") -> ModelState:
     """`model_state` in this process, for one that imports mlx-lm anyway (the engine)."""
     module = mlx_module(config, where)
-    caches, paged, batch = probe(module, config)
-    return ModelState(family_of(config), module, tuple(caches), paged, batch)
+    caches, paged, batch, held = probe(module, config)
+    return ModelState(family_of(config), module, tuple(caches), paged, batch, tuple(held))
 
 
 # ------------------------------------------------------------------------------------ the decision
@@ -391,9 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     {"error": "..."})."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        caches, paged, batch = probe(args[0], json.loads(sys.stdin.read()))
+        caches, paged, batch, held = probe(args[0], json.loads(sys.stdin.read()))
     except Exception as exc:  # whatever mlx-lm raises on a config it cannot build, reported as one line
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return 0
-    print(json.dumps({"caches": caches, "paged": paged, "batch": batch}))
+    print(json.dumps({"caches": caches, "paged": paged, "batch": batch, "held": held}))
     return 0

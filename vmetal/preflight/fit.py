@@ -74,16 +74,39 @@ def dtype_bytes(config: dict[str, Any]) -> int:
 
 
 def kv_bytes_per_token(config: dict[str, Any]) -> int:
-    """K and V of one token across every layer: 2 x layers x kv_heads x head_dim x dtype bytes."""
+    """K and V of one token across every layer: 2 x layers x kv_heads x head_dim x dtype bytes.
+
+    DeepSeek-V2's MLA: mlx-lm's cache holds every head's decompressed K (qk_nope + qk_rope wide) and V
+    (v_head_dim wide), not the compressed latent."""
     cfg = _text_config(config)
     try:
         layers = int(cfg["num_hidden_layers"])
         heads = int(cfg["num_attention_heads"])
+        if cfg.get("model_type") == "deepseek_v2" and "qk_rope_head_dim" in cfg:
+            width = (int(cfg.get("qk_nope_head_dim", 128)) + int(cfg["qk_rope_head_dim"])
+                     + int(cfg.get("v_head_dim", 128)))
+            return layers * heads * width * dtype_bytes(cfg)
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise ConfigShapeError(f"config.json lacks the model's shape ({exc})") from None
     return 2 * layers * kv_heads * head_dim * dtype_bytes(cfg)
+
+
+def kv_bytes(config: dict[str, Any], length: int, held: tuple[int | None, ...] = ()) -> tuple[int, int]:
+    """(K and V of one `length`-token sequence, the part of it that grows with every token past the windows).
+
+    `held`: per layer, the most tokens its cache keeps (`cache_types.ModelState.held`: None for all, a sliding
+    window's size, 0 for a recurrent state); empty, or not one per layer, counts every layer full-length. A
+    Gemma 3 keeps 1,024 tokens in five layers of six, so its KV grows at a sixth of the full-attention rate.
+    """
+    per_token = kv_bytes_per_token(config)
+    layers = int(_text_config(config)["num_hidden_layers"])
+    if len(held) != layers:
+        return per_token * length, per_token
+    per_layer = per_token // layers
+    growing = per_layer * sum(1 for n in held if n is None)
+    return growing * length + per_layer * sum(min(length, n) for n in held if n is not None), growing
 
 
 def overhead_for(weights_bytes: int) -> int:
@@ -114,7 +137,7 @@ class FitReport:
     verdict: Verdict
     max_model_len: int
     num_seqs: int
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # of the KV that grows with the length (every layer's, but sliding windows')
     quantization: Quantization | None = None  # MLX's, from config.json
     draft_bytes: int = 0  # of the weights: a speculative draft model's, which serves beside the model
 
@@ -126,7 +149,9 @@ class FitReport:
     def max_len_that_fits(self, fraction: float = 1.0) -> int:
         """The longest max_model_len (a multiple of LEN_STEP) whose estimate stays within `fraction` of
         available; 0 when the weights and overhead alone do not."""
-        room = int(self.available * fraction) - self.weights_bytes - self.overhead
+        # The windows' share is fixed once the length passes them, which the suggestions are about.
+        fixed = self.kv_bytes - self.kv_bytes_per_token * self.max_model_len * self.num_seqs
+        room = int(self.available * fraction) - self.weights_bytes - self.overhead - max(0, fixed)
         per_len = self.kv_bytes_per_token * self.num_seqs
         if room <= 0 or per_len <= 0:
             return 0
@@ -170,21 +195,24 @@ def verdict_for(total: int, available: int) -> Verdict:
 
 
 def estimate(config: dict[str, Any], weight_bytes: int, *, max_model_len: int, num_seqs: int = 1,
-             memory_bytes: int | None = None, draft: tuple[dict[str, Any], int] | None = None) -> FitReport:
+             memory_bytes: int | None = None, draft: tuple[dict[str, Any], int] | None = None,
+             held: tuple[int | None, ...] = ()) -> FitReport:
     """Memory needed to serve a model of `config` with `weight_bytes` of weights, against what MLX has; with
-    `draft` (its config and weight bytes), a speculative draft model beside it, which holds every token too.
+    `draft` (its config and weight bytes), a speculative draft model beside it, which holds every token too;
+    `held`: the tokens each layer's cache keeps (`kv_bytes`).
 
     Raises `ConfigShapeError` when a config lacks the layer/head counts the KV estimate needs.
     """
     if max_model_len < 1 or num_seqs < 1:
         raise ValueError("max_model_len and num_seqs must be positive")
-    per_token = kv_bytes_per_token(config)
+    one, per_token = kv_bytes(config, max_model_len, held)
     draft_bytes = 0
     if draft is not None:
+        one += kv_bytes_per_token(draft[0]) * max_model_len
         per_token += kv_bytes_per_token(draft[0])
         draft_bytes = draft[1]
         weight_bytes += draft_bytes
-    kv = per_token * max_model_len * num_seqs
+    kv = one * num_seqs
     overhead = overhead_for(weight_bytes)
     total = weight_bytes + kv + overhead
     if memory_bytes is None:
@@ -213,7 +241,7 @@ def read_config(folder: str | Path) -> dict[str, Any] | None:
 
 
 def estimate_folder(folder: str | Path, *, max_model_len: int | None = None, num_seqs: int = 1,
-                    memory_bytes: int | None = None) -> FitReport | None:
+                    memory_bytes: int | None = None, held: tuple[int | None, ...] = ()) -> FitReport | None:
     """`estimate` for a local Hugging Face folder; None when it has no weights or no usable config."""
     config = read_config(folder)
     weights = weight_bytes_of(folder)
@@ -221,7 +249,8 @@ def estimate_folder(folder: str | Path, *, max_model_len: int | None = None, num
         return None
     length = max_model_len or default_max_model_len(config)
     try:
-        return estimate(config, weights, max_model_len=length, num_seqs=num_seqs, memory_bytes=memory_bytes)
+        return estimate(config, weights, max_model_len=length, num_seqs=num_seqs, memory_bytes=memory_bytes,
+                        held=held)
     except ConfigShapeError:
         return None
 
@@ -248,10 +277,11 @@ def vllm_switch(args: list[str] | tuple[str, ...], name: str) -> bool:
 
 
 def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[str],
-                draft: str | Path | None = None) -> FitReport | None:
+                draft: str | Path | None = None, held: tuple[int | None, ...] = ()) -> FitReport | None:
     """The fit of a local model folder as `vllm serve` would run it, for one sequence of the context length
     vLLM will use (it refuses to start below that; vLLM itself would find out only after loading the
-    weights), with a local speculative `draft` model's weights and KV beside it. None when there is nothing firm to judge: no weights or no shape in config.json (vLLM will say
+    weights), with a local speculative `draft` model's weights and KV beside it; `held`: the tokens each layer
+    keeps (`kv_bytes`), when the pre-flight has probed the model's caches. None when there is nothing firm to judge: no weights or no shape in config.json (vLLM will say
     what is wrong), or a `--max-model-len` after `--` that vLLM sizes itself (`auto`, `1k`, …).
     A model that does not fit is a `VmetalError` (exit 2) naming what to change."""
     from vmetal.errors import USAGE, VmetalError
@@ -261,12 +291,12 @@ def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[s
         if not given.isdigit():
             return None
         max_model_len = int(given)
-    report = estimate_folder(folder, max_model_len=max_model_len)
+    report = estimate_folder(folder, max_model_len=max_model_len, held=held)
     draft_config = read_config(draft) if draft is not None else None
     if report is not None and draft_config is not None and weight_bytes_of(draft):
         try:
             report = estimate(read_config(folder) or {}, report.weights_bytes, max_model_len=report.max_model_len,
-                              draft=(draft_config, weight_bytes_of(draft)))
+                              draft=(draft_config, weight_bytes_of(draft)), held=held)
         except ConfigShapeError:
             pass  # the draft's own shape is not known: the engine's KV budget counts it
     if report is not None and report.verdict == "does not fit":

@@ -133,7 +133,7 @@ def check_model_fit(model: str, max_model_len: int | None) -> Check:
     except ModelFileError as exc:
         return _fail("model_fit", title, str(exc), exc.hint or "replace or re-download that file",
                      model=model, path=str(path))
-    report = fit.estimate_folder(path, max_model_len=max_model_len)
+    report = fit.estimate_folder(path, max_model_len=max_model_len, held=_tokens_held(path))
     if report is None:
         return _warn("model_fit", title, f"`{model}` has no config.json with the model's shape or no *.safetensors",
                      "point --model at a Hugging Face model folder", model=model, path=str(path))
@@ -144,3 +144,15 @@ def check_model_fit(model: str, max_model_len: int | None) -> Check:
     if report.verdict == "tight":
         return _warn("model_fit", title, summary, report.advice(), **details)
     return _ok("model_fit", title, summary, **details)
+
+
+def _tokens_held(path: Path) -> tuple[int | None, ...]:
+    """What each layer's cache keeps (sliding windows, recurrent state), as serve's fit counts it; nothing
+    known when mlx-lm cannot build the model (the fit then counts every layer full-length)."""
+    from vmetal.preflight.cache_types import model_state
+    from vmetal.preflight.checkpoint import read_config
+
+    try:
+        return model_state(read_config(path), str(path / "config.json")).held
+    except Exception:  # noqa: BLE001 - an unserved model is not this check's to judge
+        return ()

@@ -13,7 +13,13 @@ import json
 
 import pytest
 
-from tests.engine.test_speculative import REPEATING, TOKENS, _same_distribution, spec_counts
+from tests.engine.test_speculative import (
+    REPEATING,
+    TOKENS,
+    _same_distribution,
+    assert_greedy_like_mlx_while_drafts_are_kept_and_rejected,
+    spec_counts,
+)
 from tests.support.engine import PROMPTS, assert_greedy_like_mlx, assert_joining_requests_like_mlx, greedy, running_llm
 
 pytestmark = pytest.mark.slow
@@ -37,13 +43,7 @@ def llm(qwen3_model, draft):
 
 
 def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_model):
-    before = spec_counts(llm)
-    outs = llm.generate([REPEATING, *PROMPTS], greedy(TOKENS), use_tqdm=False)
-    assert_greedy_like_mlx(qwen3_model, outs, TOKENS)
-    after = spec_counts(llm)
-    drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
-    accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
-    assert 0 < accepted < drafted, (accepted, drafted)
+    assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, qwen3_model)
 
 
 def test_requests_joining_while_others_speculate_match_mlx_lm(llm, qwen3_model):

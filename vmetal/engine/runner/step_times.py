@@ -67,29 +67,22 @@ class StepTimes:
         self._counted = 0
 
     # ------------------------------------------------------------- marks
-    @contextlib.contextmanager
-    def build(self) -> Iterator[None]:
-        start = self.clock()
-        try:
-            yield
-        finally:
-            self._build += self.clock() - start
+    def build(self) -> contextlib.AbstractContextManager[None]:
+        return self._span("_build")
+
+    def launch(self) -> contextlib.AbstractContextManager[None]:
+        return self._span("_launch")
+
+    def wait(self) -> contextlib.AbstractContextManager[None]:
+        return self._span("_wait")
 
     @contextlib.contextmanager
-    def launch(self) -> Iterator[None]:
+    def _span(self, phase: str) -> Iterator[None]:
         start = self.clock()
         try:
             yield
         finally:
-            self._launch += self.clock() - start
-
-    @contextlib.contextmanager
-    def wait(self) -> Iterator[None]:
-        start = self.clock()
-        try:
-            yield
-        finally:
-            self._wait += self.clock() - start
+            setattr(self, phase, getattr(self, phase) + self.clock() - start)
 
     def enter(self) -> None:
         """vLLM calls into the runner (execute_model or sample_tokens)."""

@@ -166,8 +166,14 @@ class MetalWorker(WorkerBase):
         return out
 
     def take_draft_token_ids(self) -> Any:
-        """The draft tokens of n-gram speculation for the step just sampled (vLLM's engine asks after each)."""
-        return self.model_runner.take_draft_token_ids()
+        """The draft tokens of speculation for the step just sampled (vLLM's engine asks after each); a draft
+        model's forwards count as the runner's time of the next step (step_times)."""
+        times = self.model_runner.step_times
+        times.enter()
+        try:
+            return self.model_runner.take_draft_token_ids()
+        finally:
+            times.leave()
 
     def _ring_errors(self) -> Any:
         return self.ring.lost_peer_named() if self.ring else contextlib.nullcontext()

@@ -236,7 +236,7 @@ def serve(
                                                  "`tool_choice` auto is refused, named and required still "
                                                  "work.", rich_help_panel=_TOOLS)] = False,
     speculative: Annotated[str | None, typer.Option(
-        metavar="ngram|DRAFT_MODEL", autocompletion=lambda: [speculation.NGRAM],
+        metavar="ngram|DRAFT_MODEL", autocompletion=lambda: [features.NGRAM],
         help="Speculative decoding: drafts several tokens, checked in one step (greedy requests keep their exact "
         "tokens, sampled ones their distribution). `ngram` drafts the tokens that followed the context's last 4 "
         "where they appeared before (prompt lookup: code edits, quotes); a folder or Hub id drafts with that "

@@ -14,8 +14,6 @@ from vmetal.cli import options
 from vmetal.errors import USAGE, VmetalError
 from vmetal.preflight import features
 
-NGRAM = "ngram"
-
 
 def speculation_args(choice: str | None, tokens: int | None, vllm_args: list[str]) -> list[str]:
     """The vLLM arguments `--speculative`/`--speculative-tokens` stand for (none without them); a draft model as
@@ -29,7 +27,7 @@ def speculation_args(choice: str | None, tokens: int | None, vllm_args: list[str
                           exit_code=USAGE)
     if features.asks_speculation(vllm_args):
         raise VmetalError(f"give `--speculative` or `{features.SPECULATIVE}` after `--`, not both", exit_code=USAGE)
-    if choice == NGRAM:
+    if choice == features.NGRAM:
         return features.ngram_args(tokens)
     return [features.SPECULATIVE, json.dumps(features.draft_config(choice, tokens))]
 
@@ -59,9 +57,8 @@ def resolve_draft(vllm_args: list[str], max_model_len: int | None, no_pull: bool
 
 
 def check_draft(target: str, draft: str) -> None:
-    """A local draft that cannot draft for the local `target`: exit 2 with one line (its cache cannot roll back,
-    or its vocabulary is another)."""
-    from vmetal.preflight.cache_types import check_model, check_speculation
+    """A local draft that cannot draft for the local `target`: exit 2 with one line (a damaged file, a cache that
+    cannot roll back, or another vocabulary: `features.check_draft`, which the engine asks too)."""
     from vmetal.preflight.checkpoint import read_config
     from vmetal.preflight.model_files import check_folder
 
@@ -69,8 +66,4 @@ def check_draft(target: str, draft: str) -> None:
     if not (folder / "config.json").is_file():
         return  # a Hub id left to vLLM (--no-pull): the engine checks it once resolved
     check_folder(folder)
-    draft_config = read_config(folder)
-    check_speculation(check_model(draft_config, str(folder / "config.json"), "mlx"))
-    refused = features.draft_refusal(read_config(Path(target)), draft_config, draft)
-    if refused:
-        raise VmetalError(refused, exit_code=USAGE)
+    features.check_draft(read_config(Path(target)), read_config(folder), str(folder / "config.json"), draft)

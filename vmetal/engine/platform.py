@@ -203,11 +203,5 @@ def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False, spe
             check_speculation(state)
     draft_folder = Path(draft).expanduser() if draft else None
     if draft_folder is not None and (draft_folder / "config.json").is_file():
-        from vmetal.preflight.checkpoint import UnsupportedModelError
-
-        draft_config = read_config(draft_folder)
-        check_speculation(check_model(draft_config, str(draft_folder / "config.json"), "mlx"))
-        if (folder / "config.json").is_file():
-            refused = features.draft_refusal(read_config(folder), draft_config, draft)
-            if refused:
-                raise UnsupportedModelError(refused)
+        target = read_config(folder) if (folder / "config.json").is_file() else {}
+        features.check_draft(target, read_config(draft_folder), str(draft_folder / "config.json"), draft)

@@ -95,6 +95,19 @@ def draft_refusal(target: dict[str, Any], draft: dict[str, Any], name: str) -> s
     return None
 
 
+def check_draft(target: dict[str, Any], draft: dict[str, Any], where: str, name: str, state: Any = None) -> None:
+    """A speculative draft model (config `draft`, read from `where`; its `cache_types.ModelState` when probed
+    already) that cannot draft for the model of config `target` ({} when not known): its cache cannot roll back
+    rejected drafts, or its vocabulary is another (`draft_refusal`). UnsupportedModelError with one line."""
+    from vmetal.preflight.cache_types import check_model, check_speculation
+    from vmetal.preflight.checkpoint import UnsupportedModelError
+
+    check_speculation(state or check_model(draft, where, "mlx"))
+    refused = draft_refusal(target, draft, name)
+    if refused:
+        raise UnsupportedModelError(refused)
+
+
 # `vmetal serve --speculative ngram`: look up the last 4 tokens in the context and propose the 4 that followed
 # them (benchmarks/bench_speculative.py measures this setting). vLLM's own defaults match 5-grams only.
 NGRAM_TOKENS = 4

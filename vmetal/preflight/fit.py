@@ -241,16 +241,28 @@ def read_config(folder: str | Path) -> dict[str, Any] | None:
 
 
 def estimate_folder(folder: str | Path, *, max_model_len: int | None = None, num_seqs: int = 1,
-                    memory_bytes: int | None = None, held: tuple[int | None, ...] = ()) -> FitReport | None:
-    """`estimate` for a local Hugging Face folder; None when it has no weights or no usable config."""
+                    memory_bytes: int | None = None, held: tuple[int | None, ...] = (),
+                    draft: str | Path | None = None) -> FitReport | None:
+    """`estimate` for a local Hugging Face folder (and a local speculative `draft` model folder beside it, when
+    its config has the shape the KV estimate needs; else the engine's KV budget alone counts it); None when the
+    model has no weights or no usable config."""
     config = read_config(folder)
     weights = weight_bytes_of(folder)
     if config is None or weights == 0:
         return None
     length = max_model_len or default_max_model_len(config)
+    beside = None
+    draft_weights = weight_bytes_of(draft) if draft is not None else 0
+    draft_config = read_config(draft) if draft_weights else None
+    if draft_config is not None:
+        try:
+            kv_bytes_per_token(draft_config)
+            beside = (draft_config, draft_weights)
+        except ConfigShapeError:
+            pass
     try:
         return estimate(config, weights, max_model_len=length, num_seqs=num_seqs, memory_bytes=memory_bytes,
-                        held=held)
+                        draft=beside, held=held)
     except ConfigShapeError:
         return None
 
@@ -281,8 +293,9 @@ def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[s
     """The fit of a local model folder as `vllm serve` would run it, for one sequence of the context length
     vLLM will use (it refuses to start below that; vLLM itself would find out only after loading the
     weights), with a local speculative `draft` model's weights and KV beside it; `held`: the tokens each layer
-    keeps (`kv_bytes`), when the pre-flight has probed the model's caches. None when there is nothing firm to judge: no weights or no shape in config.json (vLLM will say
-    what is wrong), or a `--max-model-len` after `--` that vLLM sizes itself (`auto`, `1k`, …).
+    keeps (`kv_bytes`), when the pre-flight has probed the model's caches. None when there is nothing firm to
+    judge: no weights or no shape in config.json (vLLM will say what is wrong), or a `--max-model-len` after
+    `--` that vLLM sizes itself (`auto`, `1k`, …).
     A model that does not fit is a `VmetalError` (exit 2) naming what to change."""
     from vmetal.errors import USAGE, VmetalError
 
@@ -291,14 +304,7 @@ def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[s
         if not given.isdigit():
             return None
         max_model_len = int(given)
-    report = estimate_folder(folder, max_model_len=max_model_len, held=held)
-    draft_config = read_config(draft) if draft is not None else None
-    if report is not None and draft_config is not None and weight_bytes_of(draft):
-        try:
-            report = estimate(read_config(folder) or {}, report.weights_bytes, max_model_len=report.max_model_len,
-                              draft=(draft_config, weight_bytes_of(draft)), held=held)
-        except ConfigShapeError:
-            pass  # the draft's own shape is not known: the engine's KV budget counts it
+    report = estimate_folder(folder, max_model_len=max_model_len, held=held, draft=draft)
     if report is not None and report.verdict == "does not fit":
         raise VmetalError(f"model `{folder}` is too big for this machine: {report.describe()}",
                           hint=report.advice(), exit_code=USAGE)

@@ -42,9 +42,7 @@ class DraftModelDrafter:
         import mlx.core as mx
 
         from vmetal.engine import models
-        from vmetal.preflight.cache_types import check_speculation
-        from vmetal.preflight.checkpoint import UnsupportedModelError
-        from vmetal.preflight.features import draft_refusal
+        from vmetal.preflight.features import check_draft
 
         spec = vllm_config.speculative_config
         self.num_tokens = spec.num_speculative_tokens
@@ -52,10 +50,8 @@ class DraftModelDrafter:
         before = mx.get_active_memory()
         self.loaded = models.load(spec.model, revision=getattr(spec, "revision", None))
         self.weights_bytes = mx.get_active_memory() - before
-        check_speculation(self.loaded.state)
-        refused = draft_refusal(target_config, self.loaded.config, spec.model)
-        if refused:
-            raise UnsupportedModelError(refused)
+        check_draft(target_config, self.loaded.config, str(self.loaded.path / "config.json"), spec.model,
+                    self.loaded.state)
         self.model = self.loaded.model
         # req_id -> (the draft's mlx-lm cache for it, the tokens that cache holds)
         self.caches: dict[str, tuple[list[Any], list[int]]] = {}

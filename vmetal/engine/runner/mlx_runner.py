@@ -14,6 +14,7 @@ from typing import Any
 
 from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
 from vmetal.engine.runner.kv import mlx_cache
+from vmetal.preflight import features
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
@@ -41,7 +42,7 @@ class MlxModelRunner(ModelRunnerBase):
             from vmetal.preflight.cache_types import check_speculation
 
             check_speculation(self.loaded.state)
-            if self.vllm_config.speculative_config.method == "ngram":
+            if self.vllm_config.speculative_config.method == features.NGRAM:
                 from vmetal.engine.runner.speculative import NgramDrafter
 
                 self.drafter = NgramDrafter(self.vllm_config)

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "same_tokens": runs["mlx"]["tokens"] == runs["torch"]["tokens"],
     }
     section = render(result)
-    publish("compute", section, result, json_path=args.json, write=not args.no_write)
+    publish("compute", section, result, json_path=args.json, write=not args.no_write, path=args.results)
     return 0 if statistics.median(runs["mlx"]["single"]) > 0 else 1
 
 

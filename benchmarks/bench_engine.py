@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 from engine_section import TARGET_BATCH_GAIN, TARGET_SINGLE_RATIO, notes, render
-from results_md import RESULTS, add_output_args, command_line, publish
+from results_md import add_output_args, command_line, publish
 
 from vmetal.bench.contention import CpuWatch, quiet_wait
 from vmetal.bench.inprocess import engine_run, make_prompts, mlx_batch, mlx_single, prepare_environ, summary
@@ -84,7 +84,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="model shape (default tiny: hidden 512, 4 layers; qwen3-0.6b for GPU runs)")
     ap.add_argument("--model-dir", type=Path,
                     help="where to build (or reuse) the model; default a fresh temp folder")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
     add_output_args(ap)
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="a trial counts as clean when processes outside this benchmark used at "

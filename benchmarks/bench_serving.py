@@ -11,9 +11,9 @@ Each backend serves the same random-weight Qwen3-shaped model (`vmetal.bench.sha
 
 The two vmetal servers are `vmetal bench`'s backends of those names (`vmetal.bench.online.backend_server`,
 a `vllm serve` through `vmetal.server.process.ServerProcess`), started from an environment without the
-user's VLLM_METAL_* settings, with `--max-num-seqs 32 --max-model-len 1024` and the same explicit KV
-capacity (`--kv-cache-memory-bytes`, 32 full-length sequences), so neither path gets more room than the
-other.
+user's VLLM_METAL_* settings, with `--max-num-seqs` the larger of 32 and the highest concurrency measured,
+`--max-model-len 1024` and the same explicit KV capacity (`--kv-cache-memory-bytes`, that many full-length
+sequences), so neither path gets more room than the other and no request of a wave queues.
 
 The load is vLLM's own: `vllm.benchmarks.serve.benchmark()` (what `vllm bench serve` runs) with
 `--max-concurrency C`, every request sent at once (request rate inf), prompts from vLLM's
@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from results_md import RESULTS, add_output_args, command_line, publish
+from results_md import add_output_args, command_line, publish
 from serving_load import KEEP, register, run_load, sample_requests
 from serving_section import TARGET_C, TARGET_TTFT, TARGET_VS_MLX, TARGET_VS_MLX_LM, fmt, notes, ratios, render
 
@@ -90,9 +90,14 @@ def _clean_environ(**extra: str) -> dict[str, str]:
     return env
 
 
-def kv_bytes(model_dir: Path) -> int:
-    """KV bytes for MAX_NUM_SEQS sequences of MAX_MODEL_LEN tokens of this model."""
-    return MAX_NUM_SEQS * MAX_MODEL_LEN * fit.kv_bytes_per_token(fit.read_config(model_dir) or {})
+def max_num_seqs(max_c: int) -> int:
+    """The vLLM servers' --max-num-seqs: every request of the widest wave in flight at once."""
+    return max(MAX_NUM_SEQS, max_c)
+
+
+def kv_bytes(model_dir: Path, seqs: int = MAX_NUM_SEQS) -> int:
+    """KV bytes for `seqs` sequences of MAX_MODEL_LEN tokens of this model."""
+    return seqs * MAX_MODEL_LEN * fit.kv_bytes_per_token(fit.read_config(model_dir) or {})
 
 
 def make_server(backend: str, model_dir: Path, max_c: int, log_path: Path, extra_vllm_args: tuple[str, ...] = ()):
@@ -101,11 +106,12 @@ def make_server(backend: str, model_dir: Path, max_c: int, log_path: Path, extra
     from vmetal import envs
     from vmetal.server.process import ServerProcess, free_port
 
-    vllm_args = ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
+    vllm_args = ["--max-num-seqs", str(max_num_seqs(max_c)), "--max-model-len", str(MAX_MODEL_LEN),
                  "--seed", "0", *extra_vllm_args]
     if backend in ("paged", "mlx"):
         return backend_server(backend, str(model_dir), SERVED_NAME, log_path=log_path, environ=_clean_environ(),
-                              vllm_args=vllm_args + ["--kv-cache-memory-bytes", str(kv_bytes(model_dir))])
+                              vllm_args=vllm_args + ["--kv-cache-memory-bytes",
+                                                              str(kv_bytes(model_dir, max_num_seqs(max_c)))])
     port = free_port()
     if backend == "vllm_cpu":
         # The same `vllm serve`, plugin off: vLLM picks its own CPU platform. Its CPU platform would
@@ -208,7 +214,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="model shape, as bench_engine.py (default tiny; qwen3-0.6b for GPU runs)")
     ap.add_argument("--model-dir", type=Path, help="where to build (or reuse) the model; default a temp folder")
     ap.add_argument("--log-dir", type=Path, help="server and load-generator logs; default a temp folder")
-    ap.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
     add_output_args(ap)
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="a run counts as uncontended when other processes used at most this many "
@@ -225,9 +230,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"unknown backend {b!r}; choose from {', '.join(ALL_BACKENDS)}")
     if any(c < 1 for c in args.conc):
         ap.error("concurrency must be >= 1")
-    if max(args.conc) > MAX_NUM_SEQS:
-        print(f"note: C={max(args.conc)} > --max-num-seqs {MAX_NUM_SEQS}: the vLLM servers queue the rest",
-              file=sys.stderr)
     if args.input_len + args.output_len > MAX_MODEL_LEN:
         ap.error(f"--input-len + --output-len must fit --max-model-len {MAX_MODEL_LEN}")
     return args
@@ -402,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         "mlx_device": str(mx.default_device()),
         "shape": shape,
         "vocab_size": cfg["vocab_size"],
-        "kv_cache_memory_bytes": kv_bytes(model_dir),
-        "max_num_seqs": MAX_NUM_SEQS,
+        "kv_cache_memory_bytes": kv_bytes(model_dir, max_num_seqs(max(args.conc))),
+        "max_num_seqs": max_num_seqs(max(args.conc)),
         "max_model_len": MAX_MODEL_LEN,
         "backends": report_backends,
         "target_c": TARGET_C if TARGET_C in conc else None,

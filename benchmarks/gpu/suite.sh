@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU sections, end to end, on the lent GPU machine once run.sh has unpacked the staged site:
+#
+#   bash benchmarks/gpu/suite.sh [OUT_DIR] [STEP...]
+#
+# Steps, in the order they run (all by default): host engine serving draft. Each writes its section into
+# OUT_DIR/RESULTS-gpu.md (not RESULTS.md: those sections are the CPU host's) and its raw report and log into
+# OUT_DIR (default /tmp/vmetal-gpu-results); a step that fails is logged and the next one runs; OUT_DIR/DONE
+# marks the end. Every model is random-weight Qwen3 in Qwen3-0.6B's shape, bfloat16. The results file kept
+# here is benchmarks/RESULTS-gpu.md: copy OUT_DIR/RESULTS-gpu.md over it as the scripts wrote it.
+#
+# A lease ends a call at 10 minutes and this takes ~20, so start it detached and collect it in later calls:
+#   setsid nohup bash benchmarks/gpu/suite.sh /tmp/res >/tmp/suite.out 2>&1 &
+set -uo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${1:-/tmp/vmetal-gpu-results}
+shift || true
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(host engine serving draft)
+mkdir -p "$out"
+rm -f "$out/DONE"
+results="$out/RESULTS-gpu.md"
+model=/tmp/model
+gpu=(--shape qwen3-0.6b --dtype bfloat16)
+export VLLM_MLX_DEVICE=gpu PYTHONUNBUFFERED=1
+
+step() {
+    local name=$1
+    shift
+    echo "=== $(date -u +%H:%M:%S) $name: $*" | tee -a "$out/suite.log"
+    if bash "$root/benchmarks/gpu/run.sh" python3 "$@" --results "$results" --json "$out/$name.json" \
+        >"$out/$name.log" 2>&1; then
+        echo "=== $(date -u +%H:%M:%S) $name: done" | tee -a "$out/suite.log"
+    else
+        echo "=== $(date -u +%H:%M:%S) $name: FAILED (rc $?), see $name.log" | tee -a "$out/suite.log"
+    fi
+}
+
+for s in "${steps[@]}"; do
+    case $s in
+    host) step host benchmarks/bench_host.py "${gpu[@]}" --rows 1,32 --tokens 128 --trials 5 ;;
+    engine) step engine benchmarks/bench_engine.py "${gpu[@]}" --concurrency 32 --max-tokens 256 --prompt-len 16 \
+        --trials 5 --budget 300 --model-dir "$model" ;;
+    serving) step serving benchmarks/bench_serving.py "${gpu[@]}" --concurrency 32,64 --trials 5 --input-len 128 \
+        --output-len 128 --model-dir "$model" --log-dir "$out/serving-logs" ;;
+    draft) step draft benchmarks/bench_draft.py "${gpu[@]}" --draft-layers 4 --trials 5 ;;
+    *) echo "unknown step $s (host engine serving draft)" >&2; exit 2 ;;
+    esac
+done
+touch "$out/DONE"

@@ -9,10 +9,7 @@ four workers planned its KV with a quarter of the memory (its log line), and sto
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import time
 import urllib.request
 
 import pytest
@@ -36,7 +33,7 @@ def server(qwen3_model, tmp_path_factory):
             "--", "--data-parallel-size", "2", "--tensor-parallel-size", "2"]
     with CliServer(argv, log) as server:
         server.wait_for()
-        yield f"http://127.0.0.1:{port}", log, server.proc
+        yield f"http://127.0.0.1:{port}", log, server
 
 
 def _metric_by_engine(base: str, name: str) -> dict[str, float]:
@@ -54,7 +51,7 @@ def test_two_replicas_of_two_ranks_answer_with_mlx_lms_text(server, qwen3_model)
     from openai import AsyncOpenAI
     from transformers import AutoTokenizer
 
-    base, log, _ = server
+    base, log, cli = server
     tok = AutoTokenizer.from_pretrained(str(qwen3_model))
 
     async def one(client, prompt):
@@ -73,19 +70,5 @@ def test_two_replicas_of_two_ranks_answer_with_mlx_lms_text(server, qwen3_model)
     shares = re.findall(r"vmetal: KV budget .*\(a 1/(\d) share\)", log.read_text())
     assert shares == ["4"] * 4, shares  # four workers on one machine, each planning with a quarter
 
-    # Stopping the CLI stops every replica and rank: nothing of its process group outlives it.
-    _, _, proc = server
-    os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(60) == 0
-    deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _group_alive(proc.pid), "a process of the server's group outlived it"
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    # Stopping the CLI stops every rank: nothing of its process group outlives it.
+    cli.assert_stops_with_its_group()

@@ -47,6 +47,22 @@ class CliServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
 
+    def assert_stops_with_its_group(self, timeout: float = 60) -> None:
+        """SIGTERM to the group ends the CLI with 0, and within seconds no process of its group is left."""
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        assert self.proc.wait(timeout) == 0
+        deadline = time.monotonic() + 10
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not self._group_alive(), "a process of the server's group outlived it"
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
     def __enter__(self) -> CliServer:
         return self
 

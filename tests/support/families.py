@@ -120,11 +120,12 @@ for _family, _config in FAMILIES.items():
     FAMILIES[_family] = {**_COMMON, "model_type": _family, **_config}
 
 
-def build_family(path: Path, family: str, seed: int = 0) -> Path:
-    """A tiny random `family` checkpoint (float32) with the demo tokenizer in `path`."""
+def build_family(path: Path, family: str, seed: int = 0, **config: Any) -> Path:
+    """A tiny random `family` checkpoint (float32) with the demo tokenizer in `path`; `config` overrides
+    entries of its config.json (`num_hidden_layers=3`)."""
     from vmetal.demo import build_checkpoint
 
-    return build_checkpoint(path, FAMILIES[family], seed=seed)
+    return build_checkpoint(path, {**FAMILIES[family], **config}, seed=seed)
 
 
 def as_sliding_window(config: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,11 @@ def test_sizes_as_vllms_parser_reads_them(args, sizes):
 
 
 @pytest.mark.parametrize("sizes, config, kv_path, words", [
-    ((1, 2, 1), QWEN3, "mlx", "`--pipeline-parallel-size 2`: pipeline parallel is not implemented"),
+    ((1, 2, 1), QWEN3, "paged", "`--pipeline-parallel-size 2`: pipeline parallel runs on the MLX-managed KV path"),
+    ((2, 2, 1), QWEN3, "mlx", "`--pipeline-parallel-size 2` with --tensor-parallel-size: vmetal's engine runs one"),
+    ((1, 2, 2), QWEN3, "mlx", "`--pipeline-parallel-size 2` with --data-parallel-size: vmetal's engine runs one"),
+    ((1, 2, 1), {**QWEN3, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}, "mlx",
+     "`--pipeline-parallel-size 2`: mlx-lm's `gemma3_text` model is not one vmetal splits into stages"),
     ((2, 1, 1), QWEN3, "torch", "`--tensor-parallel-size 2`: tensor parallel needs the MLX compute path"),
     ((3, 1, 1), QWEN3, "mlx", "`--tensor-parallel-size 3`: the model's 2 KV heads cannot be split across 3 ranks; "
                               "choose one that divides it (2)"),
@@ -49,12 +53,15 @@ def test_refusals_name_the_flag_and_the_reason(sizes, config, kv_path, words):
     ((2, 1, 1), {"model_type": "qwen3_moe", "num_key_value_heads": 4, "num_experts": 8}),
     ((1, 1, 2), QWEN3),  # dense replicas are independent engines
     ((1, 1, 1), {"model_type": "glm4", "num_key_value_heads": 2}),
+    ((1, 2, 1), QWEN3),
+    ((1, 4, 1), {"model_type": "mistral", "num_attention_heads": 8, "num_key_value_heads": 4}),
+    ((1, 2, 1), {"model_type": "qwen3_moe", "num_key_value_heads": 4, "num_experts": 8}),
 ])
 def test_what_is_served(sizes, config):
     tp, pp, dp = sizes
     assert parallel.refusal(tp, pp, dp, kv_heads=parallel.kv_heads_of(config), moe=parallel.is_moe(config),
-                            kv_path="mlx", unsplittable=parallel.unsplittable_module(config) if tp > 1 else None) \
-        is None
+                            kv_path="mlx", unsplittable=parallel.unsplittable_module(config) if tp > 1 else None,
+                            unstaged=parallel.unstaged_module(config) if pp > 1 else None) is None
 
 
 def test_config_facts_from_text_config_too():
@@ -84,7 +91,7 @@ def nothing_starts(monkeypatch):
 
 @pytest.mark.parametrize("vllm_args, words", [
     (["--tensor-parallel-size", "4"], "`--tensor-parallel-size 4`: the model's 2 KV heads cannot be split"),
-    (["-pp", "2"], "`--pipeline-parallel-size 2`: pipeline parallel is not implemented"),
+    (["-pp", "2", "-tp", "2"], "`--pipeline-parallel-size 2` with --tensor-parallel-size"),
 ])
 def test_serve_refuses_before_starting_anything(qwen3_model, nothing_starts, vllm_args, words):
     r = CliRunner().invoke(app, ["serve", str(qwen3_model), "--port", str(free_port()), "--", *vllm_args])
@@ -102,6 +109,8 @@ def test_a_parallel_serve_that_ends_says_which_rank():
     lost = ["(EngineCore pid=9) ERROR [core.py:1512] RuntimeError: Worker failed with error 'vmetal: "
             "tensor-parallel rank 0 lost MLX's ring ([ring] connection to a peer was lost); …'"]
     assert _cause(lost) == ": tensor-parallel rank 0 lost MLX's ring: another rank or its node stopped"
+    assert _cause([lost[0].replace("tensor-parallel", "pipeline")]) == \
+        ": pipeline rank 0 lost MLX's ring: another rank or its node stopped"
     assert _cause(["(APIServer pid=1) ERROR something else"]) == ""
 
 

@@ -117,7 +117,8 @@ def _exit_code(code: int) -> int:
 # What ended a parallel serve, as vLLM's log says it (the worker that died) or vmetal's own (a rank that
 # lost MLX's ring, when the dead rank was on another node).
 _CAUSES = ((re.compile(r"Worker proc VllmWorker-(\d+) died unexpectedly"), "rank {0}'s worker process died"),
-           (re.compile(r"vmetal: (tensor-parallel rank \d+ lost MLX's ring)"), "{0}: another rank or its node stopped"))
+           (re.compile(r"vmetal: ((?:tensor-parallel|pipeline) rank \d+ lost MLX's ring)"),
+            "{0}: another rank or its node stopped"))
 
 
 def _cause(lines: list[str]) -> str:

@@ -9,7 +9,8 @@ groups:
   (each rank's ring address at start; rank 0's sampled tokens each step).
 - MLX's (`mx.distributed`, the ring backend over TCP): the all-reduces inside the sharded model. mlx-lm's
   `model.shard(group)` splits attention heads and MLP columns across it; each rank then holds 1/N of the
-  weights and of the KV heads.
+  weights and of the KV heads. With `--pipeline-parallel-size N` the same ring carries the hidden states
+  from stage to stage instead (`vmetal.engine.pipeline`).
 
 Every rank computes the same logits (the ring's all-reduce hands every rank the same sums, and the output
 head is not split), so greedy tokens agree by construction; a sampled token is drawn on every rank from its
@@ -20,6 +21,7 @@ all-reduced activations of all of them. So rank 0's tokens are broadcast (`agree
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -43,6 +45,7 @@ class Ring:
     group: Any  # mx.distributed.Group
     rank: int
     addresses: tuple[str, ...]  # every rank's host:port, by rank
+    mode: str = "tensor-parallel"  # or "pipeline": what the ring carries, for the error that names this rank
 
     @contextlib.contextmanager
     def lost_peer_named(self) -> Iterator[None]:
@@ -53,7 +56,7 @@ class Ring:
         except RuntimeError as exc:
             if "[ring]" not in str(exc):
                 raise
-            raise RuntimeError(f"vmetal: tensor-parallel rank {self.rank} lost MLX's ring ({exc}); one of the "
+            raise RuntimeError(f"vmetal: {self.mode} rank {self.rank} lost MLX's ring ({exc}); one of the "
                                f"other ranks stopped or its node went away (ring: {' '.join(self.addresses)})") \
                 from exc
 
@@ -76,7 +79,8 @@ def init_ranks(vllm_config: Any, rank: int, local_rank: int, init_method: str,
     host = "127.0.0.1" if parallel.nnodes == 1 else _node_address()
     os.environ["VLLM_DIST_IDENT"] = ident if parallel.nnodes == 1 else f"{ident}-{host}"
     init_worker_distributed_environment(vllm_config, rank, init_method, local_rank, current_platform.dist_backend)
-    return _join_ring(rank, parallel.world_size, host, None if ring_port is None else ring_port + local_rank)
+    ring = _join_ring(rank, parallel.world_size, host, None if ring_port is None else ring_port + local_rank)
+    return ring if parallel.pipeline_parallel_size == 1 else dataclasses.replace(ring, mode="pipeline")
 
 
 def _node_address() -> str:

@@ -80,6 +80,8 @@ class LoadedModel:
     state_bytes: int = 0
     # The pre-flight's view of the checkpoint (cache types per layer), as decided before the weights were read.
     state: cache_types.ModelState | None = None
+    # This rank's pipeline stage (`vmetal.engine.pipeline.Stage`); None when the model is not split in stages.
+    stage: Any = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -93,12 +95,14 @@ class LoadedModel:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size
 
 
-def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: Any = None) -> LoadedModel:
+def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: Any = None,
+         stages: Any = None) -> LoadedModel:
     """Load `model` with mlx-lm, refused (UnsupportedModelError) unless `kv_path` holds every cache it makes.
 
     With an MLX distributed `group` (tensor parallel, `vmetal.engine.distributed`) the model is split across it
     by mlx-lm's own `shard` before any weight is read, so each rank reads and holds only its part; the shapes
-    recorded (heads, KV heads) are then this rank's."""
+    recorded (heads, KV heads) are then this rank's. With `stages` (pipeline parallel, the ring of its stages)
+    this rank keeps only its stage's layers (`vmetal.engine.pipeline`), and the layer counts are its own."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model  # mlx-lm itself, before `cache_types.probe` would stand in a bare package
@@ -108,7 +112,7 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
     # The pre-flight's decision, in this process (mlx-lm is imported here anyway): before any weight is read.
     state = cache_types.model_state_here(config, str(path / "config.json"))
     cache_types.check_caches(state, kv_path)
-    mlx_model, config = load_model(path, lazy=group is not None)
+    mlx_model, config = load_model(path, lazy=group is not None or stages is not None)
     if group is not None:
         if not hasattr(mlx_model, "shard"):
             raise UnsupportedModelError(
@@ -116,9 +120,19 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
                 f"`{type(mlx_model).__module__}` has no `shard`; serve it with --tensor-parallel-size 1")
         mlx_model.shard(group)
         mx.eval(mlx_model.parameters())
+    stage = None
+    if stages is not None:
+        from vmetal.engine import pipeline
+
+        pipeline.check_splittable(mlx_model, model)
+        stage = pipeline.stage_of(stages, len(mlx_model.model.layers))
+        pipeline.cut_layers(mlx_model, stage)
+        mx.eval(mlx_model.parameters())
     # Shapes as the model really makes them, whatever its config calls them (MLA's keys are wider than its
-    # values; families name their head counts differently).
+    # values; families name their head counts differently). A pipeline stage probes its own layers alone.
     probe = _probe(mlx_model)
+    if stage is not None:
+        pipeline.connect(mlx_model, stage)
     params = tree_flatten(mlx_model.parameters())
     # Packed weights of a quantized layer are uint32 (mxfp4 scales uint8): only floating ones count.
     float_dtypes = [v.dtype for _, v in params if mx.issubdtype(v.dtype, mx.floating)]
@@ -140,6 +154,7 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
         state_layers=probe.state_layers,
         state_bytes=probe.state_bytes,
         state=state,
+        stage=stage,
     )
 
 

@@ -118,9 +118,17 @@ class MetalPlatform(Platform):
             parallel.tensor_parallel_size, parallel.pipeline_parallel_size, parallel.data_parallel_size,
             kv_heads=model_config.get_total_num_kv_heads(), moe=model_config.is_moe, kv_path=cfg.kv_path,
             unsplittable=parallel_modes.unsplittable_module(model_config.hf_config.to_dict())
-            if parallel.tensor_parallel_size > 1 else None)
+            if parallel.tensor_parallel_size > 1 else None,
+            unstaged=parallel_modes.unstaged_module(model_config.hf_config.to_dict())
+            if parallel.pipeline_parallel_size > 1 else None)
         if refused:
             raise ValueError(refused)
+        if parallel.pipeline_parallel_size > 1 and cfg.prefix_cache:
+            # Each stage's prefix cache would keep and evict its own layers' entries by its own byte count, so
+            # the stages could disagree on a hit.
+            raise ValueError(f"`--pipeline-parallel-size {parallel.pipeline_parallel_size}` with "
+                             f"{envs.PREFIX_CACHE}=1: the MLX path's prefix cache is not kept per pipeline stage; "
+                             f"unset {envs.PREFIX_CACHE}")
         if parallel.worker_cls == "auto":
             parallel.worker_cls = "vmetal.engine.worker.MetalWorker"
         # One worker in the engine's process, or one process per rank (vLLM's own executor for either).

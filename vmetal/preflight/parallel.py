@@ -6,8 +6,11 @@
 - Data parallel (`--data-parallel-size N`): N independent engines behind one API server (vLLM's own
   machinery). vLLM runs the replicas of a mixture-of-experts model in lockstep instead (`DPEngineCoreProc`:
   idle replicas run dummy batches so that the experts' collectives line up), which this engine does not do.
-- Pipeline parallel: not built; mlx-lm has no pipeline split for most families and vmetal's runners do not
-  pass hidden states between stages.
+- Pipeline parallel (`--pipeline-parallel-size N`): vLLM's `mp` executor, one worker per stage, each holding a
+  run of the layers and passing hidden states on over MLX's ring (`vmetal.engine.pipeline`). The split reuses
+  each family's own forward with its embedding, layers and final norm stood in for, so it is offered for the
+  families whose forward is exactly embed → layers → norm (`PIPELINE_MODULES`, each tested); on the
+  MLX-managed KV path, alone (not with tensor or data parallel).
 
 Stdlib only: the CLI may import this module for its pre-flight.
 """
@@ -22,15 +25,28 @@ from typing import Any
 # data-parallel fields of an independent replica's config to 1 before its worker starts, so the worker
 # cannot count the replicas itself.
 MEMORY_SHARE_KEY = "vmetal_memory_share"
+# mlx-lm modules whose inner model runs embed_tokens → layers → norm and nothing else (a family that scales its
+# embeddings inside, as Gemma does, would scale the hidden states a stage receives): the split is exact for them.
+PIPELINE_MODULES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 def refusal(tensor: int, pipeline: int, data: int, *, kv_heads: int | None, moe: bool, kv_path: str,
-            unsplittable: str | None = None) -> str | None:
+            unsplittable: str | None = None, unstaged: str | None = None) -> str | None:
     """Why vmetal cannot serve these parallel sizes for this model, or None. `unsplittable`: the mlx-lm module
-    of a model that has no `shard` (`unsplittable_module`)."""
+    of a model that has no `shard` (`unsplittable_module`); `unstaged`: one the pipeline split does not cover
+    (`unstaged_module`)."""
     if pipeline > 1:
-        return (f"`--pipeline-parallel-size {pipeline}`: pipeline parallel is not implemented by vmetal's engine; "
-                "split a model across Macs with --tensor-parallel-size instead, or start without it")
+        flag = f"`--pipeline-parallel-size {pipeline}`"
+        if tensor > 1 or data > 1:
+            other = "--tensor-parallel-size" if tensor > 1 else "--data-parallel-size"
+            return (f"{flag} with {other}: vmetal's engine runs one parallel mode at a time; choose pipeline "
+                    f"parallel or {other}")
+        if kv_path != "mlx":
+            return (f"{flag}: pipeline parallel runs on the MLX-managed KV path only; unset "
+                    "VLLM_METAL_USE_PAGED_ATTENTION and VLLM_METAL_USE_MLX=0 (no --paged), or start without it")
+        if unstaged:
+            return (f"{flag}: mlx-lm's `{unstaged}` model is not one vmetal splits into stages (it does "
+                    f"{', '.join(PIPELINE_MODULES)}); serve it with --tensor-parallel-size, or without a split")
     if tensor > 1 and kv_path == "torch":
         return (f"`--tensor-parallel-size {tensor}`: tensor parallel needs the MLX compute path; unset "
                 "VLLM_METAL_USE_MLX=0 or start without it")
@@ -112,6 +128,19 @@ def unsplittable_module(config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def unstaged_module(config: Mapping[str, Any]) -> str | None:
+    """The mlx-lm module of `config`'s model when the pipeline split does not cover it; None when it does, or
+    when mlx-lm has no module for it (the model checks refuse that)."""
+    from vmetal.preflight.cache_types import mlx_module
+    from vmetal.preflight.checkpoint import UnsupportedModelError
+
+    try:
+        name = mlx_module(dict(config))
+    except UnsupportedModelError:
+        return None
+    return None if name in PIPELINE_MODULES else name
+
+
 def refused_args(args: Sequence[str], config: Mapping[str, Any] | None, kv_path: str) -> str | None:
     """`vmetal serve`'s pre-flight: `refusal` for the sizes among vLLM's arguments and the model's config.json
     (None: not known yet, only the model-independent rules apply)."""
@@ -119,4 +148,5 @@ def refused_args(args: Sequence[str], config: Mapping[str, Any] | None, kv_path:
     return refusal(sizes["tensor"], sizes["pipeline"], sizes["data"],
                    kv_heads=kv_heads_of(config) if config else None, moe=bool(config) and is_moe(config),
                    kv_path=kv_path,
-                   unsplittable=unsplittable_module(config) if config and sizes["tensor"] > 1 else None)
+                   unsplittable=unsplittable_module(config) if config and sizes["tensor"] > 1 else None,
+                   unstaged=unstaged_module(config) if config and sizes["pipeline"] > 1 else None)

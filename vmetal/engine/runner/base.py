@@ -43,8 +43,12 @@ class ModelRunnerBase:
 
     def __init__(self, vllm_config: Any, device: Any, metal_config: Any, group: Any = None):
         self.vllm_config = vllm_config
-        # MLX's tensor-parallel group (`vmetal.engine.distributed`), None on one worker.
-        self.group = group
+        # MLX's ring over every rank (`vmetal.engine.distributed`), None on one worker: the tensor-parallel
+        # group, or the pipeline's stages (`vmetal.engine.pipeline`) with --pipeline-parallel-size.
+        pipelined = vllm_config.parallel_config.pipeline_parallel_size > 1
+        self.group = None if pipelined else group
+        self.stages = group if pipelined else None
+        self.stage = None  # this rank's pipeline.Stage, once loaded
         self.metal_config = metal_config
         self.model_config = vllm_config.model_config
         self.scheduler_config = vllm_config.scheduler_config
@@ -82,9 +86,15 @@ class ModelRunnerBase:
 
         before = mx.get_active_memory()
         self.loaded = models.load(self.model_config.model, revision=self.model_config.revision,
-                                  kv_path=self.metal_config.kv_path, group=self.group)
+                                  kv_path=self.metal_config.kv_path, group=self.group, stages=self.stages)
         self.weights_bytes = mx.get_active_memory() - before
         self.model = self.loaded.model
+        self.stage = self.loaded.stage
+        if self.stage is not None:
+            # The next step's tokens come with the scheduler's output (every rank before the last samples
+            # nothing), so none can be decoded ahead of it.
+            self.decode_ahead_enabled = False
+            logger.info("vmetal: %s", self.stage.describe())
         self._finish_loading(MetalSampler)
 
     def _finish_loading(self, sampler_class: type[MetalSampler]) -> None:
@@ -129,7 +139,9 @@ class ModelRunnerBase:
         loaded = self.loaded
         spec = FullAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=loaded.num_kv_heads,
                                  head_size=loaded.head_dim, dtype=torch_dtype_of(loaded.dtype))
-        return {f"model.layers.{i}.self_attn": spec for i in range(loaded.num_layers)}
+        # A pipeline stage names its layers as the whole model numbers them: vLLM merges every rank's specs.
+        first = self.stage.start if self.stage is not None else 0
+        return {f"model.layers.{first + i}.self_attn": spec for i in range(loaded.num_layers)}
 
     @property
     def kv_fraction(self) -> float:
@@ -226,6 +238,8 @@ class ModelRunnerBase:
             num_output = cached.num_output_tokens[i]
             if num_output < len(state.output_token_ids):
                 del state.output_token_ids[num_output:]
+            if self.stage is not None and cached.new_token_ids:
+                self._take_tokens(state, cached.new_token_ids[i])
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 self._drop_kv(req_id)
@@ -241,6 +255,19 @@ class ModelRunnerBase:
                 ib.num_computed_tokens_cpu[index] = state.num_computed_tokens
                 ib.num_tokens_no_spec[index] = state.num_tokens
         return missing
+
+    @staticmethod
+    def _take_tokens(state: Any, tokens: list[int]) -> None:
+        """A pipeline stage's copy of the tokens vLLM schedules from `num_computed_tokens` on (with pipeline
+        parallel the scheduler sends them: only the last stage sampled them)."""
+        n = len(state.prompt_token_ids)
+        out = state.output_token_ids
+        for position, token in enumerate(tokens, state.num_computed_tokens):
+            i = position - n
+            if i == len(out):
+                out.append(token)
+            elif 0 <= i < len(out):
+                out[i] = token
 
     @staticmethod
     def _tokens(state: Any, start: int, end: int) -> list[int]:
@@ -284,6 +311,13 @@ class ModelRunnerBase:
         step, self._pending = self._pending, None
         ib = self.input_batch
         req_ids = list(ib.req_ids)
+        if self.stage is not None and not self.stage.last:
+            # Its forwards sent their hidden states on as they were built; vLLM reads the last stage's output.
+            for req_id in req_ids:
+                self._on_sampled(req_id, self.requests[req_id], step.so.num_scheduled_tokens[req_id],
+                                 req_id not in step.partial)
+            self._after_step()
+            return EMPTY_MODEL_RUNNER_OUTPUT
         tokens, logprobs, use_torch = self._sample(step, req_ids, grammar_output)
         verified = self._verify(step.drafts) if step.drafts else {}
         self.verifying = (step.drafts or {}).keys()

@@ -1,4 +1,4 @@
-"""Parallel serving on one machine: one rank vs tensor parallel 2 vs data parallel 2, through the OpenAI API.
+"""Parallel serving on one machine: one rank vs tensor, pipeline and data parallel 2, through the OpenAI API.
 
 Each mode is a `vmetal serve` of the same random-weight Qwen3-shaped model (`vmetal.bench.shapes`, `--shape`)
 started by `vmetal bench online MODEL --serve-args ...` (vLLM's own benchmark client, greedy, ignore_eos, random
@@ -8,7 +8,9 @@ of the same trial.
 
 On this 2-core host the figures are about correctness and overhead, not speed: TP=2 runs two processes that
 each compute half of every layer and meet twice per layer in MLX's ring over loopback, on cores that the API
-server and the engine core need too; DP=2 runs two whole engines on the same two cores. Across Macs the ring
+server and the engine core need too; PP=2 runs two processes of half the layers each, which pass one
+hidden-state row per token between them and work on two batches at once; DP=2 runs two whole engines on the
+same two cores. Across Macs the ring
 crosses a Thunderbolt link instead, and each rank has a GPU of its own.
 
 Results go to benchmarks/RESULTS.md between `<!-- parallel:begin -->` and `<!-- parallel:end -->`.
@@ -33,7 +35,8 @@ from results_md import add_output_args, publish_run, run_header
 
 from vmetal.bench.shapes import SHAPES, build_model
 
-MODES = {"1 rank": "", "TP=2": "--tensor-parallel-size 2", "DP=2": "--data-parallel-size 2"}
+MODES = {"1 rank": "", "TP=2": "--tensor-parallel-size 2", "PP=2": "--pipeline-parallel-size 2",
+         "DP=2": "--data-parallel-size 2"}
 
 
 def run_mode(model: Path, serve_args: str, concurrency: list[int], args: argparse.Namespace) -> dict[int, dict]:
@@ -54,7 +57,7 @@ def run_mode(model: Path, serve_args: str, concurrency: list[int], args: argpars
 
 def render(results: dict, args: argparse.Namespace, shape: dict, started: str, elapsed: float, argv) -> str:
     lines = [
-        *run_header("Parallel serving on one machine: 1 rank vs TP=2 vs DP=2", "bench_parallel.py", argv, started,
+        *run_header("Parallel serving on one machine: 1 rank vs TP=2 vs PP=2 vs DP=2", "bench_parallel.py", argv, started,
                     elapsed, args.shape, shape, args.dtype),
         f"**Workload:** `vmetal bench online` (vLLM's benchmark client), prompts of {args.input_len} random "
         f"tokens, {args.output_len} output tokens, greedy, ignore_eos; {args.trials} trial(s), modes in rotating "
@@ -70,11 +73,14 @@ def render(results: dict, args: argparse.Namespace, shape: dict, started: str, e
             lines.append(f"| {mode} | {c} | {tps:.1f} | {tpot:.1f} | {statistics.median(ratios):.2f} |")
     lines += ["", "What it says: one engine does not keep both of this host's cores busy (vLLM's loop, the API "
               "server and MLX's CPU compute take turns), so at concurrency C a second replica (DP=2) or a second "
-              "rank (TP=2) finds the idle core; with one stream, TP=2 pays two all-reduces per layer per token "
-              "over loopback plus the rank-0 broadcast of the sampled token, and DP=2 has nothing to split. On "
+              "rank (TP=2) or stage (PP=2) finds the idle core; with one stream, TP=2 pays two all-reduces per "
+              "layer per token over loopback plus the rank-0 broadcast of the sampled token, PP=2 runs its two "
+              "stages one after the other (one hand-over per token, nothing in parallel), and DP=2 has nothing "
+              "to split. On "
               "Macs each rank or replica has a GPU of its own and the ring crosses Thunderbolt, so these ratios "
               "do not carry over; the per-token cost of the ring is what to measure there. Correctness of both "
-              "modes is the tests' job (tests/engine/test_tensor_parallel.py, tests/server/test_parallel_serve.py, "
+              "modes is the tests' job (tests/engine/test_tensor_parallel.py, tests/engine/test_pipeline_parallel.py, "
+              "tests/server/test_parallel_serve.py, tests/server/test_pipeline_serve.py, "
               "tests/server/test_multinode.py)."]
     return "\n".join(lines)
 

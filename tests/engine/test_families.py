@@ -120,7 +120,7 @@ def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(fami
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "0")
     monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "auto")
     path = family_dir(family)
-    per_token = models.load(str(path)).kv_bytes_per_token
+    per_token = models.load(str(path)).growing_kv_bytes_per_token
     # KV for 192 tokens: the 92-token prompt and its 40 tokens fit, the nine requests together (~500) do not.
     with running_llm(path, max_model_len=160, max_num_seqs=8, max_num_batched_tokens=32,
                      enable_chunked_prefill=True, kv_cache_memory_bytes=per_token * 192, block_size=16,
@@ -129,6 +129,27 @@ def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(fami
         assert len(outs[0].prompt_token_ids) > 32
         assert_greedy_like_mlx(path, outs, 40)
         assert metric(llm, "vllm:num_preemptions") > 0
+
+
+def test_sliding_window_layers_do_not_count_against_the_context_vllm_admits(family_dir, monkeypatch):
+    """On the MLX-managed path a sliding-window layer keeps at most its window, so vLLM's block budget counts
+    only the layers that keep every token: the same KV bytes admit twice the context for this model (one layer
+    of two slides), and its window is the fixed part the budget sets aside per request."""
+    from tests.support.engine import assert_greedy_like_mlx
+    from vmetal.engine import models
+
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "0")
+    path = family_dir("gemma3_text")
+    loaded = models.load(str(path))
+    window = json.loads((path / "config.json").read_text())["sliding_window"]
+    assert loaded.state.held == (window, None)  # a sliding layer, then a full-attention one
+    assert loaded.growing_kv_bytes_per_token * 2 == loaded.kv_bytes_per_token
+    assert loaded.window_bytes == window * loaded.kv_bytes_per_token // 2
+    with running_llm(path, max_model_len=160, max_num_seqs=4, block_size=16,
+                     kv_cache_memory_bytes=loaded.kv_bytes_per_token * 96) as llm:
+        # 96 tokens of every layer's K/V: 192 tokens of the growing layer's, 12 blocks of 16.
+        assert llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == 12
+        assert_greedy_like_mlx(path, llm.generate(PROMPTS[:2], greedy(20), use_tqdm=False), 20)
 
 
 def test_paged_path_refuses_mla_before_the_engine_starts(family_dir, monkeypatch):

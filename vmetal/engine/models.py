@@ -90,9 +90,44 @@ class LoadedModel:
         In a quantized model the activations (hence K and V) come out of the quantized matmuls in the
         dtype of the floating weights beside them, not in the packed integer dtype.
         """
+        return sum(self._layer_bytes())
+
+    def _layer_bytes(self) -> list[int]:
+        """K and V bytes per token of each K/V layer."""
         if self.kv_widths:
-            return sum(h * (k + v) for h, k, v in self.kv_widths) * self.dtype.size
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size
+            return [h * (k + v) * self.dtype.size for h, k, v in self.kv_widths]
+        return [2 * self.num_kv_heads * self.head_dim * self.dtype.size] * self.num_layers
+
+    def _kv_held(self) -> tuple[int | None, ...]:
+        """Per K/V layer of this rank (as in `kv_widths`), the most tokens its cache keeps (None: every one), from
+        the pre-flight's reading (`state.held`); empty when that does not line up with the layers loaded."""
+        held = self.state.held if self.state is not None else ()
+        if self.stage is not None and len(held) == self.stage.num_layers:
+            held = held[self.stage.start:self.stage.end]
+        held = tuple(n for n in held if n != 0)  # a recurrent layer keeps no K/V
+        return held if len(held) == len(self._layer_bytes()) else ()
+
+    def growing_layers(self) -> tuple[int, ...]:
+        """The K/V layers whose cache grows with every token: all of them, unless some keep a sliding window
+        (mlx-lm's RotatingKVCache) and at least one does grow."""
+        held = self._kv_held()
+        every = tuple(range(len(self._layer_bytes())))
+        if not held or all(n is not None for n in held):
+            return every
+        return tuple(i for i in every if held[i] is None)
+
+    @property
+    def growing_kv_bytes_per_token(self) -> int:
+        """What one more token of context costs: K and V of the layers that keep every token."""
+        per_layer = self._layer_bytes()
+        return sum(per_layer[i] for i in self.growing_layers())
+
+    @property
+    def window_bytes(self) -> int:
+        """The most K and V one request's sliding-window layers hold, whatever its length."""
+        growing = set(self.growing_layers())
+        held = self._kv_held()
+        return sum(b * (held[i] or 0) for i, b in enumerate(self._layer_bytes()) if i not in growing)
 
 
 def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: Any = None,

@@ -141,7 +141,15 @@ class ModelRunnerBase:
                                  head_size=loaded.head_dim, dtype=torch_dtype_of(loaded.dtype))
         # A pipeline stage names its layers as the whole model numbers them: vLLM merges every rank's specs.
         first = self.stage.start if self.stage is not None else 0
-        return {f"model.layers.{first + i}.self_attn": spec for i in range(loaded.num_layers)}
+        return {f"model.layers.{first + i}.self_attn": spec for i in self._planned_layers()}
+
+    def _planned_layers(self) -> tuple[int, ...]:
+        """The K/V layers vLLM's block budget counts (every one: the paged path keeps each in blocks)."""
+        return tuple(range(self.loaded.num_layers))
+
+    def _fixed_bytes_per_request(self) -> int:
+        """What a request holds whatever its length: a hybrid's recurrent state."""
+        return self.loaded.state_bytes if self.loaded is not None else 0
 
     @property
     def kv_fraction(self) -> float:
@@ -155,9 +163,9 @@ class ModelRunnerBase:
         holds: `kv_fraction` of the device, less weights and the activation peak, and never more than
         `max_num_seqs` full-length sequences (in whole blocks, plus the null block vLLM's pool keeps aside).
         """
-        # A hybrid's recurrent state is a fixed size per request, whatever its length: set aside for the most
-        # requests the scheduler may run at once.
-        state = self.max_num_reqs * (self.loaded.state_bytes if self.loaded is not None else 0)
+        # A hybrid's recurrent state (and, on the MLX-managed path, a sliding window) is a fixed size per
+        # request, whatever its length: set aside for the most requests the scheduler may run at once.
+        state = self.max_num_reqs * self._fixed_bytes_per_request()
         budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes - state
         # A draft model (draft_model.py) holds every token again in caches of its own: the target's share.
         draft = getattr(self.drafter, "kv_bytes_per_token", 0)

@@ -63,6 +63,19 @@ class MlxModelRunner(ModelRunnerBase):
                          * self.metal_config.prefix_cache_fraction)
             self.enable_prefix_cache(budget)
 
+    # ------------------------------------------------------------ KV budget
+    # A sliding-window layer's cache stops growing at its window (mlx-lm's RotatingKVCache): vLLM's blocks count
+    # only the layers that keep every token, and each request's windows are set aside like a recurrent state.
+    # A Gemma 3 (five layers in six sliding) then fits six times the context vLLM would otherwise admit.
+    def kv_bytes_per_token(self) -> int:
+        return self.loaded.growing_kv_bytes_per_token
+
+    def _planned_layers(self) -> tuple[int, ...]:
+        return self.loaded.growing_layers()
+
+    def _fixed_bytes_per_request(self) -> int:
+        return super()._fixed_bytes_per_request() + self.loaded.window_bytes
+
     def enable_prefix_cache(self, budget_bytes: int) -> None:
         from vmetal.engine.runner.kv.prefix_cache import PrefixCache
 

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.support.cli_server import CliServer
 from tests.support.engine import mlx_greedy
+from tests.support.netns import Host, two_hosts
 
 pytestmark = pytest.mark.slow
 
@@ -34,42 +32,10 @@ SERVED = "tiny-nodes"
 PROMPTS = ["The cat number 0 reads", "A small dog number 1 reads", "Our team number 2 reads", "The robot reads"]
 
 
-@dataclass(frozen=True)
-class Host:
-    netns: str
-    address: str
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def hosts():
-    if shutil.which("ip") is None or os.geteuid() != 0:
-        pytest.skip("two network namespaces need root and iproute2's `ip`")
-    tag = f"vmt{os.getpid() % 100000}"
-    subnet = f"10.231.{random.randrange(1, 250)}"
-    a, b = Host(f"{tag}a", f"{subnet}.1"), Host(f"{tag}b", f"{subnet}.2")
-    made: list[str] = []
-    try:
-        for host in (a, b):
-            r = _ip("netns", "add", host.netns)
-            if r.returncode:
-                pytest.skip(f"cannot make a network namespace here: {r.stderr.strip()}")
-            made.append(host.netns)
-        steps = [("link", "add", f"{tag}-a", "type", "veth", "peer", "name", f"{tag}-b"),
-                 ("link", "set", f"{tag}-a", "netns", a.netns), ("link", "set", f"{tag}-b", "netns", b.netns)]
-        for host, dev in ((a, f"{tag}-a"), (b, f"{tag}-b")):
-            steps += [("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", dev),
-                      ("-n", host.netns, "link", "set", dev, "up"), ("-n", host.netns, "link", "set", "lo", "up")]
-        for step in steps:
-            r = _ip(*step)
-            assert r.returncode == 0, (step, r.stderr)
-        yield a, b
-    finally:
-        for name in made:  # the veth pair goes with its namespaces
-            _ip("netns", "del", name)
+    with two_hosts() as pair:
+        yield pair
 
 
 def node(host: Host, argv: list[str], log: Path) -> CliServer:

@@ -4,6 +4,7 @@
     vmetal doctor -v         # plus every check's details
     vmetal doctor --json     # the same as data (schema below)
     vmetal doctor --smoke    # plus a real greedy generation through vLLM on a tiny model built locally
+    vmetal doctor --cluster hosts.json [--model M]   # plus every node of a multi-node serve, over ssh
 
 Exit code: 0 when no check is ✗ (warnings allowed), 1 otherwise. Secrets (`HF_TOKEN`, `VLLM_API_KEY`, any
 variable named `*_TOKEN`, `*_KEY`, `*SECRET*`, `*PASSWORD*`) never appear in the output, JSON included.
@@ -69,6 +70,8 @@ Check ids and their `details` keys:
     model_fit            model, path, plus vmetal.preflight.fit.FitReport.as_dict() keys   (with --model)
     remote_code          trust_remote_code (bool: `--trust-remote-code` after `--`), code_files (the model's)
     smoke                model, tokens, tokens_per_s, load_s, matches_mlx_lm, error   (with --smoke)
+    cluster_node         one per node of --cluster's hostfile: node, ips, hostname, python, versions (object),
+                         model_digest (str|null), port, clock_offset_s, unreachable (addresses)  (cluster.py)
 
 The checks live in `vmetal/cli/doctor/`, one module per concern (`machine`, `device`, `packages`, `plugin`,
 `serving`, `hub`, `remote_code`, `smoke`; `base` holds `Check`); this module runs them in the order above and
@@ -150,7 +153,8 @@ def _guarded(fn: Callable[[], Check | list[Check]], id: str) -> Check | list[Che
 
 def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeout: float = PROBE_TIMEOUT_S,
                model: str | None = None, max_model_len: int | None = None, smoke: bool = False,
-               vllm_args: tuple[str, ...] = ()) -> list[Check]:
+               vllm_args: tuple[str, ...] = (), cluster: Path | None = None, ssh: str | None = None,
+               remote_python: str | None = None) -> list[Check]:
     # Called through their modules, so that a test replacing e.g. `plugin.start_vllm_probe` is heard.
     from vmetal.cli.doctor import device, hub, machine, packages, plugin, serving
     from vmetal.cli.doctor.remote_code import check_remote_code
@@ -212,6 +216,10 @@ def run_checks(environ: Mapping[str, str], *, host: str, port: int, probe_timeou
         from vmetal.cli.doctor.smoke import check_smoke
 
         checks.append(_guarded(lambda: check_smoke(environ), "smoke"))
+    if cluster is not None:
+        from vmetal.cli.doctor import cluster as cluster_checks
+
+        checks.extend(cluster_checks.check_cluster(cluster, model, ssh or cluster_checks.SSH, remote_python))
     return [c for c in checks if isinstance(c, Check)]
 
 
@@ -341,8 +349,26 @@ def doctor(
                                                       show_default=False)] = None,
     probe_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for vLLM to import and pick "
                                                  "its platform.")] = PROBE_TIMEOUT_S,
+    cluster: Annotated[Path | None, typer.Option(help="Also check every node of this hostfile (mlx.launch's JSON: "
+                                                      '[{"ssh": HOST, "ips": [ADDRESS]}, ...]) over ssh: same '
+                                                      "versions, same --model files, ring port reachable, clock.",
+                                                 show_default=False)] = None,
+    ssh: Annotated[str, typer.Option(help="How --cluster reaches a node: a command taking HOST then a shell "
+                                          "command, as ssh does.")] = "ssh -o BatchMode=yes -o ConnectTimeout=5",
+    remote_python: Annotated[str | None, typer.Option(help="vmetal's Python on the nodes. Default: this one's "
+                                                           "path, under each node's home when under ours.",
+                                                      show_default=False)] = None,
+    node_facts: Annotated[bool, typer.Option("--node-facts", hidden=True,
+                                             help="What --cluster runs on each node: its facts as one JSON line, "
+                                                  "then a port held open for the asking node.")] = False,
 ) -> None:
     """Check this machine for vmetal: one line per check, a fix for each problem; exit 1 if any failed."""
+    if node_facts:
+        from vmetal.cli.doctor.cluster import answer
+
+        port = os.environ.get("VLLM_METAL_RING_PORT", "")
+        answer(model, int(port) if port.isdigit() else None)
+        raise typer.Exit(0)
     started = time.monotonic()
     environ = dict(os.environ)
     if smoke and not json_output:
@@ -350,7 +376,8 @@ def doctor(
 
         say("--smoke: building or reusing the demo model and generating with vLLM (~30 s)")
     checks = run_checks(environ, host=host, port=port, probe_timeout=probe_timeout, model=model,
-                        max_model_len=max_model_len, smoke=smoke, vllm_args=tuple(ctx.args))
+                        max_model_len=max_model_len, smoke=smoke, vllm_args=tuple(ctx.args), cluster=cluster,
+                        ssh=ssh, remote_python=remote_python)
     elapsed = time.monotonic() - started
     if json_output:
         data = as_json(checks, environ, elapsed)

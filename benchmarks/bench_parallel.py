@@ -76,10 +76,11 @@ def render(results: dict, args: argparse.Namespace, shape: dict, started: str, e
               "rank (TP=2) or stage (PP=2) finds the idle core; with one stream, TP=2 pays two all-reduces per "
               "layer per token over loopback plus the rank-0 broadcast of the sampled token, PP=2 runs its two "
               "stages one after the other (one hand-over per token, nothing in parallel), and DP=2 has nothing "
-              "to split. On "
+              "to split. PP=2 overlaps its stages only when vLLM's scheduler has requests for a second batch "
+              "while the first is in flight; at this concurrency every request fits the first one. On "
               "Macs each rank or replica has a GPU of its own and the ring crosses Thunderbolt, so these ratios "
-              "do not carry over; the per-token cost of the ring is what to measure there. Correctness of both "
-              "modes is the tests' job (tests/engine/test_tensor_parallel.py, tests/engine/test_pipeline_parallel.py, "
+              "do not carry over; the per-token cost of the ring is what to measure there. Correctness of every "
+              "mode is the tests' job (tests/engine/test_tensor_parallel.py, tests/engine/test_pipeline_parallel.py, "
               "tests/server/test_parallel_serve.py, tests/server/test_pipeline_serve.py, "
               "tests/server/test_multinode.py)."]
     return "\n".join(lines)

@@ -2,8 +2,8 @@
 per stage under vLLM's `mp` executor, each holding a run of the layers, hidden states passed on over MLX's ring
 (CPU backend, 127.0.0.1), only the last stage sampling.
 
-What a user would notice: greedy tokens equal to mlx-lm's whole model (dense and MoE families, more requests
-than fit one batch so that vLLM keeps two batches in flight, prompts long enough to be cut in chunks); each
+What a user would notice: greedy tokens equal to mlx-lm's whole model (both KV paths, dense and MoE families,
+more requests than fit one batch so that vLLM keeps two batches in flight, prompts cut in chunks); each
 stage holding only its layers (what makes a bigger model fit across Macs); sampled tokens whose reported
 logprobs are the model's (the first stage feeds the tokens the last one drew, which it learns from vLLM's
 scheduler); and what the split does not cover refused before any worker starts.
@@ -23,7 +23,10 @@ def plugin_env(monkeypatch):
     monkeypatch.setenv("VMETAL_ENABLE", "1")
 
 
-def test_two_stages_generate_what_the_whole_model_does(qwen3_model):
+@pytest.mark.parametrize("paged", [False, True], ids=["mlx-kv", "paged-kv"])
+def test_two_stages_generate_what_the_whole_model_does(qwen3_model, monkeypatch, paged):
+    if paged:
+        monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
     # max_num_batched_tokens below the longest prompts: their prefill is cut in chunks across steps.
     with running_llm(qwen3_model, max_model_len=256, pipeline_parallel_size=2, seed=0,
                      max_num_batched_tokens=32, max_num_seqs=4) as llm:

@@ -28,7 +28,7 @@ def test_sizes_as_vllms_parser_reads_them(args, sizes):
 
 
 @pytest.mark.parametrize("sizes, config, kv_path, words", [
-    ((1, 2, 1), QWEN3, "paged", "`--pipeline-parallel-size 2`: pipeline parallel runs on the MLX-managed KV path"),
+    ((1, 2, 1), QWEN3, "torch", "`--pipeline-parallel-size 2`: pipeline parallel needs the MLX compute path"),
     ((2, 2, 1), QWEN3, "mlx", "`--pipeline-parallel-size 2` with --tensor-parallel-size: vmetal's engine runs one"),
     ((1, 2, 2), QWEN3, "mlx", "`--pipeline-parallel-size 2` with --data-parallel-size: vmetal's engine runs one"),
     ((1, 2, 1), {**QWEN3, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}, "mlx",

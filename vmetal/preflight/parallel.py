@@ -9,8 +9,8 @@
 - Pipeline parallel (`--pipeline-parallel-size N`): vLLM's `mp` executor, one worker per stage, each holding a
   run of the layers and passing hidden states on over MLX's ring (`vmetal.engine.pipeline`). The split reuses
   each family's own forward with its embedding, layers and final norm stood in for, so it is offered for the
-  families whose forward is exactly embed → layers → norm (`PIPELINE_MODULES`, each tested); on the
-  MLX-managed KV path, alone (not with tensor or data parallel).
+  families whose forward is exactly embed → layers → norm (`PIPELINE_MODULES`, each tested); on either KV
+  path of the MLX compute path, alone (not with tensor or data parallel).
 
 Stdlib only: the CLI may import this module for its pre-flight.
 """
@@ -41,9 +41,9 @@ def refusal(tensor: int, pipeline: int, data: int, *, kv_heads: int | None, moe:
             other = "--tensor-parallel-size" if tensor > 1 else "--data-parallel-size"
             return (f"{flag} with {other}: vmetal's engine runs one parallel mode at a time; choose pipeline "
                     f"parallel or {other}")
-        if kv_path != "mlx":
-            return (f"{flag}: pipeline parallel runs on the MLX-managed KV path only; unset "
-                    "VLLM_METAL_USE_PAGED_ATTENTION and VLLM_METAL_USE_MLX=0 (no --paged), or start without it")
+        if kv_path == "torch":
+            return (f"{flag}: pipeline parallel needs the MLX compute path; unset VLLM_METAL_USE_MLX=0 or start "
+                    "without it")
         if unstaged:
             return (f"{flag}: mlx-lm's `{unstaged}` model is not one vmetal splits into stages (it does "
                     f"{', '.join(PIPELINE_MODULES)}); serve it with --tensor-parallel-size, or without a split")

@@ -47,10 +47,17 @@ def vmetal_rows(model: Path, path: str, rows: list[int], tokens: int, max_model_
 
     from vllm import LLM
 
+    from vmetal.preflight import fit
+
     saved = {k: os.environ.get(k) for k in PATHS[path]}
     os.environ.update(PATHS[path])
+    # KV for the widest batch at full length on both paths: left to itself the paged path takes 90 % of a GPU
+    # for its pools, and the previous engine's process may not have given its memory back yet (out of memory
+    # on an H100, 2026-12-05).
+    kv_bytes = max(rows) * max_model_len * fit.kv_bytes_per_token(fit.read_config(model) or {})
     try:
-        llm = LLM(model=str(model), max_model_len=max_model_len, max_num_seqs=max(rows), seed=0)
+        llm = LLM(model=str(model), max_model_len=max_model_len, max_num_seqs=max(rows), seed=0,
+                  kv_cache_memory_bytes=kv_bytes)
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -174,8 +174,8 @@ def notes(r: dict) -> list[str]:
                    f"which both of its runs were (n in the table).")
     if r.get("restarts"):
         out.append(f"The engine died and was restarted during: {', '.join(r['restarts'])}.")
-    out.append("Absolute numbers on a shared 2-vCPU KVM guest drift by several percent between runs; "
-               "the trials are interleaved so drift hits engine and mlx-lm alike, and ratios are "
+    out.append(f"Absolute numbers on a shared {r['machine']['cores']}-core virtual machine drift by several percent "
+               "between runs; the trials are interleaved so drift hits engine and mlx-lm alike, and ratios are "
                "taken per trial.")
     if a["dtype"] == "float32":
         out.append(f"float32 was used, as it is fast enough here (mlx-lm single-stream "

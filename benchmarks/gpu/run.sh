@@ -14,7 +14,7 @@ keep)
     mkdir -p "$parts"
     shopt -s nullglob
     for f in "$root"/.gpu-bundle/part-* "$root"/.gpu-bundle/SHA256SUMS; do
-        cp "$f" "$parts/"
+        [ -e "$f" ] && cp "$f" "$parts/"  # the sums travel with one part only
     done
     ls -l "$parts"
     ;;

@@ -21,7 +21,14 @@ Then, on the GPU machine (each `run` call carries one part; the machine must sti
     run(carry=[".gpu-bundle/part-00"], command="bash benchmarks/gpu/run.sh keep")
     run(carry=[".gpu-bundle/part-01", ".gpu-bundle/SHA256SUMS"],
         command="bash benchmarks/gpu/run.sh keep && bash benchmarks/gpu/run.sh unpack && "
-                "bash benchmarks/gpu/run.sh python benchmarks/bench_engine.py --shape qwen3-0.6b ...")
+                "(setsid nohup bash benchmarks/gpu/suite.sh /tmp/res >/tmp/suite.out 2>&1 &); "
+                "for i in $(seq 55); do [ -f /tmp/res/DONE ] && break; sleep 10; done; "
+                "cd /tmp && tar czf $OUT/res.tgz res")
+    run(command="...the same wait and tar, until /tmp/res/DONE...")
+
+`suite.sh` (the GPU sections, ~20 min: longer than one call, hence detached) writes
+/tmp/res/RESULTS-gpu.md; it replaces benchmarks/RESULTS-gpu.md here. The machine goes back 30 s after a
+call ends, so each call must follow the last at once.
 
 Nothing here is committed but this script, run.sh and gpu-freeze.txt: the bundle is rebuilt from pinned
 wheels when wanted.

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.engine import PROMPTS, assert_greedy_like_mlx, greedy, running_llm, sampled_logprobs_reference
+from tests.support.engine import (
+    PROMPTS,
+    assert_greedy_like_mlx,
+    assert_refused_before_start,
+    assert_split_like_mlx,
+    greedy,
+    running_llm,
+    sampled_logprobs_reference,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +64,12 @@ def test_stages_of_other_families_and_sizes(request, tmp_path_factory, family, s
     path = (request.getfixturevalue("llama_model") if family == "llama" else
             build_tiny_model(folder, "qwen3", hidden_size=64, num_layers=3) if family == "qwen3" else
             build_family(folder, family, num_hidden_layers=3))
-    with running_llm(path, max_model_len=256, pipeline_parallel_size=stages, seed=0) as llm:
-        outs = llm.generate(PROMPTS[:3], greedy(10), use_tqdm=False)
-        assert_greedy_like_mlx(path, outs, 10)
+    assert_split_like_mlx(path, pipeline_parallel_size=stages)
 
 
 def test_a_family_the_split_does_not_cover_is_refused_before_any_worker_starts(tmp_path_factory):
     from tests.support.families import build_family
 
     path = build_family(tmp_path_factory.mktemp("glm") / "glm4", "glm4")
-    with pytest.raises(Exception, match=r"mlx-lm's `glm4` model is not one vmetal splits into stages"):
-        with running_llm(path, max_model_len=256, pipeline_parallel_size=2):
-            pass
+    assert_refused_before_start(path, r"mlx-lm's `glm4` model is not one vmetal splits into stages",
+                                pipeline_parallel_size=2)

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.engine import PROMPTS, assert_greedy_like_mlx, greedy, running_llm, sampled_logprobs_reference
+from tests.support.engine import (
+    PROMPTS,
+    assert_greedy_like_mlx,
+    assert_refused_before_start,
+    assert_split_like_mlx,
+    greedy,
+    running_llm,
+    sampled_logprobs_reference,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -59,15 +67,11 @@ def test_two_ranks_split_other_families(request, tmp_path_factory, family):
 
     path = (request.getfixturevalue("llama_model") if family == "llama" else
             build_family(tmp_path_factory.mktemp("moe") / family, family))
-    with running_llm(path, max_model_len=256, tensor_parallel_size=2, seed=0) as llm:
-        outs = llm.generate(PROMPTS[:3], greedy(10), use_tqdm=False)
-        assert_greedy_like_mlx(path, outs, 10)
+    assert_split_like_mlx(path, tensor_parallel_size=2)
 
 
 def test_a_family_mlx_lm_cannot_split_is_refused_before_any_worker_starts(tmp_path_factory):
     from tests.support.families import build_family
 
     path = build_family(tmp_path_factory.mktemp("glm") / "glm4", "glm4")
-    with pytest.raises(Exception, match=r"mlx_lm\.models\.glm4` model has no `shard`"):
-        with running_llm(path, max_model_len=256, tensor_parallel_size=2):
-            pass
+    assert_refused_before_start(path, r"mlx_lm\.models\.glm4` model has no `shard`", tensor_parallel_size=2)

@@ -44,6 +44,21 @@ def assert_greedy_like_mlx(path, outs, max_tokens: int) -> None:
         assert list(out.outputs[0].token_ids) == mlx_greedy(path, out.prompt_token_ids, max_tokens)
 
 
+def assert_split_like_mlx(path, **parallel) -> None:
+    """`LLM` with the `parallel` sizes (tensor_parallel_size=2, ...) gives mlx-lm's whole-model greedy tokens."""
+    with running_llm(path, max_model_len=256, seed=0, **parallel) as llm:
+        assert_greedy_like_mlx(path, llm.generate(PROMPTS[:3], greedy(10), use_tqdm=False), 10)
+
+
+def assert_refused_before_start(path, words: str, **parallel) -> None:
+    """`LLM` with the `parallel` sizes stops in vLLM's config step with an error matching `words`."""
+    import pytest
+
+    with pytest.raises(Exception, match=words):
+        with running_llm(path, max_model_len=256, **parallel):
+            pass
+
+
 def metric(llm, name: str) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == name)
 

@@ -90,13 +90,14 @@ class _Received:
 class _Sent:
     """Stands in for the final `norm` before the last stage: sends the hidden states on, returns what was sent."""
 
-    def __init__(self, stage: Stage):
-        self._stage = stage
+    def __init__(self, stage: Stage, dtype: Any):
+        self._stage, self._dtype = stage, dtype
 
     def __call__(self, hidden: Any) -> Any:
         import mlx.core as mx
 
-        sent = mx.distributed.send(hidden, self._stage.rank + 1, group=self._stage.group)
+        # In the dtype the next stage receives: a receive reads exactly its shape's bytes.
+        sent = mx.distributed.send(hidden.astype(self._dtype), self._stage.rank + 1, group=self._stage.group)
         mx.eval(sent)
         return sent
 
@@ -132,9 +133,6 @@ def check_splittable(model: Any, model_name: str) -> None:
 def cut_layers(model: Any, stage: Stage) -> None:
     """Keep only this stage's layers (before any weight is read: the others are never loaded)."""
     inner = model.model
-    if len(inner.layers) != stage.num_layers:
-        raise RuntimeError(f"pipeline split planned for {stage.num_layers} layers, the model has "
-                           f"{len(inner.layers)}")
     inner.layers = inner.layers[stage.start:stage.end]
 
 
@@ -145,13 +143,14 @@ def connect(model: Any, stage: Stage) -> None:
 
     inner = model.model
     embed = inner.embed_tokens
+    # The hidden states travel in the dtype the norms compute in (a quantized model's too), the same on every
+    # stage.
+    dtype = inner.norm.weight.dtype if "weight" in inner.norm else mx.float32
     if not stage.first:
-        # The hidden states travel in the dtype the norms compute in (a quantized model's too).
-        dtype = inner.norm.weight.dtype if "weight" in inner.norm else mx.float32
         inner.embed_tokens = _Received(embed, stage, model.args.hidden_size, dtype)
     elif not stage.last:
         inner.embed_tokens = _TiedHeadOnly(embed)
     if not stage.last:
-        inner.norm = _Sent(stage)
+        inner.norm = _Sent(stage, dtype)
         if "lm_head" in model:
             model.lm_head = _no_logits

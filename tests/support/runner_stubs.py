@@ -14,6 +14,7 @@ def stub_vllm_config(*, max_model_len: int = 1000, max_num_seqs: int = 4, block_
         model_config=SimpleNamespace(max_model_len=max_model_len, model="unused", revision=None),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
         cache_config=SimpleNamespace(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
     )
 
 

@@ -29,12 +29,14 @@ MAX_SEQS = 4
 
 
 def make_runner(cls, *, weights: int, device: str = "gpu", fraction: str = "auto", max_model_len=MAX_LEN,
-                max_num_seqs=MAX_SEQS, gpu_memory_utilization=0.5, state_bytes=0):
+                max_num_seqs=MAX_SEQS, gpu_memory_utilization=0.5, state_bytes=0, window_bytes=0):
     config = stub_vllm_config(max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=BLOCK,
                               gpu_memory_utilization=gpu_memory_utilization)
     runner = cls(config, "cpu", paged_metal_config(device, fraction))
     runner.weights_bytes = weights
-    runner.loaded = SimpleNamespace(kv_bytes_per_token=PER_TOKEN, state_bytes=state_bytes)
+    # One per-token figure for both: the windows come in through `window_bytes` alone.
+    runner.loaded = SimpleNamespace(kv_bytes_per_token=PER_TOKEN, growing_kv_bytes_per_token=PER_TOKEN,
+                                    state_bytes=state_bytes, window_bytes=window_bytes)
     return runner
 
 
@@ -60,6 +62,14 @@ def test_managed_budget_sets_aside_a_hybrids_recurrent_state_for_every_request(c
     them come off the budget before K/V is planned."""
     runner = make_runner(cls, weights=1 * MiB, gpu_memory_utilization=0.5, state_bytes=MiB // 4)
     assert runner.kv_budget(10 * MiB, MiB // 2) == 5 * MiB - MiB - MiB // 2 - MAX_SEQS * (MiB // 4)
+
+
+def test_managed_budget_sets_aside_every_requests_sliding_windows():
+    """On the MLX-managed path a sliding-window layer holds at most its window per request: vLLM's blocks count
+    only the growing layers, so `max_num_seqs` windows come off the budget beside the recurrent state."""
+    runner = make_runner(MlxModelRunner, weights=1 * MiB, gpu_memory_utilization=0.5, state_bytes=MiB // 4,
+                         window_bytes=MiB // 8)
+    assert runner.kv_budget(10 * MiB, MiB // 2) == 5 * MiB - MiB - MiB // 2 - MAX_SEQS * (MiB // 4 + MiB // 8)
 
 
 @pytest.mark.parametrize("cls", MANAGED)

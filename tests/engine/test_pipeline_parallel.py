@@ -26,11 +26,6 @@ from tests.support.engine import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def plugin_env(monkeypatch):
-    monkeypatch.setenv("VMETAL_ENABLE", "1")
-
-
 @pytest.mark.parametrize("paged", [False, True], ids=["mlx-kv", "paged-kv"])
 def test_two_stages_generate_what_the_whole_model_does(qwen3_model, monkeypatch, paged):
     if paged:

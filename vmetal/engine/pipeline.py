@@ -66,8 +66,9 @@ def _no_logits(hidden: Any) -> Any:
     return hidden[..., :1]
 
 
-class _Received:
-    """Stands in for `embed_tokens` after the first stage: the previous stage's hidden states for `inputs`."""
+class _StageEmbedding:
+    """Stands in for `embed_tokens`: after the first stage it answers with the previous stage's hidden states for
+    `inputs`; as a tied output head (`as_linear`) it gives logits on the last stage only."""
 
     def __init__(self, embed: Any, stage: Stage, width: int, dtype: Any):
         self._embed, self._stage, self._width, self._dtype = embed, stage, width, dtype
@@ -75,12 +76,14 @@ class _Received:
     def __call__(self, inputs: Any) -> Any:
         import mlx.core as mx
 
+        if self._stage.first:
+            return self._embed(inputs)
         hidden = mx.distributed.recv((*inputs.shape, self._width), self._dtype, self._stage.rank - 1,
                                      group=self._stage.group)
         mx.eval(hidden)
         return hidden
 
-    def as_linear(self, hidden: Any) -> Any:  # a tied output head
+    def as_linear(self, hidden: Any) -> Any:
         return self._embed.as_linear(hidden) if self._stage.last else _no_logits(hidden)
 
     def __getattr__(self, name: str) -> Any:
@@ -100,22 +103,6 @@ class _Sent:
         sent = mx.distributed.send(hidden.astype(self._dtype), self._stage.rank + 1, group=self._stage.group)
         mx.eval(sent)
         return sent
-
-
-class _TiedHeadOnly:
-    """The first stage's `embed_tokens` when it is not also the last: embeds, and gives no logits."""
-
-    def __init__(self, embed: Any):
-        self._embed = embed
-
-    def __call__(self, inputs: Any) -> Any:
-        return self._embed(inputs)
-
-    def as_linear(self, hidden: Any) -> Any:
-        return _no_logits(hidden)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._embed, name)
 
 
 def check_splittable(model: Any, model_name: str) -> None:
@@ -142,14 +129,10 @@ def connect(model: Any, stage: Stage) -> None:
     import mlx.core as mx
 
     inner = model.model
-    embed = inner.embed_tokens
     # The hidden states travel in the dtype the norms compute in (a quantized model's too), the same on every
     # stage.
     dtype = inner.norm.weight.dtype if "weight" in inner.norm else mx.float32
-    if not stage.first:
-        inner.embed_tokens = _Received(embed, stage, model.args.hidden_size, dtype)
-    elif not stage.last:
-        inner.embed_tokens = _TiedHeadOnly(embed)
+    inner.embed_tokens = _StageEmbedding(inner.embed_tokens, stage, model.args.hidden_size, dtype)
     if not stage.last:
         inner.norm = _Sent(stage, dtype)
         if "lm_head" in model:

@@ -1,8 +1,9 @@
 """Two "Macs" as two network namespaces joined by a veth pair (issue 16): `vmetal serve` on each, the head with
 the API, the other `--headless`, talking over the pair's addresses only, never 127.0.0.1.
 
-- Tensor parallel across the nodes: one rank each; MLX's ring and vLLM's gloo group run over the veth
-  addresses (each rank's log names its ring address); greedy text equals mlx-lm's.
+- Tensor and pipeline parallel across the nodes: one rank (a half of every layer, or half of the layers)
+  each; MLX's ring and vLLM's gloo group run over the veth addresses (each rank's log names its ring address);
+  greedy text equals mlx-lm's.
 - Data parallel across the nodes: one replica each behind the head's API server; both answer requests.
 - A rank killed mid-generation: the head exits non-zero within a bounded time instead of hanging.
 
@@ -80,10 +81,10 @@ def common(model: Path, port: int) -> list[str]:
     return [str(model), "--port", str(port), "--max-model-len", "256", "--served-model-name", SERVED, "--"]
 
 
-def test_tensor_parallel_across_two_hosts(hosts, qwen3_model, tmp_path):
+@pytest.mark.parametrize("split", ["--tensor-parallel-size", "--pipeline-parallel-size"])
+def test_a_model_split_across_two_hosts(hosts, qwen3_model, tmp_path, split):
     a, b = hosts
-    rendezvous = ["--tensor-parallel-size", "2", "--nnodes", "2", "--master-addr", a.address,
-                  "--master-port", "29517"]
+    rendezvous = [split, "2", "--nnodes", "2", "--master-addr", a.address, "--master-port", "29517"]
     node_b = node(b, common(qwen3_model, 8000) + rendezvous + ["--node-rank", "1", "--headless"], tmp_path / "b.log")
     head = node(a, common(qwen3_model, 8000) + rendezvous + ["--node-rank", "0"], tmp_path / "a.log")
     try:
@@ -94,6 +95,9 @@ def test_tensor_parallel_across_two_hosts(hosts, qwen3_model, tmp_path):
         assert f"rank 0 of 2 joined MLX's ring at {a.address}:" in head.text()
         assert f"rank 1 of 2 joined MLX's ring at {b.address}:" in node_b.text()
         assert "headless node for tiny-nodes: its workers join the head node at " + a.address in node_b.text()
+        if split == "--pipeline-parallel-size":  # the first layer on the head, the second across the pair
+            assert "pipeline stage 1 of 2: layers 0-0 of 2" in head.text()
+            assert "pipeline stage 2 of 2: layers 1-1 of 2" in node_b.text()
     finally:
         assert head.stop() == 0
         assert node_b.stop() == 0

@@ -253,3 +253,34 @@ def test_serve_refuses_a_config_without_shape_before_the_estimate(servers, tmp_p
     result = serve(str(tmp_path))
     assert result.exit_code == 2 and servers == []
     assert f"`{tmp_path / 'config.json'}` has no `model_type`" in result.stderr
+
+
+def test_a_model_split_across_nodes_is_judged_by_each_nodes_share(servers, tmp_path):
+    """20 GiB of weights do not fit one 16 GiB Mac; split over two by tensor or pipeline parallel, each holds
+    half of them and of the KV and serves. Data-parallel replicas each hold the whole model: still refused."""
+    folder = model_folder(tmp_path / "big", QWEN3_06B, 20 * GiB)
+    common = [str(folder), "--max-model-len", "4096", "--"]
+    alone = serve(*common)
+    assert alone.exit_code == 2 and "too big for this machine" in alone.stderr, alone.output
+    replicas = serve(*common, "--data-parallel-size", "2", "--data-parallel-size-local", "1")
+    assert replicas.exit_code == 2 and "too big for this machine" in replicas.stderr, replicas.output
+    assert servers == []
+    for split in ("--tensor-parallel-size", "--pipeline-parallel-size"):
+        result = serve(*common, split, "2", "--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1")
+        assert result.exit_code == 0, result.output
+        assert "needed on each of 2 nodes (weights 10.0 GiB" in result.output, result.output
+    assert len(servers) == 2
+
+
+def test_each_node_holds_its_share_of_weights_and_kv():
+    whole = fit.estimate(QWEN3_06B, 8 * GiB, max_model_len=4096, memory_bytes=16 * GiB)
+    half = fit.estimate(QWEN3_06B, 8 * GiB, max_model_len=4096, memory_bytes=16 * GiB, nodes=2)
+    assert half.weights_bytes == 4 * GiB and half.kv_bytes * 2 == whole.kv_bytes
+    assert half.kv_bytes_per_token * 2 == whole.kv_bytes_per_token == QWEN3_06B_KV_PER_TOKEN
+    # Twice the tokens fit per node once the weights are split.
+    assert half.max_len_that_fits() > 2 * whole.max_len_that_fits() > 0
+    assert fit.nodes_splitting(["-tp", "2", "--nnodes", "2"]) == 2
+    assert fit.nodes_splitting(["-pp", "4", "--nnodes=2"]) == 2
+    assert fit.nodes_splitting(["-tp", "2"]) == 1  # two ranks on one machine share its memory
+    assert fit.nodes_splitting(["-dp", "2", "--nnodes", "2"]) == 1  # a replica per node
+    assert fit.nodes_splitting(["-tp", "2", "--nnodes", "x"]) == 1

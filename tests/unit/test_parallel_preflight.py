@@ -114,7 +114,8 @@ def test_a_parallel_serve_that_ends_says_which_rank():
     assert _cause(["(APIServer pid=1) ERROR something else"]) == ""
 
 
-def test_serve_refuses_a_ring_port_that_is_taken(qwen3_model, nothing_starts, monkeypatch):
+@pytest.mark.parametrize("split", ["--tensor-parallel-size", "--pipeline-parallel-size"])
+def test_serve_refuses_a_ring_port_that_is_taken(qwen3_model, nothing_starts, monkeypatch, split):
     import socket
 
     with socket.socket() as taken:
@@ -123,7 +124,7 @@ def test_serve_refuses_a_ring_port_that_is_taken(qwen3_model, nothing_starts, mo
         base = taken.getsockname()[1] - 1  # local rank 1's port is the taken one
         monkeypatch.setenv("VLLM_METAL_RING_PORT", str(base))
         r = CliRunner().invoke(app, ["serve", str(qwen3_model), "--port", str(free_port()), "--",
-                                     "--tensor-parallel-size", "2"])
+                                     split, "2"])
     assert r.exit_code == 2, r.output
     [line] = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert line == (f"error: VLLM_METAL_RING_PORT={base}: port {base + 1} (MLX's ring, local rank 1) on 127.0.0.1 "

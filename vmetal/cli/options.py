@@ -125,8 +125,9 @@ def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, cfg: env
     refused = refused_args(vllm_args, config, cfg.kv_path)
     if refused:
         raise VmetalError(refused, exit_code=USAGE)
-    tensor = sizes_in_args(vllm_args)["tensor"]
-    if cfg.ring_port is None or tensor == 1:
+    sizes = sizes_in_args(vllm_args)
+    ranks = sizes["tensor"] * sizes["pipeline"]  # both kinds of rank hold a ring port
+    if cfg.ring_port is None or ranks == 1:
         return
     try:
         nodes = max(1, int(vllm_arg(vllm_args, "--nnodes") or 1))
@@ -134,7 +135,7 @@ def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, cfg: env
         nodes = 1  # vLLM's parser says what is wrong with it
     # Where the ranks will listen: loopback on one machine; across machines the address they advertise.
     host = "127.0.0.1" if nodes == 1 else os.environ.get("VLLM_HOST_IP")
-    for local_rank in range(max(1, tensor // nodes)) if host else ():
+    for local_rank in range(max(1, ranks // nodes)) if host else ():
         port = cfg.ring_port + local_rank
         try:
             check_port_free(host, port)

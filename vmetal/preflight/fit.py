@@ -140,6 +140,7 @@ class FitReport:
     kv_bytes_per_token: int  # of the KV that grows with the length (every layer's, but sliding windows')
     quantization: Quantization | None = None  # MLX's, from config.json
     draft_bytes: int = 0  # of the weights: a speculative draft model's, which serves beside the model
+    nodes: int = 1  # machines the model is split across (tensor/pipeline parallel): every figure is one node's
 
     @property
     def share(self) -> float:
@@ -162,7 +163,8 @@ class FitReport:
         quant = f" ({self.quantization.describe()})" if self.quantization else ""
         if self.draft_bytes:
             quant += f", {_gib(self.draft_bytes)} of them the draft model's"
-        return (f"~{_gib(self.total)} needed (weights {_gib(self.weights_bytes)}{quant} + KV "
+        split = f" on each of {self.nodes} nodes" if self.nodes > 1 else ""
+        return (f"~{_gib(self.total)} needed{split} (weights {_gib(self.weights_bytes)}{quant} + KV "
                 f"{_gib(self.kv_bytes)} for {seqs}{self.max_model_len} tokens + overhead "
                 f"{_gib(self.overhead)}) of {_gib(self.available)} available to MLX "
                 f"({self.share:.0%}): {self.verdict}")
@@ -182,7 +184,7 @@ class FitReport:
             "total": self.total, "available": self.available, "verdict": self.verdict,
             "max_model_len": self.max_model_len, "num_seqs": self.num_seqs,
             "kv_bytes_per_token": self.kv_bytes_per_token,
-            "quantization": self.quantization.as_dict() if self.quantization else None,
+            "quantization": self.quantization.as_dict() if self.quantization else None, "nodes": self.nodes,
         }
 
 
@@ -196,10 +198,12 @@ def verdict_for(total: int, available: int) -> Verdict:
 
 def estimate(config: dict[str, Any], weight_bytes: int, *, max_model_len: int, num_seqs: int = 1,
              memory_bytes: int | None = None, draft: tuple[dict[str, Any], int] | None = None,
-             held: tuple[int | None, ...] = ()) -> FitReport:
+             held: tuple[int | None, ...] = (), nodes: int = 1) -> FitReport:
     """Memory needed to serve a model of `config` with `weight_bytes` of weights, against what MLX has; with
     `draft` (its config and weight bytes), a speculative draft model beside it, which holds every token too;
-    `held`: the tokens each layer's cache keeps (`kv_bytes`).
+    `held`: the tokens each layer's cache keeps (`kv_bytes`); `nodes`: machines that split the model between
+    them (tensor or pipeline parallel with `--nnodes`), each holding its share of the weights and of every
+    sequence's KV, against its own memory.
 
     Raises `ConfigShapeError` when a config lacks the layer/head counts the KV estimate needs.
     """
@@ -212,6 +216,10 @@ def estimate(config: dict[str, Any], weight_bytes: int, *, max_model_len: int, n
         per_token += kv_bytes_per_token(draft[0])
         draft_bytes = draft[1]
         weight_bytes += draft_bytes
+    if nodes < 1:
+        raise ValueError("nodes must be positive")
+    # TP splits every layer's heads, PP the layers: either way each node keeps about 1/nodes of both.
+    weight_bytes, draft_bytes, one, per_token = (-(-n // nodes) for n in (weight_bytes, draft_bytes, one, per_token))
     kv = one * num_seqs
     overhead = overhead_for(weight_bytes)
     total = weight_bytes + kv + overhead
@@ -222,7 +230,7 @@ def estimate(config: dict[str, Any], weight_bytes: int, *, max_model_len: int, n
     return FitReport(weights_bytes=int(weight_bytes), kv_bytes=kv, overhead=overhead, total=total,
                      available=int(memory_bytes), verdict=verdict_for(total, memory_bytes),
                      max_model_len=max_model_len, num_seqs=num_seqs, kv_bytes_per_token=per_token,
-                     quantization=quantization_of(config), draft_bytes=int(draft_bytes))
+                     quantization=quantization_of(config), draft_bytes=int(draft_bytes), nodes=nodes)
 
 
 def weight_bytes_of(folder: str | Path) -> int:
@@ -242,7 +250,7 @@ def read_config(folder: str | Path) -> dict[str, Any] | None:
 
 def estimate_folder(folder: str | Path, *, max_model_len: int | None = None, num_seqs: int = 1,
                     memory_bytes: int | None = None, held: tuple[int | None, ...] = (),
-                    draft: str | Path | None = None) -> FitReport | None:
+                    draft: str | Path | None = None, nodes: int = 1) -> FitReport | None:
     """`estimate` for a local Hugging Face folder (and a local speculative `draft` model folder beside it, when
     its config has the shape the KV estimate needs; else the engine's KV budget alone counts it); None when the
     model has no weights or no usable config."""
@@ -262,9 +270,22 @@ def estimate_folder(folder: str | Path, *, max_model_len: int | None = None, num
             pass
     try:
         return estimate(config, weights, max_model_len=length, num_seqs=num_seqs, memory_bytes=memory_bytes,
-                        draft=beside, held=held)
+                        draft=beside, held=held, nodes=nodes)
     except ConfigShapeError:
         return None
+
+
+def nodes_splitting(vllm_args: list[str]) -> int:
+    """How many machines hold a share of the model: `--nnodes` when tensor/pipeline parallel ranks span them;
+    1 otherwise (one machine, or data-parallel replicas, each a whole model)."""
+    from vmetal.preflight.parallel import sizes_in_args
+
+    try:
+        nodes = int(vllm_arg(vllm_args, "--nnodes") or 1)
+    except ValueError:
+        return 1  # vLLM's parser says what is wrong with it
+    sizes = sizes_in_args(vllm_args)
+    return nodes if nodes > 1 and sizes["tensor"] * sizes["pipeline"] >= nodes else 1
 
 
 def _spellings(name: str) -> set[str]:
@@ -304,7 +325,8 @@ def serving_fit(folder: str | Path, max_model_len: int | None, vllm_args: list[s
         if not given.isdigit():
             return None
         max_model_len = int(given)
-    report = estimate_folder(folder, max_model_len=max_model_len, held=held, draft=draft)
+    report = estimate_folder(folder, max_model_len=max_model_len, held=held, draft=draft,
+                             nodes=nodes_splitting(vllm_args))
     if report is not None and report.verdict == "does not fit":
         raise VmetalError(f"model `{folder}` is too big for this machine: {report.describe()}",
                           hint=report.advice(), exit_code=USAGE)

@@ -210,6 +210,34 @@ def test_paged_engine_matches_mlx_lm_on_quantized_weights(quantized, mxfp4_model
         llm.llm_engine.engine_core.shutdown()
 
 
+@pytest.mark.slow
+def test_gpt_oss_as_openai_publishes_it_serves_mlx_lms_tokens(models_dir):
+    """openai/gpt-oss-* ships its experts as mxfp4 `*_blocks`/`*_scales` under a `quant_method: mxfp4`
+    quantization_config, which vLLM resolves to its own `gpt_oss_mxfp4` method. mlx-lm loads that layout as
+    MLX's mxfp4, so vmetal lets it through (any other vLLM method stays refused) and serves mlx-lm's tokens;
+    the memory report names the bits. (H 64, I 96: transposed gate/up/down blocks could not load.)"""
+    from vllm import SamplingParams
+    from vllm.config import ModelConfig
+
+    from tests.support.engine import running_llm
+    from tests.support.families import as_published_mxfp4, build_family
+    from vmetal.preflight import fit
+
+    folder = models_dir / "gpt-oss-published"
+    if not folder.exists():
+        as_published_mxfp4(build_family(models_dir / "gpt-oss-float96", "gpt_oss", intermediate_size=96), folder)
+    assert ModelConfig(model=str(folder)).quantization == "gpt_oss_mxfp4"
+    report = fit.estimate_folder(folder, max_model_len=MAX_MODEL_LEN, memory_bytes=8 * fit.GiB)
+    assert "(4-bit mxfp4, group size 32) + KV" in report.describe(), report.describe()
+    with running_llm(folder, max_model_len=MAX_MODEL_LEN, max_num_seqs=4, seed=0) as llm:
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                            use_tqdm=False)
+        for out in outs:
+            assert list(out.outputs[0].token_ids) == mlx_greedy(folder, out.prompt_token_ids, 12)
+        (inspection,) = llm.collective_rpc("get_model_inspection")
+        assert "4-bit mxfp4, group size 32" in inspection, inspection
+
+
 # ------------------------------------------------------------------------------ over HTTP
 
 

@@ -151,3 +151,45 @@ def first_layers(source: Path, path: Path, layers: int) -> Path:
     from vmetal.bench.shapes import first_layers as cut
 
     return cut(source, path, layers)
+
+
+def as_published_mxfp4(source: Path, path: Path) -> Path:
+    """The gpt_oss checkpoint `source` as OpenAI publishes gpt-oss: each layer's experts quantized to mxfp4 and
+    stored as `gate_up_proj_{blocks,scales,bias}` and `down_proj_{blocks,scales,bias}` (blocks uint8 [E, out,
+    in/32, 16], two e2m1 values a byte, low nibble first; scales uint8 E8M0 [E, out, in/32]; gate and up rows
+    interleaved, gate first), the rest as it was, and config.json's `quantization_config` saying `mxfp4`.
+
+    MLX's own mxfp4 packing is those bytes read as uint32, so `mx.quantize` makes them; mlx-lm then loads the
+    folder back through its gpt_oss `sanitize` and its loader's mxfp4 mapping."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+
+    weights = mx.load(str(source / "model.safetensors"))
+    config = json.loads((source / "config.json").read_text())
+    out = {k: v for k, v in weights.items() if ".mlp.experts." not in k}
+
+    def packed(w: mx.array) -> tuple[mx.array, mx.array]:
+        q, scales = mx.quantize(w, group_size=32, bits=4, mode="mxfp4")
+        return q.view(mx.uint8).reshape(*q.shape[:2], -1, 16), scales
+
+    def interleaved(a: mx.array, b: mx.array) -> mx.array:  # rows of a at even, of b at odd positions
+        return mx.stack([a, b], axis=2).reshape(a.shape[0], 2 * a.shape[1], *a.shape[2:])
+
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp.experts."
+        (gate, gate_s), (up, up_s) = packed(weights[p + "gate_proj.weight"]), packed(weights[p + "up_proj.weight"])
+        down, down_s = packed(weights[p + "down_proj.weight"])
+        out |= {p + "gate_up_proj_blocks": interleaved(gate, up), p + "gate_up_proj_scales": interleaved(gate_s, up_s),
+                p + "gate_up_proj_bias": interleaved(weights[p + "gate_proj.bias"], weights[p + "up_proj.bias"]),
+                p + "down_proj_blocks": down, p + "down_proj_scales": down_s,
+                p + "down_proj_bias": weights[p + "down_proj.bias"]}
+    if path.exists():
+        shutil.rmtree(path)
+    shutil.copytree(source, path, ignore=shutil.ignore_patterns("model.safetensors", "config.json"))
+    mx.save_safetensors(str(path / "model.safetensors"), out, metadata={"format": "pt"})
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path

@@ -20,6 +20,8 @@ from vmetal.preflight import parallel as parallel_modes
 from vmetal.preflight.checkpoint import quantization_of
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
+# vLLM's name for OpenAI's published gpt-oss quantization, the one vLLM method mlx-lm loads itself.
+GPT_OSS_MXFP4 = "gpt_oss_mxfp4"
 
 
 class MetalPlatform(Platform):
@@ -75,6 +77,11 @@ class MetalPlatform(Platform):
         # `quantization_config.quant_method`. Those are torch kernels (AWQ, GPTQ, fp8, …) that never run
         # here: the runner loads weights with mlx-lm, so accepting one would silently ignore it. MLX's own
         # checkpoints name no method (vLLM resolves their `quantization_config` to None) and never get here.
+        # One exception: gpt-oss as OpenAI publishes it (`quant_method: mxfp4`, experts as `*_blocks` and
+        # `*_scales`), which vLLM resolves to its `gpt_oss_mxfp4` and mlx-lm loads as MLX's own mxfp4
+        # (its loader maps the method, its gpt_oss `sanitize` the tensors): the same 4 bits, nothing ignored.
+        if quant == GPT_OSS_MXFP4:
+            return
         raise ValueError(
             f"quantization method `{quant}` (from --quantization or the checkpoint's "
             "quantization_config.quant_method) is vLLM's own and vmetal does not run it: serve an "

@@ -63,6 +63,11 @@ def quantization_of(config: dict[str, Any]) -> Quantization | None:
     block = config.get("quantization")
     if not isinstance(block, dict) and isinstance(config.get("text_config"), dict):
         block = config["text_config"].get("quantization")
+    published = config.get("quantization_config")
+    if not isinstance(block, dict) and isinstance(published, dict) and published.get("quant_method") == "mxfp4" \
+            and config.get("model_type") == "gpt_oss":
+        # OpenAI's gpt-oss as published: mlx-lm loads its experts as MLX's mxfp4 (4 bits, groups of 32).
+        return Quantization(bits=4, group_size=32, mode="mxfp4")
     if not isinstance(block, dict):
         return None
     try:

@@ -295,7 +295,6 @@ def test_serve_demo_end_to_end(stop_signal, tmp_path):
     (["--enable-lora", "--max-loras", "2"], "--enable-lora"),
     (["--kv-transfer-config", "{}"], "--kv-transfer-config"),
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
-    (["--runner", "pooling"], "--runner pooling"),
 ])
 def test_vllm_features_the_engine_lacks_are_refused_before_anything_starts(fake_server, args, flag):
     """Speculative decoding used to start, then kill the EngineCore on the first request (HTTP 500 for all):
@@ -323,7 +322,27 @@ def test_ngram_speculation_where_it_cannot_run_is_refused(fake_server, monkeypat
     assert fake_server == []
 
 
+@pytest.mark.parametrize(("args", "env", "line"), [
+    (["--convert", "classify"], {}, "error: `--convert classify`: vmetal's engine computes embeddings only "
+     "(`--convert embed`, `/v1/embeddings`), not classification or scoring; start without it"),
+    (["--runner", "pooling"], {"VLLM_METAL_USE_PAGED_ATTENTION": "1"}, "error: embeddings run on the MLX-managed "
+     "KV path only, and this server uses the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)"),
+    (["--runner", "pooling", "-tp", "2"], {}, "error: embeddings run on one worker, and this server has 2 (tensor "
+     "or pipeline parallel); start without one or the other"),
+    (["--runner", "pooling", "--pooler-config", '{"seq_pooling_type": "STEP"}'], {}, "error: pooling type STEP: "
+     "vmetal pools LAST, MEAN, CLS only; choose one with `--pooler-config '{\"seq_pooling_type\": \"LAST\"}'`"),
+])
+def test_embeddings_where_they_cannot_run_are_refused(fake_server, monkeypatch, args, env, line):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = invoke("--demo", "--", *args)
+    assert result.exit_code == 2, result.output
+    assert [text for text in result.stderr.splitlines() if text.startswith("error: ")] == [line]
+    assert fake_server == []
+
+
 @pytest.mark.parametrize("args", [["--kv-cache-dtype", "auto"], ["--runner", "generate"], ["--max-loras", "2"],
+                                  ["--runner", "pooling"], ["--convert", "embed"],
                                   ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']])
 def test_the_same_flags_with_what_the_engine_does_are_accepted(fake_server, monkeypatch, args):
     monkeypatch.setattr(options, "demo_model", lambda: "/demo")

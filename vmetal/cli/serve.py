@@ -321,11 +321,18 @@ def serve(
         speculation.check_draft(target, draft)
     if local:
         check_memory_fit(target, max_model_len, vllm_args, draft, held)
-    api_args, tools_line = tool_and_reasoning_args(
-        target, tool_call_parser=tool_call_parser, no_tool_parser=no_tool_parser,
-        reasoning_parser=reasoning_parser, no_thinking=no_thinking, vllm_args=vllm_args)
-    vllm_args[:0] = api_args
-    say(tools_line)
+    if features.serves_embeddings(target if local else None, vllm_args):
+        refused = features.embeddings_refusal(vllm_args, cfg.kv_path)  # those vLLM picks from the checkpoint
+        if refused:
+            raise VmetalError(refused, exit_code=USAGE)
+        # vLLM opens `/v1/embeddings` (and no generation route) for it: tool and reasoning parsers do not apply.
+        say("embeddings: `/v1/embeddings` (vLLM's pooling runner, for an embedding model)")
+    else:
+        api_args, tools_line = tool_and_reasoning_args(
+            target, tool_call_parser=tool_call_parser, no_tool_parser=no_tool_parser,
+            reasoning_parser=reasoning_parser, no_thinking=no_thinking, vllm_args=vllm_args)
+        vllm_args[:0] = api_args
+        say(tools_line)
 
     if max_model_len is not None:
         vllm_args[:0] = ["--max-model-len", str(max_model_len)]

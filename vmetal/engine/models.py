@@ -131,13 +131,14 @@ class LoadedModel:
 
 
 def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: Any = None,
-         stages: Any = None) -> LoadedModel:
+         stages: Any = None, pooling: bool = False) -> LoadedModel:
     """Load `model` with mlx-lm, refused (UnsupportedModelError) unless `kv_path` holds every cache it makes.
 
     With an MLX distributed `group` (tensor parallel, `vmetal.engine.distributed`) the model is split across it
     by mlx-lm's own `shard` before any weight is read, so each rank reads and holds only its part; the shapes
     recorded (heads, KV heads) are then this rank's. With `stages` (pipeline parallel, the ring of its stages)
-    this rank keeps only its stage's layers (`vmetal.engine.pipeline`), and the layer counts are its own."""
+    this rank keeps only its stage's layers (`vmetal.engine.pipeline`), and the layer counts are its own.
+    `pooling`: an embedding checkpoint, whose weights may be the inner model's alone (`_embedding_classes`)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model  # mlx-lm itself, before `cache_types.probe` would stand in a bare package
@@ -147,7 +148,8 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
     # The pre-flight's decision, in this process (mlx-lm is imported here anyway): before any weight is read.
     state = cache_types.model_state_here(config, str(path / "config.json"))
     cache_types.check_caches(state, kv_path)
-    mlx_model, config = load_model(path, lazy=group is not None or stages is not None)
+    classes = {"get_model_classes": _embedding_classes} if pooling else {}
+    mlx_model, config = load_model(path, lazy=group is not None or stages is not None, **classes)
     if group is not None:
         if not hasattr(mlx_model, "shard"):
             raise UnsupportedModelError(
@@ -191,6 +193,32 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
         state=state,
         stage=stage,
     )
+
+
+def _embedding_classes(config: dict[str, Any]) -> tuple[type, type]:
+    """mlx-lm's model classes for `config`, taking the weights embedding checkpoints publish.
+
+    Sentence-transformers exports of a decoder (Qwen3-Embedding and the like, which vLLM serves with
+    `Qwen3Model`) keep the inner model's tensors without the `model.` prefix mlx-lm's classes name them with,
+    and no output head. mlx-lm has no embedding loader, so the names are mapped here; an untied head that is
+    absent gets the embedding matrix as a stand-in: embeddings never compute logits, and a strict load still
+    catches every other missing tensor."""
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+
+    class EmbeddingModel(model_class):
+        def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
+            if weights and not any(k.startswith("model.") for k in weights) and hasattr(self, "model"):
+                weights = {f"model.{k}": v for k, v in weights.items()}
+            if hasattr(self, "lm_head") and "lm_head.weight" not in weights \
+                    and "model.embed_tokens.weight" in weights:
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+            return super().sanitize(weights) if hasattr(super(), "sanitize") else weights
+
+    EmbeddingModel.__name__ = EmbeddingModel.__qualname__ = model_class.__name__
+    EmbeddingModel.__module__ = model_class.__module__
+    return EmbeddingModel, args_class
 
 
 def _per_rank(count: int | None, group: Any) -> int | None:

@@ -18,10 +18,16 @@ class UnsupportedRequestError(VLLMValidationError, ValueError):
 
 
 def check_request(processed_inputs: Any, params: Any) -> None:
+    from vllm.pooling_params import PoolingParams
     from vllm.sampling_params import SamplingParams
 
-    if not isinstance(params, SamplingParams):
-        raise UnsupportedRequestError("vmetal serves text generation only: pooling/embedding requests are not supported")
+    if isinstance(params, PoolingParams):
+        # vLLM opens only the routes of the tasks the worker computes; an `LLM(...)` caller may still ask.
+        if params.task not in (None, "embed"):
+            raise UnsupportedRequestError(f"vmetal computes embeddings only: the pooling task `{params.task}` "
+                                          "is not supported; use `embed`")
+    elif not isinstance(params, SamplingParams):
+        raise UnsupportedRequestError(f"vmetal cannot serve a request with {type(params).__name__}")
     inputs = processed_inputs if isinstance(processed_inputs, dict) else {}
     if inputs.get("prompt_embeds") is not None:
         raise UnsupportedRequestError("`prompt_embeds` is not supported by vmetal; send text or token ids")

@@ -62,7 +62,8 @@ class MetalWorker(WorkerBase):
         self.device = torch.device("cpu")
         self.ring = distributed.init_ranks(self.vllm_config, self.rank, self.local_rank,
                                            self.distributed_init_method, self.metal_config.ring_port)
-        self.model_runner = runner_class(self.metal_config.kv_path)(self.vllm_config, self.device,
+        pooling = getattr(self.model_config, "runner_type", "generate") == "pooling"
+        self.model_runner = runner_class(self.metal_config.kv_path, pooling)(self.vllm_config, self.device,
                                                                     self.metal_config,
                                                                     self.ring.group if self.ring else None)
 
@@ -94,7 +95,9 @@ class MetalWorker(WorkerBase):
         )
 
     def get_supported_tasks(self) -> tuple[str, ...]:
-        return ("generate",)
+        # vLLM opens the routes of these tasks only (`/v1/embeddings` for "embed"); per-token embeddings
+        # ("token_embed"), classification and scoring are not computed here.
+        return ("embed",) if self.model_runner.pooling else ("generate",)
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         # The default asks the platform for a torch attention backend; ours is MLX. Per-layer pools

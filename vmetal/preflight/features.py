@@ -49,10 +49,76 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported("--kv-cache-dtype", "a KV cache dtype other than the model's",
                 lambda args: _not_auto(vllm_arg(list(args), "--kv-cache-dtype")),
                 lambda c: _not_auto(c.cache_config.cache_dtype)),
-    Unsupported("--runner pooling", "a pooling (embedding, scoring) model runner",
-                lambda args: (vllm_arg(list(args), "--runner") or "").strip().lower() == "pooling",
-                lambda c: getattr(c.model_config, "runner_type", "generate") == "pooling"),
 )
+
+# vLLM's pooling runner: embeddings (`--convert embed`, what vLLM picks for an embedding checkpoint) by these
+# sequence poolings, on the MLX-managed KV path, one worker (vmetal/engine/runner/pooling_runner.py).
+EMBED = "embed"
+POOLING_TYPES = ("LAST", "MEAN", "CLS")
+
+
+def pooling_refusal(convert: str | None, pooling_type: str | None, kv_path: str, world_size: int,
+                    attention: str = "decoder", dense: bool = False) -> str | None:
+    """Why vLLM's pooling runner cannot run as asked (`convert`: vLLM's convert type; `attention`: vLLM's
+    `attn_type`; `dense`: a sentence-transformers Dense projection after the pooling), or None."""
+    if convert not in (None, "auto", EMBED):
+        return (f"`--convert {convert}`: vmetal's engine computes embeddings only (`--convert embed`, "
+                "`/v1/embeddings`), not classification or scoring; start without it")
+    if pooling_type is not None and pooling_type.upper() not in POOLING_TYPES:
+        return (f"pooling type {pooling_type}: vmetal pools {', '.join(POOLING_TYPES)} only; choose one with "
+                "`--pooler-config '{\"seq_pooling_type\": \"LAST\"}'`")
+    if attention != "decoder":
+        return (f"this embedding model's attention is {attention.replace('_', ' ')} (not causal), which mlx-lm's "
+                "decoder models do not compute: vmetal serves decoder embedding models (Qwen3-Embedding and the like)")
+    if dense:
+        return ("this embedding model projects its pooled vector with sentence-transformers Dense layers, which "
+                "vmetal does not apply: serve an embedding model without them")
+    if kv_path != "mlx":
+        leave = ("VLLM_METAL_USE_MLX=0" if kv_path == "torch" else "VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)")
+        return f"embeddings run on the MLX-managed KV path only, and this server uses the {kv_path} path; leave out {leave}"
+    if world_size > 1:
+        return (f"embeddings run on one worker, and this server has {world_size} (tensor or pipeline parallel); "
+                "start without one or the other")
+    return None
+
+
+def serves_embeddings(folder: str | None, args: Sequence[str]) -> bool:
+    """Whether vLLM will run its pooling runner for the model at local `folder` (None: not local) with `args`:
+    asked for, or picked by vLLM's own rule from a sentence-transformers `modules.json` or an architecture
+    named `…Model` (a transformer without a head)."""
+    import json
+    from pathlib import Path
+
+    runner = (vllm_arg(list(args), "--runner") or "auto").strip().lower()
+    if runner != "auto" or _pooling_args(args)[0]:
+        return runner == "pooling" or _pooling_args(args)[0]
+    if folder is None:
+        return False
+    if (Path(folder) / "modules.json").is_file():
+        return True
+    try:
+        architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(architectures) and all(str(a).endswith("Model") for a in architectures)
+
+
+def _pooling_args(args: Sequence[str]) -> tuple[bool, str | None, str | None]:
+    """(whether vLLM's arguments ask for the pooling runner, their convert type, their pooling type)."""
+    import json
+
+    runner = (vllm_arg(list(args), "--runner") or "").strip().lower()
+    convert = vllm_arg(list(args), "--convert")
+    pooling_type = None
+    raw = vllm_arg(list(args), "--pooler-config")
+    try:
+        pooler = json.loads(raw) if raw else {}
+    except ValueError:
+        pooler = {}  # vLLM's parser says what is wrong with it
+    if isinstance(pooler, dict):
+        pooling_type = pooler.get("seq_pooling_type") or pooler.get("pooling_type")
+    asked = runner == "pooling" or convert not in (None, "none", "auto")
+    return asked, convert, pooling_type
 
 
 SPECULATIVE = "--speculative-config"
@@ -167,7 +233,18 @@ def refused_args(args: Sequence[str], kv_path: str = "mlx") -> str | None:
 
         sizes = sizes_in_args(args)
         refused = speculation_refusal(method, kv_path, sizes["tensor"] * sizes["pipeline"])
+    if refused is None and _pooling_args(args)[0]:
+        refused = embeddings_refusal(args, kv_path)
     return refused
+
+
+def embeddings_refusal(args: Sequence[str], kv_path: str) -> str | None:
+    """`pooling_refusal` for a server that will run vLLM's pooling runner with vLLM's arguments `args`."""
+    from vmetal.preflight.parallel import sizes_in_args
+
+    sizes = sizes_in_args(args)
+    _, convert, pooling_type = _pooling_args(args)
+    return pooling_refusal(convert, pooling_type, kv_path, sizes["tensor"] * sizes["pipeline"])
 
 
 def refused_config(vllm_config: Any, kv_path: str = "mlx") -> str | None:
@@ -176,4 +253,10 @@ def refused_config(vllm_config: Any, kv_path: str = "mlx") -> str | None:
     spec = vllm_config.speculative_config
     if refused is None and spec is not None:
         refused = speculation_refusal(spec.method, kv_path, vllm_config.parallel_config.world_size)
+    model = vllm_config.model_config
+    if refused is None and getattr(model, "runner_type", "generate") == "pooling":
+        pooler = model.pooler_config
+        refused = pooling_refusal(model.convert_type, getattr(pooler, "seq_pooling_type", None), kv_path,
+                                  vllm_config.parallel_config.world_size, attention=model.attn_type,
+                                  dense=model.embedding_size != model.get_hidden_size())
     return refused

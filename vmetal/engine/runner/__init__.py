@@ -7,6 +7,7 @@ accounting, its KV budget and its KV allocation (`base.ModelRunnerBase` has the 
 - `paged`: `paged_runner.PagedModelRunner`, vLLM's block tables over per-layer pools (`--paged`).
 - `torch`: `torch_runner.TorchModelRunner`, the PyTorch baseline with the MLX-managed layout
   (`VLLM_METAL_USE_MLX=0`).
+- embeddings (vLLM's pooling runner): `pooling_runner.PoolingModelRunner`, the MLX-managed layout.
 
 Caches are in `kv/`, paged attention (the pure-MLX reference and the Metal kernels) in `attention/`.
 """
@@ -23,7 +24,13 @@ RUNNERS: dict[str, str] = {
 }
 
 
-def runner_class(kv_path: str) -> Any:
-    """The runner class of `kv_path`, imported only now: each path imports only what it uses."""
-    module, name = RUNNERS[kv_path].split(":")
+# vLLM's pooling runner (`--runner pooling`, an embedding checkpoint): hidden states pooled per request, on the
+# MLX-managed layout (the platform refuses the other paths for it).
+POOLING = "vmetal.engine.runner.pooling_runner:PoolingModelRunner"
+
+
+def runner_class(kv_path: str, pooling: bool = False) -> Any:
+    """The runner class of `kv_path` (or the pooling runner), imported only now: each path imports only what it
+    uses."""
+    module, name = (POOLING if pooling else RUNNERS[kv_path]).split(":")
     return getattr(importlib.import_module(module), name)

@@ -55,6 +55,8 @@ class ModelRunnerBase:
         self.cache_config = vllm_config.cache_config
         self.device = device  # torch device of the sampler: always CPU
         self.max_num_reqs = self.scheduler_config.max_num_seqs
+        # vLLM's pooling runner (embeddings): requests carry PoolingParams, not SamplingParams.
+        self.pooling = getattr(self.model_config, "runner_type", "generate") == "pooling"
         self.max_model_len = self.model_config.max_model_len
         self.loaded = None
         self.model = None
@@ -86,7 +88,8 @@ class ModelRunnerBase:
 
         before = mx.get_active_memory()
         self.loaded = models.load(self.model_config.model, revision=self.model_config.revision,
-                                  kv_path=self.metal_config.kv_path, group=self.group, stages=self.stages)
+                                  kv_path=self.metal_config.kv_path, group=self.group, stages=self.stages,
+                                  pooling=self.pooling)
         self.weights_bytes = mx.get_active_memory() - before
         self.model = self.loaded.model
         self.stage = self.loaded.stage
@@ -111,7 +114,8 @@ class ModelRunnerBase:
             vocab_size=self.model_config.get_vocab_size(),
             block_sizes=[block_size],
             max_num_blocks_per_req=[cdiv(self.max_model_len, block_size)],
-            logitsprocs=build_logitsprocs(self.vllm_config, self.device, False, False),
+            logitsprocs=build_logitsprocs(self.vllm_config, self.device, False, self.pooling),
+            is_pooling_model=self.pooling,
         )
         logprobs_mode = getattr(self.model_config, "logprobs_mode", "raw_logprobs")
         self.sampler = sampler_class(str(getattr(logprobs_mode, "value", logprobs_mode)))
@@ -225,7 +229,8 @@ class ModelRunnerBase:
                 generator.manual_seed(params.seed)
             state = CachedRequestState(
                 req_id=new.req_id, prompt_token_ids=new.prompt_token_ids, prompt_embeds=None, mm_features=[],
-                sampling_params=params, generator=generator, block_ids=tuple(list(ids) for ids in new.block_ids),
+                sampling_params=params, pooling_params=new.pooling_params, generator=generator,
+                block_ids=tuple(list(ids) for ids in new.block_ids),
                 num_computed_tokens=new.num_computed_tokens, output_token_ids=[], lora_request=None,
             )
             self.requests[new.req_id] = state

@@ -199,13 +199,13 @@ def test_source_without_config(tmp_path):
 
 
 def test_unsupported_architecture(src, tmp_path):
-    """A model no KV path serves (several caches per layer: decided by the caches mlx-lm makes for it)."""
-    from tests.support.families import as_nested_caches
+    """A model no KV path serves (chunked attention: decided by the caches mlx-lm makes for it)."""
+    from tests.support.families import as_chunked_attention
 
-    config = as_nested_caches(json.loads((src / "config.json").read_text()))
+    config = as_chunked_attention(json.loads((src / "config.json").read_text()))
     (src / "config.json").write_text(json.dumps(config))
     line = refused(convert(src, tmp_path / "dst", "--bits", "4"), tmp_path)
-    assert "baichuan_m1 (BaichuanM1ForCausalLM)" in line and "CacheList" in line
+    assert "llama4 (Llama4ForConditionalGeneration)" in line and "ChunkedKVCache" in line
 
 
 def test_already_quantized_source(src, tmp_path):

@@ -49,6 +49,8 @@ PATHS: dict[str, tuple[str, ...]] = {
     # decode batch by its own `merge`; the paged path has no pools for such state.
     "lfm2": ("mlx",),
     "qwen3_next": ("mlx",),
+    # Two caches a layer (mlx-lm's CacheList): the MLX-managed path merges each member by its own `merge`.
+    "falcon_h1": ("mlx",),
 }
 RUNS = [(family, kv_path) for family, paths in PATHS.items() for kv_path in paths]
 MAX_TOKENS = 12
@@ -107,7 +109,7 @@ def test_requests_joining_mid_decode_equal_mlx_lm(engine):
     assert_joining_requests_like_mlx(path, llm, tag)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next"])
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next", "falcon_h1"])
 def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(family_dir, family, monkeypatch):
     """The states that cannot roll back (a wrapped sliding window, a recurrent state): a long prompt prefilled in
     chunks of 32 tokens carries its state from chunk to chunk, and requests that vLLM preempts for want of KV

@@ -64,15 +64,15 @@ def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
 
 
 def test_unsupported_model_names_its_family_and_cache_type(qwen3_model, tmp_path):
-    """The loaded model's own caches decide: layers with several caches each are refused on every path,
+    """The loaded model's own caches decide: chunked-attention layers are refused on every path,
     sliding-window ones on the paged path, each naming what they are."""
-    from tests.support.families import as_nested_caches, as_sliding_window
+    from tests.support.families import as_chunked_attention, as_sliding_window
 
-    folder = _copy_with_config(qwen3_model, tmp_path / "nested", **as_nested_caches({}))
+    folder = _copy_with_config(qwen3_model, tmp_path / "chunked", **as_chunked_attention({}))
     with pytest.raises(models.UnsupportedModelError) as err:
         models.load(str(folder))
     message = str(err.value)
-    assert message.startswith("baichuan_m1 (BaichuanM1ForCausalLM): ") and "CacheList" in message
+    assert message.startswith("llama4 (Llama4ForConditionalGeneration): ") and "ChunkedKVCache" in message
     folder = _copy_with_config(qwen3_model, tmp_path / "sliding", **as_sliding_window({}))
     with pytest.raises(models.UnsupportedModelError) as err:
         models.load(str(folder), kv_path="paged")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tests.support.hub_fixtures import REPO
 from tests.support.hubserver import Repo
-from tests.support.pull_helpers import SERVE_FILES, big_files, damage, interrupt_pull, with_nested_caches
+from tests.support.pull_helpers import SERVE_FILES, big_files, damage, interrupt_pull, with_chunked_attention
 from vmetal.cli.app import app
 from vmetal.hub import huggingface as vhub
 from vmetal.hub import registry
@@ -247,10 +247,10 @@ def test_fit_check_refuses_oversized_model_before_downloading_weights(hub):
 
 def test_unsupported_architecture_refused_before_weights(hub, tiny_files):
     """Decided by the caches mlx-lm makes for the config (layers with several caches each here), not by its name."""
-    hub.add(Repo("acme/nestedish", with_nested_caches(tiny_files)))
+    hub.add(Repo("acme/nestedish", with_chunked_attention(tiny_files)))
     r = pull("acme/nestedish")
     assert r.exit_code == 1
-    assert "baichuan_m1 (BaichuanM1ForCausalLM)" in r.stderr and "CacheList" in r.stderr
+    assert "llama4 (Llama4ForConditionalGeneration)" in r.stderr and "ChunkedKVCache" in r.stderr
     assert hub.resolved_files() == {"config.json"}
 
 

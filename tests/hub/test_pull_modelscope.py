@@ -24,7 +24,7 @@ from tests.support.pull_helpers import (
     interrupt_pull,
     isolate_homes,
     tiny_repo_files,
-    with_nested_caches,
+    with_chunked_attention,
 )
 from vmetal.cli.app import app
 from vmetal.hub import registry
@@ -340,10 +340,10 @@ def test_without_the_package_nothing_is_fetched(ms, hf, monkeypatch):
 
 def test_unsupported_architecture_refused_before_weights(ms, tiny_files):
     """Decided by the caches mlx-lm makes for the config (layers with several caches each here), not by its name."""
-    ms.add(Repo("acme/nestedish", with_nested_caches(tiny_files)))
+    ms.add(Repo("acme/nestedish", with_chunked_attention(tiny_files)))
     r = pull("acme/nestedish")
     assert r.exit_code == 1
-    assert "baichuan_m1 (BaichuanM1ForCausalLM)" in r.stderr and "CacheList" in r.stderr
+    assert "llama4 (Llama4ForConditionalGeneration)" in r.stderr and "ChunkedKVCache" in r.stderr
     assert ms.fetched_files() == {"config.json"}
     assert registry.pulled_models() == []
 

@@ -99,6 +99,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "architectures": ["GptOssForCausalLM"], "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
         "intermediate_size": 64, "sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"],
     },
+    "falcon_h1": {
+        # Falcon-H1: every layer a Mamba-2 mixer beside attention, so each keeps two caches (mlx-lm's
+        # CacheList(ArraysCache, KVCache)); mlx-lm's muP multipliers on embeddings, heads and the SSM.
+        "architectures": ["FalconH1ForCausalLM"], "head_dim": 16, "mamba_d_conv": 4, "mamba_d_head": 16,
+        "mamba_d_ssm": 64, "mamba_d_state": 16, "mamba_expand": 2, "mamba_n_groups": 1, "mamba_n_heads": 4,
+        "mamba_chunk_size": 16,
+    },
     "lfm2": {
         # LFM2: a hybrid, short-convolution blocks (a recurrent ArraysCache each) and attention layers; one of
         # each here.
@@ -137,12 +144,21 @@ def as_sliding_window(config: dict[str, Any]) -> dict[str, Any]:
             "sliding_window_pattern": 2}
 
 
-def as_nested_caches(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` relabelled as a Baichuan-M1 model of the same shape: mlx-lm's `baichuan_m1` then makes a
-    `CacheList(ArraysCache, KVCache)` per layer (a short convolution state beside the K/V of each layer), a
-    state no vmetal KV path holds yet. Only the config changes: it is refused before any weight is read."""
-    return {**config, "model_type": "baichuan_m1", "architectures": ["BaichuanM1ForCausalLM"],
-            "sliding_window": 16, "sliding_window_layers": [], "conv_window": 2}
+def as_chunked_attention(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` relabelled as a Llama 4 model of the same shape: mlx-lm's `llama4` then makes a chunked-attention
+    `ChunkedKVCache` for three layers in four (every layer of a 2-layer model), a state no vmetal KV path holds
+    yet. Only the config changes: it is refused before any weight is read."""
+    text = {"model_type": "llama4_text", "attention_bias": False, "attention_chunk_size": 16,
+            "head_dim": config.get("head_dim") or config.get("hidden_size", 64) // config.get("num_attention_heads", 4),
+            "interleave_moe_layer_step": 1, "intermediate_size_mlp": config.get("intermediate_size", 128),
+            "num_experts_per_tok": 1, "num_local_experts": 2, "rope_scaling": None, "use_qk_norm": True,
+            **{k: config.get(k, v) for k, v in (("hidden_size", 64), ("intermediate_size", 128),
+                                                 ("max_position_embeddings", 2048), ("num_attention_heads", 4),
+                                                 ("num_hidden_layers", 2), ("num_key_value_heads", 2),
+                                                 ("rms_norm_eps", 1e-6), ("rope_theta", 10000.0),
+                                                 ("vocab_size", 512))}}
+    return {**{k: v for k, v in config.items() if k not in text}, "model_type": "llama4",
+            "architectures": ["Llama4ForConditionalGeneration"], "text_config": text}
 
 
 

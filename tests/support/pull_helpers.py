@@ -53,12 +53,12 @@ def big_files(tiny_files: dict[str, bytes], size: int) -> dict[str, bytes]:
     return files
 
 
-def with_nested_caches(files: dict[str, bytes]) -> dict[str, bytes]:
-    """The tiny repo relabelled as a model whose layers keep several caches each (`families.as_nested_caches`),
-    which vmetal refuses."""
-    from tests.support.families import as_nested_caches
+def with_chunked_attention(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The tiny repo relabelled as a model whose layers keep chunked-attention caches
+    (`families.as_chunked_attention`), which vmetal refuses."""
+    from tests.support.families import as_chunked_attention
 
-    return {**files, "config.json": json.dumps(as_nested_caches(json.loads(files["config.json"]))).encode()}
+    return {**files, "config.json": json.dumps(as_chunked_attention(json.loads(files["config.json"]))).encode()}
 
 
 def damage(path: Path, at: int = 100) -> None:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from tests.support import fakes
 from tests.support.checkpoints import model_folder
-from tests.support.families import FAMILIES, as_nested_caches, as_sliding_window
+from tests.support.families import FAMILIES, as_chunked_attention, as_sliding_window
 from vmetal import envs
 from vmetal.cli.app import app
 from vmetal.preflight import cache_types
@@ -62,8 +62,13 @@ def test_hybrid_and_nested_caches_are_named():
     assert refusal(state("ArraysCache", "KVCache"), "mlx") is None
     assert "1 of 2 layers are recurrent (SSM / linear-attention) layers of a hybrid model (mlx-lm's ArraysCache)" \
         in refusal(state("ArraysCache", "KVCache"), "paged")
-    line = refusal(state("CacheList(KVCache, KVCache)", "KVCache"), "mlx")
-    assert "1 of 2 layers are layers with several caches each (mlx-lm's CacheList(KVCache, KVCache))" in line
+    # Several caches per layer (mlx-lm's CacheList): the MLX-managed path batches each member by its own `merge`.
+    assert refusal(state("CacheList(ArraysCache, KVCache)", "KVCache"), "mlx") is None
+    line = refusal(state("CacheList(ArraysCache, KVCache)", "KVCache"), "paged")
+    assert line.endswith("1 of 2 layers are layers with several caches each (mlx-lm's CacheList(ArraysCache, "
+                         "KVCache)): use the MLX-managed path (leave out --paged)"), line
+    assert "(mlx-lm's CacheList(ChunkedKVCache, KVCache)): no vmetal KV path serves it yet" in refusal(
+        state("CacheList(ChunkedKVCache, KVCache)"), "mlx")
     assert "its layers are layers with a cache of their own kind (mlx-lm's OddCache)" in refusal(state("OddCache"),
                                                                                                   "paged")
 
@@ -178,10 +183,10 @@ def serve(*args: str):
     (LFM2, True,
      ("error: lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent (SSM / linear-attention) layers of a "
       "hybrid model (mlx-lm's ArraysCache): use the MLX-managed path (leave out --paged)")),
-    (as_nested_caches(QWEN3), False,
-     ("error: baichuan_m1 (BaichuanM1ForCausalLM): its layers are layers with several caches each (mlx-lm's "
-      "CacheList(ArraysCache, KVCache)): no vmetal KV path serves it yet")),
-], ids=["sliding-window-on-paged", "mla-on-paged", "hybrid-on-paged", "nested-caches"])
+    (as_chunked_attention(QWEN3), False,
+     ("error: llama4 (Llama4ForConditionalGeneration): its layers are chunked-attention layers (mlx-lm's "
+      "ChunkedKVCache): no vmetal KV path serves it yet")),
+], ids=["sliding-window-on-paged", "mla-on-paged", "hybrid-on-paged", "chunked-attention"])
 def test_serve_refuses_what_its_kv_path_cannot_hold_within_a_second(fake_server, tmp_path, config, paged, line):
     folder = model_folder(tmp_path / "model", config, 1 << 20)
     cache_types._probe_in_child.cache_clear()  # the child's time is part of the promise
@@ -222,8 +227,7 @@ def test_serve_starts_what_its_kv_path_holds(fake_server, tmp_path):
 def test_serve_refusal_in_a_fresh_interpreter_imports_no_mlx(tmp_path):
     """The same refusal through the console script: exit 2, one line, and mlx, torch and vLLM stay out of the
     CLI's process (`run_main_fresh` fails otherwise)."""
-    folder = model_folder(tmp_path / "model", as_nested_caches(QWEN3), 1 << 20)
+    folder = model_folder(tmp_path / "model", as_chunked_attention(QWEN3), 1 << 20)
     proc = fakes.run_main_fresh(["serve", str(folder), "--port", str(free_port())])
     assert proc.returncode == 2, proc.stderr
-    assert "error: baichuan_m1 (BaichuanM1ForCausalLM): its layers are layers with several caches each" \
-        in proc.stderr
+    assert "error: llama4 (Llama4ForConditionalGeneration): its layers are chunked-attention layers" in proc.stderr

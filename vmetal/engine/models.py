@@ -293,10 +293,12 @@ def _probe(model: Any) -> _Probe:
     tokens = mx.array([[0, 1, 2, 3]], dtype=mx.int32)
     cache = make_prompt_cache(model)
     want = model(tokens, cache=cache)[:, -1:]
-    # KVCache keys/values: [batch, KV heads, positions, width]; a recurrent layer's ArraysCache has none.
-    kv = [c for c in cache if hasattr(c, "keys")]
+    # KVCache keys/values: [batch, KV heads, positions, width]; a recurrent layer's ArraysCache has none. A layer
+    # with several caches (mlx-lm's CacheList: a convolution state beside its K/V) counts as its members do.
+    layers = [m for c in cache for m in (c.caches if type(c).__name__ == "CacheList" else (c,))]
+    kv = [c for c in layers if hasattr(c, "keys")]
     widths = tuple((c.keys.shape[1], c.keys.shape[3], c.values.shape[3]) for c in kv)
-    state = [c for c in cache if not hasattr(c, "keys")]
+    state = [c for c in layers if not hasattr(c, "keys")]
     try:
         got = logits_at(model, tokens, make_prompt_cache(model), last_position)
     except Exception:  # a shape error in the family's output code: it needs every position

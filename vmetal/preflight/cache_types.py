@@ -41,6 +41,7 @@ from vmetal.preflight.checkpoint import UnsupportedModelError
 # The cache types each KV path holds, by mlx-lm class name (exact classes: a subclass may store its state
 # differently). The MLX-managed path merges rows with mlx-lm's BatchKVCache and rolls back by `trim`; the
 # paged path writes K/V into vLLM's full-attention blocks; the PyTorch baseline batches HF full attention.
+# A layer with several caches (mlx-lm's CacheList) is held where each of its members is (`holds`).
 SUPPORTED: dict[str, frozenset[str]] = {
     "mlx": frozenset({"KVCache", "RotatingKVCache", "ArraysCache"}),
     "paged": frozenset({"KVCache"}),
@@ -143,8 +144,12 @@ def mlx_module(config: dict[str, Any], where: str = "config.json") -> str:
 
 
 def tokens_held(cache: Any) -> int | None:
-    """The most tokens one layer's cache keeps: None (all) for a KVCache and anything not known to keep fewer."""
+    """The most tokens one layer's cache keeps: None (all) for a KVCache and anything not known to keep fewer; a
+    CacheList as much as the member that keeps most."""
     name = type(cache).__name__
+    if name == "CacheList":
+        held = [tokens_held(c) for c in cache.caches]
+        return None if None in held else max(held)
     if name == "RotatingKVCache":
         return int(cache.max_size)
     if name == "ArraysCache":
@@ -183,8 +188,8 @@ def probe(module: str, config: dict[str, Any]) -> tuple[list[str], str | None, s
     made = make_prompt_cache(model)
     caches = [describe_cache(c) for c in made]
     # Probed only where the path holds every cache type (the others are refused by their types already).
-    return (caches, paged_obstacle(model) if set(caches) <= SUPPORTED["paged"] else None,
-            batch_obstacle(model) if set(caches) <= SUPPORTED["mlx"] else None, [tokens_held(c) for c in made])
+    return (caches, paged_obstacle(model) if all(holds("paged", c) for c in caches) else None,
+            batch_obstacle(model) if all(holds("mlx", c) for c in caches) else None, [tokens_held(c) for c in made])
 
 
 def batch_obstacle(model: Any) -> str | None:
@@ -328,9 +333,24 @@ def model_state_here(config: dict[str, Any], where: str = "config.json") -> Mode
 # ------------------------------------------------------------------------------------ the decision
 
 
+def members(cache: str) -> list[str]:
+    """The cache types a layer's description names: its own, or a CacheList's members (`describe_cache`)."""
+    if cache.startswith("CacheList(") and cache.endswith(")"):
+        return [m.strip() for m in cache[len("CacheList("):-1].split(",")]
+    return [cache]
+
+
+def holds(kv_path: str, cache: str) -> bool:
+    """Whether `kv_path` holds a layer's cache: a type it holds, or (on the MLX-managed path, which batches a
+    CacheList by mlx-lm's own `merge`, member by member) a CacheList of such types."""
+    if cache in SUPPORTED[kv_path]:
+        return True
+    return kv_path == "mlx" and cache.startswith("CacheList(") and all(m in SUPPORTED[kv_path] for m in members(cache))
+
+
 def obstacle(state: ModelState, kv_path: str) -> str | None:
     """What keeps `kv_path` from holding `state`, in words, or None when nothing does."""
-    missing = Counter(c for c in state.caches if c not in SUPPORTED[kv_path])
+    missing = Counter(c for c in state.caches if not holds(kv_path, c))
     if missing:
         cache, count = missing.most_common(1)[0]
         kind = KINDS.get(cache.split("(")[0], "layers with a cache of their own kind")

@@ -83,6 +83,9 @@ PLAIN = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     ("mistral", MISTRAL, False, "mistral"),
     ("llama", QWEN3, False, "hermes"),  # a Llama fine-tuned on Hermes tool calls: its template decides
     ("qwen3", demo.CHAT_TEMPLATE, False, "hermes"),  # the demo model
+    # vLLM serves gpt-oss in Harmony whatever its template says, and starts with no other tool parser beside it.
+    ("gpt_oss", QWEN3, False, "openai"),
+    ("gpt_oss", None, False, "openai"),
 ])
 def test_parser_follows_the_chat_template_and_family(tmp_path, model_type, template, jinja, parser):
     folder = model_folder(tmp_path / "m", model_type, template, jinja=jinja)

@@ -79,6 +79,8 @@ _TEMPLATE_MARKERS = (
     ("[TOOL_CALLS]", "mistral", "[TOOL_CALLS] tool calls"),
     ("<|python_tag|>", "llama3_json", "Llama 3 JSON tool calls"),
 )
+# Model types vLLM serves in OpenAI's Harmony format, and the one tool parser it accepts for them.
+_HARMONY = {"gpt_oss": "openai"}
 # A template that renders tools but shows none of the markers: the family's usual format.
 _FAMILY_PARSERS = {
     "qwen2": "hermes", "qwen2_moe": "hermes", "qwen3": "hermes", "qwen3_moe": "hermes",
@@ -116,6 +118,11 @@ def pick_tool_parser(folder: str | Path | None) -> ToolParserChoice:
         return ToolParserChoice(None, "the model is not on disk yet to tell its family")
     folder = Path(folder)
     model_type = _model_type(folder) or "unknown"
+    if model_type in _HARMONY:
+        # vLLM renders and parses gpt-oss in OpenAI's Harmony format by its model type, whatever the template,
+        # and refuses to start with any other tool parser beside it.
+        return ToolParserChoice(_HARMONY[model_type], f"{model_type} model, which vLLM serves in OpenAI's Harmony "
+                                                      "format")
     template = chat_template(folder)
     if template is None:
         return ToolParserChoice(None, f"the {model_type} model has no chat template")

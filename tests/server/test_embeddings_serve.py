@@ -102,3 +102,13 @@ def test_the_paged_path_is_refused_before_anything_starts(model, monkeypatch):
     assert [line for line in r.stderr.splitlines() if line.startswith("error: ")] == [
         "error: embeddings run on the MLX-managed KV path only, and this server uses the paged path; leave out "
         "VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)"]
+
+
+def test_chat_with_an_embedding_model_says_why_not_and_starts_nothing(model):
+    from vmetal.cli.app import app
+
+    r = CliRunner().invoke(app, ["chat", str(model), "--prompt", "hi"])
+    assert r.exit_code == 2, r.output
+    assert [line for line in r.stderr.splitlines() if line.startswith("error: ")] == [
+        f"error: `{model}` is an embedding model: it computes vectors, not replies, so there is nothing to chat with"]
+    assert "/v1/embeddings" in r.stderr

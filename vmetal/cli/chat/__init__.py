@@ -133,6 +133,12 @@ def _own_server(model: str | None, *, demo: bool, model_name: str | None, api_ke
         target = options.demo_model()
     elif not Path(target).is_dir():
         target = options.pulled(target, None)
+    from vmetal.preflight.features import serves_embeddings
+
+    if serves_embeddings(target, vllm_args):  # vLLM would open no chat route for it
+        raise VmetalError(f"`{target}` is an embedding model: it computes vectors, not replies, so there is "
+                          "nothing to chat with", hint="serve it with `vmetal serve MODEL` and call /v1/embeddings",
+                          exit_code=USAGE)
     name = model_name or given_name
     log = envs.vmetal_home() / "logs" / "chat-server.log"
     server = ServerProcess(target, port=free_port(), served_model_name=name, api_key=api_key, config=cfg,

@@ -245,9 +245,11 @@ def _random_weights(config: dict, seed: int, emit: list[int]) -> dict:
     # sequence that would decode to U+FFFD.
     # The output matrix: `lm_head` where the model has one, else the (tied) embedding. Families name the
     # embedding differently (GPT-style `wte`), so it is found by shape: the [vocab, hidden] matrix.
-    out = "lm_head.weight" if "lm_head.weight" in weights else next(
-        n for n in sorted(weights) if "emb" in n and weights[n].shape[0] == config["vocab_size"])
-    keep = mx.zeros((config["vocab_size"], 1), dtype=mx.bool_)
+    # A multimodal wrapper keeps both under its language model (`language_model.lm_head.weight`).
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    out = next((n for n in sorted(weights) if n.endswith("lm_head.weight")), None) or next(
+        n for n in sorted(weights) if "emb" in n and weights[n].shape[0] == vocab)
+    keep = mx.zeros((vocab, 1), dtype=mx.bool_)
     keep[mx.array(emit)] = True
     weights[out] = mx.where(keep, weights[out], 0.0)
     # sanitize drops what HF checkpoints do not carry (lm_head when tied); mlx-lm's loader calls it where
@@ -296,6 +298,8 @@ def build_checkpoint(path, config: dict, *, seed: int = 0, dtype: str = "float32
               "torch_dtype": dtype, "dtype": dtype}
     if config.get("vocab_size") is None:
         config["vocab_size"] = -(-used_vocab // 64) * 64
+    if isinstance(config.get("text_config"), dict):  # a multimodal wrapper's language model reads its own
+        config["text_config"] = {**config["text_config"], "vocab_size": config["vocab_size"]}
     if config["vocab_size"] < used_vocab:
         raise ValueError(f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {used_vocab}")
     weights = _random_weights(config, seed, emit)

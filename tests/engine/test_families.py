@@ -44,6 +44,8 @@ PATHS: dict[str, tuple[str, ...]] = {
     # Sliding-window layers: mlx-lm's RotatingKVCache, merged into its BatchRotatingKVCache on the MLX path; the
     # paged path's pools hold full-attention K/V only.
     "gemma3_text": ("mlx",),
+    "gemma3": ("mlx",),  # the multimodal wrappers, served for their text
+    "qwen3_5": ("mlx",),
     "gpt_oss": ("mlx",),
     # Hybrids: recurrent layers keep mlx-lm's ArraysCache (a fixed-size state per request), merged into the
     # decode batch by its own `merge`; the paged path has no pools for such state.
@@ -97,7 +99,7 @@ def test_concurrent_greedy_tokens_and_logprobs_equal_mlx_lm(engine):
     assert len(outs) == 8
     for out in outs:
         tokens = list(out.outputs[0].token_ids)
-        assert tokens == mlx_greedy(path, out.prompt_token_ids, MAX_TOKENS)
+        assert tokens == mlx_greedy(path, out.prompt_token_ids, MAX_TOKENS, ignore_eos=True)
         want = sampled_logprobs_reference(path, out.prompt_token_ids, tokens)
         got = [step[token].logprob for step, token in zip(out.outputs[0].logprobs, tokens)]
         # float32 models: the same forward up to summation order.

@@ -93,17 +93,24 @@ def assert_joining_requests_like_mlx(path, llm, tag: str, max_tokens: int = 20) 
         step += 1
     assert len(finished) == len(ARRIVALS) == 4
     for prompt_ids, token_ids in finished.values():
-        assert token_ids == mlx_greedy(path, prompt_ids, max_tokens)
+        assert token_ids == mlx_greedy(path, prompt_ids, max_tokens, ignore_eos=True)
 
 
 _mlx_cache: dict = {}
 
 
-def mlx_greedy(path: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    """mlx-lm's own greedy generation: the reference every engine path must match."""
-    from mlx_lm.generate import stream_generate
+def mlx_greedy(path: Path, prompt_ids: list[int], max_tokens: int, ignore_eos: bool = False) -> list[int]:
+    """mlx-lm's own greedy generation: the reference every engine path must match. `ignore_eos`: past an
+    end-of-sequence token too (mlx-lm's `generate_step`, which never stops early), for requests that ask vLLM
+    to ignore it; else it stops there, as `mlx_lm.generate` does."""
+    from mlx_lm.generate import generate_step, stream_generate
 
     model, tokenizer = _mlx_model(path)
+    if ignore_eos:
+        import mlx.core as mx
+
+        steps = generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens)
+        return [int(token) for token, _ in steps][:max_tokens]
     out = []
     for resp in stream_generate(model, tokenizer, prompt=prompt_ids, max_tokens=max_tokens):
         out.append(int(resp.token))

@@ -125,6 +125,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 for _family, _config in FAMILIES.items():
     FAMILIES[_family] = {**_COMMON, "model_type": _family, **_config}
+# Gemma 3 4B and up as published: the language model above under `text_config`, beside a vision tower that
+# mlx-lm's `gemma3` drops (vLLM is told the wrapper is text-only: `vmetal.engine.text_only`).
+FAMILIES["gemma3"] = {
+    "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "vocab_size": None,
+    "tie_word_embeddings": True, "mm_tokens_per_image": 4, "boi_token_index": 3, "eoi_token_index": 4,
+    "image_token_index": 5,
+    "text_config": {k: v for k, v in FAMILIES["gemma3_text"].items() if k not in ("architectures", "vocab_size")},
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+}
+# Qwen3.5 as published: a hybrid language model (gated DeltaNet layers, full attention every 2nd here) with
+# multimodal RoPE sections, under `text_config` beside a vision tower that mlx-lm's `qwen3_5` drops.
+FAMILIES["qwen3_5"] = {
+    "model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"], "vocab_size": None,
+    "tie_word_embeddings": False,
+    "text_config": {**{k: v for k, v in _COMMON.items() if k != "vocab_size"}, "model_type": "qwen3_5_text",
+                    "head_dim": 16, "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                    "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 2,
+                    "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                                        "partial_rotary_factor": 0.5}},
+    "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64},
+}
 
 
 def build_family(path: Path, family: str, seed: int = 0, **config: Any) -> Path:

@@ -180,7 +180,7 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
         path=path,
         num_layers=len(probe.kv_widths),
         num_kv_heads=kv_heads,
-        num_heads=_per_rank(getattr(mlx_model.args, "num_attention_heads", None), group),
+        num_heads=_per_rank(_text_args(mlx_model.args).get("num_attention_heads"), group),
         head_dim=head_dim,
         vocab_size=probe.vocab_size,
         dtype=float_dtypes[0] if float_dtypes else mx.float32,
@@ -219,6 +219,14 @@ def _embedding_classes(config: dict[str, Any]) -> tuple[type, type]:
     EmbeddingModel.__name__ = EmbeddingModel.__qualname__ = model_class.__name__
     EmbeddingModel.__module__ = model_class.__module__
     return EmbeddingModel, args_class
+
+
+def _text_args(args: Any) -> dict[str, Any]:
+    """A model's arguments as a dict, those of its language model for a multimodal wrapper (`text_config`)."""
+    text = getattr(args, "text_config", None)
+    if isinstance(text, dict):
+        return text
+    return vars(text) if text is not None else vars(args)
 
 
 def _per_rank(count: int | None, group: Any) -> int | None:

@@ -93,9 +93,11 @@ class MetalPlatform(Platform):
     def pre_register_and_update(cls, parser: Any = None) -> None:
         # vLLM calls this first in every create_engine_config (and when it builds `vllm serve`'s parser),
         # before it resolves an unset --max-num-batched-tokens / --max-num-seqs from the platform.
-        from vmetal.engine import batch_defaults
+        from vmetal.engine import batch_defaults, text_only
 
         batch_defaults.install()
+        # Before vLLM inspects the checkpoint's architecture (its ModelConfig comes next).
+        text_only.register()
 
     @classmethod
     def update_block_size_for_backend(cls, vllm_config: Any) -> None:

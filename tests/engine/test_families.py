@@ -41,12 +41,12 @@ PATHS: dict[str, tuple[str, ...]] = {
     "deepseek_v2": ("mlx",),
     "gemma": ("mlx", "paged"),
     "gemma2": ("mlx",),
-    # Sliding-window layers: mlx-lm's RotatingKVCache, merged into its BatchRotatingKVCache on the MLX path; the
-    # paged path's pools hold full-attention K/V only.
-    "gemma3_text": ("mlx",),
-    "gemma3": ("mlx",),  # the multimodal wrappers, served for their text
+    # Sliding-window layers: mlx-lm's RotatingKVCache, merged into its BatchRotatingKVCache on the MLX path; on the
+    # paged path blocks hold every token and the layer attends to its window (gpt-oss: with its sinks).
+    "gemma3_text": ("mlx", "paged"),
+    "gemma3": ("mlx", "paged"),  # the multimodal wrappers, served for their text
     "qwen3_5": ("mlx",),
-    "gpt_oss": ("mlx",),
+    "gpt_oss": ("mlx", "paged"),
     # Hybrids: recurrent layers keep mlx-lm's ArraysCache (a fixed-size state per request), merged into the
     # decode batch by its own `merge`; the paged path has no pools for such state.
     "lfm2": ("mlx",),
@@ -132,6 +132,30 @@ def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(fami
         outs = llm.generate([LONG_PROMPT, *PROMPTS], greedy(40), use_tqdm=False)
         assert len(outs[0].prompt_token_ids) > 32
         assert_greedy_like_mlx(path, outs, 40)
+        assert metric(llm, "vllm:num_preemptions") > 0
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt_oss"])
+def test_paged_sliding_windows_through_chunks_prefix_hits_and_preemption(family_dir, family, monkeypatch):
+    """The paged path's sliding-window layers (window 8 here) over vLLM's blocks: a long prompt prefilled in chunks
+    of 32 tokens (each chunk's queries see their own windows across the chunk boundary), the same prompt again
+    from vLLM's prefix cache (its blocks hold every token, so a hit restores the windows too), and requests that
+    vLLM preempts in a small pool and recomputes; tokens and, for gpt-oss, its sinks stay mlx-lm's."""
+    from tests.support.engine import LONG_PROMPT, metric
+    from vmetal.engine import models
+
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    path = family_dir(family)
+    per_token = models.load(str(path)).kv_bytes_per_token
+    with running_llm(path, max_model_len=160, max_num_seqs=8, max_num_batched_tokens=32,
+                     enable_chunked_prefill=True, enable_prefix_caching=True, kv_cache_memory_bytes=per_token * 256,
+                     block_size=16, disable_log_stats=False, seed=0) as llm:
+        first = llm.generate([LONG_PROMPT], greedy(24), use_tqdm=False)
+        outs = llm.generate([LONG_PROMPT + " again", *PROMPTS], greedy(40), use_tqdm=False)
+        assert len(first[0].prompt_token_ids) > 32 and outs[0].num_cached_tokens >= 32
+        for out in [*first, *outs]:
+            n = len(out.outputs[0].token_ids)
+            assert list(out.outputs[0].token_ids) == mlx_greedy(path, out.prompt_token_ids, n, ignore_eos=True)
         assert metric(llm, "vllm:num_preemptions") > 0
 
 

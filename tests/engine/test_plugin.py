@@ -64,20 +64,15 @@ def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
 
 
 def test_unsupported_model_names_its_family_and_cache_type(qwen3_model, tmp_path):
-    """The loaded model's own caches decide: chunked-attention layers are refused on every path,
-    sliding-window ones on the paged path, each naming what they are."""
-    from tests.support.families import as_chunked_attention, as_sliding_window
+    """The loaded model's own caches decide: chunked-attention layers are refused on every path, naming what
+    they are, before a weight is read."""
+    from tests.support.families import as_chunked_attention
 
     folder = _copy_with_config(qwen3_model, tmp_path / "chunked", **as_chunked_attention({}))
     with pytest.raises(models.UnsupportedModelError) as err:
         models.load(str(folder))
     message = str(err.value)
     assert message.startswith("llama4 (Llama4ForConditionalGeneration): ") and "ChunkedKVCache" in message
-    folder = _copy_with_config(qwen3_model, tmp_path / "sliding", **as_sliding_window({}))
-    with pytest.raises(models.UnsupportedModelError) as err:
-        models.load(str(folder), kv_path="paged")
-    assert str(err.value) == ("gemma3_text (Gemma3ForCausalLM): 1 of 2 layers are sliding-window attention "
-                              "layers (mlx-lm's RotatingKVCache): use the MLX-managed path (leave out --paged)")
 
 
 def test_missing_config_and_missing_folder_are_clear_errors(tmp_path):

@@ -47,14 +47,12 @@ def test_full_attention_kv_caches_are_served_on_both_paths():
     assert refusal(state("KVCache", "KVCache"), "torch") is None
 
 
-def test_sliding_window_layers_are_served_on_the_mlx_path_and_refused_elsewhere_naming_them():
+def test_sliding_window_layers_are_served_on_both_mlx_paths_and_refused_on_torch_naming_them():
     sliding = state(*["RotatingKVCache"] * 5, "KVCache")
-    assert refusal(sliding, "mlx") is None
-    for kv_path in ("paged", "torch"):
-        assert refusal(sliding, kv_path) == (f"{FAMILY}: 5 of 6 layers are sliding-window attention layers "
-                                             "(mlx-lm's RotatingKVCache): use the MLX-managed path (leave out "
-                                             "--paged)")
-    assert servable_paths(sliding) == ["mlx"]
+    assert refusal(sliding, "mlx") is None and refusal(sliding, "paged") is None
+    assert refusal(sliding, "torch") == (f"{FAMILY}: 5 of 6 layers are sliding-window attention layers "
+                                         "(mlx-lm's RotatingKVCache): use the MLX-managed path (leave out --paged)")
+    assert servable_paths(sliding) == ["mlx", "paged"]
 
 
 def test_hybrid_and_nested_caches_are_named():
@@ -174,9 +172,6 @@ def serve(*args: str):
 
 
 @pytest.mark.parametrize("config,paged,line", [
-    (as_sliding_window(QWEN3), True,
-     ("error: gemma3_text (Gemma3ForCausalLM): 1 of 2 layers are sliding-window attention layers (mlx-lm's "
-      "RotatingKVCache): use the MLX-managed path (leave out --paged)")),
     (DEEPSEEK, True,
      ("error: deepseek_v2 (DeepseekV2ForCausalLM): its attention keeps keys 24 and values 16 wide (MLA), and the "
       "paged path's block pools hold one width for both: use the MLX-managed path (leave out --paged)")),
@@ -186,7 +181,7 @@ def serve(*args: str):
     (as_chunked_attention(QWEN3), False,
      ("error: llama4 (Llama4ForConditionalGeneration): its layers are chunked-attention layers (mlx-lm's "
       "ChunkedKVCache): no vmetal KV path serves it yet")),
-], ids=["sliding-window-on-paged", "mla-on-paged", "hybrid-on-paged", "chunked-attention"])
+], ids=["mla-on-paged", "hybrid-on-paged", "chunked-attention"])
 def test_serve_refuses_what_its_kv_path_cannot_hold_within_a_second(fake_server, tmp_path, config, paged, line):
     folder = model_folder(tmp_path / "model", config, 1 << 20)
     cache_types._probe_in_child.cache_clear()  # the child's time is part of the promise

@@ -47,19 +47,30 @@ def tolerance(dtype, max_ctx: int) -> float:
     return 4 * EPS[dtype] + 4 * EPS[mx.float32] * math.sqrt(HEAD_DIM + max_ctx)
 
 
-def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+def dense_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, window: int | None = None,
+                    sinks: np.ndarray | None = None) -> np.ndarray:
     """Standard causal attention of one sequence, float64: q `[n, Hq, D]` are the last n positions of the
-    context k, v `[ctx, Hkv, D]`; KV heads repeated to the query heads."""
+    context k, v `[ctx, Hkv, D]`; KV heads repeated to the query heads. `window`: a query at position p sees keys
+    p-window+1..p; `sinks` [Hq]: a logit per head that joins each softmax and adds nothing to the output."""
     n, hq, _ = q.shape
     ctx, hkv, _ = k.shape
     k = np.repeat(k, hq // hkv, axis=1)
     v = np.repeat(v, hq // hkv, axis=1)
     scores = np.einsum("qhd,khd->hqk", q, k) * scale
     qpos = ctx - n + np.arange(n)
-    scores = np.where(np.arange(ctx)[None, None, :] <= qpos[None, :, None], scores, -np.inf)
-    probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    return np.einsum("hqk,khd->qhd", probs, v)
+    kpos = np.arange(ctx)[None, None, :]
+    seen = kpos <= qpos[None, :, None]
+    if window is not None:
+        seen &= kpos > qpos[None, :, None] - window
+    scores = np.where(seen, scores, -np.inf)
+    top = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        top = np.maximum(top, sinks[:, None, None])
+    probs = np.exp(scores - top)
+    total = probs.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total += np.exp(sinks[:, None, None] - top)
+    return np.einsum("hqk,khd->qhd", probs / total, v)
 
 
 class Pack:
@@ -140,6 +151,30 @@ def test_paged_attention_equals_dense(ratio, block_size):
     err = relative_error(out, pack.dense())
     assert err < tolerance(mx.float32, max(pack.ctx_lens)), (
         f"relative error {err:.2e} (seed {seed}, ctx {pack.ctx_lens}, q {pack.q_lens})")
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+@pytest.mark.parametrize("window", [1, 5, 16])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_sliding_window_and_sinks_equal_dense(block_size, window, with_sinks):
+    """Gemma's and gpt-oss's local layers: each query sees its last `window` positions (a chunk's first query
+    its own window, a long context only its tail is gathered); gpt-oss's sinks join every softmax."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    pack = Pack(rng, block_size=block_size, ratio=2)
+    sinks = rng.standard_normal(NUM_KV_HEADS * 2) * 2 if with_sinks else None
+    out = pa.paged_attention(*pack.args(), window=window,
+                             sinks=mx.array(sinks.astype(np.float32)) if with_sinks else None)
+    want = np.concatenate([dense_attention(q, k, v, pack.scale, window, sinks)
+                           for q, k, v in zip(pack.queries, pack.k_full, pack.v_full)])
+    err = relative_error(out, want)
+    assert err < tolerance(mx.float32, max(pack.ctx_lens)), (
+        f"relative error {err:.2e} (seed {seed}, ctx {pack.ctx_lens}, q {pack.q_lens})")
+    # The window is really applied: full attention differs wherever a context is longer than it.
+    if max(pack.ctx_lens) > window:
+        assert relative_error(out, pack.dense() if not with_sinks else np.concatenate(
+            [dense_attention(q, k, v, pack.scale, None, sinks)
+             for q, k, v in zip(pack.queries, pack.k_full, pack.v_full)])) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])

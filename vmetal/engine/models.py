@@ -98,7 +98,7 @@ class LoadedModel:
             return [h * (k + v) * self.dtype.size for h, k, v in self.kv_widths]
         return [2 * self.num_kv_heads * self.head_dim * self.dtype.size] * self.num_layers
 
-    def _kv_held(self) -> tuple[int | None, ...]:
+    def kv_held(self) -> tuple[int | None, ...]:
         """Per K/V layer of this rank (as in `kv_widths`), the most tokens its cache keeps (None: every one), from
         the pre-flight's reading (`state.held`); empty when that does not line up with the layers loaded."""
         held = self.state.held if self.state is not None else ()
@@ -110,7 +110,7 @@ class LoadedModel:
     def growing_layers(self) -> tuple[int, ...]:
         """The K/V layers whose cache grows with every token: all of them, unless some keep a sliding window
         (mlx-lm's RotatingKVCache) and at least one does grow."""
-        held = self._kv_held()
+        held = self.kv_held()
         every = tuple(range(len(self._layer_bytes())))
         if not held or all(n is not None for n in held):
             return every
@@ -126,7 +126,7 @@ class LoadedModel:
     def window_bytes(self) -> int:
         """The most K and V one request's sliding-window layers hold, whatever its length."""
         growing = set(self.growing_layers())
-        held = self._kv_held()
+        held = self.kv_held()
         return sum(b * (held[i] or 0) for i, b in enumerate(self._layer_bytes()) if i not in growing)
 
 

@@ -44,7 +44,7 @@ from vmetal.preflight.checkpoint import UnsupportedModelError
 # A layer with several caches (mlx-lm's CacheList) is held where each of its members is (`holds`).
 SUPPORTED: dict[str, frozenset[str]] = {
     "mlx": frozenset({"KVCache", "RotatingKVCache", "ArraysCache"}),
-    "paged": frozenset({"KVCache"}),
+    "paged": frozenset({"KVCache", "RotatingKVCache"}),
     "torch": frozenset({"KVCache"}),
 }
 # How to get onto a path from `vmetal serve`, for the refusal's advice.

@@ -58,10 +58,19 @@ class PagedModelRunner(ModelRunnerBase):
         # The decode-ahead step's pool slots, and its rows that wrote to a scratch block.
         self._ahead_slots: np.ndarray | None = None
         self._ahead_scratch: list[int] = []
+        self.layer_windows: tuple[int | None, ...] = ()  # per K/V layer, set at load
+        self.windows: tuple[int, ...] = ()  # the distinct sliding windows among them
 
     def load_model(self) -> None:
         super().load_model()
         install_attention_hook(self.model)
+        # Each K/V layer's sliding window (None: full attention), as its mlx-lm cache keeps it on the MLX path.
+        held = self.loaded.kv_held() or (None,) * self.loaded.num_layers
+        self.layer_windows = tuple(n if n else None for n in held)
+        self.windows = tuple(sorted({w for w in self.layer_windows if w is not None}))
+        if self.windows:
+            logger.info("vmetal: sliding-window layers (window %s) attend to their window over blocks that hold "
+                        "every token", "/".join(map(str, self.windows)))
         self.kernels = attention.kernel_choice(self._kernels_on())
         logger.info("vmetal: paged attention through %s", "the Metal kernel" if self.kernels["paged_attention"]
                     else "the pure-MLX reference")
@@ -91,8 +100,9 @@ class PagedModelRunner(ModelRunnerBase):
 
         lm = self.loaded
         shape = (num_blocks, self.cache_config.block_size, lm.num_kv_heads, lm.head_dim)
-        return [PagedLayerCache(mx.zeros(shape, lm.dtype), mx.zeros(shape, lm.dtype), self.kernels)
-                for _ in range(lm.num_layers)]
+        windows = self.layer_windows or (None,) * lm.num_layers
+        return [PagedLayerCache(mx.zeros(shape, lm.dtype), mx.zeros(shape, lm.dtype), self.kernels, window)
+                for window in windows]
 
     # -------------------------------------------------------------- KV cache
     @property
@@ -154,7 +164,7 @@ class PagedModelRunner(ModelRunnerBase):
         layers = self.layers or self._new_layers(2)
         n = min(8, self.cache_config.block_size)
         layout = StepLayout.plan(np.arange(n), np.full((n,), -1), np.zeros((1, 1)), [n], [n],
-                                 self.cache_config.block_size)
+                                 self.cache_config.block_size, self.windows)
         mx.eval(self._forward(layers, list(range(n)), layout, [n - 1]))
 
     def _forward(self, layers: list[PagedLayerCache], tokens: Any, layout: StepLayout, last_rows: list[int]) -> Any:
@@ -196,7 +206,7 @@ class PagedModelRunner(ModelRunnerBase):
             self.ahead.take()  # its writes are harmless: see _ahead_forward
         if logits is None:
             layout = StepLayout.plan(np.concatenate(pack.positions), all_slots, block_tables, pack.context_lens,
-                                     pack.query_lens, self.cache_config.block_size)
+                                     pack.query_lens, self.cache_config.block_size, self.windows)
             # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
             extra = [i for rows in pack.prompt_rows.values() for i in rows]
             logits = self._forward(self.layers, pack.tokens, layout, pack.last_rows + extra)
@@ -257,7 +267,8 @@ class PagedModelRunner(ModelRunnerBase):
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             tables.append(table)
-        layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions], [1] * len(order), bs)
+        layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions], [1] * len(order), bs,
+                                 self.windows)
         self._ahead_slots = np.asarray(slots, dtype=np.int64)
         self._ahead_scratch = scratch
         for layer in self.layers:

@@ -8,7 +8,10 @@ Slot `-1` in a slot mapping is padding: nothing is written.
 A step's queries come packed, sequence after sequence (cu-seqlens order): sequence `i` contributes
 `query_lens[i]` queries, the last `query_lens[i]` positions of its context of `context_lens[i]` tokens, whose
 K/V are already in the pools (written by `reshape_and_cache` before attention). A decode is a query length of 1,
-a prefill chunk a query length of n. Causal: the query at context position `p` sees keys `0..p`.
+a prefill chunk a query length of n. Causal: the query at context position `p` sees keys `0..p`; with a sliding
+`window` W, keys `p-W+1..p` (mlx-lm's `create_causal_mask(window_size=W)`, Gemma's and gpt-oss's local layers).
+Attention sinks (gpt-oss: one learned logit per head that takes part in the softmax and adds nothing to the
+output) go to MLX's SDPA as they are.
 
 Functional: MLX arrays are values, so every function returns new pools and the caller rebinds them. The writes
 are MLX scatters, which update the pool's buffer in place when nothing else holds the old pool when the step is
@@ -150,6 +153,7 @@ class AttentionPlan:
     context_lens: np.ndarray
     query_lens: np.ndarray
     kernel_inputs: dict = field(default_factory=dict)  # per-step inputs a kernel derived from the above
+    window: int | None = None  # sliding window: each query sees its last `window` positions only
 
 
 def _rows(index: np.ndarray) -> slice | mx.array:
@@ -159,17 +163,21 @@ def _rows(index: np.ndarray) -> slice | mx.array:
 
 
 def _plan_group(seqs: np.ndarray, starts: np.ndarray, tables: np.ndarray, ctx: np.ndarray, qlens: np.ndarray,
-                block_size: int) -> tuple[AttentionGroup, np.ndarray]:
+                block_size: int, window: int | None = None) -> tuple[AttentionGroup, np.ndarray]:
     qlens, ctx = qlens[seqs], ctx[seqs]
     batch, max_q = len(seqs), int(qlens.max())
-    max_ctx = int(ctx.max())
-    width = -(-max_ctx // block_size)
+    width = -(-int(ctx.max()) // block_size)
     if tables.shape[1] < width:  # a table narrower than its context: the caller's bug
         raise ValueError(f"paged_attention: block tables have {tables.shape[1]} columns but a context of "
-                         f"{max_ctx} tokens needs {width} blocks of {block_size}")
-    kpos = np.arange(max_ctx)
-    inside = kpos[None, :] < ctx[:, None]
-    kpos_or_0 = np.where(inside, kpos[None, :], 0)
+                         f"{int(ctx.max())} tokens needs {width} blocks of {block_size}")
+    # Key column c of sequence i is context position first_i + c: with a sliding window only the positions its
+    # queries can see are gathered (their first query's window onwards), so a long context costs its window.
+    first = np.zeros_like(ctx) if window is None else np.maximum(0, ctx - qlens - window + 1)
+    max_ctx = int((ctx - first).max())
+    kcol = np.arange(max_ctx)
+    inside = kcol[None, :] < (ctx - first)[:, None]
+    kpos = first[:, None] + kcol[None, :]
+    kpos_or_0 = np.where(inside, kpos, first[:, None])
     slots = tables[seqs[:, None], kpos_or_0 // block_size] * block_size + kpos_or_0 % block_size
     packed = np.concatenate([np.arange(starts[s], starts[s] + qlens[i]) for i, s in enumerate(seqs)])
 
@@ -184,37 +192,42 @@ def _plan_group(seqs: np.ndarray, starts: np.ndarray, tables: np.ndarray, ctx: n
     unpad = None if padded else mx.array(
         (seq_of_row * max_q + np.arange(len(packed)) - group_start[seq_of_row]).astype(np.int32))
 
-    # Causal by position: row (i, j) is context position ctx_i - qlen_i + j and sees keys 0..that position,
-    # all inside the context, so the mask also hides the padding past it. Equal contexts of single queries
-    # need none (mlx-lm's decode step has none either).
+    # Causal by position: row (i, j) is context position ctx_i - qlen_i + j and sees keys 0..that position
+    # (the last `window` of them), all inside the context, so the mask also hides the padding past it. Equal
+    # contexts of single queries need none (mlx-lm's decode step has none either); nor does a decode's window,
+    # which is exactly the columns gathered.
     qpos = ctx[:, None] - qlens[:, None] + j_real
     full = max_q == 1 and inside.all()
-    mask = None if full else mx.array((kpos[None, None, :] <= qpos[:, :, None])[:, None])
+    seen = kpos[:, None, :] <= qpos[:, :, None]
+    if window is not None:
+        seen &= kpos[:, None, :] > qpos[:, :, None] - window
+    mask = None if full else mx.array(seen[:, None])
     group = AttentionGroup(_rows(packed), mx.array(slots.astype(np.int32)), mask, pad, unpad, batch, max_q)
     return group, packed
 
 
 def plan_attention(block_tables: IntsLike, context_lens: IntsLike, query_lens: IntsLike,
-                   block_size: int) -> AttentionPlan:
-    """Plan a step's attention (on the host: `mx.array` arguments are evaluated; pass numpy or lists)."""
+                   block_size: int, window: int | None = None) -> AttentionPlan:
+    """Plan a step's attention (on the host: `mx.array` arguments are evaluated; pass numpy or lists); with a
+    sliding `window`, each query sees its last `window` positions."""
     qlens = _host_ints(query_lens)
     ctx = _host_ints(context_lens)
     num_tokens = int(qlens.sum())
     tables = np.asarray(block_tables, dtype=np.int64)
     tables = tables.reshape(len(qlens), tables.size // max(len(qlens), 1))
     if num_tokens == 0:
-        return AttentionPlan(0, (), None, tables, ctx, qlens)
+        return AttentionPlan(0, (), None, tables, ctx, qlens, window=window)
     starts = np.cumsum(qlens) - qlens
     groups, order = [], []
     for seqs in (np.flatnonzero(qlens == 1), np.flatnonzero(qlens > 1)):
         if seqs.size:
-            group, packed = _plan_group(seqs, starts, tables, ctx, qlens, block_size)
+            group, packed = _plan_group(seqs, starts, tables, ctx, qlens, block_size, window)
             groups.append(group)
             order.append(packed)
     rows = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
     in_order = (rows == np.arange(num_tokens)).all()
     restore = None if in_order else mx.array(np.argsort(rows).astype(np.int32))
-    return AttentionPlan(num_tokens, tuple(groups), restore, tables, ctx, qlens)
+    return AttentionPlan(num_tokens, tuple(groups), restore, tables, ctx, qlens, window=window)
 
 
 def _gathered(pool: mx.array, group: AttentionGroup) -> mx.array:
@@ -224,8 +237,9 @@ def _gathered(pool: mx.array, group: AttentionGroup) -> mx.array:
     return rows[group.slots].transpose(0, 2, 1, 3)
 
 
-def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float) -> mx.array:
-    """`paged_attention` with its layout planned already (`plan_attention`)."""
+def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float,
+           sinks: mx.array | None = None) -> mx.array:
+    """`paged_attention` with its layout planned already (`plan_attention`); `sinks` [Hq]: attention sinks."""
     num_tokens, num_heads, head_dim = queries.shape
     if num_tokens != plan.num_tokens:
         raise ValueError(f"paged_attention: query_lens sum to {plan.num_tokens} but there are "
@@ -239,7 +253,7 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
             q = q[g.pad]
         q = q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3)
         k, v = _gathered(k_pool, g), _gathered(v_pool, g)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
         out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, head_dim)
         outs.append(out if g.unpad is None else out[g.unpad])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
@@ -247,14 +261,16 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
 
 
 def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
-                    context_lens: IntsLike, query_lens: IntsLike, scale: float) -> mx.array:
+                    context_lens: IntsLike, query_lens: IntsLike, scale: float, window: int | None = None,
+                    sinks: mx.array | None = None) -> mx.array:
     """Causal attention of packed varlen queries `[T, Hq, D]` over paged K/V; returns `[T, Hq, D]`.
 
     `block_tables` int32 `[B, max_blocks]`, `context_lens` and `query_lens` `[B]`, all read on the host (pass
     lists or numpy arrays to avoid a sync). GQA: `Hq = r * Hkv`, query head `h` reads KV head `h // r`.
     Decodes (query length 1) and longer queries form two groups; in each, queries are padded to
     `[B, Hq, max_q, D]`, keys and values gathered slot by slot to `[B, Hkv, ctx, D]` (ctx: the group's longest
-    context), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped.
+    context), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped. A sliding
+    `window` gathers and sees each query's last `window` positions only; `sinks` [Hq] are attention sinks.
     """
-    plan = plan_attention(block_tables, context_lens, query_lens, k_pool.shape[1])
-    return attend(queries, k_pool, v_pool, plan, scale)
+    plan = plan_attention(block_tables, context_lens, query_lens, k_pool.shape[1], window)
+    return attend(queries, k_pool, v_pool, plan, scale, sinks)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,16 +37,23 @@ class StepLayout:
     positions: Any  # mx.int32 [T]: each token's position in its sequence (RoPE offset)
     writes: Any  # paged_attention.CacheWrites: the pool slots this step's K/V go to
     attention: Any  # paged_attention.AttentionPlan: who attends to which blocks
+    # The same for each sliding window the model's layers use (window -> plan).
+    windowed: dict[int, Any] = field(default_factory=dict)
 
     @classmethod
     def plan(cls, positions: Any, slot_mapping: Any, block_tables: Any, context_lens: Any, query_lens: Any,
-             block_size: int) -> StepLayout:
+             block_size: int, windows: tuple[int, ...] = ()) -> StepLayout:
         """From host arrays: positions and slot mapping `[T]`, block tables `[B, max_blocks]`, context and
-        query lengths `[B]`."""
+        query lengths `[B]`; `windows`: the sliding windows of the model's local layers."""
         import mlx.core as mx
 
         return cls(mx.array(np.asarray(positions, dtype=np.int32)), reference.plan_writes(slot_mapping),
-                   reference.plan_attention(block_tables, context_lens, query_lens, block_size))
+                   reference.plan_attention(block_tables, context_lens, query_lens, block_size),
+                   {w: reference.plan_attention(block_tables, context_lens, query_lens, block_size, w)
+                    for w in windows})
+
+    def attention_for(self, window: int | None) -> Any:
+        return self.attention if window is None else self.windowed[window]
 
 
 class PagedLayerCache:
@@ -55,10 +62,14 @@ class PagedLayerCache:
     `kernels`: per op, whether its Metal kernel runs (`metal.kernel_choice`, decided once by the runner);
     none by default (the pure-MLX reference)."""
 
-    def __init__(self, k_pool: Any, v_pool: Any, kernels: Mapping[str, bool] | None = None):
+    def __init__(self, k_pool: Any, v_pool: Any, kernels: Mapping[str, bool] | None = None,
+                 window: int | None = None):
         self.k_pool = k_pool
         self.v_pool = v_pool
         self.kernels = kernels or metal.kernel_choice(False)
+        # A sliding-window layer (mlx-lm's RotatingKVCache on the MLX path): its blocks hold every token, as
+        # vLLM's KV manager allocates them for a full-attention layer; its queries see the window only.
+        self.window = window
         self.layout: StepLayout | None = None
         self.keep_kv = False  # keep the next step's keys and values in `kept_kv`
         self.kept_kv: tuple[Any, Any] | None = None
@@ -81,10 +92,11 @@ class PagedLayerCache:
                                                      self.layout.writes, use_kernel=self.kernels["reshape_and_cache"])
         return keys, values
 
-    def attention(self, queries: Any, scale: float) -> Any:
-        """queries [T, heads, 1, head_dim] -> attention output of the same shape."""
-        out = metal.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention, scale,
-                           use_kernel=self.kernels["paged_attention"])
+    def attention(self, queries: Any, scale: float, sinks: Any = None) -> Any:
+        """queries [T, heads, 1, head_dim] -> attention output of the same shape; `sinks` [heads]: gpt-oss's
+        attention sinks."""
+        out = metal.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention_for(self.window),
+                           scale, use_kernel=self.kernels["paged_attention"], sinks=sinks)
         return out[:, :, None, :]
 
     @property
@@ -111,9 +123,13 @@ def install_attention_hook(model: Any) -> None:
 
 
 def _routed(original: Any) -> Any:
-    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, *args, **kwargs):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, *args, sinks=None, **kwargs):
         if isinstance(cache, PagedLayerCache):
-            return cache.attention(queries, scale)
+            if args or kwargs:  # an argument the paged attention would drop: fail, never compute it wrong
+                raise TypeError(f"paged attention cannot honour mlx-lm's SDPA arguments {list(kwargs) or args}")
+            return cache.attention(queries, scale, sinks)
+        if sinks is not None:
+            kwargs["sinks"] = sinks
         return original(queries, keys, values, *args, cache=cache, scale=scale, mask=mask, **kwargs)
 
     return scaled_dot_product_attention

@@ -306,23 +306,13 @@ def test_vllm_features_the_engine_lacks_are_refused_before_anything_starts(fake_
     assert fake_server == []
 
 
-@pytest.mark.parametrize(("args", "env", "words"), [
-    (["--speculative-config", '{"method": "ngram"}'], {"VLLM_METAL_USE_PAGED_ATTENTION": "1"},
-     "runs on the MLX-managed KV path only, and this server uses the paged path"),
-    (["--speculative-config", '{"method": "ngram"}', "--tensor-parallel-size", "2"], {},
-     "runs on one worker, and this server has 2 (tensor parallel)"),
-])
-def test_ngram_speculation_where_it_cannot_run_is_refused(fake_server, monkeypatch, args, env, words):
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    result = invoke("--demo", "--", *args)
-    assert result.exit_code == 2, result.output
-    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert line.startswith("error: `--speculative-config`: n-gram speculation ") and words in line, line
-    assert fake_server == []
-
-
 @pytest.mark.parametrize(("args", "env", "line"), [
+    (["--speculative-config", '{"method": "ngram"}'], {"VLLM_METAL_USE_PAGED_ATTENTION": "1"},
+     "error: `--speculative-config`: n-gram speculation runs on the MLX-managed KV path only, and this server uses "
+     "the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`), or start without speculation"),
+    (["--speculative-config", '{"method": "ngram"}', "--tensor-parallel-size", "2"], {},
+     "error: `--speculative-config`: n-gram speculation runs on one worker, and this server has 2 (tensor "
+     "parallel); start without one or the other"),
     (["--convert", "classify"], {}, "error: `--convert classify`: vmetal's engine computes embeddings only "
      "(`--convert embed`, `/v1/embeddings`), not classification or scoring; start without it"),
     (["--runner", "pooling"], {"VLLM_METAL_USE_PAGED_ATTENTION": "1"}, "error: embeddings run on the MLX-managed "
@@ -332,7 +322,7 @@ def test_ngram_speculation_where_it_cannot_run_is_refused(fake_server, monkeypat
     (["--runner", "pooling", "--pooler-config", '{"seq_pooling_type": "STEP"}'], {}, "error: pooling type STEP: "
      "vmetal pools LAST, MEAN, CLS only; choose one with `--pooler-config '{\"seq_pooling_type\": \"LAST\"}'`"),
 ])
-def test_embeddings_where_they_cannot_run_are_refused(fake_server, monkeypatch, args, env, line):
+def test_speculation_and_embeddings_where_they_cannot_run_are_refused(fake_server, monkeypatch, args, env, line):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     result = invoke("--demo", "--", *args)

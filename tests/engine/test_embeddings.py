@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.support.embeddings import as_embedding_model, cosine, reference_embeddings
+from tests.support.embeddings import cosine, reference_embeddings, tiny_embedding_model
 from tests.support.engine import LONG_PROMPT, PROMPTS, running_llm
 
 pytestmark = pytest.mark.slow
@@ -22,11 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def embedding_model(models_dir):
-    from vmetal.demo import build_tiny_model
-
-    tied = build_tiny_model(models_dir / "qwen3-tied", "qwen3", hidden_size=64, num_layers=2,
-                            tie_word_embeddings=True, seed=3)
-    return as_embedding_model(tied, models_dir / "qwen3-embedding", matryoshka=True)
+    return tiny_embedding_model(models_dir, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -211,6 +211,31 @@ def test_paged_engine_matches_mlx_lm_on_quantized_weights(quantized, mxfp4_model
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kv_path", ["mlx", "paged"])
+def test_a_quantized_moe_serves_mlx_lms_tokens(models_dir, monkeypatch, kv_path):
+    """mlx-community's MoE repos (Qwen3-30B-A3B-4bit and the like): experts quantized by mlx-lm's converter as
+    one stacked SwitchLinear each, served on both KV paths with mlx-lm's tokens."""
+    from vllm import SamplingParams
+
+    from tests.support.engine import running_llm
+    from tests.support.families import build_family
+
+    source = models_dir / "family-qwen3_moe-q"
+    if not source.exists():
+        build_family(source, "qwen3_moe")
+    folder = quantize(source, models_dir / "qwen3-moe-4bit", 4, 64)
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1" if kv_path == "paged" else "0")
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.05" if kv_path == "paged" else "auto")
+    with running_llm(folder, max_model_len=MAX_MODEL_LEN, max_num_seqs=4, seed=0) as llm:
+        outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                            use_tqdm=False)
+        for out in outs:
+            assert list(out.outputs[0].token_ids) == mlx_greedy(folder, out.prompt_token_ids, 12, ignore_eos=True)
+        (inspection,) = llm.collective_rpc("get_model_inspection")
+        assert "qwen3_moe" in inspection and "4-bit affine, group size 64" in inspection, inspection
+
+
+@pytest.mark.slow
 def test_gpt_oss_as_openai_publishes_it_serves_mlx_lms_tokens(models_dir):
     """openai/gpt-oss-* ships its experts as mxfp4 `*_blocks`/`*_scales` under a `quant_method: mxfp4`
     quantization_config, which vLLM resolves to its own `gpt_oss_mxfp4` method. mlx-lm loads that layout as

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.support.cli_server import CliServer
-from tests.support.embeddings import as_embedding_model, cosine, reference_embeddings
+from tests.support.embeddings import cosine, reference_embeddings, tiny_embedding_model
 from vmetal.server.process import free_port
 
 pytestmark = pytest.mark.slow
@@ -28,11 +28,7 @@ INPUTS = ["The cat reads a book", "A small dog number 1 reads", "hello", "Our te
 
 @pytest.fixture(scope="module")
 def model(models_dir):
-    from vmetal.demo import build_tiny_model
-
-    tied = build_tiny_model(models_dir / "qwen3-tied-serve", "qwen3", hidden_size=64, num_layers=2,
-                            tie_word_embeddings=True, seed=4)
-    return as_embedding_model(tied, models_dir / "qwen3-embedding-serve", matryoshka=True)
+    return tiny_embedding_model(models_dir, seed=4)
 
 
 @pytest.fixture(scope="module")

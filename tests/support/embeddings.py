@@ -18,6 +18,16 @@ import numpy as np
 POOLING_MODES = {"LAST": "pooling_mode_lasttoken", "MEAN": "pooling_mode_mean_tokens", "CLS": "pooling_mode_cls_token"}
 
 
+def tiny_embedding_model(models_dir: Path, seed: int) -> Path:
+    """A demo Qwen3 (hidden 64, 2 layers, tied embeddings, `seed`) as a Matryoshka embedding model, in
+    `models_dir`."""
+    from vmetal.demo import build_tiny_model
+
+    tied = build_tiny_model(models_dir / f"qwen3-tied-{seed}", "qwen3", hidden_size=64, num_layers=2,
+                            tie_word_embeddings=True, seed=seed)
+    return as_embedding_model(tied, models_dir / f"qwen3-embedding-{seed}", matryoshka=True)
+
+
 def as_embedding_model(source: Path, path: Path, pooling: str = "LAST", matryoshka: bool = False) -> Path:
     """The demo checkpoint `source` (tied embeddings) as a sentence-transformers decoder embedding model."""
     import mlx.core as mx

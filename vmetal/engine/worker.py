@@ -20,7 +20,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 from vmetal import envs
 from vmetal.engine import distributed
 from vmetal.engine.device import cache_limit_bytes, device_memory_bytes
-from vmetal.engine.runner import runner_class
+from vmetal.engine.runner import is_pooling, runner_class
 from vmetal.preflight import parallel
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -62,10 +62,9 @@ class MetalWorker(WorkerBase):
         self.device = torch.device("cpu")
         self.ring = distributed.init_ranks(self.vllm_config, self.rank, self.local_rank,
                                            self.distributed_init_method, self.metal_config.ring_port)
-        pooling = getattr(self.model_config, "runner_type", "generate") == "pooling"
-        self.model_runner = runner_class(self.metal_config.kv_path, pooling)(self.vllm_config, self.device,
-                                                                    self.metal_config,
-                                                                    self.ring.group if self.ring else None)
+        runner = runner_class(self.metal_config.kv_path, is_pooling(self.model_config))
+        self.model_runner = runner(self.vllm_config, self.device, self.metal_config,
+                                   self.ring.group if self.ring else None)
 
     @property
     def weights_bytes(self) -> int:

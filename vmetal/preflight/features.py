@@ -90,8 +90,9 @@ def serves_embeddings(folder: str | None, args: Sequence[str]) -> bool:
     from pathlib import Path
 
     runner = (vllm_arg(list(args), "--runner") or "auto").strip().lower()
-    if runner != "auto" or _pooling_args(args)[0]:
-        return runner == "pooling" or _pooling_args(args)[0]
+    asked = _pooling_args(args)[0]
+    if runner != "auto" or asked:
+        return asked
     if folder is None:
         return False
     if (Path(folder) / "modules.json").is_file():

@@ -29,6 +29,11 @@ RUNNERS: dict[str, str] = {
 POOLING = "vmetal.engine.runner.pooling_runner:PoolingModelRunner"
 
 
+def is_pooling(model_config: Any) -> bool:
+    """Whether vLLM runs this model with its pooling runner (embeddings): requests carry PoolingParams."""
+    return getattr(model_config, "runner_type", "generate") == "pooling"
+
+
 def runner_class(kv_path: str, pooling: bool = False) -> Any:
     """The runner class of `kv_path` (or the pooling runner), imported only now: each path imports only what it
     uses."""

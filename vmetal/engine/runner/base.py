@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from typing import Any, NamedTuple
 
+from vmetal.engine.runner import is_pooling
 from vmetal.engine.runner.decode_ahead import DecodeAhead
 from vmetal.engine.runner.prompt_logprobs import PromptLogprobs
 from vmetal.engine.runner.sampling import MetalSampler, needs_torch_sampler
@@ -55,8 +56,7 @@ class ModelRunnerBase:
         self.cache_config = vllm_config.cache_config
         self.device = device  # torch device of the sampler: always CPU
         self.max_num_reqs = self.scheduler_config.max_num_seqs
-        # vLLM's pooling runner (embeddings): requests carry PoolingParams, not SamplingParams.
-        self.pooling = getattr(self.model_config, "runner_type", "generate") == "pooling"
+        self.pooling = is_pooling(self.model_config)  # embeddings: PoolingParams, not SamplingParams
         self.max_model_len = self.model_config.max_model_len
         self.loaded = None
         self.model = None

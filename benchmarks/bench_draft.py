@@ -40,7 +40,7 @@ def mlx_run(model_dir: Path, draft_dir: Path | None, prompts: list[str], output_
     extra = {}
     if draft_dir is not None:
         extra = {"draft_model": load(str(draft_dir))[0], "num_draft_tokens": k}
-    list(stream_generate(model, tokenizer, prompts[0], max_tokens=8, **extra))  # warm
+    list(stream_generate(model, tokenizer, prompts[0], max_tokens=output_len, **extra))  # warm, as `run` does
     tokens, elapsed, drafted = [], 0.0, 0
     for prompt in prompts:
         t0 = time.perf_counter()

@@ -42,7 +42,10 @@ def run(model: Path, spec: dict | None, prompts: list[str], output_len: int) -> 
     llm = LLM(model=str(model), max_model_len=1024, max_num_seqs=4, speculative_config=spec, seed=0)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm
+        # Warm on a whole request: MLX on CUDA compiles a kernel for each new shape, and a speculating step's
+        # verify forward meets new ones as its context grows; timed requests then pay none (as mlx-lm's loop
+        # beside it, whose process keeps its compiled kernels from trial to trial).
+        llm.generate(prompts[:1], params, use_tqdm=False)
         before = llm.collective_rpc("step_counts")[0]
         tokens, elapsed = [], 0.0
         for prompt in prompts:  # one stream

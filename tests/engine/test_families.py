@@ -145,6 +145,7 @@ def test_paged_sliding_windows_through_chunks_prefix_hits_and_preemption(family_
     from vmetal.engine import models
 
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "auto")  # the pool is kv_cache_memory_bytes below
     path = family_dir(family)
     per_token = models.load(str(path)).kv_bytes_per_token
     with running_llm(path, max_model_len=160, max_num_seqs=8, max_num_batched_tokens=32,
@@ -166,7 +167,9 @@ def test_sliding_window_layers_do_not_count_against_the_context_vllm_admits(fami
     from tests.support.engine import assert_greedy_like_mlx
     from vmetal.engine import models
 
+    # The MLX-managed path, whatever the module's engine fixture (which may hold a paged one) has set.
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "0")
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "auto")
     path = family_dir("gemma3_text")
     loaded = models.load(str(path))
     window = json.loads((path / "config.json").read_text())["sliding_window"]

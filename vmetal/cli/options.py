@@ -118,8 +118,7 @@ def pulled(model_id: str, max_model_len: int | None, kv_path: str | None = None)
 def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, cfg: envs.MetalConfig) -> None:
     """Refuse parallel sizes the engine cannot serve for this model, or ring ports already taken (exit 2, one
     line), before vLLM starts."""
-    from vmetal.preflight.fit import vllm_arg
-    from vmetal.preflight.parallel import refused_args, sizes_in_args
+    from vmetal.preflight.parallel import nodes_in_args, refused_args, sizes_in_args
     from vmetal.server.process import PortInUseError, check_port_free
 
     refused = refused_args(vllm_args, config, cfg.kv_path)
@@ -129,10 +128,7 @@ def check_parallel(vllm_args: list[str], config: dict[str, Any] | None, cfg: env
     ranks = sizes["tensor"] * sizes["pipeline"]  # both kinds of rank hold a ring port
     if cfg.ring_port is None or ranks == 1:
         return
-    try:
-        nodes = max(1, int(vllm_arg(vllm_args, "--nnodes") or 1))
-    except ValueError:
-        nodes = 1  # vLLM's parser says what is wrong with it
+    nodes = nodes_in_args(vllm_args)
     # Where the ranks will listen: loopback on one machine; across machines the address they advertise.
     host = "127.0.0.1" if nodes == 1 else os.environ.get("VLLM_HOST_IP")
     for local_rank in range(max(1, ranks // nodes)) if host else ():

@@ -74,20 +74,26 @@ def pooling_refusal(convert: str | None, pooling_type: str | None, kv_path: str,
         return ("this embedding model projects its pooled vector with sentence-transformers Dense layers, which "
                 "vmetal does not apply: serve an embedding model without them")
     if kv_path != "mlx":
-        leave = ("VLLM_METAL_USE_MLX=0" if kv_path == "torch" else "VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)")
-        return f"embeddings run on the MLX-managed KV path only, and this server uses the {kv_path} path; leave out {leave}"
+        return (f"embeddings run on the MLX-managed KV path only, and this server uses the {kv_path} path; leave "
+                f"out {_leave(kv_path)}")
     if world_size > 1:
         return (f"embeddings run on one worker, and this server has {world_size} (tensor or pipeline parallel); "
                 "start without one or the other")
     return None
 
 
+def _leave(kv_path: str) -> str:
+    """The setting that put a server on `kv_path` (not the MLX-managed one), for a refusal to name."""
+    return "VLLM_METAL_USE_MLX=0" if kv_path == "torch" else "VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)"
+
+
 def serves_embeddings(folder: str | None, args: Sequence[str]) -> bool:
     """Whether vLLM will run its pooling runner for the model at local `folder` (None: not local) with `args`:
     asked for, or picked by vLLM's own rule from a sentence-transformers `modules.json` or an architecture
     named `…Model` (a transformer without a head)."""
-    import json
     from pathlib import Path
+
+    from vmetal.preflight.fit import read_config
 
     runner = (vllm_arg(list(args), "--runner") or "auto").strip().lower()
     asked = _pooling_args(args)[0]
@@ -97,11 +103,9 @@ def serves_embeddings(folder: str | None, args: Sequence[str]) -> bool:
         return False
     if (Path(folder) / "modules.json").is_file():
         return True
-    try:
-        architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return False
-    return bool(architectures) and all(str(a).endswith("Model") for a in architectures)
+    architectures = (read_config(folder) or {}).get("architectures") or []
+    return isinstance(architectures, list) and bool(architectures) and all(
+        str(a).endswith("Model") for a in architectures)
 
 
 def _pooling_args(args: Sequence[str]) -> tuple[bool, str | None, str | None]:
@@ -139,8 +143,7 @@ def speculation_refusal(method: str | None, kv_path: str, world_size: int) -> st
                 "('{\"model\": DRAFT, \"num_speculative_tokens\": 4}'), or start without it")
     what = "n-gram speculation" if method == NGRAM else "draft-model speculation"
     if kv_path != "mlx":
-        leave = ("VLLM_METAL_USE_MLX=0" if kv_path == "torch"
-                 else "VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)")
+        leave = _leave(kv_path)
         return (f"`{SPECULATIVE}`: {what} runs on the MLX-managed KV path only, and this server "
                 f"uses the {kv_path} path; leave out {leave}, or start without speculation")
     if world_size > 1:

@@ -278,12 +278,9 @@ def estimate_folder(folder: str | Path, *, max_model_len: int | None = None, num
 def nodes_splitting(vllm_args: list[str]) -> int:
     """How many machines hold a share of the model: `--nnodes` when tensor/pipeline parallel ranks span them;
     1 otherwise (one machine, or data-parallel replicas, each a whole model)."""
-    from vmetal.preflight.parallel import sizes_in_args
+    from vmetal.preflight.parallel import nodes_in_args, sizes_in_args
 
-    try:
-        nodes = int(vllm_arg(vllm_args, "--nnodes") or 1)
-    except ValueError:
-        return 1  # vLLM's parser says what is wrong with it
+    nodes = nodes_in_args(vllm_args)
     sizes = sizes_in_args(vllm_args)
     return nodes if nodes > 1 and sizes["tensor"] * sizes["pipeline"] >= nodes else 1
 

@@ -81,18 +81,25 @@ EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_
 def sizes_in_args(args: Sequence[str]) -> dict[str, int]:
     """The parallel sizes vLLM's arguments ask for (1 where not given; a value vLLM would refuse as not a number
     is left for vLLM to report)."""
-    sizes = {}
-    for mode, (flag, short) in SIZE_FLAGS.items():
-        value = None
-        for i, arg in enumerate(args):  # argparse takes `-tp 2` and `-tp=2` too; the last one wins
-            name, eq, inline = arg.partition("=")
-            if name in (short, flag, "--" + flag[2:].replace("-", "_")):
-                value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
-        try:
-            sizes[mode] = int(value) if value is not None else 1
-        except ValueError:
-            sizes[mode] = 1
-    return sizes
+    return {mode: _count(args, flag, short) for mode, (flag, short) in SIZE_FLAGS.items()}
+
+
+def nodes_in_args(args: Sequence[str]) -> int:
+    """`--nnodes` among vLLM's arguments (1 where not given, or not a number: vLLM's parser says what is wrong)."""
+    return max(1, _count(args, "--nnodes"))
+
+
+def _count(args: Sequence[str], flag: str, short: str | None = None) -> int:
+    """The number `flag` (or its `short` form) gives among vLLM's arguments; 1 where absent or not a number."""
+    value = None
+    for i, arg in enumerate(args):  # argparse takes `-tp 2` and `-tp=2` too; the last one wins
+        name, eq, inline = arg.partition("=")
+        if name in (short, flag, "--" + flag[2:].replace("-", "_")):
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    try:
+        return int(value) if value is not None else 1
+    except ValueError:
+        return 1
 
 
 def kv_heads_of(config: Mapping[str, Any]) -> int | None:

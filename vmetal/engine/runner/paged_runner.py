@@ -65,8 +65,7 @@ class PagedModelRunner(ModelRunnerBase):
         super().load_model()
         install_attention_hook(self.model)
         # Each K/V layer's sliding window (None: full attention), as its mlx-lm cache keeps it on the MLX path.
-        held = self.loaded.kv_held() or (None,) * self.loaded.num_layers
-        self.layer_windows = tuple(n if n else None for n in held)
+        self.layer_windows = self.loaded.kv_held() or (None,) * self.loaded.num_layers
         self.windows = tuple(sorted({w for w in self.layer_windows if w is not None}))
         if self.windows:
             logger.info("vmetal: sliding-window layers (window %s) attend to their window over blocks that hold "
@@ -100,7 +99,7 @@ class PagedModelRunner(ModelRunnerBase):
 
         lm = self.loaded
         shape = (num_blocks, self.cache_config.block_size, lm.num_kv_heads, lm.head_dim)
-        windows = self.layer_windows or (None,) * lm.num_layers
+        windows = self.layer_windows or (None,) * lm.num_layers  # a runner given a model without load_model
         return [PagedLayerCache(mx.zeros(shape, lm.dtype), mx.zeros(shape, lm.dtype), self.kernels, window)
                 for window in windows]
 

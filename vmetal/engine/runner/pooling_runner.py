@@ -20,11 +20,10 @@ import logging
 from typing import Any
 
 from vmetal.engine.runner.mlx_runner import MlxModelRunner
+from vmetal.preflight.features import POOLING_TYPES
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
-# vLLM's `seq_pooling_type`s computed here.
-POOLING_TYPES = ("LAST", "MEAN", "CLS")
 # torch.nn.functional.normalize's eps, which vLLM's embedding head uses.
 NORM_EPS = 1e-12
 

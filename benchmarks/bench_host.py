@@ -37,7 +37,10 @@ from results_md import add_output_args, publish_run, run_header
 from vmetal.bench.inprocess import engine_run, make_prompts, prepare_environ
 from vmetal.bench.shapes import SHAPES, build_model
 
-PATHS = {"MLX-managed": {}, "paged": {"VLLM_METAL_USE_PAGED_ATTENTION": "1"}}
+# "paged op-by-op": the paged path with its all-decode steps built op by op (VLLM_METAL_COMPILE=0), what the
+# compiled step (vmetal/engine/runner/compiled_decode.py) saves, measured in the same run.
+PATHS = {"MLX-managed": {}, "paged": {"VLLM_METAL_USE_PAGED_ATTENTION": "1"},
+         "paged op-by-op": {"VLLM_METAL_USE_PAGED_ATTENTION": "1", "VLLM_METAL_COMPILE": "0"}}
 PHASES = ("build_ms", "launch_ms", "runner_other_ms", "vllm_ms", "wait_ms")
 
 
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,32", help="batch sizes, comma-separated")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--paths", default="MLX-managed,paged", help="vmetal KV paths: " + ",".join(PATHS))
+    parser.add_argument("--paths", default="MLX-managed,paged,paged op-by-op", help="vmetal KV paths: " + ",".join(PATHS))
     add_output_args(parser)
     args = parser.parse_args(argv)
     prepare_environ()

@@ -27,6 +27,7 @@ PREFIX_CACHE = "VLLM_METAL_PREFIX_CACHE"
 PREFIX_CACHE_FRACTION = "VLLM_METAL_PREFIX_CACHE_FRACTION"
 KERNELS = "VLLM_METAL_KERNELS"
 RING_PORT = "VLLM_METAL_RING_PORT"
+COMPILE = "VLLM_METAL_COMPILE"
 # Not part of the engine's contract (the engine never reads it), but read here so there is one reader.
 HOME = "VMETAL_HOME"
 
@@ -63,6 +64,8 @@ VARIABLES: tuple[Variable, ...] = (
              "`1` always (an error elsewhere), `0` never (the pure-MLX reference)"),
     Variable(RING_PORT, None, "first TCP port of MLX's ring under tensor parallel: the ranks on a machine "
              "listen on it and the ports after it (unset: a free port each, picked at start)"),
+    Variable(COMPILE, "1", "the paged path's all-decode steps as compiled MLX functions, one per batch and "
+             "context size bucket (`1`), or built op by op every step (`0`)"),
 )
 
 _NAMES = tuple(v.name for v in VARIABLES)
@@ -111,6 +114,7 @@ class MetalConfig:
     prefix_cache_fraction: float = 0.05
     kernels: bool | None = None  # None: `auto`
     ring_port: int | None = None  # None: each rank picks a free port
+    compile: bool = True
     # Provenance is about how a config was reached, not what it is: two configs that behave the same
     # compare equal whatever their sources, which is what lets a child process be checked against its parent.
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -219,6 +223,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     PREFIX_CACHE_FRACTION: ("prefix_cache_fraction", lambda n, v: _parse_fraction(n, v)),
     KERNELS: ("kernels", _parse_auto_bool),
     RING_PORT: ("ring_port", _parse_port),
+    COMPILE: ("compile", _parse_bool),
 }
 assert tuple(_PARSERS) == _NAMES
 
@@ -292,6 +297,7 @@ def to_environ(cfg: MetalConfig) -> dict[str, str]:
         PREFIX_CACHE_FRACTION: repr(float(cfg.prefix_cache_fraction)),
         KERNELS: "auto" if cfg.kernels is None else _bool(cfg.kernels),
         RING_PORT: "" if cfg.ring_port is None else str(cfg.ring_port),
+        COMPILE: _bool(cfg.compile),
     }
 
 

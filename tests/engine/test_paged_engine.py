@@ -47,7 +47,8 @@ def test_step_times_split_each_decode_step(paged):
 
 def ahead_counts(llm) -> dict:
     counts = llm.collective_rpc("step_counts")[0]
-    return {k.removeprefix("ahead_"): v for k, v in counts.items() if k.startswith("ahead_")}
+    return {k.removeprefix("ahead_"): v for k, v in counts.items() if k.startswith("ahead_")} | \
+        {"compiled": counts.get("decode_compiled", 0)}
 
 
 def test_decode_steps_run_ahead_across_block_boundaries(paged, qwen3_model):
@@ -56,8 +57,10 @@ def test_decode_steps_run_ahead_across_block_boundaries(paged, qwen3_model):
     before = ahead_counts(paged)
     outs = paged.generate(PROMPTS, greedy(40), use_tqdm=False)
     after = ahead_counts(paged)
-    steps = {k: after.get(k, 0) - before.get(k, 0) for k in ("used", "missed", "none", "scratch")}
+    steps = {k: after.get(k, 0) - before.get(k, 0) for k in ("used", "missed", "none", "scratch", "compiled")}
     assert_greedy_like_mlx(qwen3_model, outs, 40)
+    # Every all-decode forward, ahead or not, is the compiled one (VLLM_METAL_COMPILE defaults to 1).
+    assert steps["compiled"] >= 39, steps
     # 39 all-decode steps follow the one packed prefill; only the first has nothing queued.
     assert steps["used"] + steps["missed"] + steps["none"] >= 39, steps
     assert steps["used"] >= steps["missed"] + steps["none"] + 30, steps
@@ -103,6 +106,9 @@ def test_preemption_in_a_tiny_pool_keeps_outputs_exact(qwen3_model):
         assert metric(llm, "vllm:num_preemptions") > 0
 
 
-def test_llama_family_on_the_paged_path(llama_model):
+def test_llama_family_on_the_paged_path_op_by_op(llama_model, monkeypatch):
+    """With VLLM_METAL_COMPILE=0 every step is built op by op, and the tokens are the same."""
+    monkeypatch.setenv("VLLM_METAL_COMPILE", "0")
     with paged_llm(llama_model) as llm:
         assert_greedy_like_mlx(llama_model, llm.generate(PROMPTS[:4], greedy(12), use_tqdm=False), 12)
+        assert ahead_counts(llm)["compiled"] == 0 and ahead_counts(llm)["used"] > 0

@@ -20,6 +20,7 @@ from vmetal.engine.models import logits_at
 from vmetal.engine.runner.attention import metal as attention
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
+from vmetal.engine.runner.compiled_decode import CompiledDecode, plan_decode
 from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout, install_attention_hook
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -60,6 +61,8 @@ class PagedModelRunner(ModelRunnerBase):
         self._ahead_scratch: list[int] = []
         self.layer_windows: tuple[int | None, ...] = ()  # per K/V layer, set at load
         self.windows: tuple[int, ...] = ()  # the distinct sliding windows among them
+        self.compiled: CompiledDecode | None = None  # all-decode steps compiled (VLLM_METAL_COMPILE), set at load
+        self.dump_block = 0  # the block a compiled step's padding rows write to, past the scratch blocks
 
     def load_model(self) -> None:
         super().load_model()
@@ -73,6 +76,9 @@ class PagedModelRunner(ModelRunnerBase):
         self.kernels = attention.kernel_choice(self._kernels_on())
         logger.info("vmetal: paged attention through %s", "the Metal kernel" if self.kernels["paged_attention"]
                     else "the pure-MLX reference")
+        # A pipeline stage evaluates its sends and receives inside the forward, which a trace cannot.
+        if self.metal_config.compile and self.stages is None:
+            self.compiled = CompiledDecode(self.model, self.loaded.head_on_rows, self.windows)
 
     def _kernels_on(self) -> bool:
         """Whether the Metal kernels run (`VLLM_METAL_KERNELS`). Where they would, the attention kernel is first
@@ -149,12 +155,14 @@ class PagedModelRunner(ModelRunnerBase):
         # Scratch blocks past vLLM's: a decode-ahead row whose next token starts a block vLLM has not allocated
         # yet writes it there (see _ahead_forward). At most 1/16 more than vLLM's blocks.
         scratch = min(SCRATCH_BLOCKS, self.max_num_reqs, max(1, num_blocks // 16))
-        self.layers = self._new_layers(num_blocks + scratch)
+        self.layers = self._new_layers(num_blocks + scratch + 1)
         mx.eval([(c.k_pool, c.v_pool) for c in self.layers])
         self.num_blocks = num_blocks
         self.scratch_blocks = list(range(num_blocks, num_blocks + scratch))
-        logger.info("vmetal: paged KV pools: %d blocks x %d tokens (+%d scratch), %.1f MiB", num_blocks,
-                    self.cache_config.block_size, scratch, sum(c.nbytes for c in self.layers) / 2**20)
+        self.dump_block = num_blocks + scratch
+        logger.info("vmetal: paged KV pools: %d blocks x %d tokens (+%d scratch, +1 for padding rows), %.1f MiB",
+                    num_blocks, self.cache_config.block_size, scratch,
+                    sum(c.nbytes for c in self.layers) / 2**20)
 
     def warm_up(self) -> None:
         """A profiling forward, on a scratch pool before vLLM sizes the real one."""
@@ -177,6 +185,13 @@ class PagedModelRunner(ModelRunnerBase):
         with self.step_times.build():
             return logits_at(self.model, ids[:, None], layers, lambda hidden: hidden[rows],
                              self.loaded.head_on_rows)[:, 0, :]
+
+    def _decode(self, tokens: Any, positions: Any, tables: list[Any], keep_kv: bool = False) -> Any:
+        """An all-decode step through its compiled forward (`compiled_decode`): lazy logits [B, V]."""
+        plan = plan_decode(positions, tables, self.cache_config.block_size, self.dump_block, self.windows)
+        self.counts["decode_compiled"] += 1
+        with self.step_times.build():
+            return self.compiled.forward(self.layers, tokens, plan, len(positions), keep_kv)
 
     # ---------------------------------------------------------------- steps
     def _update_states(self, so: Any) -> None:
@@ -203,7 +218,9 @@ class PagedModelRunner(ModelRunnerBase):
             logits, greedy = self._take_ahead(tuple(pack.req_ids), all_slots)
         else:
             self.ahead.take()  # its writes are harmless: see _ahead_forward
-        if logits is None:
+        if logits is None and pack.decode_only and self.compiled is not None:
+            logits = self._decode(pack.tokens, np.concatenate(pack.positions), pack.tables)
+        elif logits is None:
             layout = StepLayout.plan(np.concatenate(pack.positions), all_slots, block_tables, pack.context_lens,
                                      pack.query_lens, self.cache_config.block_size, self.windows)
             # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
@@ -266,10 +283,12 @@ class PagedModelRunner(ModelRunnerBase):
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             tables.append(table)
-        layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions], [1] * len(order), bs,
-                                 self.windows)
         self._ahead_slots = np.asarray(slots, dtype=np.int64)
         self._ahead_scratch = scratch
+        if self.compiled is not None:
+            return self._decode(tokens, positions, tables, keep_kv=bool(scratch))
+        layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions], [1] * len(order), bs,
+                                 self.windows)
         for layer in self.layers:
             layer.keep_kv = bool(scratch)
         try:

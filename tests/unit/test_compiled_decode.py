@@ -1,0 +1,163 @@
+"""Compiled all-decode steps (`vmetal.engine.runner.compiled_decode`) against mlx-lm's own model and caches.
+
+The tiny float32 qwen3 runs through `PagedLayerCache` pools that start as NaN: a slot read before it was
+written would turn logits into NaN (a padding column or padding row reading the wrong slot shows here), and a
+slot written that should not be stays visible as a finite value. Block tables are not contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from tests.support.runner_stubs import paged_metal_config, stub_vllm_config
+from vmetal.engine.runner.attention import reference
+from vmetal.engine.runner.attention.reference import AttentionGroup, AttentionPlan
+from vmetal.engine.runner.compiled_decode import CompiledDecode, context_bucket, plan_decode, rows_bucket
+from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout, install_attention_hook
+from vmetal.engine.runner.paged_runner import PagedModelRunner
+
+BLOCK = 4
+NUM_BLOCKS = 40
+DUMP = NUM_BLOCKS - 1
+TABLES = {"A": [3, 1, 7, 9, 11], "B": [5, 0, 8, 10, 12], "C": [2, 4, 6, 13, 14]}
+PROMPTS = {"A": [11, 12, 13, 14, 15, 16], "B": [21, 22, 23, 24, 25], "C": [31, 32, 33]}
+
+
+@pytest.fixture(scope="module")
+def runner(qwen3_model):
+    from vmetal.engine.models import load
+
+    loaded = load(str(qwen3_model))
+    runner = PagedModelRunner(stub_vllm_config(block_size=BLOCK, max_model_len=64), "cpu", paged_metal_config("cpu"))
+    runner.loaded, runner.model = loaded, loaded.model
+    install_attention_hook(runner.model)
+    return runner
+
+
+def nan_layers(runner) -> list[PagedLayerCache]:
+    lm = runner.loaded
+    shape = (NUM_BLOCKS, BLOCK, lm.num_kv_heads, lm.head_dim)
+    return [PagedLayerCache(mx.full(shape, float("nan")), mx.full(shape, float("nan")))
+            for _ in range(lm.num_layers)]
+
+
+def slots_of(table: list[int], positions) -> list[int]:
+    return [table[p // BLOCK] * BLOCK + p % BLOCK for p in positions]
+
+
+def prefill(runner, layers, name: str) -> None:
+    """The prompt of sequence `name` through the op-by-op forward (as the runner prefills)."""
+    toks = PROMPTS[name]
+    pos = list(range(len(toks)))
+    layout = StepLayout.plan(pos, slots_of(TABLES[name], pos), np.array([TABLES[name]], dtype=np.int32),
+                             [len(toks)], [len(toks)], BLOCK)
+    mx.eval(runner._forward(layers, toks, layout, [len(toks) - 1]), [(c.k_pool, c.v_pool) for c in layers])
+
+
+def test_buckets():
+    assert [rows_bucket(n) for n in (1, 2, 3, 5, 8, 9, 33)] == [1, 2, 4, 8, 8, 16, 64]
+    assert [context_bucket(n) for n in (1, 64, 65, 700, 1024, 1025, 3000)] == [64, 64, 128, 1024, 1024, 2048, 3072]
+
+
+def test_compiled_decode_steps_equal_mlx_lm_and_write_exactly_their_slots(runner):
+    """Three sequences prefilled, then decode steps of 3 rows (a 4-row bucket: one padding row) and of 2 rows,
+    compiled: each row's logits equal mlx-lm's model on its own caches, each token's K/V land in its slot, the
+    padding row writes the dump block only, and a step of a size met before is not traced again."""
+    model = runner.model
+    layers = nan_layers(runner)
+    ref = {name: make_prompt_cache(model) for name in PROMPTS}
+    for name, toks in PROMPTS.items():
+        prefill(runner, layers, name)
+        model(mx.array([toks]), cache=ref[name])
+    compiled = CompiledDecode(model, runner.loaded.head_on_rows, ())
+    steps = [("A", "B", "C"), ("A", "B", "C"), ("B", "C"), ("A", "B", "C")]
+    for step, names in enumerate(steps):
+        positions = [ref[n][0].offset for n in names]
+        tokens = [100 + step + i for i in range(len(names))]
+        plan = plan_decode(positions, [TABLES[n] for n in names], BLOCK, DUMP)
+        got = compiled.forward(layers, tokens, plan, len(names))
+        mx.eval(got, [(c.k_pool, c.v_pool) for c in layers])
+        assert got.shape[0] == len(names)
+        for i, name in enumerate(names):
+            want = model(mx.array([[tokens[i]]]), cache=ref[name])[0, -1]
+            np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), rtol=1e-4, atol=1e-4)
+    assert compiled.traced == {(False, (4, 64)), (False, (2, 64))}
+
+    for index, layer in enumerate(layers):
+        rows = np.asarray(layer.k_pool).reshape(NUM_BLOCKS * BLOCK, *layer.k_pool.shape[2:])
+        written = np.zeros(len(rows), dtype=bool)
+        for name, caches in ref.items():
+            n = caches[index].offset
+            want = np.asarray(caches[index].keys[0, :, :n, :]).transpose(1, 0, 2)
+            np.testing.assert_allclose(rows[slots_of(TABLES[name], range(n))], want, rtol=1e-5, atol=1e-5)
+            written[slots_of(TABLES[name], range(n))] = True
+        written[DUMP * BLOCK] = True  # the padding row's slot
+        assert np.isnan(rows[~written]).all(), f"layer {index}: slots outside the slot mapping were written"
+
+
+def test_the_decode_ahead_variant_keeps_the_steps_keys_and_values(runner):
+    """With `keep_kv` (a decode-ahead row writing to a scratch block) each layer keeps the step's K/V for
+    the real rows: what the op-by-op forward keeps."""
+    layers = nan_layers(runner)
+    for name in PROMPTS:
+        prefill(runner, layers, name)
+    names = ("A", "B", "C")
+    plan = plan_decode([len(PROMPTS[n]) for n in names], [TABLES[n] for n in names], BLOCK, DUMP)
+    compiled = CompiledDecode(runner.model, runner.loaded.head_on_rows, ())
+    compiled.forward(layers, [7, 8, 9], plan, 3, keep_kv=True)
+    kept = [layer.kept_kv for layer in layers]
+    for index, layer in enumerate(layers):
+        rows = np.asarray(layer.k_pool).reshape(NUM_BLOCKS * BLOCK, *layer.k_pool.shape[2:])
+        slots = [slots_of(TABLES[n], [len(PROMPTS[n])])[0] for n in names]
+        np.testing.assert_array_equal(np.asarray(kept[index][0][:3]), rows[slots])
+    assert compiled.traced == {(True, (4, 64))}
+
+
+def test_the_pools_are_written_in_place(runner):
+    """A compiled step takes the pools as arguments and returns them: with no other reference left, MLX
+    writes them in place instead of copying every layer's pool every step."""
+    lm = runner.loaded
+    shape = (512, BLOCK, lm.num_kv_heads, lm.head_dim)
+    layers = [PagedLayerCache(mx.zeros(shape), mx.zeros(shape)) for _ in range(lm.num_layers)]
+    mx.eval([(c.k_pool, c.v_pool) for c in layers])
+    compiled = CompiledDecode(runner.model, lm.head_on_rows, ())
+    pool_bytes = 4 * math.prod(shape)
+    for step in range(3):
+        plan = plan_decode([step], [[0]], BLOCK, 511)
+        mx.eval(compiled.forward(layers, [1], plan, 1), [(c.k_pool, c.v_pool) for c in layers])
+        if step == 0:  # the first step traces: its peak is the trace's, not the step's
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+    assert mx.get_peak_memory() - base < pool_bytes / 2
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 6, 70])
+def test_a_planned_view_attends_what_the_op_by_op_plan_attends(window):
+    """Each view of a compiled step's plan (full attention, or a sliding window) gives the attention of the
+    op-by-op plan for the same rows, on random pools, the padding row's output aside."""
+    rng = np.random.default_rng(0)
+    heads, kv_heads, dim = 4, 2, 8
+    pools = [mx.array(rng.standard_normal((NUM_BLOCKS, BLOCK, kv_heads, dim)).astype(np.float32))
+             for _ in range(2)]
+    positions = [5, 17, 0]  # 3 rows: a padding row in the 4-row bucket
+    tables = [TABLES[n] for n in ("A", "B", "C")]
+    windows = () if window is None else (window,)
+    plan = plan_decode(positions, tables, BLOCK, DUMP, windows)
+    slots, mask = plan.views[-1]
+    rows = len(plan.positions)
+    group = AttentionGroup(slice(0, rows), mx.array(slots), mx.array(mask), None, None, rows, 1)
+    view = AttentionPlan(rows, (group,), None, np.zeros(0), np.zeros(0), np.zeros(0), window=window)
+    queries = mx.array(rng.standard_normal((rows, heads, dim)).astype(np.float32))
+    got = reference.attend(queries, *pools, view, dim ** -0.5)
+    width = max(len(t) for t in tables)
+    want = reference.paged_attention(queries[:3], *pools, np.array(tables), [p + 1 for p in positions], [1, 1, 1],
+                                     dim ** -0.5, window)
+    np.testing.assert_allclose(np.asarray(got[:3]), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.isfinite(np.asarray(got)).all()
+    assert plan.write_slots.tolist() == [1 * BLOCK + 1, 12 * BLOCK + 1, 2 * BLOCK, DUMP * BLOCK]
+    assert plan.tables.shape == (4, 64 // BLOCK) and width <= plan.tables.shape[1]

@@ -1,0 +1,193 @@
+"""The paged path's all-decode steps as compiled MLX functions, one per (rows, context) bucket.
+
+Why: an all-decode step builds the same graph every step but for its sizes. Built op by op in Python it costs
+the host about 2 ms a step on a 28-layer model (most of a decode step's host time on a GPU:
+benchmarks/bench_host.py), time a Mac's GPU waits through. `mx.compile` traces the step once and replays it from
+C++, fusing elementwise ops on the way (fewer kernels to launch). As vLLM's CUDA graphs take capture sizes, a
+compiled step takes buckets: rows padded to a power of two, the gathered context to a power of two up to
+`CONTEXT_STEP` tokens and to a multiple of it beyond; a bucket is traced when first met (`VLLM_METAL_DEBUG`
+logs it). Prefill chunks, prompt logprobs and speculative verification keep the op-by-op forward.
+
+Padding rows write their K/V to a dump block no request owns and attend to its first slot alone; their logits
+are cut off. Padding context columns read the slot of the row's position 0 (written, finite) and are masked.
+Each step's K/V pools go in as arguments and come back as results (arrays captured by a compiled function are
+constants of its trace); nothing else holds the old pools when the step runs, so MLX still writes them in place.
+
+`VLLM_METAL_COMPILE=0` turns it off. With the Metal kernels on, the attention kernel is part of the compiled
+step; that combination runs only on a Mac, with the same inputs the op-by-op step gives the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from vmetal.engine.models import logits_at
+from vmetal.engine.runner.attention.reference import AttentionGroup, AttentionPlan, CacheWrites
+from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout
+
+logger = logging.getLogger("vllm.vmetal")
+
+MIN_CONTEXT = 64  # the smallest context bucket, in tokens
+CONTEXT_STEP = 1024  # past this, context buckets grow by this much (a power of two would gather up to twice)
+
+
+def rows_bucket(rows: int) -> int:
+    """The padded row count of a step of `rows` decodes: the next power of two."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def context_bucket(tokens: int) -> int:
+    """The gathered context width of a step whose longest context is `tokens`."""
+    if tokens <= CONTEXT_STEP:
+        return max(MIN_CONTEXT, 1 << max(tokens - 1, 0).bit_length())
+    return -(-tokens // CONTEXT_STEP) * CONTEXT_STEP
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """One all-decode step's host-planned arrays, padded to its bucket (`Bp` rows, `C` context columns)."""
+
+    positions: np.ndarray  # int32 [Bp]: each row's position (RoPE offset); 0 for padding rows
+    write_slots: np.ndarray  # int32 [Bp]: the pool slot each row's K/V goes to
+    tables: np.ndarray  # int32 [Bp, C / block_size]: block tables, for the attention kernel
+    views: tuple[tuple[np.ndarray, np.ndarray], ...]  # per window (full first): gather slots [Bp, Cw], mask
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """What a trace is specialised on: the rows and every view's width."""
+        return (len(self.positions), *(slots.shape[1] for slots, _ in self.views))
+
+
+def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[int]], block_size: int, dump_block: int,
+                windows: Sequence[int] = ()) -> DecodeInputs:
+    """Plan a step of decode rows at `positions` (each row's one new token), with their block `tables` (long
+    enough to hold that position); `windows`: the sliding windows of the model's local layers."""
+    pos = np.asarray(positions, dtype=np.int64)
+    rows, padded = len(pos), rows_bucket(len(pos))
+    ctx = pos + 1
+    width = context_bucket(int(ctx.max()))
+    table = np.full((padded, width // block_size), dump_block, dtype=np.int64)
+    for i, t in enumerate(tables):
+        n = min(len(t), table.shape[1])
+        table[i, :n] = t[:n]
+    all_pos = np.zeros(padded, dtype=np.int64)
+    all_pos[:rows] = pos
+    real = np.arange(padded) < rows
+
+    def slot(p: np.ndarray) -> np.ndarray:  # [Bp, k] positions -> pool slots of each row's own table
+        return table[np.arange(padded)[:, None], p // block_size] * block_size + p % block_size
+
+    views = []
+    for window in (None, *windows):
+        first = np.zeros(padded, dtype=np.int64) if window is None else np.maximum(0, all_pos - window + 1)
+        cols = width if window is None else min(width, context_bucket(min(window, int(ctx.max()))))
+        kpos = first[:, None] + np.arange(cols)[None, :]
+        seen = (kpos <= all_pos[:, None]) & real[:, None]
+        seen[~real, 0] = True  # a padding row sees the dump block's first slot, so no row is all masked
+        kpos = np.where(seen, kpos, 0)
+        slots = np.where(real[:, None], slot(kpos), dump_block * block_size)
+        views.append((slots.astype(np.int32), seen[:, None, None, :]))
+    write = np.where(real, slot(all_pos[:, None])[:, 0], dump_block * block_size)
+    return DecodeInputs(all_pos.astype(np.int32), write.astype(np.int32), table.astype(np.int32), tuple(views))
+
+
+class CompiledDecode:
+    """The compiled all-decode forward of one model over its paged layers.
+
+    `forward` takes the layers (their pools are rebound to the step's results), the step's token ids (an
+    `mx.array`, possibly still lazy, or a list) and its plan; it returns the real rows' lazy logits [B, V]."""
+
+    def __init__(self, model: Any, head_on_rows: bool, windows: tuple[int, ...], times: Any = None):
+        import mlx.core as mx
+
+        self.model = model
+        self.head_on_rows = head_on_rows
+        self.windows = windows
+        self.times = times
+        self._layers: list[PagedLayerCache] = []  # the step's layers while it is traced
+        # keep_kv (the decode-ahead's scratch rows need the step's K/V) is a trace of its own.
+        self._compiled = {keep: mx.compile(partial(self._step, keep)) for keep in (False, True)}
+        self.traced: set[tuple[bool, tuple[int, ...]]] = set()
+
+    def forward(self, layers: list[PagedLayerCache], tokens: Any, plan: DecodeInputs, rows: int,
+                keep_kv: bool = False) -> Any:
+        import mlx.core as mx
+
+        padded = len(plan.positions)
+        ids = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
+        if padded > rows:
+            ids = mx.concatenate([ids.astype(mx.int32), mx.zeros((padded - rows,), dtype=mx.int32)])
+        views = [(mx.array(slots), mx.array(mask)) for slots, mask in plan.views]
+        pools = [(layer.k_pool, layer.v_pool) for layer in layers]
+        for layer in layers:  # only the call's arguments hold the old pools: MLX writes them in place
+            layer.k_pool = layer.v_pool = None
+        key = (keep_kv, plan.key)
+        first = key not in self.traced
+        started = time.perf_counter()
+        self._layers = layers
+        try:
+            out = self._compiled[keep_kv](ids, mx.array(plan.positions), mx.array(plan.write_slots),
+                                          mx.array(plan.tables), views, pools)
+        except BaseException:
+            for layer, (k, v) in zip(layers, pools):
+                layer.k_pool, layer.v_pool = k, v
+            raise
+        finally:
+            self._layers = []
+        del pools
+        for layer, (k, v) in zip(layers, out[1]):
+            layer.k_pool, layer.v_pool = k, v
+            layer.layout = None
+            layer.kept_kv = None
+        if keep_kv:
+            for layer, kept in zip(layers, out[2]):
+                layer.kept_kv = tuple(kept)
+        if first:
+            self.traced.add(key)
+            logger.debug("vmetal: traced the compiled decode step for %d rows, context %s (%.0f ms)", padded,
+                         "/".join(map(str, plan.key[1:])), 1e3 * (time.perf_counter() - started))
+        return out[0][:rows] if padded > rows else out[0]
+
+    def _step(self, keep_kv: bool, ids: Any, positions: Any, write_slots: Any, tables: Any,
+              views: list[tuple[Any, Any]], pools: list[tuple[Any, Any]]) -> list[Any]:
+        """The traced step (run by `mx.compile` once per bucket; its arguments are then placeholders)."""
+        import mlx.core as mx
+
+        rows = ids.shape[0]
+        per_token = (tables, mx.arange(rows, dtype=mx.int32), positions)
+        plans = {}
+        for window, (slots, mask) in zip((None, *self.windows), views):
+            group = AttentionGroup(slice(0, rows), slots, mask, None, None, rows, 1)
+            plans[window] = AttentionPlan(rows, (group,), None, _NO_HOST, _NO_HOST, _NO_HOST,
+                                          {"paged_attention": per_token}, window)
+        layout = StepLayout(positions, CacheWrites(_NO_HOST, None, write_slots), plans[None],
+                            {w: plans[w] for w in self.windows})
+        for layer, (k, v) in zip(self._layers, pools):
+            layer.k_pool, layer.v_pool = k, v
+            layer.layout = layout
+            layer.keep_kv = keep_kv
+        try:
+            logits = logits_at(self.model, ids[:, None], self._layers, _all_rows, self.head_on_rows)[:, 0, :]
+        finally:
+            for layer in self._layers:
+                layer.keep_kv = False
+        out = [logits, [(layer.k_pool, layer.v_pool) for layer in self._layers]]
+        if keep_kv:
+            out.append([list(layer.kept_kv) for layer in self._layers])
+        return out
+
+
+# The host copies a plan keeps for the op-by-op kernels; a compiled step hands its kernel device arrays instead.
+_NO_HOST = np.zeros(0, dtype=np.int64)
+
+
+def _all_rows(hidden: Any) -> Any:
+    return hidden
+

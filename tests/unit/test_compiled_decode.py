@@ -161,3 +161,35 @@ def test_a_planned_view_attends_what_the_op_by_op_plan_attends(window):
     assert np.isfinite(np.asarray(got)).all()
     assert plan.write_slots.tolist() == [1 * BLOCK + 1, 12 * BLOCK + 1, 2 * BLOCK, DUMP * BLOCK]
     assert plan.tables.shape == (4, 64 // BLOCK) and width <= plan.tables.shape[1]
+
+
+class _EvaluatesInside:
+    """A model whose forward evaluates an array on the way (as a pipeline stage's sends do): untraceable."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, inputs, cache=None):
+        mx.eval(inputs)
+        return self.model(inputs, cache=cache)
+
+
+def test_a_step_that_cannot_be_traced_is_built_op_by_op(runner, caplog):
+    """The runner warns once, turns compiled steps off for the engine and leaves the pools as they were, so the
+    same step runs op by op."""
+    layers = nan_layers(runner)
+    prefill(runner, layers, "A")
+    pools = [(c.k_pool, c.v_pool) for c in layers]
+    runner.layers, runner.dump_block = layers, DUMP
+    runner.compiled = CompiledDecode(_EvaluatesInside(runner.model), False, ())
+    try:
+        with caplog.at_level("WARNING", logger="vllm.vmetal"):
+            assert runner._decode([101], [len(PROMPTS["A"])], [TABLES["A"]]) is None
+        assert runner.compiled is None
+        assert all(c.k_pool is k and c.v_pool is v for c, (k, v) in zip(layers, pools))
+        assert [r.message for r in caplog.records if "cannot be compiled" in r.message] == [
+            "vmetal: this model's decode step cannot be compiled (ValueError: [eval] Attempting to eval an array "
+            "during function transformations like compile or vmap is not allowed.); building every step op by op "
+            "(VLLM_METAL_COMPILE=0 skips the attempt)"]
+    finally:
+        runner.layers, runner.compiled = [], None

@@ -98,6 +98,11 @@ def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[int]], block
     return DecodeInputs(all_pos.astype(np.int32), write.astype(np.int32), table.astype(np.int32), tuple(views))
 
 
+class TraceError(RuntimeError):
+    """The model's decode step could not be traced (a family whose forward reads values on the host, or
+    evaluates inside itself); the runner builds its steps op by op instead."""
+
+
 class CompiledDecode:
     """The compiled all-decode forward of one model over its paged layers.
 
@@ -135,9 +140,12 @@ class CompiledDecode:
         try:
             out = self._compiled[keep_kv](ids, mx.array(plan.positions), mx.array(plan.write_slots),
                                           mx.array(plan.tables), views, pools)
-        except BaseException:
+        except BaseException as exc:
             for layer, (k, v) in zip(layers, pools):
                 layer.k_pool, layer.v_pool = k, v
+                layer.layout, layer.kept_kv = None, None
+            if first and isinstance(exc, Exception):
+                raise TraceError(f"{type(exc).__name__}: {exc}") from exc
             raise
         finally:
             self._layers = []

@@ -20,7 +20,7 @@ from vmetal.engine.models import logits_at
 from vmetal.engine.runner.attention import metal as attention
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
-from vmetal.engine.runner.compiled_decode import CompiledDecode, plan_decode
+from vmetal.engine.runner.compiled_decode import CompiledDecode, TraceError, plan_decode
 from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout, install_attention_hook
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
@@ -187,11 +187,19 @@ class PagedModelRunner(ModelRunnerBase):
                              self.loaded.head_on_rows)[:, 0, :]
 
     def _decode(self, tokens: Any, positions: Any, tables: list[Any], keep_kv: bool = False) -> Any:
-        """An all-decode step through its compiled forward (`compiled_decode`): lazy logits [B, V]."""
+        """An all-decode step through its compiled forward (`compiled_decode`): lazy logits [B, V], or None
+        when the step cannot be traced (compiled steps are then off for this engine, with one warning)."""
         plan = plan_decode(positions, tables, self.cache_config.block_size, self.dump_block, self.windows)
+        try:
+            with self.step_times.build():
+                logits = self.compiled.forward(self.layers, tokens, plan, len(positions), keep_kv)
+        except TraceError as exc:
+            logger.warning("vmetal: this model's decode step cannot be compiled (%s); building every step op by "
+                           "op (VLLM_METAL_COMPILE=0 skips the attempt)", exc)
+            self.compiled = None
+            return None
         self.counts["decode_compiled"] += 1
-        with self.step_times.build():
-            return self.compiled.forward(self.layers, tokens, plan, len(positions), keep_kv)
+        return logits
 
     # ---------------------------------------------------------------- steps
     def _update_states(self, so: Any) -> None:
@@ -220,7 +228,7 @@ class PagedModelRunner(ModelRunnerBase):
             self.ahead.take()  # its writes are harmless: see _ahead_forward
         if logits is None and pack.decode_only and self.compiled is not None:
             logits = self._decode(pack.tokens, np.concatenate(pack.positions), pack.tables)
-        elif logits is None:
+        if logits is None:
             layout = StepLayout.plan(np.concatenate(pack.positions), all_slots, block_tables, pack.context_lens,
                                      pack.query_lens, self.cache_config.block_size, self.windows)
             # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
@@ -286,7 +294,9 @@ class PagedModelRunner(ModelRunnerBase):
         self._ahead_slots = np.asarray(slots, dtype=np.int64)
         self._ahead_scratch = scratch
         if self.compiled is not None:
-            return self._decode(tokens, positions, tables, keep_kv=bool(scratch))
+            logits = self._decode(tokens, positions, tables, keep_kv=bool(scratch))
+            if logits is not None:
+                return logits
         layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions], [1] * len(order), bs,
                                  self.windows)
         for layer in self.layers:

@@ -24,3 +24,18 @@ def paged_metal_config(device: str = "cpu", fraction: str = "auto") -> Any:
 
     cfg = envs.load_config({envs.USE_PAGED_ATTENTION: "1", envs.MEMORY_FRACTION: fraction})
     return dataclasses.replace(cfg, mlx_device=device)
+
+
+def loaded_paged_runner(model_dir: Any, block_size: int, max_model_len: int = 64) -> Any:
+    """A `PagedModelRunner` on the stand-ins above holding the checkpoint at `model_dir` (loaded with vmetal's
+    loader, the attention hook installed), for tests of its forward without an engine; no pools yet."""
+    from vmetal.engine.models import load
+    from vmetal.engine.runner.kv.paged_cache import install_attention_hook
+    from vmetal.engine.runner.paged_runner import PagedModelRunner
+
+    loaded = load(str(model_dir))
+    runner = PagedModelRunner(stub_vllm_config(block_size=block_size, max_model_len=max_model_len), "cpu",
+                              paged_metal_config("cpu"))
+    runner.loaded, runner.model = loaded, loaded.model
+    install_attention_hook(runner.model)
+    return runner

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from tests.support.runner_stubs import paged_metal_config, stub_vllm_config
+from tests.support.runner_stubs import loaded_paged_runner
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout, install_attention_hook
-from vmetal.engine.runner.paged_runner import PagedModelRunner
 
 BLOCK = 4
 NUM_BLOCKS = 6
@@ -30,13 +29,8 @@ PROMPT_B = [21, 22, 23, 24, 25]
 
 @pytest.fixture(scope="module")
 def runner(qwen3_model):
-    from vmetal.engine.models import load
-
-    loaded = load(str(qwen3_model))
-    assert loaded.dtype == mx.float32
-    runner = PagedModelRunner(stub_vllm_config(block_size=BLOCK, max_model_len=64), "cpu", paged_metal_config("cpu"))
-    runner.loaded, runner.model = loaded, loaded.model
-    install_attention_hook(runner.model)
+    runner = loaded_paged_runner(qwen3_model, BLOCK)
+    assert runner.loaded.dtype == mx.float32
     return runner
 
 

@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "mlx_device": str(mx.default_device()),
         "shape": shape,
+        "shape_name": args.shape,
         "vocab_size": model.args.vocab_size,
         "params_m": params_m,
         "weights_mib": weights_mib,

@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "mlx_device": str(mx.default_device()),
         "shape": shape,
+        "shape_name": args.shape,
         "vocab_size": cfg["vocab_size"],
         "kv_cache_memory_bytes": kv_bytes(model_dir, max_num_seqs(max(args.conc))),
         "max_num_seqs": max_num_seqs(max(args.conc)),

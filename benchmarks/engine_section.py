@@ -7,6 +7,7 @@ gain what it gains on a GPU), what the profile found, and which trials other pro
 from __future__ import annotations
 
 from vmetal.bench.inprocess import summary_text
+from vmetal.bench.shapes import describe
 
 # The targets: single-stream decode against mlx-lm, and the gain of C concurrent requests over 1.
 TARGET_SINGLE_RATIO = 0.9
@@ -31,11 +32,8 @@ def render(r: dict, profile_lines: list[str]) -> str:
         "",
         "**Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()),
         "",
-        f"**Model:** random-weight Qwen3 (`vmetal.demo.build_tiny_model`, seed 0): hidden "
-        f"{shape['hidden_size']}, {shape['num_layers']} layers, {shape['num_heads']} heads, "
-        f"{shape['num_kv_heads']} KV heads, intermediate {shape['intermediate_size']}, vocab "
-        f"{r['vocab_size']}, **{a['dtype']}** ({r['params_m']:.1f} M parameters, "
-        f"{r['weights_mib']:.0f} MiB).",
+        f"**Model:** {describe(r['shape_name'], '**' + a['dtype'] + '**')}; vocab {r['vocab_size']} "
+        f"({r['params_m']:.1f} M parameters, {r['weights_mib']:.0f} MiB).",
         "",
         f"**Workload:** greedy, ignore_eos, {a['max_tokens']} output tokens per request, "
         f"prompts of {a['prompt_len']} tokens (same token ids for both engines), "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from vmetal.bench.compare import against
+from vmetal.bench.shapes import describe
 
 LABELS = {"paged": "vmetal paged", "mlx": "vmetal MLX-managed", "mlx_lm": "mlx_lm.server",
           "vllm_cpu": "vLLM CPU backend"}
@@ -55,10 +56,7 @@ def render(r: dict) -> str:
     L.append(f"- Machine: {m['cpu']}, {m['usable_cores']} usable cores, "
              f"{fmt(m.get('ram_gib'))} GiB RAM, {m['os']}; MLX device `{r['mlx_device']}`")
     L.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
-    sh = r["shape"]
-    L.append(f"- Model: random-weight {sh['arch']} (vmetal.demo.build_tiny_model), hidden {sh['hidden_size']}, "
-             f"{sh['num_layers']} layers, {sh['num_heads']} heads / {sh['num_kv_heads']} KV heads, "
-             f"intermediate {sh['intermediate_size']}, vocab {r['vocab_size']}, **{a['dtype']}**")
+    L.append(f"- Model: {describe(r['shape_name'], '**' + a['dtype'] + '**')}; vocab {r['vocab_size']}")
     L.append(f"- Load: vLLM's `benchmark()` (vllm/benchmarks/serve.py), streamed `/v1/completions`, "
              f"{a['input_len']} prompt tokens (vLLM RandomDataset, i.i.d. tokens), {a['output_len']} "
              f"output tokens (`ignore_eos`, greedy), all requests queued at once, at most C in flight; "

@@ -25,7 +25,38 @@ SHAPES: dict[str, dict[str, Any]] = {
                    "intermediate_size": 3072, "head_dim": 128, "vocab_size": 151936,
                    "tie_word_embeddings": True},
 }
+# Mixture-of-experts shapes for the GPU (issue 14's MoE rows): the published models' widths, experts and
+# vocabulary, cut in depth so that three servers of one fit one card and the checkpoint its disk ("of" = the
+# published depth). The per-token work of a layer is the real model's; a whole model's step is about
+# depth/of times longer.
+SHAPES["qwen3-30b-a3b-cut"] = {
+    "arch": "qwen3_moe", "hidden_size": 2048, "num_layers": 8, "of": 48, "num_heads": 32, "num_kv_heads": 4,
+    "intermediate_size": 6144, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": False,
+    "moe": {"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128, "num_experts_per_tok": 8,
+            "moe_intermediate_size": 768, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+            "attention_bias": False},
+}
+SHAPES["gpt-oss-20b-cut"] = {
+    "arch": "gpt_oss", "hidden_size": 2880, "num_layers": 6, "of": 24, "num_heads": 64, "num_kv_heads": 8,
+    "intermediate_size": 2880, "head_dim": 64, "vocab_size": 201088, "tie_word_embeddings": False,
+    "moe": {"architectures": ["GptOssForCausalLM"], "num_local_experts": 32, "num_experts_per_tok": 4,
+            "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 3,
+            "attention_bias": True, "rope_theta": 150000.0},
+}
 DEFAULT_SHAPE = "tiny"
+
+
+def describe(name: str, dtype: str) -> str:
+    """The model a section measures, in one phrase: `random-weight Qwen3 (...): hidden ..., dtype`."""
+    shape = SHAPES[name]
+    depth = f"{shape['num_layers']} layers" + (f" (of the published {shape['of']})" if "of" in shape else "")
+    moe = shape.get("moe", {})
+    experts = moe.get("num_experts") or moe.get("num_local_experts")
+    width = (f"{experts} experts ({moe['num_experts_per_tok']} a token) of "
+             f"{moe.get('moe_intermediate_size', shape['intermediate_size'])}" if experts
+             else f"intermediate {shape['intermediate_size']}")
+    return (f"random-weight {shape['arch']} (`vmetal.bench.shapes` `{name}`): hidden {shape['hidden_size']}, "
+            f"{depth}, {shape['num_heads']} heads, {shape['num_kv_heads']} KV heads, {width}, {dtype}")
 
 
 def build_model(model_dir: Path | None, dtype: str, shape: dict[str, Any] | None = None) -> Path:
@@ -36,11 +67,21 @@ def build_model(model_dir: Path | None, dtype: str, shape: dict[str, Any] | None
     shape = shape or SHAPES[DEFAULT_SHAPE]
     if model_dir is None:
         model_dir = (Path(tempfile.mkdtemp(prefix="vmetal-bench-"))
-                     / f"qwen3-{shape['hidden_size']}x{shape['num_layers']}-{dtype}")
+                     / f"{shape['arch']}-{shape['hidden_size']}x{shape['num_layers']}-{dtype}")
     if _matches(model_dir / "config.json", dtype, shape):
         return model_dir
-    kwargs = {k: v for k, v in shape.items() if k != "arch"}
-    return build_tiny_model(model_dir, shape["arch"], dtype=dtype, **kwargs)
+    kwargs = {k: v for k, v in shape.items() if k not in ("arch", "moe", "of")}
+    if "moe" not in shape:
+        return build_tiny_model(model_dir, shape["arch"], dtype=dtype, **kwargs)
+    from vmetal.demo import _model_config, build_checkpoint
+
+    # The dense Qwen3 config of the same attention, turned into the family's own by its MoE fields.
+    dense = _model_config("qwen3", hidden_size=kwargs["hidden_size"], num_layers=kwargs["num_layers"],
+                          num_heads=kwargs["num_heads"], num_kv_heads=kwargs["num_kv_heads"],
+                          intermediate_size=kwargs["intermediate_size"], vocab_size=kwargs["vocab_size"],
+                          max_position_embeddings=4096, dtype=dtype,
+                          tie_word_embeddings=kwargs["tie_word_embeddings"], head_dim=kwargs["head_dim"])
+    return build_checkpoint(model_dir, {**dense, "model_type": shape["arch"], **shape["moe"]}, dtype=dtype)
 
 
 def _matches(config_path: Path, dtype: str, shape: dict[str, Any]) -> bool:
@@ -54,7 +95,8 @@ def _matches(config_path: Path, dtype: str, shape: dict[str, Any]) -> bool:
             and c.get("intermediate_size") == shape["intermediate_size"]
             and c.get("head_dim") == shape.get("head_dim", shape["hidden_size"] // shape["num_heads"])
             and ("vocab_size" not in shape or c.get("vocab_size") == shape["vocab_size"])
-            and c.get("torch_dtype") == dtype)
+            and c.get("torch_dtype") == dtype
+            and c.get("model_type") == shape["arch"])
 
 
 def first_layers(source: Path, path: Path, layers: int) -> Path:

@@ -60,7 +60,7 @@ from results_md import add_output_args, command_line, publish
 from vmetal.bench.contention import CpuWatch, quiet_wait
 from vmetal.bench.inprocess import engine_run, make_prompts, mlx_batch, mlx_single, prepare_environ, summary
 from vmetal.bench.machine import machine_info, matmul_gflops, versions
-from vmetal.bench.shapes import SHAPES, build_model
+from vmetal.bench.shapes import SHAPES, build_model, section_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "profile"))
 from prof_engine import decode_loop_diagnostic, profile_engine_core, render_profile  # noqa: E402
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     report["elapsed_s"] = time.perf_counter() - start
     report["notes"] = notes(report)
     section = render(report, render_profile(report))
-    publish("engine", section, report, json_path=args.json, write=not args.no_write, path=args.results)
+    publish(section_name("engine", args.shape), section, report, json_path=args.json, write=not args.no_write, path=args.results)
     if not args.no_write:
         log(f"wrote {args.results}")
     log(f"single-stream ratio {s['single_ratio']['median']:.3f} (target {TARGET_SINGLE_RATIO}); "

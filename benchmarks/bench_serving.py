@@ -63,7 +63,7 @@ from serving_section import TARGET_C, TARGET_TTFT, TARGET_VS_MLX, TARGET_VS_MLX_
 from vmetal.bench.contention import CpuWatch
 from vmetal.bench.machine import machine_info, matmul_gflops, versions
 from vmetal.bench.online import backend_server
-from vmetal.bench.shapes import SHAPES, build_model
+from vmetal.bench.shapes import SHAPES, build_model, section_name
 from vmetal.preflight import fit
 
 ALL_BACKENDS = ("paged", "mlx", "mlx_lm", "vllm_cpu")
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     report["elapsed_s"] = time.perf_counter() - start
     report["notes"] = notes(report)
     section = render(report)
-    publish("serving", section, report, json_path=args.json, write=not args.no_write, path=args.results)
+    publish(section_name("serving", args.shape), section, report, json_path=args.json, write=not args.no_write, path=args.results)
     if not args.no_write:
         log(f"wrote {args.results}")
     x = report["ratios"].get(TARGET_C, {})

@@ -46,6 +46,12 @@ SHAPES["gpt-oss-20b-cut"] = {
 DEFAULT_SHAPE = "tiny"
 
 
+def section_name(base: str, name: str) -> str:
+    """The RESULTS.md section a script writes for shape `name`: its own for an MoE shape, so the MoE rows stand
+    beside the dense model's instead of replacing them."""
+    return f"{base}-{name}" if "moe" in SHAPES[name] else base
+
+
 def describe(name: str, dtype: str) -> str:
     """The model a section measures, in one phrase: `random-weight Qwen3 (...): hidden ..., dtype`."""
     shape = SHAPES[name]

@@ -179,6 +179,7 @@ MALFORMED = {
     envs.PREFIX_CACHE_FRACTION: ["0", "1.5", "-0.1", "abc", "nan", "inf"],
     envs.KERNELS: ["2", "automatic", "metal", "on"],
     envs.RING_PORT: ["0", "80", "70000", "65530", "abc", "1.5", "-1"],
+    envs.COMPILE: ["2", "on", "compiled"],
 }
 
 

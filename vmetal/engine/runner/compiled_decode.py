@@ -109,13 +109,12 @@ class CompiledDecode:
     `forward` takes the layers (their pools are rebound to the step's results), the step's token ids (an
     `mx.array`, possibly still lazy, or a list) and its plan; it returns the real rows' lazy logits [B, V]."""
 
-    def __init__(self, model: Any, head_on_rows: bool, windows: tuple[int, ...], times: Any = None):
+    def __init__(self, model: Any, head_on_rows: bool, windows: tuple[int, ...]):
         import mlx.core as mx
 
         self.model = model
         self.head_on_rows = head_on_rows
         self.windows = windows
-        self.times = times
         self._layers: list[PagedLayerCache] = []  # the step's layers while it is traced
         # keep_kv (the decode-ahead's scratch rows need the step's K/V) is a trace of its own.
         self._compiled = {keep: mx.compile(partial(self._step, keep)) for keep in (False, True)}

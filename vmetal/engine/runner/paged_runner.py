@@ -219,7 +219,6 @@ class PagedModelRunner(ModelRunnerBase):
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
         pack = self._pack(so)
-        block_tables = _padded(pack.tables)
         all_slots = np.concatenate(pack.slots)
         logits = greedy = None
         if pack.decode_only:
@@ -229,8 +228,8 @@ class PagedModelRunner(ModelRunnerBase):
         if logits is None and pack.decode_only and self.compiled is not None:
             logits = self._decode(pack.tokens, np.concatenate(pack.positions), pack.tables)
         if logits is None:
-            layout = StepLayout.plan(np.concatenate(pack.positions), all_slots, block_tables, pack.context_lens,
-                                     pack.query_lens, self.cache_config.block_size, self.windows)
+            layout = StepLayout.plan(np.concatenate(pack.positions), all_slots, _padded(pack.tables),
+                                     pack.context_lens, pack.query_lens, self.cache_config.block_size, self.windows)
             # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
             extra = [i for rows in pack.prompt_rows.values() for i in rows]
             logits = self._forward(self.layers, pack.tokens, layout, pack.last_rows + extra)

@@ -6,7 +6,7 @@ benchmarks/bench_host.py), time a Mac's GPU waits through. `mx.compile` traces t
 C++, fusing elementwise ops on the way (fewer kernels to launch). As vLLM's CUDA graphs take capture sizes, a
 compiled step takes buckets: rows padded to a power of two, the gathered context to a power of two up to
 `CONTEXT_STEP` tokens and to a multiple of it beyond; a bucket is traced when first met (`VLLM_METAL_DEBUG`
-logs it). Prefill chunks, prompt logprobs and speculative verification keep the op-by-op forward.
+logs it). Prefill chunks, prompt logprobs and pipeline stages keep the op-by-op forward.
 
 Padding rows write their K/V to a dump block no request owns and attend to its first slot alone; their logits
 are cut off. Padding context columns read the slot of the row's position 0 (written, finite) and are masked.

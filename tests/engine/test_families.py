@@ -42,7 +42,7 @@ PATHS: dict[str, tuple[str, ...]] = {
     "gemma": ("mlx", "paged"),
     "gemma2": ("mlx",),
     # Sliding-window layers: mlx-lm's RotatingKVCache, merged into its BatchRotatingKVCache on the MLX path; on the
-    # paged path blocks hold every token and the layer attends to its window (gpt-oss: with its sinks).
+    # paged path KV cache groups of their own whose blocks vLLM frees past the window (gpt-oss: with its sinks).
     "gemma3_text": ("mlx", "paged"),
     "gemma3": ("mlx", "paged"),  # the multimodal wrappers, served for their text
     "qwen3_5": ("mlx",),
@@ -139,8 +139,9 @@ def test_sliding_and_recurrent_state_through_chunked_prefill_and_preemption(fami
 def test_paged_sliding_windows_through_chunks_prefix_hits_and_preemption(family_dir, family, monkeypatch):
     """The paged path's sliding-window layers (window 8 here) over vLLM's blocks: a long prompt prefilled in chunks
     of 32 tokens (each chunk's queries see their own windows across the chunk boundary), the same prompt again
-    from vLLM's prefix cache (its blocks hold every token, so a hit restores the windows too), and requests that
-    vLLM preempts in a small pool and recomputes; tokens and, for gpt-oss, its sinks stay mlx-lm's."""
+    from vLLM's prefix cache (a hit in each KV cache group: the full layers' blocks and the sliding layers' last
+    window), and requests that vLLM preempts in a small pool and recomputes; tokens and, for gpt-oss, its sinks
+    stay mlx-lm's."""
     from tests.support.engine import LONG_PROMPT, metric
     from vmetal.engine import models
 
@@ -181,6 +182,29 @@ def test_sliding_window_layers_do_not_count_against_the_context_vllm_admits(fami
         # 96 tokens of every layer's K/V: 192 tokens of the growing layer's, 12 blocks of 16.
         assert llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == 12
         assert_greedy_like_mlx(path, llm.generate(PROMPTS[:2], greedy(20), use_tqdm=False), 20)
+
+
+def test_paged_sliding_layers_free_their_blocks_past_the_window(family_dir, monkeypatch):
+    """On the paged path a sliding-window layer is a KV cache group of its own whose blocks vLLM frees once they
+    fall behind the window, on a pool it shares with the full-attention layer: KV bytes for 128 tokens of every
+    layer admit a 160-token context (with every layer holding every token they held 128, and vLLM refused to
+    start), and a sequence that fills it decodes mlx-lm's tokens."""
+    from tests.support.engine import LONG_PROMPT
+    from vmetal.engine import models
+
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "auto")  # the pool is kv_cache_memory_bytes below
+    path = family_dir("gemma3_text")
+    per_token = models.load(str(path)).kv_bytes_per_token
+    with running_llm(path, max_model_len=160, max_num_seqs=4, max_num_batched_tokens=32, block_size=16,
+                     kv_cache_memory_bytes=per_token * 128, seed=0) as llm:
+        # 16 blocks of 16 tokens of one layer's K/V; a 160-token sequence takes 10 in the full-attention group
+        # and at most 3 (the window of 8 and a 32-token chunk) in the sliding one.
+        assert llm.llm_engine.vllm_config.cache_config.num_gpu_blocks == 16
+        [out] = llm.generate([LONG_PROMPT], greedy(160), use_tqdm=False)  # vLLM stops it at max_model_len
+        assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 160
+        assert list(out.outputs[0].token_ids) == mlx_greedy(path, out.prompt_token_ids, len(out.outputs[0].token_ids),
+                                                            ignore_eos=True)
 
 
 def test_paged_path_refuses_mla_before_the_engine_starts(family_dir, monkeypatch):

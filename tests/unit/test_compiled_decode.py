@@ -40,6 +40,10 @@ def nan_layers(runner) -> list[PagedLayerCache]:
             for _ in range(lm.num_layers)]
 
 
+def pools_of(layers) -> list:
+    return [layer.pool for layer in layers]
+
+
 def slots_of(table: list[int], positions) -> list[int]:
     return [table[p // BLOCK] * BLOCK + p % BLOCK for p in positions]
 
@@ -68,13 +72,13 @@ def test_compiled_decode_steps_equal_mlx_lm_and_write_exactly_their_slots(runner
     for name, toks in PROMPTS.items():
         prefill(runner, layers, name)
         model(mx.array([toks]), cache=ref[name])
-    compiled = CompiledDecode(model, runner.loaded.head_on_rows, ())
+    compiled = CompiledDecode(model, runner.loaded.head_on_rows)
     steps = [("A", "B", "C"), ("A", "B", "C"), ("B", "C"), ("A", "B", "C")]
     for step, names in enumerate(steps):
         positions = [ref[n][0].offset for n in names]
         tokens = [100 + step + i for i in range(len(names))]
-        plan = plan_decode(positions, [TABLES[n] for n in names], BLOCK, DUMP)
-        got = compiled.forward(layers, tokens, plan, len(names))
+        plan = plan_decode(positions, [[TABLES[n] for n in names]], BLOCK, DUMP)
+        got = compiled.forward(layers, pools_of(layers), tokens, plan, len(names))
         mx.eval(got, [(c.k_pool, c.v_pool) for c in layers])
         assert got.shape[0] == len(names)
         for i, name in enumerate(names):
@@ -101,9 +105,9 @@ def test_the_decode_ahead_variant_keeps_the_steps_keys_and_values(runner):
     for name in PROMPTS:
         prefill(runner, layers, name)
     names = ("A", "B", "C")
-    plan = plan_decode([len(PROMPTS[n]) for n in names], [TABLES[n] for n in names], BLOCK, DUMP)
-    compiled = CompiledDecode(runner.model, runner.loaded.head_on_rows, ())
-    compiled.forward(layers, [7, 8, 9], plan, 3, keep_kv=True)
+    plan = plan_decode([len(PROMPTS[n]) for n in names], [[TABLES[n] for n in names]], BLOCK, DUMP)
+    compiled = CompiledDecode(runner.model, runner.loaded.head_on_rows)
+    compiled.forward(layers, pools_of(layers), [7, 8, 9], plan, 3, keep_kv=True)
     kept = [layer.kept_kv for layer in layers]
     for index, layer in enumerate(layers):
         rows = np.asarray(layer.k_pool).reshape(NUM_BLOCKS * BLOCK, *layer.k_pool.shape[2:])
@@ -119,42 +123,54 @@ def test_the_pools_are_written_in_place(runner):
     shape = (512, BLOCK, lm.num_kv_heads, lm.head_dim)
     layers = [PagedLayerCache(mx.zeros(shape), mx.zeros(shape)) for _ in range(lm.num_layers)]
     mx.eval([(c.k_pool, c.v_pool) for c in layers])
-    compiled = CompiledDecode(runner.model, lm.head_on_rows, ())
+    compiled = CompiledDecode(runner.model, lm.head_on_rows)
     pool_bytes = 4 * math.prod(shape)
     for step in range(3):
-        plan = plan_decode([step], [[0]], BLOCK, 511)
-        mx.eval(compiled.forward(layers, [1], plan, 1), [(c.k_pool, c.v_pool) for c in layers])
+        plan = plan_decode([step], [[[0]]], BLOCK, 511)
+        mx.eval(compiled.forward(layers, pools_of(layers), [1], plan, 1), [(c.k_pool, c.v_pool) for c in layers])
         if step == 0:  # the first step traces: its peak is the trace's, not the step's
             mx.reset_peak_memory()
             base = mx.get_active_memory()
     assert mx.get_peak_memory() - base < pool_bytes / 2
 
 
+# A second KV cache group's tables (a sliding-window group's, as vLLM keeps them: its blocks before the window
+# freed to the null block 0; block 15 holds "B"'s positions 16-19).
+SLIDING_TABLES = {"A": [0, 21, 22], "B": [0, 0, 0, 0, 15], "C": [23]}
+
+
 @pytest.mark.parametrize("window", [None, 1, 3, 6, 70])
 def test_a_planned_view_attends_what_the_op_by_op_plan_attends(window):
-    """Each view of a compiled step's plan (full attention, or a sliding window) gives the attention of the
-    op-by-op plan for the same rows, on random pools, the padding row's output aside."""
+    """Each view of a compiled step's plan (full attention in group 0, or a sliding window in group 1 with block
+    tables of its own) gives the attention of the op-by-op plan over that group's tables for the same rows, on
+    random pools, the padding row's output aside; each group's rows write to that group's slots."""
     rng = np.random.default_rng(0)
     heads, kv_heads, dim = 4, 2, 8
     pools = [mx.array(rng.standard_normal((NUM_BLOCKS, BLOCK, kv_heads, dim)).astype(np.float32))
              for _ in range(2)]
     positions = [5, 17, 0]  # 3 rows: a padding row in the 4-row bucket
-    tables = [TABLES[n] for n in ("A", "B", "C")]
-    windows = () if window is None else (window,)
-    plan = plan_decode(positions, tables, BLOCK, DUMP, windows)
+    names = ("A", "B", "C")
+    full, sliding = [TABLES[n] for n in names], [SLIDING_TABLES[n] for n in names]
+    group = 0 if window is None else 1
+    plan = plan_decode(positions, [full, sliding], BLOCK, DUMP, [(0, None), (group, window)])
     slots, mask = plan.views[-1]
     rows = len(plan.positions)
-    group = AttentionGroup(slice(0, rows), mx.array(slots), mx.array(mask), None, None, rows, 1)
-    view = AttentionPlan(rows, (group,), None, np.zeros(0), np.zeros(0), np.zeros(0), window=window)
+    attend = AttentionGroup(slice(0, rows), mx.array(slots), mx.array(mask), None, None, rows, 1)
+    view = AttentionPlan(rows, (attend,), None, np.zeros(0), np.zeros(0), np.zeros(0), window=window)
     queries = mx.array(rng.standard_normal((rows, heads, dim)).astype(np.float32))
     got = reference.attend(queries, *pools, view, dim ** -0.5)
-    width = max(len(t) for t in tables)
-    want = reference.paged_attention(queries[:3], *pools, np.array(tables), [p + 1 for p in positions], [1, 1, 1],
+    tables = (full, sliding)[group]
+    padded = np.zeros((3, max(len(t) for t in tables)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = t
+    want = reference.paged_attention(queries[:3], *pools, padded, [p + 1 for p in positions], [1, 1, 1],
                                      dim ** -0.5, window)
     np.testing.assert_allclose(np.asarray(got[:3]), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert np.isfinite(np.asarray(got)).all()
-    assert plan.write_slots.tolist() == [1 * BLOCK + 1, 12 * BLOCK + 1, 2 * BLOCK, DUMP * BLOCK]
-    assert plan.tables.shape == (4, 64 // BLOCK) and width <= plan.tables.shape[1]
+    assert plan.write_slots.tolist() == [[1 * BLOCK + 1, 12 * BLOCK + 1, 2 * BLOCK, DUMP * BLOCK],
+                                         [21 * BLOCK + 1, 15 * BLOCK + 1, 23 * BLOCK, DUMP * BLOCK]]
+    assert plan.tables.shape == (2, 4, 64 // BLOCK)
+    assert plan.tables[1, 1, :5].tolist() == SLIDING_TABLES["B"]
 
 
 class _EvaluatesInside:
@@ -174,11 +190,11 @@ def test_a_step_that_cannot_be_traced_is_built_op_by_op(runner, caplog):
     layers = nan_layers(runner)
     prefill(runner, layers, "A")
     pools = [(c.k_pool, c.v_pool) for c in layers]
-    runner.layers, runner.dump_block = layers, DUMP
-    runner.compiled = CompiledDecode(_EvaluatesInside(runner.model), False, ())
+    runner.layers, runner.pools, runner.dump_block = layers, pools_of(layers), DUMP
+    runner.compiled = CompiledDecode(_EvaluatesInside(runner.model), False)
     try:
         with caplog.at_level("WARNING", logger="vllm.vmetal"):
-            assert runner._decode([101], [len(PROMPTS["A"])], [TABLES["A"]]) is None
+            assert runner._decode([101], [len(PROMPTS["A"])], [[TABLES["A"]]]) is None
         assert runner.compiled is None
         assert all(c.k_pool is k and c.v_pool is v for c, (k, v) in zip(layers, pools))
         assert [r.message for r in caplog.records if "cannot be compiled" in r.message] == [
@@ -186,4 +202,4 @@ def test_a_step_that_cannot_be_traced_is_built_op_by_op(runner, caplog):
             "during function transformations like compile or vmap is not allowed.); building every step op by op "
             "(VLLM_METAL_COMPILE=0 skips the attempt)"]
     finally:
-        runner.layers, runner.compiled = [], None
+        runner.layers, runner.pools, runner.compiled = [], [], None

@@ -29,9 +29,11 @@ MAX_SEQS = 4
 
 
 def make_runner(cls, *, weights: int, device: str = "gpu", fraction: str = "auto", max_model_len=MAX_LEN,
-                max_num_seqs=MAX_SEQS, gpu_memory_utilization=0.5, state_bytes=0, window_bytes=0):
+                max_num_seqs=MAX_SEQS, gpu_memory_utilization=0.5, state_bytes=0, window_bytes=0,
+                max_num_batched_tokens=2048):
     config = stub_vllm_config(max_model_len=max_model_len, max_num_seqs=max_num_seqs, block_size=BLOCK,
-                              gpu_memory_utilization=gpu_memory_utilization)
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              max_num_batched_tokens=max_num_batched_tokens)
     runner = cls(config, "cpu", paged_metal_config(device, fraction))
     runner.weights_bytes = weights
     # One per-token figure for both: the windows come in through `window_bytes` alone.
@@ -143,6 +145,23 @@ def test_paged_budget_on_the_cpu_is_capped_at_twice_the_full_sequences():
 def test_paged_budget_that_fits_exactly_one_sequence_is_accepted(device):
     """A budget of exactly one max-length sequence starts (the check is `>=`)."""
     runner = make_runner(PagedModelRunner, weights=0, device=device, fraction="0.5")
+    assert runner.kv_budget(2 * MAX_LEN * PER_TOKEN, 0) == MAX_LEN * PER_TOKEN
+
+
+def test_a_paged_sliding_layer_needs_its_window_and_one_step_not_the_whole_sequence():
+    """vLLM's hybrid KV manager frees a sliding-window layer's blocks past its window, so one sequence of a model
+    with one sliding layer (window 8) of two, 32 tokens a step, needs 1000 tokens of one layer and 8 - 1 + 32 of
+    the other: a budget of exactly that starts, a byte less does not; with the manager off
+    (`--disable-hybrid-kv-cache-manager`) both layers hold all 1000."""
+    need = PER_TOKEN // 2 * (MAX_LEN + 8 - 1 + 32)
+    runner = make_runner(PagedModelRunner, weights=0, fraction="0.5", max_num_batched_tokens=32)
+    runner.layer_windows = (8, None)
+    assert runner.kv_budget(2 * need, 0) == need
+    with pytest.raises(envs.EnvError, match="1000-token sequence needs"):
+        runner.kv_budget(2 * need - 2, 0)
+    runner.scheduler_config.disable_hybrid_kv_cache_manager = True
+    with pytest.raises(envs.EnvError):
+        runner.kv_budget(2 * need, 0)
     assert runner.kv_budget(2 * MAX_LEN * PER_TOKEN, 0) == MAX_LEN * PER_TOKEN
 
 

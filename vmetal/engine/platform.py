@@ -53,6 +53,16 @@ class MetalPlatform(Platform):
         return int(psutil.virtual_memory().total)
 
     @classmethod
+    def support_hybrid_kv_cache(cls) -> bool:
+        """vLLM's hybrid KV cache manager (one block table per KV cache group) on the paged path, whose runner
+        keeps a table per group: a sliding-window layer's blocks are freed past its window. The MLX-managed path
+        keeps its own caches and reports full-attention layers only; it keeps the single-group manager."""
+        try:
+            return envs.load_config().kv_path == "paged"
+        except envs.EnvError:
+            return False  # check_and_update_config reports the bad variable
+
+    @classmethod
     def is_pin_memory_available(cls) -> bool:
         return False
 

@@ -9,9 +9,11 @@ compiled step takes buckets: rows padded to a power of two, the gathered context
 logs it). Prefill chunks, prompt logprobs and pipeline stages keep the op-by-op forward.
 
 Padding rows write their K/V to a dump block no request owns and attend to its first slot alone; their logits
-are cut off. Padding context columns read the slot of the row's position 0 (written, finite) and are masked.
-Each step's K/V pools go in as arguments and come back as results (arrays captured by a compiled function are
-constants of its trace); nothing else holds the old pools when the step runs, so MLX still writes them in place.
+are cut off. Padding context columns read the slot of the row's position 0 (written, or in a sliding group's
+freed block vLLM's null block, never written: finite either way) and are masked. Each step's K/V pools (one
+per layer, or one shared by a layer of each KV cache group) go in as arguments and come back as results (arrays
+captured by a compiled function are constants of its trace); nothing else holds the old pools when the step
+runs, so MLX still writes them in place.
 
 `VLLM_METAL_COMPILE=0` turns it off. With the Metal kernels on, the attention kernel is part of the compiled
 step; that combination runs only on a Mac, with the same inputs the op-by-op step gives the kernel.
@@ -30,7 +32,7 @@ import numpy as np
 
 from vmetal.engine.models import logits_at
 from vmetal.engine.runner.attention.reference import AttentionGroup, AttentionPlan, CacheWrites
-from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout
+from vmetal.engine.runner.kv.paged_cache import FULL, KVPool, PagedLayerCache, StepLayout, View
 
 logger = logging.getLogger("vllm.vmetal")
 
@@ -52,12 +54,13 @@ def context_bucket(tokens: int) -> int:
 
 @dataclass(frozen=True)
 class DecodeInputs:
-    """One all-decode step's host-planned arrays, padded to its bucket (`Bp` rows, `C` context columns)."""
+    """One all-decode step's host-planned arrays, padded to its bucket (`Bp` rows, `C` context columns), per KV
+    cache group `G` (each its own block tables: `StepLayout`)."""
 
     positions: np.ndarray  # int32 [Bp]: each row's position (RoPE offset); 0 for padding rows
-    write_slots: np.ndarray  # int32 [Bp]: the pool slot each row's K/V goes to
-    tables: np.ndarray  # int32 [Bp, C / block_size]: block tables, for the attention kernel
-    views: tuple[tuple[np.ndarray, np.ndarray], ...]  # per window (full first): gather slots [Bp, Cw], mask
+    write_slots: np.ndarray  # int32 [G, Bp]: the pool slot each row's K/V goes to, per group
+    tables: np.ndarray  # int32 [G, Bp, C / block_size]: block tables, for the attention kernel
+    views: tuple[tuple[np.ndarray, np.ndarray], ...]  # per view (as planned): gather slots [Bp, Cw], mask
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -65,37 +68,40 @@ class DecodeInputs:
         return (len(self.positions), *(slots.shape[1] for slots, _ in self.views))
 
 
-def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[int]], block_size: int, dump_block: int,
-                windows: Sequence[int] = ()) -> DecodeInputs:
-    """Plan a step of decode rows at `positions` (each row's one new token), with their block `tables` (long
-    enough to hold that position); `windows`: the sliding windows of the model's local layers."""
+def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[Sequence[int]]], block_size: int,
+                dump_block: int, views: Sequence[View] = FULL) -> DecodeInputs:
+    """Plan a step of decode rows at `positions` (each row's one new token); `tables[g]`: the rows' block tables
+    in KV cache group g (long enough to hold that position); `views`: the (group, window) pairs the layers
+    attend through. A sliding view gathers only its window's columns."""
     pos = np.asarray(positions, dtype=np.int64)
     rows, padded = len(pos), rows_bucket(len(pos))
     ctx = pos + 1
     width = context_bucket(int(ctx.max()))
-    table = np.full((padded, width // block_size), dump_block, dtype=np.int64)
-    for i, t in enumerate(tables):
-        n = min(len(t), table.shape[1])
-        table[i, :n] = t[:n]
+    table = np.full((len(tables), padded, width // block_size), dump_block, dtype=np.int64)
+    for g, group_tables in enumerate(tables):
+        for i, t in enumerate(group_tables):
+            n = min(len(t), table.shape[2])
+            table[g, i, :n] = t[:n]
     all_pos = np.zeros(padded, dtype=np.int64)
     all_pos[:rows] = pos
     real = np.arange(padded) < rows
 
-    def slot(p: np.ndarray) -> np.ndarray:  # [Bp, k] positions -> pool slots of each row's own table
-        return table[np.arange(padded)[:, None], p // block_size] * block_size + p % block_size
+    def slot(g: int, p: np.ndarray) -> np.ndarray:  # [Bp, k] positions -> pool slots of each row's own table
+        return table[g, np.arange(padded)[:, None], p // block_size] * block_size + p % block_size
 
-    views = []
-    for window in (None, *windows):
+    planned = []
+    for g, window in views:
         first = np.zeros(padded, dtype=np.int64) if window is None else np.maximum(0, all_pos - window + 1)
         cols = width if window is None else min(width, context_bucket(min(window, int(ctx.max()))))
         kpos = first[:, None] + np.arange(cols)[None, :]
         seen = (kpos <= all_pos[:, None]) & real[:, None]
         seen[~real, 0] = True  # a padding row sees the dump block's first slot, so no row is all masked
         kpos = np.where(seen, kpos, 0)
-        slots = np.where(real[:, None], slot(kpos), dump_block * block_size)
-        views.append((slots.astype(np.int32), seen[:, None, None, :]))
-    write = np.where(real, slot(all_pos[:, None])[:, 0], dump_block * block_size)
-    return DecodeInputs(all_pos.astype(np.int32), write.astype(np.int32), table.astype(np.int32), tuple(views))
+        slots = np.where(real[:, None], slot(g, kpos), dump_block * block_size)
+        planned.append((slots.astype(np.int32), seen[:, None, None, :]))
+    write = np.stack([np.where(real, slot(g, all_pos[:, None])[:, 0], dump_block * block_size)
+                      for g in range(len(tables))])
+    return DecodeInputs(all_pos.astype(np.int32), write.astype(np.int32), table.astype(np.int32), tuple(planned))
 
 
 class TraceError(RuntimeError):
@@ -106,22 +112,24 @@ class TraceError(RuntimeError):
 class CompiledDecode:
     """The compiled all-decode forward of one model over its paged layers.
 
-    `forward` takes the layers (their pools are rebound to the step's results), the step's token ids (an
-    `mx.array`, possibly still lazy, or a list) and its plan; it returns the real rows' lazy logits [B, V]."""
+    `forward` takes the layers, the distinct pools they share (rebound to the step's results), the step's token
+    ids (an `mx.array`, possibly still lazy, or a list) and its plan; it returns the real rows' lazy logits
+    [B, V]. `views`: the (group, window) pairs the layers attend through, in the order plans list them."""
 
-    def __init__(self, model: Any, head_on_rows: bool, windows: tuple[int, ...]):
+    def __init__(self, model: Any, head_on_rows: bool, views: Sequence[View] = FULL):
         import mlx.core as mx
 
         self.model = model
         self.head_on_rows = head_on_rows
-        self.windows = windows
+        self.views = tuple(views)
         self._layers: list[PagedLayerCache] = []  # the step's layers while it is traced
+        self._pools: list[KVPool] = []  # and their pools
         # keep_kv (the decode-ahead's scratch rows need the step's K/V) is a trace of its own.
         self._compiled = {keep: mx.compile(partial(self._step, keep)) for keep in (False, True)}
         self.traced: set[tuple[bool, tuple[int, ...]]] = set()
 
-    def forward(self, layers: list[PagedLayerCache], tokens: Any, plan: DecodeInputs, rows: int,
-                keep_kv: bool = False) -> Any:
+    def forward(self, layers: list[PagedLayerCache], pools: list[KVPool], tokens: Any, plan: DecodeInputs,
+                rows: int, keep_kv: bool = False) -> Any:
         import mlx.core as mx
 
         padded = len(plan.positions)
@@ -129,28 +137,30 @@ class CompiledDecode:
         if padded > rows:
             ids = mx.concatenate([ids.astype(mx.int32), mx.zeros((padded - rows,), dtype=mx.int32)])
         views = [(mx.array(slots), mx.array(mask)) for slots, mask in plan.views]
-        pools = [(layer.k_pool, layer.v_pool) for layer in layers]
-        for layer in layers:  # only the call's arguments hold the old pools: MLX writes them in place
-            layer.k_pool = layer.v_pool = None
+        arrays = [(pool.k, pool.v) for pool in pools]
+        for pool in pools:  # only the call's arguments hold the old pools: MLX writes them in place
+            pool.k = pool.v = None
         key = (keep_kv, plan.key)
         first = key not in self.traced
         started = time.perf_counter()
-        self._layers = layers
+        self._layers, self._pools = layers, pools
         try:
             out = self._compiled[keep_kv](ids, mx.array(plan.positions), mx.array(plan.write_slots),
-                                          mx.array(plan.tables), views, pools)
+                                          mx.array(plan.tables), views, arrays)
         except BaseException as exc:
-            for layer, (k, v) in zip(layers, pools):
-                layer.k_pool, layer.v_pool = k, v
+            for pool, (k, v) in zip(pools, arrays):
+                pool.k, pool.v = k, v
+            for layer in layers:
                 layer.layout, layer.kept_kv = None, None
             if first and isinstance(exc, Exception):
                 raise TraceError(f"{type(exc).__name__}: {exc}") from exc
             raise
         finally:
-            self._layers = []
-        del pools
-        for layer, (k, v) in zip(layers, out[1]):
-            layer.k_pool, layer.v_pool = k, v
+            self._layers, self._pools = [], []
+        del arrays
+        for pool, (k, v) in zip(pools, out[1]):
+            pool.k, pool.v = k, v
+        for layer in layers:
             layer.layout = None
             layer.kept_kv = None
         if keep_kv:
@@ -163,21 +173,22 @@ class CompiledDecode:
         return out[0][:rows] if padded > rows else out[0]
 
     def _step(self, keep_kv: bool, ids: Any, positions: Any, write_slots: Any, tables: Any,
-              views: list[tuple[Any, Any]], pools: list[tuple[Any, Any]]) -> list[Any]:
+              views: list[tuple[Any, Any]], arrays: list[tuple[Any, Any]]) -> list[Any]:
         """The traced step (run by `mx.compile` once per bucket; its arguments are then placeholders)."""
         import mlx.core as mx
 
         rows = ids.shape[0]
-        per_token = (tables, mx.arange(rows, dtype=mx.int32), positions)
+        at = mx.arange(rows, dtype=mx.int32)
         plans = {}
-        for window, (slots, mask) in zip((None, *self.windows), views):
+        for (g, window), (slots, mask) in zip(self.views, views):
             group = AttentionGroup(slice(0, rows), slots, mask, None, None, rows, 1)
-            plans[window] = AttentionPlan(rows, (group,), None, _NO_HOST, _NO_HOST, _NO_HOST,
-                                          {"paged_attention": per_token}, window)
-        layout = StepLayout(positions, CacheWrites(_NO_HOST, None, write_slots), plans[None],
-                            {w: plans[w] for w in self.windows})
-        for layer, (k, v) in zip(self._layers, pools):
-            layer.k_pool, layer.v_pool = k, v
+            plans[g, window] = AttentionPlan(rows, (group,), None, _NO_HOST, _NO_HOST, _NO_HOST,
+                                             {"paged_attention": (tables[g], at, positions)}, window)
+        writes = tuple(CacheWrites(_NO_HOST, None, write_slots[g]) for g in range(write_slots.shape[0]))
+        layout = StepLayout(positions, writes, plans)
+        for pool, (k, v) in zip(self._pools, arrays):
+            pool.k, pool.v = k, v
+        for layer in self._layers:
             layer.layout = layout
             layer.keep_kv = keep_kv
         try:
@@ -185,7 +196,7 @@ class CompiledDecode:
         finally:
             for layer in self._layers:
                 layer.keep_kv = False
-        out = [logits, [(layer.k_pool, layer.v_pool) for layer in self._layers]]
+        out = [logits, [(pool.k, pool.v) for pool in self._pools]]
         if keep_kv:
             out.append([list(layer.kept_kv) for layer in self._layers])
         return out

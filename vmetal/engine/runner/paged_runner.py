@@ -1,31 +1,35 @@
 """The paged KV path: vLLM's block tables and slot mappings drive one packed MLX forward.
 
 vLLM's KV cache manager owns the blocks (and so prefix caching, preemption and copy-on-write come from vLLM);
-this runner keeps per-layer pools, writes each scheduled token's K/V to the slot vLLM assigned, and attends
+this runner writes each scheduled token's K/V to the slot vLLM assigned in its layer's KV cache group, and attends
 over block tables. Decode tokens and prefill chunks go through the same forward every step. The pools are
-allocated once, from `VLLM_METAL_MEMORY_FRACTION` of the device (`kv_budget`, `initialize_kv`).
+allocated once, from `VLLM_METAL_MEMORY_FRACTION` of the device (`kv.paged_pools`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from vmetal import envs
 from vmetal.engine.models import logits_at
 from vmetal.engine.runner.attention import metal as attention
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
 from vmetal.engine.runner.compiled_decode import CompiledDecode, TraceError, plan_decode
-from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout, install_attention_hook
+from vmetal.engine.runner.kv.paged_cache import (
+    FULL,
+    KVPool,
+    PagedLayerCache,
+    StepLayout,
+    View,
+    install_attention_hook,
+)
+from vmetal.engine.runner.kv.paged_pools import PagedPools, views_of
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
-
-SCRATCH_BLOCKS = 8
 
 
 @dataclass
@@ -35,8 +39,8 @@ class Pack:
     req_ids: list[str]
     tokens: list[int] = field(default_factory=list)
     positions: list[np.ndarray] = field(default_factory=list)
-    slots: list[np.ndarray] = field(default_factory=list)
-    tables: list[np.ndarray] = field(default_factory=list)
+    slots: list[list[np.ndarray]] = field(default_factory=list)  # per KV cache group, per request
+    tables: list[list[np.ndarray]] = field(default_factory=list)  # per KV cache group, per request
     context_lens: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
     last_rows: list[int] = field(default_factory=list)  # each request's last token in the pack
@@ -48,10 +52,12 @@ class Pack:
         return len(self.tokens) == len(self.req_ids) and not self.prompt_rows and not self.partial
 
 
-class PagedModelRunner(ModelRunnerBase):
+class PagedModelRunner(PagedPools, ModelRunnerBase):
     def __init__(self, vllm_config: Any, device: Any, metal_config: Any, group: Any = None):
         super().__init__(vllm_config, device, metal_config, group)
         self.layers: list[PagedLayerCache] = []
+        self.pools: list[KVPool] = []  # the distinct pools under `layers` (one per layer of the largest group)
+        self.num_groups = 1  # vLLM's KV cache groups (sliding-window layers are groups of their own)
         self.num_blocks = 0
         self.scratch_blocks: list[int] = []
         self.kernels = attention.kernel_choice(False)  # per op: its Metal kernel runs; decided once, at load
@@ -60,8 +66,9 @@ class PagedModelRunner(ModelRunnerBase):
         self._ahead_slots: np.ndarray | None = None
         self._ahead_scratch: list[int] = []
         self.layer_windows: tuple[int | None, ...] = ()  # per K/V layer, set at load
-        self.windows: tuple[int, ...] = ()  # the distinct sliding windows among them
-        self.compiled: CompiledDecode | None = None  # all-decode steps compiled (VLLM_METAL_COMPILE), set at load
+        self.views: tuple[View, ...] = FULL  # the (group, window) pairs the layers attend through
+        self._compile = False  # whether all-decode steps are compiled (VLLM_METAL_COMPILE), decided at load
+        self.compiled: CompiledDecode | None = None  # built with the pools
         self.dump_block = 0  # the block a compiled step's padding rows write to, past the scratch blocks
 
     def load_model(self) -> None:
@@ -69,16 +76,16 @@ class PagedModelRunner(ModelRunnerBase):
         install_attention_hook(self.model)
         # Each K/V layer's sliding window (None: full attention), as its mlx-lm cache keeps it on the MLX path.
         self.layer_windows = self.loaded.kv_held() or (None,) * self.loaded.num_layers
-        self.windows = tuple(sorted({w for w in self.layer_windows if w is not None}))
-        if self.windows:
-            logger.info("vmetal: sliding-window layers (window %s) attend to their window over blocks that hold "
-                        "every token", "/".join(map(str, self.windows)))
+        windows = sorted({w for w in self.layer_windows if w is not None})
+        if windows:
+            logger.info("vmetal: %d of %d layers attend to a sliding window (%s tokens): vLLM frees their blocks "
+                        "past it", sum(w is not None for w in self.layer_windows), len(self.layer_windows),
+                        "/".join(map(str, windows)))
         self.kernels = attention.kernel_choice(self._kernels_on())
         logger.info("vmetal: paged attention through %s", "the Metal kernel" if self.kernels["paged_attention"]
                     else "the pure-MLX reference")
         # A pipeline stage evaluates its sends and receives inside the forward, which a trace cannot.
-        if self.metal_config.compile and self.stages is None:
-            self.compiled = CompiledDecode(self.model, self.loaded.head_on_rows, self.windows)
+        self._compile = self.metal_config.compile and self.stages is None
 
     def _kernels_on(self) -> bool:
         """Whether the Metal kernels run (`VLLM_METAL_KERNELS`). Where they would, the attention kernel is first
@@ -100,78 +107,22 @@ class PagedModelRunner(ModelRunnerBase):
                        "check, =1 keeps the kernel)", check.describe())
         return False
 
-    def _new_layers(self, num_blocks: int) -> list[PagedLayerCache]:
-        import mlx.core as mx
-
-        lm = self.loaded
-        shape = (num_blocks, self.cache_config.block_size, lm.num_kv_heads, lm.head_dim)
-        windows = self.layer_windows or (None,) * lm.num_layers  # a runner given a model without load_model
-        return [PagedLayerCache(mx.zeros(shape, lm.dtype), mx.zeros(shape, lm.dtype), self.kernels, window)
-                for window in windows]
-
-    # -------------------------------------------------------------- KV cache
-    @property
-    def kv_fraction(self) -> float:
-        return self.metal_config.kv_fraction
-
-    def kv_budget(self, device_bytes: int, activation_bytes: int) -> int:
-        """`VLLM_METAL_MEMORY_FRACTION` of the device (`auto` = 0.9) less weights and activations, allocated up
-        front as block pools; refused when not even one max-length sequence fits."""
-        budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes
-        per_token = self.kv_bytes_per_token()
-        self._check_fits_one_sequence(budget, per_token, device_bytes, activation_bytes)
-        if self.metal_config.mlx_device != "cpu":
-            return budget
-        # System RAM is shared with everything else on the host (not a GPU's memory): pools no larger than
-        # twice what max_num_seqs full-length sequences can use, the second half for vLLM's prefix cache.
-        bs = self.cache_config.block_size
-        seq_blocks = -(-self.max_model_len // bs)
-        return min(budget, (2 * self.max_num_reqs * seq_blocks + 1) * bs * per_token)
-
-    def _check_fits_one_sequence(self, budget: int, per_token: int, total: int, activation_bytes: int) -> None:
-        """Refuse to start when not even one max-length sequence fits, naming what to change."""
-        need = self.max_model_len * per_token
-        if budget >= need:
-            return
-        # Rounded up: a fraction shown rounded to nearest (0.524 as 0.52) would be refused again.
-        fraction_needed = math.ceil((self.weights_bytes + activation_bytes + need) / total * 100) / 100
-        fits_tokens = max(0, budget) // per_token
-        hints = [f"set VLLM_METAL_MEMORY_FRACTION to at least {fraction_needed:.2f}" if fraction_needed <= 1
-                 else "use a smaller or quantized model"]
-        if fits_tokens:
-            hints.append(f"lower --max-model-len to {fits_tokens} or less")
-        raise envs.EnvError(
-            f"the paged KV cache gets {_mib(max(0, budget))} (VLLM_METAL_MEMORY_FRACTION="
-            f"{self.metal_config.memory_fraction}), but one {self.max_model_len}-token sequence needs "
-            f"{_mib(need)}; {', or '.join(hints)}",
-            variable=envs.MEMORY_FRACTION, value=str(self.metal_config.memory_fraction),
-            allowed=f">= {fraction_needed:.2f}",
-        )
 
     def initialize_kv(self, kv_cache_config: Any) -> None:
-        import mlx.core as mx
-
-        num_blocks = kv_cache_config.num_blocks
-        # Scratch blocks past vLLM's: a decode-ahead row whose next token starts a block vLLM has not allocated
-        # yet writes it there (see _ahead_forward). At most 1/16 more than vLLM's blocks.
-        scratch = min(SCRATCH_BLOCKS, self.max_num_reqs, max(1, num_blocks // 16))
-        self.layers = self._new_layers(num_blocks + scratch + 1)
-        mx.eval([(c.k_pool, c.v_pool) for c in self.layers])
-        self.num_blocks = num_blocks
-        self.scratch_blocks = list(range(num_blocks, num_blocks + scratch))
-        self.dump_block = num_blocks + scratch
-        logger.info("vmetal: paged KV pools: %d blocks x %d tokens (+%d scratch, +1 for padding rows), %.1f MiB",
-                    num_blocks, self.cache_config.block_size, scratch,
-                    sum(c.nbytes for c in self.layers) / 2**20)
+        super().initialize_kv(kv_cache_config)
+        if self._compile:
+            self.compiled = CompiledDecode(self.model, self.loaded.head_on_rows, self.views)
 
     def warm_up(self) -> None:
         """A profiling forward, on a scratch pool before vLLM sizes the real one."""
         import mlx.core as mx
 
         layers = self.layers or self._new_layers(2)
+        views = views_of(layers)
+        groups = 1 + max(g for g, _ in views)
         n = min(8, self.cache_config.block_size)
-        layout = StepLayout.plan(np.arange(n), np.full((n,), -1), np.zeros((1, 1)), [n], [n],
-                                 self.cache_config.block_size, self.windows)
+        layout = StepLayout.plan_groups(np.arange(n), [np.full((n,), -1)] * groups, [np.zeros((1, 1))] * groups,
+                                        [n], [n], self.cache_config.block_size, views)
         mx.eval(self._forward(layers, list(range(n)), layout, [n - 1]))
 
     def _forward(self, layers: list[PagedLayerCache], tokens: Any, layout: StepLayout, last_rows: list[int]) -> Any:
@@ -186,13 +137,14 @@ class PagedModelRunner(ModelRunnerBase):
             return logits_at(self.model, ids[:, None], layers, lambda hidden: hidden[rows],
                              self.loaded.head_on_rows)[:, 0, :]
 
-    def _decode(self, tokens: Any, positions: Any, tables: list[Any], keep_kv: bool = False) -> Any:
-        """An all-decode step through its compiled forward (`compiled_decode`): lazy logits [B, V], or None
-        when the step cannot be traced (compiled steps are then off for this engine, with one warning)."""
-        plan = plan_decode(positions, tables, self.cache_config.block_size, self.dump_block, self.windows)
+    def _decode(self, tokens: Any, positions: Any, tables: list[list[Any]], keep_kv: bool = False) -> Any:
+        """An all-decode step through its compiled forward (`compiled_decode`; `tables[g]`: the rows' block
+        tables in KV cache group g): lazy logits [B, V], or None when the step cannot be traced (compiled steps
+        are then off for this engine, with one warning)."""
+        plan = plan_decode(positions, tables, self.cache_config.block_size, self.dump_block, self.views)
         try:
             with self.step_times.build():
-                logits = self.compiled.forward(self.layers, tokens, plan, len(positions), keep_kv)
+                logits = self.compiled.forward(self.layers, self.pools, tokens, plan, len(positions), keep_kv)
         except TraceError as exc:
             logger.warning("vmetal: this model's decode step cannot be compiled (%s); building every step op by "
                            "op (VLLM_METAL_COMPILE=0 skips the attempt)", exc)
@@ -207,9 +159,9 @@ class PagedModelRunner(ModelRunnerBase):
         if so.kv_cache_block_copies:
             src = [c.src_block_id for c in so.kv_cache_block_copies]
             dst = [c.dst_block_id for c in so.kv_cache_block_copies]
-            for layer in self.layers:
-                layer.k_pool, layer.v_pool = attention.copy_blocks(layer.k_pool, layer.v_pool, src, dst,
-                                                                   use_kernel=self.kernels["copy_blocks"])
+            for pool in self.pools:
+                pool.k, pool.v = attention.copy_blocks(pool.k, pool.v, src, dst,
+                                                       use_kernel=self.kernels["copy_blocks"])
 
     def execute_model(self, so: Any) -> Any:
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
@@ -219,7 +171,7 @@ class PagedModelRunner(ModelRunnerBase):
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
         pack = self._pack(so)
-        all_slots = np.concatenate(pack.slots)
+        all_slots = [np.concatenate(slots) for slots in pack.slots]
         logits = greedy = None
         if pack.decode_only:
             logits, greedy = self._take_ahead(tuple(pack.req_ids), all_slots)
@@ -228,8 +180,9 @@ class PagedModelRunner(ModelRunnerBase):
         if logits is None and pack.decode_only and self.compiled is not None:
             logits = self._decode(pack.tokens, np.concatenate(pack.positions), pack.tables)
         if logits is None:
-            layout = StepLayout.plan(np.concatenate(pack.positions), all_slots, _padded(pack.tables),
-                                     pack.context_lens, pack.query_lens, self.cache_config.block_size, self.windows)
+            layout = StepLayout.plan_groups(np.concatenate(pack.positions), all_slots,
+                                            [_padded(tables) for tables in pack.tables], pack.context_lens,
+                                            pack.query_lens, self.cache_config.block_size, self.views)
             # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
             extra = [i for rows in pack.prompt_rows.values() for i in rows]
             logits = self._forward(self.layers, pack.tokens, layout, pack.last_rows + extra)
@@ -247,6 +200,8 @@ class PagedModelRunner(ModelRunnerBase):
         slice of the pack, and its output needs no reordering."""
         bs = self.cache_config.block_size
         pack = Pack(sorted(self.input_batch.req_ids, key=lambda r: so.num_scheduled_tokens[r] > 1))
+        pack.slots = [[] for _ in range(self.num_groups)]
+        pack.tables = [[] for _ in range(self.num_groups)]
         for req_id in pack.req_ids:
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
@@ -254,10 +209,11 @@ class PagedModelRunner(ModelRunnerBase):
                 pack.prompt_rows[req_id] = range(len(pack.tokens), len(pack.tokens) + n)
             pack.tokens.extend(self._tokens(state, start, start + n))
             pos = np.arange(start, start + n, dtype=np.int64)
-            table = np.asarray(state.block_ids[0], dtype=np.int64)
             pack.positions.append(pos)
-            pack.slots.append(table[pos // bs] * bs + pos % bs)
-            pack.tables.append(table)
+            for g in range(self.num_groups):
+                table = np.asarray(state.block_ids[g], dtype=np.int64)
+                pack.slots[g].append(table[pos // bs] * bs + pos % bs)
+                pack.tables[g].append(table)
             pack.context_lens.append(start + n)
             pack.query_lens.append(n)
             pack.last_rows.append(len(pack.tokens) - 1)
@@ -278,26 +234,33 @@ class PagedModelRunner(ModelRunnerBase):
         blocks only); if the row runs on, its next step writes the same values there, and if its blocks are
         freed, a later owner writes a slot before it reads it."""
         bs = self.cache_config.block_size
-        positions, slots, tables, scratch = [], [], [], []
+        groups = range(self.num_groups)
+        positions, scratch = [], []
+        slots: list[list[int]] = [[] for _ in groups]
+        tables: list[list[list[int]]] = [[] for _ in groups]
         for i, req_id in enumerate(order):
             pos = self.requests[req_id].num_computed_tokens + 1
-            table = list(self.requests[req_id].block_ids[0])
-            if pos // bs >= len(table):
+            own = [list(ids) for ids in self.requests[req_id].block_ids]
+            if any(pos // bs >= len(table) for table in own):
                 if len(scratch) == len(self.scratch_blocks):
                     return None
-                table.append(self.scratch_blocks[len(scratch)])
+                # The same scratch block in every group: each layer reads back the K/V it just wrote there.
+                for table in own:
+                    if pos // bs >= len(table):
+                        table.append(self.scratch_blocks[len(scratch)])
                 scratch.append(i)
             positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(table)
+            for g, table in enumerate(own):
+                slots[g].append(table[pos // bs] * bs + pos % bs)
+                tables[g].append(table)
         self._ahead_slots = np.asarray(slots, dtype=np.int64)
         self._ahead_scratch = scratch
         if self.compiled is not None:
             logits = self._decode(tokens, positions, tables, keep_kv=bool(scratch))
             if logits is not None:
                 return logits
-        layout = StepLayout.plan(positions, slots, _padded(tables), [p + 1 for p in positions], [1] * len(order), bs,
-                                 self.windows)
+        layout = StepLayout.plan_groups(positions, slots, [_padded(t) for t in tables], [p + 1 for p in positions],
+                                        [1] * len(order), bs, self.views)
         for layer in self.layers:
             layer.keep_kv = bool(scratch)
         try:
@@ -306,27 +269,30 @@ class PagedModelRunner(ModelRunnerBase):
             for layer in self.layers:
                 layer.keep_kv = False
 
-    def _take_ahead(self, order: tuple[str, ...], slots: np.ndarray) -> tuple[Any, Any]:
-        """The decode-ahead's (logits, argmax) if this step is exactly that step, else (None, None)."""
+    def _take_ahead(self, order: tuple[str, ...], slots: list[np.ndarray]) -> tuple[Any, Any]:
+        """The decode-ahead's (logits, argmax) if this step is exactly that step (`slots[g]`: its rows' pool
+        slots in KV cache group g), else (None, None)."""
         ahead = self.ahead.take()
         if ahead is None:
             self.counts["ahead_none"] += 1
             return None, None
         scratch, self._ahead_scratch = self._ahead_scratch, []
         usable = ahead.order == order
+        slots = np.stack(slots)
         if usable:
-            own = np.ones(len(slots), dtype=bool)
+            own = np.ones(slots.shape[1], dtype=bool)
             own[scratch] = False
-            usable = np.array_equal(self._ahead_slots[own], slots[own]) and ahead.matches(order, self._next_token)
+            usable = (np.array_equal(self._ahead_slots[:, own], slots[:, own])
+                      and ahead.matches(order, self._next_token))
         if usable and scratch:
             import mlx.core as mx
 
-            writes = reference.plan_writes(slots[scratch])
+            writes = [reference.plan_writes(group_slots[scratch]) for group_slots in slots]
             rows = mx.array(scratch, dtype=mx.int32)
             for layer in self.layers:
                 keys, values = layer.kept_kv
                 layer.k_pool, layer.v_pool = attention.write_cache(keys[rows], values[rows], layer.k_pool,
-                                                                   layer.v_pool, writes,
+                                                                   layer.v_pool, writes[layer.group],
                                                                    use_kernel=self.kernels["reshape_and_cache"])
         for layer in self.layers:
             layer.kept_kv = None
@@ -343,12 +309,7 @@ class PagedModelRunner(ModelRunnerBase):
             # The pools are part of this step's graph; evaluate them with it so the next step starts from
             # materialised arrays, not a growing lazy graph. (A decode-ahead's async_eval covers them.)
             with self.step_times.wait():
-                mx.eval([(c.k_pool, c.v_pool) for c in self.layers])
-
-
-def _mib(n: int) -> str:
-    # One decimal below 10 MiB: whole MiB would read "gets 1 MiB ... needs 1 MiB" for a small budget.
-    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MiB"
+                mx.eval([(p.k, p.v) for p in self.pools])
 
 
 def _padded(tables: list[Any]) -> np.ndarray:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,34 +26,60 @@ from vmetal.engine.runner.attention import metal, reference
 
 _HOOKED: set[str] = set()
 
+View = tuple[int, "int | None"]  # (KV cache group, sliding window or None): what a layer attends through
+FULL: tuple[View, ...] = ((0, None),)  # a model of full-attention layers in one group
+
 
 @dataclass
 class StepLayout:
     """Where this step's T packed tokens sit: planned once per step on the host, shared by all layers.
 
     Planning per layer instead (index arrays built in numpy, copied to the device) cost more host time than the
-    GPU's whole decode step on a 28-layer model."""
+    GPU's whole decode step on a 28-layer model.
+
+    A model with sliding-window layers has several of vLLM's KV cache groups (`SlidingWindowSpec`, one block
+    table each: a sliding group's blocks past its window are freed); a layer writes through its group's slots and
+    attends through the plan of its (group, window) "view"."""
 
     positions: Any  # mx.int32 [T]: each token's position in its sequence (RoPE offset)
-    writes: Any  # paged_attention.CacheWrites: the pool slots this step's K/V go to
-    attention: Any  # paged_attention.AttentionPlan: who attends to which blocks
-    # The same for each sliding window the model's layers use (window -> plan).
-    windowed: dict[int, Any] = field(default_factory=dict)
+    writes: tuple[Any, ...]  # per KV cache group, paged_attention.CacheWrites: the pool slots this step's K/V go to
+    attention: dict[tuple[int, int | None], Any]  # per view (group, window), paged_attention.AttentionPlan
 
     @classmethod
     def plan(cls, positions: Any, slot_mapping: Any, block_tables: Any, context_lens: Any, query_lens: Any,
              block_size: int, windows: tuple[int, ...] = ()) -> StepLayout:
-        """From host arrays: positions and slot mapping `[T]`, block tables `[B, max_blocks]`, context and
-        query lengths `[B]`; `windows`: the sliding windows of the model's local layers."""
+        """One KV cache group's step, from host arrays: positions and slot mapping `[T]`, block tables
+        `[B, max_blocks]`, context and query lengths `[B]`; `windows`: the sliding windows of its layers."""
+        return cls.plan_groups(positions, [slot_mapping], [block_tables], context_lens, query_lens, block_size,
+                               [(0, None), *((0, w) for w in windows)])
+
+    @classmethod
+    def plan_groups(cls, positions: Any, slot_mappings: Any, block_tables: Any, context_lens: Any,
+                    query_lens: Any, block_size: int, views: Any) -> StepLayout:
+        """Per KV cache group `g`: its slot mapping and block tables; `views`: the (group, window) pairs the
+        model's layers attend through."""
         import mlx.core as mx
 
-        return cls(mx.array(np.asarray(positions, dtype=np.int32)), reference.plan_writes(slot_mapping),
-                   reference.plan_attention(block_tables, context_lens, query_lens, block_size),
-                   {w: reference.plan_attention(block_tables, context_lens, query_lens, block_size, w)
-                    for w in windows})
+        return cls(mx.array(np.asarray(positions, dtype=np.int32)),
+                   tuple(reference.plan_writes(slots) for slots in slot_mappings),
+                   {(g, w): reference.plan_attention(block_tables[g], context_lens, query_lens, block_size, w)
+                    for g, w in views})
 
-    def attention_for(self, window: int | None) -> Any:
-        return self.attention if window is None else self.windowed[window]
+
+class KVPool:
+    """One K and one V pool `[num_blocks, block_size, kv_heads, head_dim]`, shared by one layer of each KV cache
+    group: vLLM hands each block id to one group only, so layers of different groups share the memory as vLLM's
+    own `KVCacheTensor`s alias it (what a sliding group frees, a full-attention group can use)."""
+
+    __slots__ = ("k", "v")
+
+    def __init__(self, k: Any, v: Any):
+        self.k = k
+        self.v = v
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
 
 class PagedLayerCache:
@@ -63,16 +89,44 @@ class PagedLayerCache:
     none by default (the pure-MLX reference)."""
 
     def __init__(self, k_pool: Any, v_pool: Any, kernels: Mapping[str, bool] | None = None,
-                 window: int | None = None):
-        self.k_pool = k_pool
-        self.v_pool = v_pool
+                 window: int | None = None, group: int = 0):
+        self.pool = KVPool(k_pool, v_pool)
         self.kernels = kernels or metal.kernel_choice(False)
-        # A sliding-window layer (mlx-lm's RotatingKVCache on the MLX path): its blocks hold every token, as
-        # vLLM's KV manager allocates them for a full-attention layer; its queries see the window only.
+        # A sliding-window layer (mlx-lm's RotatingKVCache on the MLX path) sees its last `window` positions.
         self.window = window
+        self.group = group  # its KV cache group: whose block table and slots it uses
         self.layout: StepLayout | None = None
         self.keep_kv = False  # keep the next step's keys and values in `kept_kv`
         self.kept_kv: tuple[Any, Any] | None = None
+
+    @classmethod
+    def sharing(cls, pool: KVPool, kernels: Mapping[str, bool] | None = None, window: int | None = None,
+                group: int = 0) -> PagedLayerCache:
+        """A layer of KV cache group `group` on a pool other groups' layers share."""
+        layer = cls(None, None, kernels, window, group)
+        layer.pool = pool
+        return layer
+
+    @property
+    def k_pool(self) -> Any:
+        return self.pool.k
+
+    @k_pool.setter
+    def k_pool(self, value: Any) -> None:
+        self.pool.k = value
+
+    @property
+    def v_pool(self) -> Any:
+        return self.pool.v
+
+    @v_pool.setter
+    def v_pool(self, value: Any) -> None:
+        self.pool.v = value
+
+    @property
+    def view(self) -> tuple[int, int | None]:
+        """The (group, window) plan this layer attends through."""
+        return self.group, self.window
 
     @property
     def offset(self) -> Any:
@@ -89,20 +143,16 @@ class PagedLayerCache:
         if self.keep_kv:
             self.kept_kv = (keys[:, :, 0, :], values[:, :, 0, :])
         self.k_pool, self.v_pool = metal.write_cache(keys[:, :, 0, :], values[:, :, 0, :], self.k_pool, self.v_pool,
-                                                     self.layout.writes, use_kernel=self.kernels["reshape_and_cache"])
+                                                     self.layout.writes[self.group],
+                                                     use_kernel=self.kernels["reshape_and_cache"])
         return keys, values
 
     def attention(self, queries: Any, scale: float, sinks: Any = None) -> Any:
         """queries [T, heads, 1, head_dim] -> attention output of the same shape; `sinks` [heads]: gpt-oss's
         attention sinks."""
-        out = metal.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention_for(self.window),
+        out = metal.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention[self.view],
                            scale, use_kernel=self.kernels["paged_attention"], sinks=sinks)
         return out[:, :, None, :]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k_pool.nbytes + self.v_pool.nbytes
-
 
 def install_attention_hook(model: Any) -> None:
     """Route SDPA to our caches when it is handed a PagedLayerCache, in every module the model's attention

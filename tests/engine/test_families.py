@@ -28,8 +28,8 @@ from tests.support.families import FAMILIES, build_family
 
 pytestmark = pytest.mark.slow
 
-# family -> the KV paths that serve it. DeepSeek-V2's MLA keys are wider than its values (the paged pools hold
-# one width); Gemma 2 computes attention in its own code (softcapped scores), which the paged hook cannot route.
+# family -> the KV paths that serve it. Gemma 2 computes attention in its own code (softcapped scores), which the
+# paged hook cannot route.
 PATHS: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("mlx", "paged"),
     "mixtral": ("mlx", "paged"),
@@ -38,7 +38,7 @@ PATHS: dict[str, tuple[str, ...]] = {
     "granite": ("mlx", "paged"),
     "glm4": ("mlx", "paged"),
     "olmo2": ("mlx", "paged"),
-    "deepseek_v2": ("mlx",),
+    "deepseek_v2": ("mlx", "paged"),  # MLA: keys wider than values, pools of their own widths
     "gemma": ("mlx", "paged"),
     "gemma2": ("mlx",),
     # Sliding-window layers: mlx-lm's RotatingKVCache, merged into its BatchRotatingKVCache on the MLX path; on the
@@ -207,15 +207,15 @@ def test_paged_sliding_layers_free_their_blocks_past_the_window(family_dir, monk
                                                             ignore_eos=True)
 
 
-def test_paged_path_refuses_mla_before_the_engine_starts(family_dir, monkeypatch):
-    """`LLM(...)` on the paged path stops in vLLM's config step, naming the family, what its attention keeps
-    and the path that serves it; no engine process is started."""
+def test_paged_path_refuses_attention_it_cannot_route_before_the_engine_starts(family_dir, monkeypatch):
+    """`LLM(...)` on the paged path stops in vLLM's config step, naming the family, where its attention is
+    computed and the path that serves it; no engine process is started."""
     from vllm import LLM
 
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
     monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.2")
     with pytest.raises(Exception) as err:
-        LLM(model=str(family_dir("deepseek_v2")), max_model_len=256)
+        LLM(model=str(family_dir("gemma2")), max_model_len=256)
     message = str(err.value)
-    assert "deepseek_v2 (DeepseekV2ForCausalLM): its attention keeps keys 24 and values 16 wide (MLA)" in message
+    assert "gemma2 (Gemma2ForCausalLM): its attention is computed in the model's own code" in message
     assert "use the MLX-managed path" in message

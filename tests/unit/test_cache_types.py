@@ -27,6 +27,7 @@ from vmetal.server.process import free_port
 FAMILY = "fam (FamForCausalLM)"
 QWEN3 = {**FAMILIES["qwen3_moe"], "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": 512}
 DEEPSEEK = {**FAMILIES["deepseek_v2"], "vocab_size": 512}
+GEMMA2 = {**FAMILIES["gemma2"], "vocab_size": 512}
 # LFM2's layout: convolution (recurrent) layers with attention layers between them.
 LFM2 = {"model_type": "lfm2", "architectures": ["Lfm2ForCausalLM"], "vocab_size": 512, "hidden_size": 64,
         "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
@@ -72,9 +73,9 @@ def test_hybrid_and_nested_caches_are_named():
 
 
 def test_an_obstacle_of_one_path_points_at_the_other():
-    mla = state("KVCache", paged="its attention keeps keys 192 and values 128 wide (MLA)")
-    assert refusal(mla, "mlx") is None
-    assert refusal(mla, "paged") == (f"{FAMILY}: its attention keeps keys 192 and values 128 wide (MLA): "
+    own = state("KVCache", paged="its attention is computed in the model's own code")
+    assert refusal(own, "mlx") is None
+    assert refusal(own, "paged") == (f"{FAMILY}: its attention is computed in the model's own code: "
                                      "use the MLX-managed path (leave out --paged)")
     unbatchable = state("KVCache", batch="cannot batch")
     assert refusal(unbatchable, "mlx") == f"{FAMILY}: cannot batch: use --paged"
@@ -121,12 +122,11 @@ def test_hybrid_config_makes_arrays_caches():
     assert refusal(got, "paged").startswith("lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent")
 
 
-def test_mla_widths_and_own_attention_code_keep_models_off_the_paged_path():
-    deepseek = model_state(DEEPSEEK)
-    assert servable_paths(deepseek) == ["mlx"]
-    assert "keys 24 and values 16 wide (MLA)" in deepseek.paged
+def test_mla_is_served_on_both_paths_and_own_attention_code_keeps_a_model_off_the_paged_path():
+    deepseek = model_state(DEEPSEEK)  # keys 24 wide, values 16: paged pools of their own widths
+    assert servable_paths(deepseek) == ["mlx", "paged"] and deepseek.paged is None
     # Gemma 2 with grouped-query attention: its own attention code, and mlx-lm cannot batch it.
-    gemma2 = model_state({**FAMILIES["gemma2"], "num_key_value_heads": 2, "vocab_size": 512})
+    gemma2 = model_state({**GEMMA2, "num_key_value_heads": 2})
     assert "computed in the model's own code" in gemma2.paged
     assert "cannot decode requests of different lengths in one batch" in gemma2.batch
     assert servable_paths(gemma2) == []
@@ -172,16 +172,17 @@ def serve(*args: str):
 
 
 @pytest.mark.parametrize("config,paged,line", [
-    (DEEPSEEK, True,
-     ("error: deepseek_v2 (DeepseekV2ForCausalLM): its attention keeps keys 24 and values 16 wide (MLA), and the "
-      "paged path's block pools hold one width for both: use the MLX-managed path (leave out --paged)")),
+    (GEMMA2, True,
+     ("error: gemma2 (Gemma2ForCausalLM): its attention is computed in the model's own code, not through mlx-lm's "
+      "scaled_dot_product_attention, which is where the paged path routes attention to its blocks: use the "
+      "MLX-managed path (leave out --paged)")),
     (LFM2, True,
      ("error: lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent (SSM / linear-attention) layers of a "
       "hybrid model (mlx-lm's ArraysCache): use the MLX-managed path (leave out --paged)")),
     (as_chunked_attention(QWEN3), False,
      ("error: llama4 (Llama4ForConditionalGeneration): its layers are chunked-attention layers (mlx-lm's "
       "ChunkedKVCache): no vmetal KV path serves it yet")),
-], ids=["mla-on-paged", "hybrid-on-paged", "chunked-attention"])
+], ids=["own-attention-on-paged", "hybrid-on-paged", "chunked-attention"])
 def test_serve_refuses_what_its_kv_path_cannot_hold_within_a_second(fake_server, tmp_path, config, paged, line):
     folder = model_folder(tmp_path / "model", config, 1 << 20)
     cache_types._probe_in_child.cache_clear()  # the child's time is part of the promise

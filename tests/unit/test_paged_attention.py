@@ -79,7 +79,7 @@ class Pack:
     packed batch of queries: decodes, prefill chunks and whole prompts, ragged."""
 
     def __init__(self, rng: np.random.Generator, *, block_size: int, ratio: int, dtype=mx.float32,
-                 write=pa.reshape_and_cache):
+                 write=pa.reshape_and_cache, value_dim: int = HEAD_DIM):
         self.block_size = block_size
         num_seqs = int(rng.integers(3, 7))
         kinds = ["decode", "chunk", "prompt"] + list(rng.choice(["decode", "chunk", "prompt"], num_seqs - 3))
@@ -105,9 +105,9 @@ class Pack:
 
         shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
         self.k_pool = mx.full(shape, float("nan"), dtype=dtype)
-        self.v_pool = mx.full(shape, float("nan"), dtype=dtype)
+        self.v_pool = mx.full((*shape[:3], value_dim), float("nan"), dtype=dtype)
         self.k_full = [rng.standard_normal((c, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32) for c in self.ctx_lens]
-        self.v_full = [rng.standard_normal((c, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32) for c in self.ctx_lens]
+        self.v_full = [rng.standard_normal((c, NUM_KV_HEADS, value_dim)).astype(np.float32) for c in self.ctx_lens]
         self.queries = [rng.standard_normal((n, NUM_KV_HEADS * ratio, HEAD_DIM)).astype(np.float32)
                         for n in self.q_lens]
         self.scale = float(rng.uniform(0.5, 1.5)) / math.sqrt(HEAD_DIM)
@@ -122,7 +122,7 @@ class Pack:
                     slots.append(self.slot(i, p))
                     if rng.random() < 0.2:  # a padding token: its slot is -1 and its values must go nowhere
                         keys.append(rng.standard_normal((NUM_KV_HEADS, HEAD_DIM)).astype(np.float32) * 100)
-                        values.append(keys[-1])
+                        values.append(np.resize(keys[-1], (NUM_KV_HEADS, value_dim)))
                         slots.append(-1)
             if keys:
                 self.k_pool, self.v_pool = write(mx.array(np.stack(keys)).astype(dtype),
@@ -151,6 +151,18 @@ def test_paged_attention_equals_dense(ratio, block_size):
     err = relative_error(out, pack.dense())
     assert err < tolerance(mx.float32, max(pack.ctx_lens)), (
         f"relative error {err:.2e} (seed {seed}, ctx {pack.ctx_lens}, q {pack.q_lens})")
+
+
+@pytest.mark.parametrize("value_dim", [HEAD_DIM // 2, HEAD_DIM + 8])
+def test_values_of_another_width_than_keys_equal_dense(value_dim):
+    """MLA (DeepSeek-V2): mlx-lm's attention hands the cache keys wider than its values; the V pool is that
+    width, and the output is."""
+    seed = fresh_seed()
+    pack = Pack(np.random.default_rng(seed), block_size=16, ratio=2, value_dim=value_dim)
+    out = pa.paged_attention(*pack.args())
+    assert out.shape == (sum(pack.q_lens), NUM_KV_HEADS * 2, value_dim)
+    err = relative_error(out, pack.dense())
+    assert err < tolerance(mx.float32, max(pack.ctx_lens)), f"relative error {err:.2e} (seed {seed})"
 
 
 @pytest.mark.parametrize("block_size", [8, 16])

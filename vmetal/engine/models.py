@@ -61,7 +61,7 @@ class LoadedModel:
     path: Path
     num_layers: int  # the layers that keep K/V (a hybrid's recurrent layers keep a fixed-size state instead)
     num_kv_heads: int
-    head_dim: int  # of the keys (and of the values, on the paged path: `cache_types.paged_obstacle`)
+    head_dim: int  # of the keys (and of the values but for MLA's: `kv_dims`)
     vocab_size: int
     dtype: Any  # mx.Dtype of the unquantized weights (norms; scales of affine-quantized layers)
     quantization: Quantization | None = None
@@ -91,6 +91,12 @@ class LoadedModel:
         dtype of the floating weights beside them, not in the packed integer dtype.
         """
         return sum(self._layer_bytes())
+
+    @property
+    def kv_dims(self) -> tuple[int, int]:
+        """(key width, value width) of the first K/V layer: MLA's values are narrower than its keys (the paged
+        pools and vLLM's spec take both; every layer of the families served has the same)."""
+        return self.kv_widths[0][1:] if self.kv_widths else (self.head_dim, self.head_dim)
 
     def _layer_bytes(self) -> list[int]:
         """K and V bytes per token of each K/V layer."""

@@ -7,7 +7,7 @@ default, a `KVCache` per layer, where there is none) is a type the path holds. T
 model's state: a Gemma 3 makes sliding-window `RotatingKVCache`s for five layers in six, a Qwen3-Next
 recurrent `ArraysCache`s, a Qwen3-MoE plain `KVCache`s, whatever the name of its class. Two more facts of the
 state decide between the paths for full-attention models: whether the paged pools can hold its K/V and reach its
-attention (`paged_obstacle`: MLA's keys are wider than its values), and whether mlx-lm can decode it in a
+attention (`paged_obstacle`: attention computed in the model's own code), and whether mlx-lm can decode it in a
 left-padded batch, which the MLX-managed path does (`batch_obstacle`: Gemma 2 with grouped-query attention).
 
 How this is found without loading weights: the model class is instantiated from the checkpoint's own config at
@@ -234,12 +234,12 @@ def attention_modules(model: Any) -> list[str]:
 def paged_obstacle(model: Any) -> str | None:
     """Why the paged path's pools cannot hold `model`'s full-attention K/V, or None when they can.
 
-    The pools are `[blocks, block_size, kv_heads, width]` with one width for K and V, and the hook routes the
-    attention only where the model calls mlx-lm's `scaled_dot_product_attention` (`attention_modules`). Both
-    are read off a one-token forward that MLX only builds, never evaluates (the shapes are known when the graph
-    is built, so a model instantiated at full size computes and allocates nothing): each layer's cache records
-    the K and V it is handed and whether the attention then came through the hook. It stops at the third
-    layer: two show the pattern, and a stop before any MLP of later layers keeps the build short.
+    The hook routes the attention only where the model calls mlx-lm's `scaled_dot_product_attention`
+    (`attention_modules`); K and V may differ in width (MLA: pools of their own widths). Where it is called is
+    read off a one-token forward that MLX only builds, never evaluates (a model instantiated at full size
+    computes and allocates nothing): each layer's cache records whether the attention after its update came
+    through the hook. It stops at the third layer: two show the pattern, and a stop before any MLP of later
+    layers keeps the build short.
     """
     import importlib
 
@@ -261,7 +261,7 @@ def paged_obstacle(model: Any) -> str | None:
         def update_and_fetch(self, keys: Any, values: Any) -> Any:
             if self._index >= 2:
                 raise _Stop
-            seen.append({"k": keys.shape[-1], "v": values.shape[-1], "routed": False})
+            seen.append({"routed": False})
             return self._real.update_and_fetch(keys, values)
 
     patched = {}
@@ -285,9 +285,6 @@ def paged_obstacle(model: Any) -> str | None:
         for module, original in patched.items():
             module.scaled_dot_product_attention = original
     for layer in seen:
-        if layer["k"] != layer["v"]:
-            return (f"its attention keeps keys {layer['k']} and values {layer['v']} wide (MLA), and the paged "
-                    "path's block pools hold one width for both")
         if not layer["routed"]:
             return ("its attention is computed in the model's own code, not through mlx-lm's "
                     "scaled_dot_product_attention, which is where the paged path routes attention to its blocks")

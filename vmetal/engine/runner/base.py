@@ -141,8 +141,9 @@ class ModelRunnerBase:
         from vmetal.engine.runner.torch_dtypes import torch_dtype_of
 
         loaded = self.loaded
+        k_dim, v_dim = loaded.kv_dims
         spec = FullAttentionSpec(block_size=self.cache_config.block_size, num_kv_heads=loaded.num_kv_heads,
-                                 head_size=loaded.head_dim, dtype=torch_dtype_of(loaded.dtype))
+                                 head_size=k_dim, head_size_v=v_dim, dtype=torch_dtype_of(loaded.dtype))
         # A pipeline stage names its layers as the whole model numbers them: vLLM merges every rank's specs.
         first = self.stage.start if self.stage is not None else 0
         return {f"model.layers.{first + i}.self_attn": spec for i in self._planned_layers()}

@@ -253,16 +253,21 @@ def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block
 def reshape_and_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
                       slot_mapping: IntsLike, *, use_kernel: bool = False) -> tuple[mx.array, mx.array]:
     """`reference.reshape_and_cache`, as a Metal kernel with `use_kernel`."""
-    if not use_kernel or keys.shape[0] == 0:
+    if not use_kernel or keys.shape[0] == 0 or not one_width(k_pool, v_pool):
         return reference.reshape_and_cache(keys, values, k_pool, v_pool, slot_mapping)
     k_out, v_out = plan_reshape_and_cache(keys, values, k_pool, v_pool, slot_mapping).run("reshape_and_cache")
     return k_out, v_out
 
 
+def one_width(k_pool: mx.array, v_pool: mx.array) -> bool:
+    """Whether K and V are as wide (what the kernels take); MLA's values are narrower than its keys."""
+    return k_pool.shape == v_pool.shape
+
+
 def copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike, *,
                 use_kernel: bool = False) -> tuple[mx.array, mx.array]:
     """`reference.copy_blocks`, as a Metal kernel with `use_kernel`."""
-    if not use_kernel or len(src) == 0:
+    if not use_kernel or len(src) == 0 or not one_width(k_pool, v_pool):
         return reference.copy_blocks(k_pool, v_pool, src, dst)
     k_out, v_out = plan_copy_blocks(k_pool, v_pool, src, dst).run("copy_blocks")
     return k_out, v_out
@@ -273,8 +278,9 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
     """`paged_attention` over a step planned once (`reference.plan_attention`), as a Metal kernel with `use_kernel`.
 
     The model runner calls this once per layer: the host work of a step is done once, in the plan. The kernel
-    computes full causal attention without sinks; a sliding window or sinks take the reference."""
-    if not use_kernel or plan.window is not None or sinks is not None:
+    computes full causal attention without sinks over pools of one width; a sliding window, sinks or MLA's
+    narrower values take the reference."""
+    if not use_kernel or plan.window is not None or sinks is not None or not one_width(k_pool, v_pool):
         return reference.attend(queries, k_pool, v_pool, plan, scale, sinks)
     if queries.shape[0] == 0:
         return mx.zeros(queries.shape, dtype=queries.dtype)
@@ -292,7 +298,7 @@ def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.a
                 use_kernel: bool = False) -> tuple[mx.array, mx.array]:
     """`reshape_and_cache` with its slot mapping planned once (`reference.plan_writes`), as a kernel with
     `use_kernel`."""
-    if not use_kernel or keys.shape[0] == 0:
+    if not use_kernel or keys.shape[0] == 0 or not one_width(k_pool, v_pool):
         return reference.write_cache(keys, values, k_pool, v_pool, writes)
     return reshape_and_cache(keys, values, k_pool, v_pool, writes.slot_mapping, use_kernel=use_kernel)
 

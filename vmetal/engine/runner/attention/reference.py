@@ -69,7 +69,7 @@ def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.a
         keys, values = keys[writes.rows], values[writes.rows]
     num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
     k_flat = k_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
-    v_flat = v_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    v_flat = v_pool.reshape(num_blocks * block_size, num_kv_heads, v_pool.shape[-1])  # MLA: V narrower than K
     k_flat[writes.slots] = keys.astype(k_pool.dtype)
     v_flat[writes.slots] = values.astype(v_pool.dtype)
     return k_flat.reshape(k_pool.shape), v_flat.reshape(v_pool.shape)
@@ -241,11 +241,12 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
            sinks: mx.array | None = None) -> mx.array:
     """`paged_attention` with its layout planned already (`plan_attention`); `sinks` [Hq]: attention sinks."""
     num_tokens, num_heads, head_dim = queries.shape
+    value_dim = v_pool.shape[-1]  # the output's width: MLA's values are narrower than its keys and queries
     if num_tokens != plan.num_tokens:
         raise ValueError(f"paged_attention: query_lens sum to {plan.num_tokens} but there are "
                          f"{num_tokens} query tokens")
     if num_tokens == 0:
-        return mx.zeros((0, num_heads, head_dim), dtype=queries.dtype)
+        return mx.zeros((0, num_heads, value_dim), dtype=queries.dtype)
     outs = []
     for g in plan.groups:
         q = queries[g.rows]
@@ -254,7 +255,7 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
         q = q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3)
         k, v = _gathered(k_pool, g), _gathered(v_pool, g)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
-        out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, head_dim)
+        out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, value_dim)
         outs.append(out if g.unpad is None else out[g.unpad])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
     return out if plan.restore is None else out[plan.restore]
@@ -263,7 +264,8 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
 def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
                     context_lens: IntsLike, query_lens: IntsLike, scale: float, window: int | None = None,
                     sinks: mx.array | None = None) -> mx.array:
-    """Causal attention of packed varlen queries `[T, Hq, D]` over paged K/V; returns `[T, Hq, D]`.
+    """Causal attention of packed varlen queries `[T, Hq, D]` over paged K/V; returns `[T, Hq, Dv]` (Dv: the
+    V pool's width, D but for MLA's narrower values).
 
     `block_tables` int32 `[B, max_blocks]`, `context_lens` and `query_lens` `[B]`, all read on the host (pass
     lists or numpy arrays to avoid a sync). GQA: `Hq = r * Hkv`, query head `h` reads KV head `h // r`.

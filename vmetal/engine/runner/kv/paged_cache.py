@@ -157,7 +157,7 @@ class PagedLayerCache:
 def install_attention_hook(model: Any) -> None:
     """Route SDPA to our caches when it is handed a PagedLayerCache, in every module the model's attention
     calls it from (`cache_types.attention_modules`: SmolLM3's is Llama's). Whether that is all of its attention
-    (no family-specific attention code, one width for K and V) is the pre-flight's `paged_obstacle`.
+    (no family-specific attention code) is the pre-flight's `paged_obstacle`.
 
     Any other cache (the MLX-managed path, mlx-lm's own generate) goes to the
     original function unchanged.

@@ -32,10 +32,11 @@ class PagedPools:
         import mlx.core as mx
 
         lm = self.loaded
-        shape = (num_blocks, self.cache_config.block_size, lm.num_kv_heads, lm.head_dim)
+        shape = (num_blocks, self.cache_config.block_size, lm.num_kv_heads)
+        k_dim, v_dim = lm.kv_dims
         windows = self.layer_windows or (None,) * lm.num_layers  # a runner given a model without load_model
         groups = groups or [(0, i) for i in range(len(windows))]
-        pools = [KVPool(mx.zeros(shape, lm.dtype), mx.zeros(shape, lm.dtype))
+        pools = [KVPool(mx.zeros((*shape, k_dim), lm.dtype), mx.zeros((*shape, v_dim), lm.dtype))
                  for _ in range(1 + max(j for _, j in groups))]
         return [PagedLayerCache.sharing(pools[j], self.kernels, window, g)
                 for window, (g, j) in zip(windows, groups)]
@@ -50,7 +51,8 @@ class PagedPools:
         for (name, spec), window in zip(list(specs.items()), self.layer_windows):
             if window is not None:
                 specs[name] = SlidingWindowSpec(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads,
-                                                head_size=spec.head_size, dtype=spec.dtype, sliding_window=window)
+                                                head_size=spec.head_size, head_size_v=spec.head_size_v,
+                                                dtype=spec.dtype, sliding_window=window)
         return specs
 
     def _layer_groups(self, kv_cache_config: Any) -> list[tuple[int, int]]:

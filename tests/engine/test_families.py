@@ -28,8 +28,9 @@ from tests.support.families import FAMILIES, build_family
 
 pytestmark = pytest.mark.slow
 
-# family -> the KV paths that serve it. Gemma 2 computes attention in its own code (softcapped scores), which the
-# paged hook cannot route.
+# family -> the KV paths that serve it. Gemma 2 computes attention in its own code (softcapped scores): the paged
+# path gives its attention class a paged `__call__` (`own_attention`); with grouped-query attention mlx-lm cannot
+# batch it, so only the paged path serves the published models.
 PATHS: dict[str, tuple[str, ...]] = {
     "qwen3_moe": ("mlx", "paged"),
     "mixtral": ("mlx", "paged"),
@@ -40,7 +41,8 @@ PATHS: dict[str, tuple[str, ...]] = {
     "olmo2": ("mlx", "paged"),
     "deepseek_v2": ("mlx", "paged"),  # MLA: keys wider than values, pools of their own widths
     "gemma": ("mlx", "paged"),
-    "gemma2": ("mlx",),
+    "gemma2": ("mlx", "paged"),
+    "gemma2_gqa": ("paged",),
     # Sliding-window layers: mlx-lm's RotatingKVCache, merged into its BatchRotatingKVCache on the MLX path; on the
     # paged path KV cache groups of their own whose blocks vLLM frees past the window (gpt-oss: with its sinks).
     "gemma3_text": ("mlx", "paged"),
@@ -207,15 +209,15 @@ def test_paged_sliding_layers_free_their_blocks_past_the_window(family_dir, monk
                                                             ignore_eos=True)
 
 
-def test_paged_path_refuses_attention_it_cannot_route_before_the_engine_starts(family_dir, monkeypatch):
-    """`LLM(...)` on the paged path stops in vLLM's config step, naming the family, where its attention is
-    computed and the path that serves it; no engine process is started."""
+def test_paged_path_refuses_a_hybrid_before_the_engine_starts(family_dir, monkeypatch):
+    """`LLM(...)` on the paged path stops in vLLM's config step, naming the family, the state its pools cannot
+    hold and the path that serves it; no engine process is started."""
     from vllm import LLM
 
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
     monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.2")
     with pytest.raises(Exception) as err:
-        LLM(model=str(family_dir("gemma2")), max_model_len=256)
+        LLM(model=str(family_dir("lfm2")), max_model_len=256)
     message = str(err.value)
-    assert "gemma2 (Gemma2ForCausalLM): its attention is computed in the model's own code" in message
+    assert "lfm2 (Lfm2ForCausalLM): 1 of 2 layers are recurrent (SSM / linear-attention) layers" in message
     assert "use the MLX-managed path" in message

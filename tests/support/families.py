@@ -80,7 +80,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         # Gemma's tied head, then tanh softcapping of the final logits at 30, as Gemma 2 ships it (the tiny
         # model's raw logits reach ±100, so the cap changes them by whole units); attention logits capped too.
         # As many KV heads as query heads: mlx-lm's Gemma 2 cannot batch grouped-query attention
-        # (`batch_obstacle`), which is what every published Gemma 2 uses, so those are refused.
+        # (`batch_obstacle`), which is what every published Gemma 2 uses (`gemma2_gqa` below).
         "architectures": ["Gemma2ForCausalLM"], "head_dim": 16, "num_key_value_heads": 4,
         "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True,
         "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16,
@@ -125,6 +125,8 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 for _family, _config in FAMILIES.items():
     FAMILIES[_family] = {**_COMMON, "model_type": _family, **_config}
+# Gemma 2 as published: grouped-query attention (2 KV heads for 4 query heads), which only the paged path serves.
+FAMILIES["gemma2_gqa"] = {**FAMILIES["gemma2"], "num_key_value_heads": 2}
 # Gemma 3 4B and up as published: the language model above under `text_config`, beside a vision tower that
 # mlx-lm's `gemma3` drops (vLLM is told the wrapper is text-only: `vmetal.engine.text_only`).
 FAMILIES["gemma3"] = {

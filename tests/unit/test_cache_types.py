@@ -122,14 +122,32 @@ def test_hybrid_config_makes_arrays_caches():
     assert refusal(got, "paged").startswith("lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent")
 
 
-def test_mla_is_served_on_both_paths_and_own_attention_code_keeps_a_model_off_the_paged_path():
+def test_mla_and_gemma2_attention_code_are_served_on_the_paged_path():
     deepseek = model_state(DEEPSEEK)  # keys 24 wide, values 16: paged pools of their own widths
     assert servable_paths(deepseek) == ["mlx", "paged"] and deepseek.paged is None
-    # Gemma 2 with grouped-query attention: its own attention code, and mlx-lm cannot batch it.
+    # Gemma 2 with grouped-query attention (every published one): its own attention code, which the paged path
+    # attends for it (`own_attention`), and mlx-lm cannot batch it.
     gemma2 = model_state({**GEMMA2, "num_key_value_heads": 2})
-    assert "computed in the model's own code" in gemma2.paged
+    assert gemma2.paged is None
     assert "cannot decode requests of different lengths in one batch" in gemma2.batch
-    assert servable_paths(gemma2) == []
+    assert servable_paths(gemma2) == ["paged"]
+
+
+def test_attention_in_a_models_own_code_keeps_it_off_the_paged_path_unless_the_path_attends_that_class(
+        monkeypatch):
+    """The probe sees Gemma 2's attention bypass `scaled_dot_product_attention`; only its listing in
+    `PAGED_OWN_ATTENTION` (a paged `__call__` in the engine's `own_attention`, one for every name) lets it on."""
+    from mlx_lm.models import gemma2
+
+    from vmetal.engine.runner.kv import own_attention
+
+    assert set(own_attention.IMPLEMENTATIONS) == cache_types.PAGED_OWN_ATTENTION
+    model = gemma2.Model(gemma2.ModelArgs.from_dict(GEMMA2))
+    assert cache_types.paged_obstacle(model) is None
+    monkeypatch.setattr(cache_types, "PAGED_OWN_ATTENTION", frozenset())
+    assert cache_types.paged_obstacle(model) == (
+        "its attention is computed in the model's own code, not through mlx-lm's scaled_dot_product_attention, "
+        "which is where the paged path routes attention to its blocks")
 
 
 def test_unknown_model_type_and_unbuildable_config_are_refused():
@@ -172,17 +190,16 @@ def serve(*args: str):
 
 
 @pytest.mark.parametrize("config,paged,line", [
-    (GEMMA2, True,
-     ("error: gemma2 (Gemma2ForCausalLM): its attention is computed in the model's own code, not through mlx-lm's "
-      "scaled_dot_product_attention, which is where the paged path routes attention to its blocks: use the "
-      "MLX-managed path (leave out --paged)")),
+    ({**GEMMA2, "num_key_value_heads": 2}, False,
+     ("error: gemma2 (Gemma2ForCausalLM): mlx-lm's model cannot decode requests of different lengths in one batch "
+      "(ValueError: [broadcast_shapes] Shapes (3,1,1,5) and (3,2,2,1,5) cannot be broadcast.): use --paged")),
     (LFM2, True,
      ("error: lfm2 (Lfm2ForCausalLM): 2 of 4 layers are recurrent (SSM / linear-attention) layers of a "
       "hybrid model (mlx-lm's ArraysCache): use the MLX-managed path (leave out --paged)")),
     (as_chunked_attention(QWEN3), False,
      ("error: llama4 (Llama4ForConditionalGeneration): its layers are chunked-attention layers (mlx-lm's "
       "ChunkedKVCache): no vmetal KV path serves it yet")),
-], ids=["own-attention-on-paged", "hybrid-on-paged", "chunked-attention"])
+], ids=["unbatchable-on-mlx", "hybrid-on-paged", "chunked-attention"])
 def test_serve_refuses_what_its_kv_path_cannot_hold_within_a_second(fake_server, tmp_path, config, paged, line):
     folder = model_folder(tmp_path / "model", config, 1 << 20)
     cache_types._probe_in_child.cache_clear()  # the child's time is part of the promise

@@ -231,6 +231,15 @@ def attention_modules(model: Any) -> list[str]:
     return sorted(n for n in names if hasattr(sys.modules.get(n), "scaled_dot_product_attention"))
 
 
+# Attention classes that compute their scores in their own code (not through `scaled_dot_product_attention`)
+# and that the paged path attends for all the same (`vmetal.engine.runner.kv.own_attention`): Gemma 2's softcap.
+PAGED_OWN_ATTENTION = frozenset({"mlx_lm.models.gemma2.Attention"})
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
 def paged_obstacle(model: Any) -> str | None:
     """Why the paged path's pools cannot hold `model`'s full-attention K/V, or None when they can.
 
@@ -246,6 +255,8 @@ def paged_obstacle(model: Any) -> str | None:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
+    if any(qualified_name(type(m)) in PAGED_OWN_ATTENTION for m in model.modules()):
+        return None
     seen: list[dict[str, Any]] = []
 
     class _Stop(Exception):

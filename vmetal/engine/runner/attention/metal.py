@@ -274,14 +274,15 @@ def copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: IntsLike
 
 
 def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float, *,
-           use_kernel: bool = False, sinks: mx.array | None = None) -> mx.array:
+           use_kernel: bool = False, sinks: mx.array | None = None, softcap: float | None = None) -> mx.array:
     """`paged_attention` over a step planned once (`reference.plan_attention`), as a Metal kernel with `use_kernel`.
 
     The model runner calls this once per layer: the host work of a step is done once, in the plan. The kernel
-    computes full causal attention without sinks over pools of one width; a sliding window, sinks or MLA's
-    narrower values take the reference."""
-    if not use_kernel or plan.window is not None or sinks is not None or not one_width(k_pool, v_pool):
-        return reference.attend(queries, k_pool, v_pool, plan, scale, sinks)
+    computes full causal attention without sinks over pools of one width; a sliding window, sinks, MLA's
+    narrower values or Gemma 2's softcap take the reference."""
+    if (not use_kernel or plan.window is not None or sinks is not None or softcap is not None
+            or not one_width(k_pool, v_pool)):
+        return reference.attend(queries, k_pool, v_pool, plan, scale, sinks, softcap)
     if queries.shape[0] == 0:
         return mx.zeros(queries.shape, dtype=queries.dtype)
     if "paged_attention" not in plan.kernel_inputs:  # the same for every layer of the step

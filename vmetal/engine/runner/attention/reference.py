@@ -238,8 +238,9 @@ def _gathered(pool: mx.array, group: AttentionGroup) -> mx.array:
 
 
 def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float,
-           sinks: mx.array | None = None) -> mx.array:
-    """`paged_attention` with its layout planned already (`plan_attention`); `sinks` [Hq]: attention sinks."""
+           sinks: mx.array | None = None, softcap: float | None = None) -> mx.array:
+    """`paged_attention` with its layout planned already (`plan_attention`); `sinks` [Hq]: attention sinks;
+    `softcap`: Gemma 2's attention-logit softcapping (`softcapped_attention`)."""
     num_tokens, num_heads, head_dim = queries.shape
     value_dim = v_pool.shape[-1]  # the output's width: MLA's values are narrower than its keys and queries
     if num_tokens != plan.num_tokens:
@@ -254,11 +255,31 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
             q = q[g.pad]
         q = q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3)
         k, v = _gathered(k_pool, g), _gathered(v_pool, g)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
+        if softcap is None:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
+        else:
+            out = softcapped_attention(q, k, v, scale, g.mask, softcap)
         out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, value_dim)
         outs.append(out if g.unpad is None else out[g.unpad])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
     return out if plan.restore is None else out[plan.restore]
+
+
+def softcapped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
+                         softcap: float) -> mx.array:
+    """Attention whose scores are capped by `softcap * tanh(scores / softcap)` before the mask and the softmax
+    (Gemma 2, as its mlx-lm model computes it: queries scaled first, a float32-precise softmax). Written out
+    because MLX's fused SDPA takes no softcap. q `[B, Hq, L, D]`, k/v `[B, Hkv, ctx, D]`, `mask` bool
+    `[B, 1, L, ctx]`."""
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    q = (q * scale).reshape(batch, kv_heads, heads // kv_heads, length, dim)
+    scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+    scores = mx.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = mx.where(mx.expand_dims(mask, 2), scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    out = mx.softmax(scores, axis=-1, precise=True) @ mx.expand_dims(v, 2)
+    return out.reshape(batch, heads, length, v.shape[-1])
 
 
 def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,

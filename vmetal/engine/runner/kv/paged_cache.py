@@ -147,23 +147,26 @@ class PagedLayerCache:
                                                      use_kernel=self.kernels["reshape_and_cache"])
         return keys, values
 
-    def attention(self, queries: Any, scale: float, sinks: Any = None) -> Any:
+    def attention(self, queries: Any, scale: float, sinks: Any = None, softcap: float | None = None) -> Any:
         """queries [T, heads, 1, head_dim] -> attention output of the same shape; `sinks` [heads]: gpt-oss's
-        attention sinks."""
+        attention sinks; `softcap`: Gemma 2's attention-logit softcapping."""
         out = metal.attend(queries[:, :, 0, :], self.k_pool, self.v_pool, self.layout.attention[self.view],
-                           scale, use_kernel=self.kernels["paged_attention"], sinks=sinks)
+                           scale, use_kernel=self.kernels["paged_attention"], sinks=sinks, softcap=softcap)
         return out[:, :, None, :]
 
 def install_attention_hook(model: Any) -> None:
     """Route SDPA to our caches when it is handed a PagedLayerCache, in every module the model's attention
-    calls it from (`cache_types.attention_modules`: SmolLM3's is Llama's). Whether that is all of its attention
-    (no family-specific attention code) is the pre-flight's `paged_obstacle`.
+    calls it from (`cache_types.attention_modules`: SmolLM3's is Llama's), and gives the attention classes that
+    compute their scores in their own code a paged `__call__` (`own_attention`: Gemma 2). Whether that is all
+    of its attention is the pre-flight's `paged_obstacle`.
 
     Any other cache (the MLX-managed path, mlx-lm's own generate) goes to the
     original function unchanged.
     """
+    from vmetal.engine.runner.kv import own_attention
     from vmetal.preflight.cache_types import attention_modules
 
+    own_attention.install(model, PagedLayerCache)
     for module_name in attention_modules(model):
         if module_name in _HOOKED:
             continue

@@ -10,6 +10,7 @@ other on the same machine, so the rows of one regeneration share a machine, a mo
   host     bench_host.py     host time per decode step, by phase, beside mlx-lm's loop
   speculative bench_speculative.py  n-gram speculation vs the same engine without it
   draft    bench_draft.py    draft-model speculation beside mlx_lm.generate --draft-model
+  kv-capacity bench_kv_capacity.py  full-context requests a KV pool holds, sliding groups vs one block table
 
 Not regenerated here, because they are not measured on this kind of machine: the GPU section (row 4: run on
 an NVIDIA machine with mlx[cuda]; its section lists the exact commands, which take `--no-write` and `--json`)
@@ -41,6 +42,7 @@ SECTIONS = {
     "host": ("bench_host.py", [], ["--trials", "1", "--tokens", "64"]),
     "speculative": ("bench_speculative.py", [], ["--trials", "1"]),
     "draft": ("bench_draft.py", [], ["--trials", "1", "--prompts", "2"]),
+    "kv-capacity": ("bench_kv_capacity.py", [], []),
 }
 
 

@@ -161,9 +161,11 @@ def _tokenizer_config() -> dict:
     }
 
 
-def _model_config(arch, *, hidden_size, num_layers, num_heads, num_kv_heads,
-                  intermediate_size, vocab_size, max_position_embeddings, dtype,
-                  tie_word_embeddings, head_dim=None) -> dict:
+def model_config(arch, *, hidden_size, num_layers, num_heads, num_kv_heads,
+                 intermediate_size, vocab_size, max_position_embeddings, dtype,
+                 tie_word_embeddings, head_dim=None) -> dict:
+    """The config.json of a dense `arch` model (one of `ARCHITECTURES`) of this shape, with the demo tokenizer's
+    token ids; `vmetal.bench.shapes` turns it into an MoE family's by adding that family's fields."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, not {arch!r}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
@@ -266,7 +268,7 @@ def build_tiny_model(path, arch: str = "qwen3", *, hidden_size: int = 64, num_la
                      dtype: str = "float32", seed: int = 0,
                      tie_word_embeddings: bool = False, head_dim: int | None = None) -> Path:
     """Write a random-weight `arch` checkpoint plus tokenizer into `path`; return it."""
-    config = _model_config(
+    config = model_config(
         arch, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings, dtype=dtype,

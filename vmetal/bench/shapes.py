@@ -79,10 +79,10 @@ def build_model(model_dir: Path | None, dtype: str, shape: dict[str, Any] | None
     kwargs = {k: v for k, v in shape.items() if k not in ("arch", "moe", "of")}
     if "moe" not in shape:
         return build_tiny_model(model_dir, shape["arch"], dtype=dtype, **kwargs)
-    from vmetal.demo import _model_config, build_checkpoint
+    from vmetal.demo import build_checkpoint, model_config
 
     # The dense Qwen3 config of the same attention, turned into the family's own by its MoE fields.
-    dense = _model_config("qwen3", hidden_size=kwargs["hidden_size"], num_layers=kwargs["num_layers"],
+    dense = model_config("qwen3", hidden_size=kwargs["hidden_size"], num_layers=kwargs["num_layers"],
                           num_heads=kwargs["num_heads"], num_kv_heads=kwargs["num_kv_heads"],
                           intermediate_size=kwargs["intermediate_size"], vocab_size=kwargs["vocab_size"],
                           max_position_embeddings=4096, dtype=dtype,

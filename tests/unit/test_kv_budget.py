@@ -157,8 +157,10 @@ def test_a_paged_sliding_layer_needs_its_window_and_one_step_not_the_whole_seque
     runner = make_runner(PagedModelRunner, weights=0, fraction="0.5", max_num_batched_tokens=32)
     runner.layer_windows = (8, None)
     assert runner.kv_budget(2 * need, 0) == need
-    with pytest.raises(envs.EnvError, match="1000-token sequence needs"):
+    with pytest.raises(envs.EnvError, match="1000-token sequence needs") as refused:
         runner.kv_budget(2 * need - 2, 0)
+    # The hint counts the window too: 999 tokens of the full layer and 39 of the sliding one fit, 1000 do not.
+    assert "--max-model-len to 999 or less" in str(refused.value)
     runner.scheduler_config.disable_hybrid_kv_cache_manager = True
     with pytest.raises(envs.EnvError):
         runner.kv_budget(2 * need, 0)

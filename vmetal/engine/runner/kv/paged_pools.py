@@ -73,15 +73,15 @@ class PagedPools:
         """`VLLM_METAL_MEMORY_FRACTION` of the device (`auto` = 0.9) less weights and activations, allocated up
         front as block pools; refused when not even one max-length sequence fits."""
         budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes
-        per_token = self.kv_bytes_per_token()
-        self._check_fits_one_sequence(budget, per_token, device_bytes, activation_bytes)
+        self._check_fits_one_sequence(budget, device_bytes, activation_bytes)
         if self.metal_config.mlx_device != "cpu":
             return budget
         # System RAM is shared with everything else on the host (not a GPU's memory): pools no larger than
         # twice what max_num_seqs full-length sequences can use, the second half for vLLM's prefix cache.
         bs = self.cache_config.block_size
         seq_blocks = -(-self.max_model_len // bs)
-        return min(budget, 2 * self.max_num_reqs * self._sequence_bytes(seq_blocks * bs) + bs * per_token)
+        return min(budget, 2 * self.max_num_reqs * self._sequence_bytes(seq_blocks * bs)
+                   + bs * self.kv_bytes_per_token())
 
     def _sequence_bytes(self, length: int) -> int:
         """The K/V one `length`-token sequence keeps in blocks: a sliding-window layer at most its window and one
@@ -94,14 +94,22 @@ class PagedPools:
         step = self.scheduler_config.max_num_batched_tokens
         return per_layer * sum(length if w is None else min(length, w - 1 + step) for w in windows)
 
-    def _check_fits_one_sequence(self, budget: int, per_token: int, total: int, activation_bytes: int) -> None:
+    def _longest_fitting(self, budget: int) -> int:
+        """The longest sequence whose K/V fit `budget` (`_sequence_bytes` grows with the length: a bisection)."""
+        low, high = 0, self.max_model_len
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self._sequence_bytes(mid) <= budget else (low, mid - 1)
+        return low
+
+    def _check_fits_one_sequence(self, budget: int, total: int, activation_bytes: int) -> None:
         """Refuse to start when not even one max-length sequence fits, naming what to change."""
         need = self._sequence_bytes(self.max_model_len)
         if budget >= need:
             return
         # Rounded up: a fraction shown rounded to nearest (0.524 as 0.52) would be refused again.
         fraction_needed = math.ceil((self.weights_bytes + activation_bytes + need) / total * 100) / 100
-        fits_tokens = max(0, budget) // per_token
+        fits_tokens = self._longest_fitting(budget)
         hints = [f"set VLLM_METAL_MEMORY_FRACTION to at least {fraction_needed:.2f}" if fraction_needed <= 1
                  else "use a smaller or quantized model"]
         if fits_tokens:

@@ -107,7 +107,6 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
                        "check, =1 keeps the kernel)", check.describe())
         return False
 
-
     def initialize_kv(self, kv_cache_config: Any) -> None:
         super().initialize_kv(kv_cache_config)
         if self._compile:

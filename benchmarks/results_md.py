@@ -53,6 +53,13 @@ def run_header(title: str, script: str, argv: list[str] | None, started: str, el
                shape_name: str, shape: dict, dtype: str) -> list[str]:
     """The lines a section on a random-weight `vmetal.bench.shapes` model opens with: its title, when and how it
     was made, the machine, the versions and the model's shape."""
+    return [*section_header(title, script, argv, started, elapsed), f"**Model:** {describe(shape_name, dtype)}.",
+            ""]
+
+
+def section_header(title: str, script: str, argv: list[str] | None, started: str, elapsed: float) -> list[str]:
+    """The lines every generated section opens with: its title, when and how it was made, the machine and the
+    versions."""
     from vmetal.bench.machine import machine_info, versions
 
     m, v = machine_info(), versions()
@@ -63,7 +70,6 @@ def run_header(title: str, script: str, argv: list[str] | None, started: str, el
         f"**Machine:** {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['ram_gib']:.1f} GiB RAM, "
         f"{m['os']}; MLX device: {mlx_device()}.", "",
         "**Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()), "",
-        f"**Model:** {describe(shape_name, dtype)}.", "",
     ]
 
 

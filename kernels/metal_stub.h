@@ -27,6 +27,11 @@ struct uint3 {
 namespace metal {
 using std::exp;
 using std::sqrt;
+using std::tanh;
+// Metal's full-precision variants of its math functions.
+namespace precise {
+using std::tanh;
+}
 
 template <typename U>
 U max(U a, U b) { return a > b ? a : b; }

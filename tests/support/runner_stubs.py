@@ -33,7 +33,7 @@ def loaded_paged_runner(model_dir: Any, block_size: int, max_model_len: int = 64
     from vmetal.engine.runner.kv.paged_cache import install_attention_hook
     from vmetal.engine.runner.paged_runner import PagedModelRunner
 
-    loaded = load(str(model_dir))
+    loaded = load(str(model_dir), kv_path="paged")
     runner = PagedModelRunner(stub_vllm_config(block_size=block_size, max_model_len=max_model_len), "cpu",
                               paged_metal_config("cpu"))
     runner.loaded, runner.model = loaded, loaded.model

@@ -119,3 +119,38 @@ def test_after_the_fallback_the_runner_serves_mlx_lm_s_logits(monkeypatch, loade
     got = runner._forward(layers, tokens, layout, [n - 1])
     want = loaded.model(mx.array([tokens]), cache=make_prompt_cache(loaded.model))[0, -1]
     np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family,want", [
+    # gpt-oss: its sliding (8) and full layers, both with sinks; Gemma 2: its softcap of 50; DeepSeek-V2: values
+    # 16 wide beside keys 24 wide.
+    ("gpt_oss", [(None, True, None, 16), (8, True, None, 16)]),
+    ("gemma2_gqa", [(None, False, 50.0, 16)]),
+    ("deepseek_v2", [(None, False, None, 16)]),
+])
+def test_the_check_runs_each_kernel_variant_the_model_attends_with(monkeypatch, tmp_path, family, want):
+    """The kernel has a variant per window, sinks, softcap and value width; the runner checks the ones this
+    model's layers use, each with the model's own values, so a variant that is wrong on a Mac is caught at
+    start and not served."""
+    from tests.support.families import build_family
+    from tests.support.runner_stubs import loaded_paged_runner
+
+    seen = []
+
+    def recording(queries, k_pool, v_pool, tables, ctx, qlens, scale, window, sinks, softcap, *, use_kernel):
+        seen.append((window, sinks is not None, softcap, v_pool.shape[-1]))
+        return reference.paged_attention(queries, k_pool, v_pool, tables, ctx, qlens, scale, window, sinks,
+                                         softcap)
+
+    monkeypatch.setattr(metal, "paged_attention", recording)
+    runner = loaded_paged_runner(build_family(tmp_path / family, family), BLOCK)
+    runner.layer_windows = runner.loaded.kv_held() or (None,) * runner.loaded.num_layers  # as load_model sets
+    check = runner._self_check()
+    assert check.ok and seen == want
+    if family == "gpt_oss":  # only the sliding layers' kernel wrong: the check names that variant
+        def wrong_when_windowed(*args, use_kernel):
+            return recording(*args, use_kernel=use_kernel) * (1.1 if args[7] is not None else 1.0)
+
+        monkeypatch.setattr(metal, "paged_attention", wrong_when_windowed)
+        check = runner._self_check()
+        assert not check.ok and "window 8, sinks" in check.describe()

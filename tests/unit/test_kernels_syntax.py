@@ -121,13 +121,14 @@ def mlx_source(name: str, launch: kernels.Launch, body: str | None = None) -> tu
 
 
 # ---------------------------------------------------------------------------------- small launches
-def small_case(dtype=mx.float32, *, rng=None, block_size=8, num_kv_heads=2, ratio=2, head_dim=40):
+def small_case(dtype=mx.float32, *, rng=None, block_size=8, num_kv_heads=2, ratio=2, head_dim=40, value_dim=None):
     """A tiny paged state and a mixed pack (decode, prefill chunk, full prefill) with its K/V written."""
     rng = np.random.default_rng() if rng is None else rng
     ctx_lens, q_lens = [13, 9, 1, 20], [1, 4, 1, 20]
     num_blocks = 16
     k_pool = mx.array(rng.standard_normal((num_blocks, block_size, num_kv_heads, head_dim)).astype(np.float32))
-    v_pool = mx.array(rng.standard_normal((num_blocks, block_size, num_kv_heads, head_dim)).astype(np.float32))
+    v_pool = mx.array(rng.standard_normal((num_blocks, block_size, num_kv_heads, value_dim or head_dim))
+                      .astype(np.float32))
     order = rng.permutation(num_blocks)
     max_blocks = max(math.ceil(c / block_size) for c in ctx_lens) + 1
     tables = np.full((len(ctx_lens), max_blocks), -1, dtype=np.int32)
@@ -141,16 +142,27 @@ def small_case(dtype=mx.float32, *, rng=None, block_size=8, num_kv_heads=2, rati
             ctx_lens, q_lens, 1 / math.sqrt(head_dim))
 
 
-def launches(dtype=mx.float32, rng=None):
-    q, k_pool, v_pool, tables, ctx, qlens, scale = small_case(dtype, rng=rng)
+# The paged-attention kernel's variants: each template switch alone, then all at once. The window (6) is shorter
+# than three of small_case's four contexts, the softcap (1.5) of the order of the scores, so each one changes
+# the output; MLA's values (24 wide) are narrower than its keys (40), and wider ones (56) come with the rest.
+VARIANTS = {
+    "full": {}, "window": {"window": 6}, "sinks": {"sinks": True}, "softcap": {"softcap": 1.5},
+    "narrow-values": {"value_dim": 24}, "all": {"window": 6, "sinks": True, "softcap": 1.5, "value_dim": 56},
+}
+
+
+def launches(dtype=mx.float32, rng=None, window=None, sinks=False, softcap=None, value_dim=None):
     rng = np.random.default_rng() if rng is None else rng
+    q, k_pool, v_pool, tables, ctx, qlens, scale = small_case(dtype, rng=rng, value_dim=value_dim)
+    sink_logits = mx.array(rng.standard_normal(q.shape[1]).astype(np.float32)) if sinks else None
+    variant = dict(window=window, sinks=sink_logits, softcap=softcap)
     t = 6
     keys = mx.array(rng.standard_normal((t, *k_pool.shape[2:])).astype(np.float32)).astype(dtype)
     values = mx.array(rng.standard_normal((t, *k_pool.shape[2:])).astype(np.float32)).astype(dtype)
     slots = [5, -1, 17, 100, -1, 0]
     return {
-        "paged_attention": (kernels.plan_paged_attention(q, k_pool, v_pool, tables, ctx, qlens, scale),
-                            lambda: [ref.paged_attention(q, k_pool, v_pool, tables, ctx, qlens, scale)]),
+        "paged_attention": (kernels.plan_paged_attention(q, k_pool, v_pool, tables, ctx, qlens, scale, **variant),
+                            lambda: [ref.paged_attention(q, k_pool, v_pool, tables, ctx, qlens, scale, **variant)]),
         "reshape_and_cache": (kernels.plan_reshape_and_cache(keys, values, k_pool, v_pool, slots),
                               lambda: list(ref.reshape_and_cache(keys, values, k_pool, v_pool, slots))),
         "copy_blocks": (kernels.plan_copy_blocks(k_pool, v_pool, [3, 7, 7], [12, 0, 9]),
@@ -317,11 +329,9 @@ int main() {{
     return HARNESS + src + undef + main
 
 
-@needs_compiler
-@pytest.mark.parametrize("name", sorted(kernels.KERNELS))
-def test_kernel_runs_like_reference_on_cpu_emulation(name, tmp_path):
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    launch, reference = launches(rng=np.random.default_rng(seed))[name]
+def run_emulated(name: str, tmp_path: Path, seed: int, **variant) -> None:
+    """`name`'s kernel run over its grid in C++; its outputs must equal the reference's."""
+    launch, reference = launches(rng=np.random.default_rng(seed), **variant)[name]
     mx.eval(launch.inputs)
     result = compile_cpp(emulation(name, launch, tmp_path), tmp_path, syntax_only=False, name=name)
     assert result.returncode == 0, result.stderr
@@ -331,4 +341,27 @@ def test_kernel_runs_like_reference_on_cpu_emulation(name, tmp_path):
         got = np.fromfile(tmp_path / f"{out_name}.bin", dtype=np.float32).reshape(expected.shape)
         want = np.asarray(expected)
         err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
-        assert err < 1e-5, f"{name}.{out_name}: relative error {err:.2e} (seed {seed})"
+        assert err < 1e-5, f"{name}.{out_name} {variant}: relative error {err:.2e} (seed {seed})"
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", sorted(kernels.KERNELS))
+def test_kernel_runs_like_reference_on_cpu_emulation(name, tmp_path):
+    run_emulated(name, tmp_path, int(np.random.SeedSequence().entropy % 2**32))
+
+
+@needs_compiler
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_paged_attention_variants_run_like_reference_on_cpu_emulation(variant, tmp_path):
+    """Sliding windows, sinks, Gemma 2's softcap and MLA's value widths in the kernel (Gemma 3, gpt-oss,
+    Gemma 2 and DeepSeek-V2 on the paged path's Metal kernel) equal the reference's attention."""
+    run_emulated("paged_attention", tmp_path, int(np.random.SeedSequence().entropy % 2**32), **VARIANTS[variant])
+
+
+def test_each_variant_changes_the_attention():
+    """The variants' cases are chosen so that a kernel ignoring a switch would fail its emulation test."""
+    rng_seed = int(np.random.SeedSequence().entropy % 2**32)
+    plain = launches(rng=np.random.default_rng(rng_seed))["paged_attention"][1]()[0]
+    for variant in ("window", "sinks", "softcap"):
+        changed = launches(rng=np.random.default_rng(rng_seed), **VARIANTS[variant])["paged_attention"][1]()[0]
+        assert np.abs(np.asarray(changed) - np.asarray(plain)).max() > 1e-2, variant

@@ -171,6 +171,22 @@ def test_softcapped_scores_equal_dense(ratio):
     assert relative_error(out, pack.dense()) > 1e-3
 
 
+def test_softcap_sinks_and_window_together_equal_dense():
+    """The reference with every switch the Metal kernel has at once (the kernel's emulation test compares with
+    it): no family combines them, so this is what makes the combination a reference at all."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    pack = Pack(rng, block_size=8, ratio=2)
+    q, k_pool, v_pool, tables, ctx, qlens, scale = pack.args()
+    sinks = rng.standard_normal(q.shape[1])
+    out = pa.paged_attention(q, k_pool, v_pool, tables, ctx, qlens, scale, 5, mx.array(sinks.astype(np.float32)),
+                             2.0)
+    want = np.concatenate([dense_attention(q, k, v, pack.scale, window=5, sinks=sinks, softcap=2.0)
+                           for q, k, v in zip(pack.queries, pack.k_full, pack.v_full)])
+    err = relative_error(out, want)
+    assert err < tolerance(mx.float32, max(pack.ctx_lens)), f"relative error {err:.2e} (seed {seed})"
+
+
 @pytest.mark.parametrize("value_dim", [HEAD_DIM // 2, HEAD_DIM + 8])
 def test_values_of_another_width_than_keys_equal_dense(value_dim):
     """MLA (DeepSeek-V2): mlx-lm's attention hands the cache keys wider than its values; the V pool is that
@@ -433,6 +449,19 @@ def test_metal_paged_attention_matches_reference(block_size, ratio, dtype):
     err = relative_error(got.astype(mx.float32), want.astype(mx.float32))
     device = metal_device_info().get("device_name")
     assert err < tolerance, f"relative error {err:.2e} > {tolerance:g} on {device} (seed {seed})"
+
+
+@pytest.mark.metal
+@metal
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("variant", [dict(window=12), dict(sinks=True), dict(softcap=2.0), dict(value_dim=96),
+                                     dict(window=12, sinks=True, value_dim=64)])
+def test_metal_paged_attention_variants_match_reference(variant, dtype):
+    """The kernel's sliding window, sinks, softcap and value widths (Gemma 3, gpt-oss, Gemma 2, DeepSeek-V2) on
+    the GPU, through the check the runner makes at start: strict on Apple silicon."""
+    check = kernels.self_check(8, 2, 128, 16, dtype, **variant)
+    tolerance = kernel_tolerance(dtype, metal_device_info())
+    assert check.error < tolerance, check.describe()
 
 
 @pytest.mark.metal

@@ -19,6 +19,7 @@ from vmetal.engine.runner.attention import metal as attention
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
 from vmetal.engine.runner.compiled_decode import CompiledDecode, TraceError, plan_decode
+from vmetal.engine.runner.kv import own_attention
 from vmetal.engine.runner.kv.paged_cache import (
     FULL,
     KVPool,
@@ -93,10 +94,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         back to the reference with one warning, under `1` (forced) it only warns."""
         if not attention.use_kernels(self.metal_config.kernels):
             return False
-        lm = self.loaded
-        check = attention.self_check(lm.num_heads or lm.num_kv_heads, lm.num_kv_heads, lm.head_dim,
-                                     self.cache_config.block_size, lm.dtype)
-        self.kernel_check = check
+        check = self.kernel_check = self._self_check()
         if check.ok:
             logger.info("vmetal: %s", check.describe())
             return True
@@ -106,6 +104,22 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         logger.warning("vmetal: %s; serving with the reference instead (VLLM_METAL_KERNELS=0 skips the "
                        "check, =1 keeps the kernel)", check.describe())
         return False
+
+    def _self_check(self) -> attention.SelfCheck:
+        """The kernel against the reference on each variant this model's layers attend with (the model's head
+        dims, sinks and softcap, once per distinct window, full attention included): the first that fails, else
+        the last. Each variant is a kernel of its own, so a Gemma 3 or gpt-oss checks its sliding and its full
+        layers' kernels both."""
+        import mlx.core as mx
+
+        lm = self.loaded
+        key_dim, value_dim = lm.kv_dims
+        sinks = any(isinstance(getattr(m, "sinks", None), mx.array) for m in self.model.modules())
+        checks = [attention.self_check(lm.num_heads or lm.num_kv_heads, lm.num_kv_heads, key_dim,
+                                       self.cache_config.block_size, lm.dtype, value_dim=value_dim, window=window,
+                                       sinks=sinks, softcap=own_attention.softcap_of(self.model))
+                  for window in sorted(set(self.layer_windows) or {None}, key=lambda w: w or 0)]
+        return next((c for c in checks if not c.ok), checks[-1])
 
     def initialize_kv(self, kv_cache_config: Any) -> None:
         super().initialize_kv(kv_cache_config)

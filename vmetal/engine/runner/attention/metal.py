@@ -48,7 +48,7 @@ class KernelSpec:
 KERNELS: dict[str, KernelSpec] = {
     "paged_attention": KernelSpec(
         "paged_attention",
-        ("queries", "k_pool", "v_pool", "block_tables", "token_seq", "token_pos", "scale"),
+        ("queries", "k_pool", "v_pool", "block_tables", "token_seq", "token_pos", "scale", "sinks", "softcap"),
         ("out",)),
     "reshape_and_cache": KernelSpec(
         "reshape_and_cache", ("keys", "values", "k_pool", "v_pool", "slot_token"), ("k_out", "v_out")),
@@ -114,14 +114,19 @@ class SelfCheck:
 
 
 def self_check(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: mx.Dtype,
-               seed: int = 0) -> SelfCheck:
-    """Run the kernel once on a step shaped like the model's attention (its head dim, GQA ratio, block size and
-    dtype): a decode, a prefill chunk and a whole prompt over scattered blocks, contexts across block
-    boundaries. A few milliseconds; the kernel has never run on real hardware before its first start there."""
+               seed: int = 0, *, value_dim: int | None = None, window: int | None = None, sinks: bool = False,
+               softcap: float | None = None) -> SelfCheck:
+    """Run the kernel once on a step shaped like the model's attention (its head dims, GQA ratio, block size,
+    dtype, and the window, sinks and softcap its layers attend with: each is a variant of its own): a decode,
+    a prefill chunk and a whole prompt over scattered blocks, contexts across block boundaries, and with a
+    window one context past it. A few milliseconds; the kernel has never run on real hardware before its first
+    start there."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     ctx_lens, q_lens = [1, 2 * block_size + 1, block_size + 3], [1, block_size, block_size + 3]
+    if window is not None:  # a decode and a chunk whose windows start inside the context
+        ctx_lens, q_lens = ctx_lens + [window + block_size + 2] * 2, q_lens + [1, block_size]
     blocks = [-(-c // block_size) for c in ctx_lens]
     order = rng.permutation(sum(blocks) + 2)
     tables = np.zeros((len(ctx_lens), max(blocks)), dtype=np.int32)
@@ -129,16 +134,24 @@ def self_check(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
     for i, n in enumerate(blocks):
         tables[i, :n] = order[used:used + n]
         used += n
-    shape = (sum(blocks) + 2, block_size, num_kv_heads, head_dim)
-    k_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
-    v_pool = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
-    queries = mx.array(rng.standard_normal((sum(q_lens), num_heads, head_dim)).astype(np.float32)).astype(dtype)
-    args = (queries, k_pool, v_pool, mx.array(tables), ctx_lens, q_lens, head_dim ** -0.5)
+
+    def normal(*shape: int) -> mx.array:
+        return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+    k_pool = normal(sum(blocks) + 2, block_size, num_kv_heads, head_dim)
+    v_pool = normal(sum(blocks) + 2, block_size, num_kv_heads, value_dim or head_dim)
+    queries = normal(sum(q_lens), num_heads, head_dim)
+    sink_logits = mx.array(rng.standard_normal(num_heads).astype(np.float32)) if sinks else None
+    args = (queries, k_pool, v_pool, mx.array(tables), ctx_lens, q_lens, head_dim ** -0.5, window, sink_logits,
+            softcap)
     got = paged_attention(*args, use_kernel=True).astype(mx.float32)
     want = reference.paged_attention(*args).astype(mx.float32)
     error = (mx.abs(got - want).max() / mx.maximum(mx.abs(want).max(), 1e-30)).item()
+    features = {f"values {value_dim} wide": value_dim not in (None, head_dim), f"window {window}": window is not None,
+                "sinks": sinks, f"softcap {softcap}": softcap is not None}
     return SelfCheck(float(error), SELF_CHECK_TOLERANCE.get(dtype, 3e-2),
-                     f"{num_heads} query / {num_kv_heads} KV heads x {head_dim}, block size {block_size}, {dtype}")
+                     f"{num_heads} query / {num_kv_heads} KV heads x {head_dim}, block size {block_size}, {dtype}"
+                     + "".join(f", {f}" for f, used in features.items() if used))
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -183,21 +196,29 @@ class Launch:
 # ------------------------------------------------------------------------------------------- launches
 def plan_paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
                          context_lens: IntsLike, query_lens: IntsLike, scale: float,
-                         per_token: tuple[mx.array, mx.array] | None = None) -> Launch:
-    """`per_token`: `reference.token_positions(query_lens, context_lens)`, when the caller has it already."""
+                         per_token: tuple[mx.array, mx.array] | None = None, window: int | None = None,
+                         sinks: mx.array | None = None, softcap: float | None = None) -> Launch:
+    """`per_token`: `reference.token_positions(query_lens, context_lens)`, when the caller has it already.
+
+    The window, sinks and softcap are template switches: each variant a model uses compiles once."""
     num_tokens, num_heads, head_dim = queries.shape
     _, block_size, num_kv_heads, _ = k_pool.shape
+    value_dim = v_pool.shape[-1]
     if num_heads % num_kv_heads:
         raise ValueError(f"paged_attention: {num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     token_seq, token_pos = per_token or reference.token_positions(query_lens, context_lens)
     tables = mx.maximum(reference._int32(block_tables), 0)
+    # Absent sinks still take an input slot (MLX kernels have fixed inputs): one float the kernel never reads.
+    sink_logits = mx.zeros((1,), dtype=mx.float32) if sinks is None else sinks.astype(mx.float32)
     return Launch(
-        inputs=[queries, k_pool, v_pool, tables, token_seq, token_pos, mx.array(scale, dtype=mx.float32)],
+        inputs=[queries, k_pool, v_pool, tables, token_seq, token_pos, mx.array(scale, dtype=mx.float32),
+                sink_logits, mx.array(softcap or 0.0, dtype=mx.float32)],
         template=[("T", queries.dtype), ("HQ", num_heads), ("HKV", num_kv_heads), ("D", head_dim),
-                  ("BS", block_size)],
+                  ("DV", value_dim), ("BS", block_size), ("WINDOW", window or 0), ("SINKS", int(sinks is not None)),
+                  ("SOFTCAP", int(softcap is not None))],
         grid=(SIMD_WIDTH, num_heads, num_tokens),
         threadgroup=(SIMD_WIDTH, 1, 1),
-        output_shapes=[queries.shape],
+        output_shapes=[(num_tokens, num_heads, value_dim)],
         output_dtypes=[queries.dtype])
 
 
@@ -239,14 +260,17 @@ def plan_copy_blocks(k_pool: mx.array, v_pool: mx.array, src: IntsLike, dst: Int
 
 # ------------------------------------------------------------------------------------------- entry points
 def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
-                    context_lens: IntsLike, query_lens: IntsLike, scale: float, *,
+                    context_lens: IntsLike, query_lens: IntsLike, scale: float, window: int | None = None,
+                    sinks: mx.array | None = None, softcap: float | None = None, *,
                     use_kernel: bool = False) -> mx.array:
     """`reference.paged_attention`, as a Metal kernel with `use_kernel`."""
     if not use_kernel:
-        return reference.paged_attention(queries, k_pool, v_pool, block_tables, context_lens, query_lens, scale)
+        return reference.paged_attention(queries, k_pool, v_pool, block_tables, context_lens, query_lens, scale,
+                                         window, sinks, softcap)
     if queries.shape[0] == 0:
-        return mx.zeros(queries.shape, dtype=queries.dtype)
-    launch = plan_paged_attention(queries, k_pool, v_pool, block_tables, context_lens, query_lens, scale)
+        return mx.zeros((0, queries.shape[1], v_pool.shape[-1]), dtype=queries.dtype)
+    launch = plan_paged_attention(queries, k_pool, v_pool, block_tables, context_lens, query_lens, scale,
+                                  window=window, sinks=sinks, softcap=softcap)
     return launch.run("paged_attention")[0]
 
 
@@ -278,20 +302,19 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
     """`paged_attention` over a step planned once (`reference.plan_attention`), as a Metal kernel with `use_kernel`.
 
     The model runner calls this once per layer: the host work of a step is done once, in the plan. The kernel
-    computes full causal attention without sinks over pools of one width; a sliding window, sinks, MLA's
-    narrower values or Gemma 2's softcap take the reference."""
-    if (not use_kernel or plan.window is not None or sinks is not None or softcap is not None
-            or not one_width(k_pool, v_pool)):
+    takes the plan's sliding window, sinks, Gemma 2's softcap and MLA's narrower values as the reference does."""
+    if not use_kernel:
         return reference.attend(queries, k_pool, v_pool, plan, scale, sinks, softcap)
     if queries.shape[0] == 0:
-        return mx.zeros(queries.shape, dtype=queries.dtype)
+        return mx.zeros((0, queries.shape[1], v_pool.shape[-1]), dtype=queries.dtype)
     if "paged_attention" not in plan.kernel_inputs:  # the same for every layer of the step
         plan.kernel_inputs["paged_attention"] = (
             mx.maximum(mx.array(plan.block_tables.astype("int32")), 0),
             *reference.token_positions(plan.query_lens, plan.context_lens))
     tables, token_seq, token_pos = plan.kernel_inputs["paged_attention"]
     launch = plan_paged_attention(queries, k_pool, v_pool, tables, plan.context_lens, plan.query_lens, scale,
-                                  per_token=(token_seq, token_pos))
+                                  per_token=(token_seq, token_pos), window=plan.window, sinks=sinks,
+                                  softcap=softcap)
     return launch.run("paged_attention")[0]
 
 

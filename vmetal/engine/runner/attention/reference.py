@@ -258,7 +258,7 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
         if softcap is None:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
         else:
-            out = softcapped_attention(q, k, v, scale, g.mask, softcap)
+            out = softcapped_attention(q, k, v, scale, g.mask, softcap, sinks)
         out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, value_dim)
         outs.append(out if g.unpad is None else out[g.unpad])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
@@ -266,11 +266,11 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
 
 
 def softcapped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
-                         softcap: float) -> mx.array:
+                         softcap: float, sinks: mx.array | None = None) -> mx.array:
     """Attention whose scores are capped by `softcap * tanh(scores / softcap)` before the mask and the softmax
     (Gemma 2, as its mlx-lm model computes it: queries scaled first, a float32-precise softmax). Written out
     because MLX's fused SDPA takes no softcap. q `[B, Hq, L, D]`, k/v `[B, Hkv, ctx, D]`, `mask` bool
-    `[B, 1, L, ctx]`."""
+    `[B, 1, L, ctx]`; `sinks` [Hq] as MLX's SDPA takes them (no family has both; the kernel does)."""
     batch, heads, length, dim = q.shape
     kv_heads = k.shape[1]
     q = (q * scale).reshape(batch, kv_heads, heads // kv_heads, length, dim)
@@ -278,13 +278,18 @@ def softcapped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, ma
     scores = mx.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = mx.where(mx.expand_dims(mask, 2), scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
-    out = mx.softmax(scores, axis=-1, precise=True) @ mx.expand_dims(v, 2)
+    if sinks is not None:  # one more logit per head, with no value: a column the softmax takes, then dropped
+        sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, kv_heads, heads // kv_heads, 1, 1),
+                               (*scores.shape[:-1], 1))
+        scores = mx.concatenate([scores, sink], axis=-1)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = (weights if sinks is None else weights[..., :-1]) @ mx.expand_dims(v, 2)
     return out.reshape(batch, heads, length, v.shape[-1])
 
 
 def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,
                     context_lens: IntsLike, query_lens: IntsLike, scale: float, window: int | None = None,
-                    sinks: mx.array | None = None) -> mx.array:
+                    sinks: mx.array | None = None, softcap: float | None = None) -> mx.array:
     """Causal attention of packed varlen queries `[T, Hq, D]` over paged K/V; returns `[T, Hq, Dv]` (Dv: the
     V pool's width, D but for MLA's narrower values).
 
@@ -293,7 +298,8 @@ def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block
     Decodes (query length 1) and longer queries form two groups; in each, queries are padded to
     `[B, Hq, max_q, D]`, keys and values gathered slot by slot to `[B, Hkv, ctx, D]` (ctx: the group's longest
     context), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped. A sliding
-    `window` gathers and sees each query's last `window` positions only; `sinks` [Hq] are attention sinks.
+    `window` gathers and sees each query's last `window` positions only; `sinks` [Hq] are attention sinks;
+    `softcap` caps the scores as Gemma 2 does (`softcapped_attention`).
     """
     plan = plan_attention(block_tables, context_lens, query_lens, k_pool.shape[1], window)
-    return attend(queries, k_pool, v_pool, plan, scale, sinks)
+    return attend(queries, k_pool, v_pool, plan, scale, sinks, softcap)

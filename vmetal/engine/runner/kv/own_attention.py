@@ -42,6 +42,15 @@ IMPLEMENTATIONS: dict[str, Callable[[Callable[..., Any], type], Callable[..., An
 _HOOKED: set[str] = set()
 
 
+def softcap_of(model: Any) -> float | None:
+    """The attention-logit softcap of the model's own-code attention layers (Gemma 2's), None without one: the
+    Metal kernel's self-check runs it with the model's value."""
+    for module in model.modules():
+        if qualified_name(type(module)) in PAGED_OWN_ATTENTION and getattr(module, "attn_logit_softcapping", None):
+            return float(module.attn_logit_softcapping)
+    return None
+
+
 def install(model: Any, paged: type) -> None:
     """Give each attention class of `model` that the pre-flight lists its paged `__call__` (once a process):
     one that attends through the pools when handed a cache of type `paged` (`PagedLayerCache`)."""

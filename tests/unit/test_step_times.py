@@ -93,3 +93,25 @@ def test_the_debug_log_every_few_hundred_steps(monkeypatch):
     for _ in range(7):
         one_step(times, clock, rows=2)
     assert len(lines) == 2 and lines[0].startswith("vmetal decode steps, medians: 2 rows x3")
+
+
+def test_vmetal_debug_logs_the_medians_where_vllm_s_handler_shows_them(monkeypatch, caplog):
+    """VLLM_METAL_DEBUG=1 is the opt-in: its line must pass vLLM's log handler, which drops records below its
+    level (INFO unless VLLM_LOGGING_LEVEL says otherwise); a DEBUG record never reached a server's log."""
+    import dataclasses
+    import logging
+
+    from tests.support.runner_stubs import paged_metal_config, stub_vllm_config
+    from vmetal.engine.runner.paged_runner import PagedModelRunner
+
+    monkeypatch.setattr(step_times, "LOG_EVERY", 2)
+    runner = PagedModelRunner(stub_vllm_config(), "cpu", dataclasses.replace(paged_metal_config(), debug=True))
+    clock = Clock()
+    runner.step_times.clock, runner.step_times.cpu_clock = clock, lambda: clock.cpu
+    with caplog.at_level(logging.DEBUG, logger="vllm.vmetal"):
+        for _ in range(2):
+            one_step(runner.step_times, clock)
+    lines = [r for r in caplog.records if "vmetal decode steps, medians" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno >= logging.INFO
+    quiet = PagedModelRunner(stub_vllm_config(), "cpu", paged_metal_config())
+    assert quiet.step_times.log is None

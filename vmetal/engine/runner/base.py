@@ -67,8 +67,9 @@ class ModelRunnerBase:
         self.input_batch = None
         self.sampler: MetalSampler | None = None
         self.prompt_logprobs: PromptLogprobs | None = None
-        # Where each step's time goes (step_times.py); VLLM_METAL_DEBUG=1 logs it every few hundred steps.
-        self.step_times = StepTimes(log=logger.debug if getattr(metal_config, "debug", False) else None)
+        # Where each step's time goes (step_times.py); VLLM_METAL_DEBUG=1 logs it every few hundred steps, at
+        # INFO: vLLM's handler drops DEBUG records unless VLLM_LOGGING_LEVEL=DEBUG, and the setting is the opt-in.
+        self.step_times = StepTimes(log=logger.info if getattr(metal_config, "debug", False) else None)
         self.ahead = DecodeAhead(self.step_times)
         self._pending: StepLogits | None = None  # execute_model -> sample_tokens
         # speculative.NgramDrafter or draft_model.DraftModelDrafter when vLLM's config asks for speculation

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from vmetal.engine.runner import is_pooling
@@ -22,10 +23,28 @@ from vmetal.engine.runner.step_times import StepTimes
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
 
+class RowLogits(Mapping):
+    """req_id -> its row of a step's [B, V] logits, sliced when asked for: a greedy decode step samples the
+    batch's argmax and never asks, and 32 MLX slices a step are host time a GPU step pays (step_times.py)."""
+
+    def __init__(self, batch: Any, order: Sequence[str]) -> None:
+        self.batch = batch
+        self.index = {req_id: i for i, req_id in enumerate(order)}
+
+    def __getitem__(self, req_id: str) -> Any:
+        return self.batch[self.index[req_id]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 class StepLogits(NamedTuple):
     """What execute_model leaves for sample_tokens."""
 
-    logits: dict[str, Any]  # req_id -> last position's logits [V]
+    logits: Mapping[str, Any]  # req_id -> last position's logits [V]
     partial: set[str]  # requests whose prompt chunk does not reach the end: nothing to sample
     so: Any  # the step's SchedulerOutput
     prompt_logits: dict[str, Any]  # req_id -> [n, V] for each scheduled position (prompt logprobs)

@@ -77,17 +77,16 @@ def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[Sequence[int
     rows, padded = len(pos), rows_bucket(len(pos))
     ctx = pos + 1
     width = context_bucket(int(ctx.max()))
-    table = np.full((len(tables), padded, width // block_size), dump_block, dtype=np.int64)
-    for g, group_tables in enumerate(tables):
-        for i, t in enumerate(group_tables):
-            n = min(len(t), table.shape[2])
-            table[g, i, :n] = t[:n]
+    cols = width // block_size
+    # One conversion of Python lists per group: a numpy assignment per row costs ~1.5 us, 50 us at 32 rows.
+    pad = [dump_block] * cols
+    table = np.array([[list(t[:cols]) + pad[len(t):] for t in group_tables] + [pad] * (padded - len(group_tables))
+                      for group_tables in tables], dtype=np.int64).reshape(len(tables), padded, cols)
     all_pos = np.zeros(padded, dtype=np.int64)
     all_pos[:rows] = pos
     real = np.arange(padded) < rows
-
-    def slot(g: int, p: np.ndarray) -> np.ndarray:  # [Bp, k] positions -> pool slots of each row's own table
-        return table[g, np.arange(padded)[:, None], p // block_size] * block_size + p % block_size
+    starts = table * block_size  # [G, Bp, cols]: the first pool slot of each table entry
+    row = np.arange(padded)
 
     planned = []
     for g, window in views:
@@ -96,11 +95,17 @@ def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[Sequence[int
         kpos = first[:, None] + np.arange(cols)[None, :]
         seen = (kpos <= all_pos[:, None]) & real[:, None]
         seen[~real, 0] = True  # a padding row sees the dump block's first slot, so no row is all masked
-        kpos = np.where(seen, kpos, 0)
-        slots = np.where(real[:, None], slot(g, kpos), dump_block * block_size)
+        if window is None:
+            # Column c is position c: the table's slots in order, no gather (a [Bp, C] gather is ~30 us at 32
+            # rows); unseen columns read position 0, written and finite, as with a window.
+            slots = (starts[g][:, :, None] + np.arange(block_size)).reshape(padded, width)
+            slots = np.where(seen, slots, slots[:, :1])
+        else:
+            kpos = np.where(seen, kpos, 0)
+            slots = starts[g][row[:, None], kpos // block_size] + kpos % block_size
+        slots = np.where(real[:, None], slots, dump_block * block_size)
         planned.append((slots.astype(np.int32), seen[:, None, None, :]))
-    write = np.stack([np.where(real, slot(g, all_pos[:, None])[:, 0], dump_block * block_size)
-                      for g in range(len(tables))])
+    write = np.where(real, starts[:, row, all_pos // block_size] + all_pos % block_size, dump_block * block_size)
     return DecodeInputs(all_pos.astype(np.int32), write.astype(np.int32), table.astype(np.int32), tuple(planned))
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from vmetal.engine.models import logits_at
 from vmetal.engine.runner.attention import metal as attention
 from vmetal.engine.runner.attention import reference
-from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
+from vmetal.engine.runner.base import ModelRunnerBase, RowLogits, StepLogits
 from vmetal.engine.runner.compiled_decode import CompiledDecode, TraceError, plan_decode
 from vmetal.engine.runner.kv import own_attention
 from vmetal.engine.runner.kv.paged_cache import (
@@ -39,9 +39,10 @@ class Pack:
 
     req_ids: list[str]
     tokens: list[int] = field(default_factory=list)
-    positions: list[np.ndarray] = field(default_factory=list)
-    slots: list[list[np.ndarray]] = field(default_factory=list)  # per KV cache group, per request
-    tables: list[list[np.ndarray]] = field(default_factory=list)  # per KV cache group, per request
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [T]
+    slots: list[np.ndarray] = field(default_factory=list)  # per KV cache group: each token's pool slot [T]
+    # per KV cache group, per request: its block ids (vLLM's own lists, read during the step, never kept)
+    tables: list[list[list[int]]] = field(default_factory=list)
     context_lens: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
     last_rows: list[int] = field(default_factory=list)  # each request's last token in the pack
@@ -64,7 +65,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         self.kernels = attention.kernel_choice(False)  # per op: its Metal kernel runs; decided once, at load
         self.kernel_check: attention.SelfCheck | None = None  # the kernel's check at load, where it ran
         # The decode-ahead step's pool slots, and its rows that wrote to a scratch block.
-        self._ahead_slots: np.ndarray | None = None
+        self._ahead_slots: list[list[int]] = []
         self._ahead_scratch: list[int] = []
         self.layer_windows: tuple[int | None, ...] = ()  # per K/V layer, set at load
         self.views: tuple[View, ...] = FULL  # the (group, window) pairs the layers attend through
@@ -184,22 +185,21 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
         pack = self._pack(so)
-        all_slots = [np.concatenate(slots) for slots in pack.slots]
         logits = greedy = None
         if pack.decode_only:
-            logits, greedy = self._take_ahead(tuple(pack.req_ids), all_slots)
+            logits, greedy = self._take_ahead(tuple(pack.req_ids), pack.slots)
         else:
             self.ahead.take()  # its writes are harmless: see _ahead_forward
         if logits is None and pack.decode_only and self.compiled is not None:
-            logits = self._decode(pack.tokens, np.concatenate(pack.positions), pack.tables)
+            logits = self._decode(pack.tokens, pack.positions, pack.tables)
         if logits is None:
-            layout = StepLayout.plan_groups(np.concatenate(pack.positions), all_slots,
+            layout = StepLayout.plan_groups(pack.positions, pack.slots,
                                             [_padded(tables) for tables in pack.tables], pack.context_lens,
                                             pack.query_lens, self.cache_config.block_size, self.views)
             # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
             extra = [i for rows in pack.prompt_rows.values() for i in rows]
             logits = self._forward(self.layers, pack.tokens, layout, pack.last_rows + extra)
-        rows = {req_id: logits[i] for i, req_id in enumerate(pack.req_ids)}
+        rows = RowLogits(logits, pack.req_ids)
         prompt_logits, at = {}, len(pack.last_rows)
         for req_id, r in pack.prompt_rows.items():
             prompt_logits[req_id] = logits[at : at + len(r)]
@@ -210,28 +210,46 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
 
     def _pack(self, so: Any) -> Pack:
         """Every scheduled token, single-token queries (decodes) first: the attention's decode group is then a
-        slice of the pack, and its output needs no reordering."""
+        slice of the pack, and its output needs no reordering.
+
+        Host time per step is what a decode step costs on a GPU (step_times.py), and this runs for every row
+        of every step: a decode's position and slots are plain ints (numpy on one-element arrays costs ~7 us
+        a row), and only prompt chunks go through numpy."""
         bs = self.cache_config.block_size
-        pack = Pack(sorted(self.input_batch.req_ids, key=lambda r: so.num_scheduled_tokens[r] > 1))
-        pack.slots = [[] for _ in range(self.num_groups)]
-        pack.tables = [[] for _ in range(self.num_groups)]
+        groups = range(self.num_groups)
+        scheduled = so.num_scheduled_tokens
+        req_ids = self.input_batch.req_ids
+        all_decode = so.total_num_scheduled_tokens == len(req_ids)  # one token each: already in order
+        pack = Pack(list(req_ids) if all_decode else sorted(req_ids, key=lambda r: scheduled[r] > 1))
+        positions: list[int] = []
+        slots: list[list[int]] = [[] for _ in groups]
+        pack.tables = [[] for _ in groups]
         for req_id in pack.req_ids:
             state = self.requests[req_id]
-            start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
+            start, n = state.num_computed_tokens, scheduled[req_id]
+            tables = state.block_ids
             if req_id in self.prompt_logprobs:
                 pack.prompt_rows[req_id] = range(len(pack.tokens), len(pack.tokens) + n)
-            pack.tokens.extend(self._tokens(state, start, start + n))
-            pos = np.arange(start, start + n, dtype=np.int64)
-            pack.positions.append(pos)
-            for g in range(self.num_groups):
-                table = np.asarray(state.block_ids[g], dtype=np.int64)
-                pack.slots[g].append(table[pos // bs] * bs + pos % bs)
-                pack.tables[g].append(table)
+            if n == 1:
+                pack.tokens.append(state.get_token_id(start))
+                positions.append(start)
+                for g in groups:
+                    slots[g].append(tables[g][start // bs] * bs + start % bs)
+            else:
+                pack.tokens.extend(self._tokens(state, start, start + n))
+                pos = np.arange(start, start + n, dtype=np.int64)
+                positions.extend(range(start, start + n))
+                for g in groups:
+                    slots[g].extend((np.asarray(tables[g], dtype=np.int64)[pos // bs] * bs + pos % bs).tolist())
+            for g in groups:
+                pack.tables[g].append(tables[g])
             pack.context_lens.append(start + n)
             pack.query_lens.append(n)
             pack.last_rows.append(len(pack.tokens) - 1)
             if start + n < state.num_tokens:
                 pack.partial.add(req_id)
+        pack.positions = np.array(positions, dtype=np.int64)
+        pack.slots = [np.array(group_slots, dtype=np.int64) for group_slots in slots]
         return pack
 
     # Decode ahead (vmetal.engine.runner.decode_ahead): the next all-decode step is queued on the still-lazy
@@ -253,20 +271,19 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         tables: list[list[list[int]]] = [[] for _ in groups]
         for i, req_id in enumerate(order):
             pos = self.requests[req_id].num_computed_tokens + 1
-            own = [list(ids) for ids in self.requests[req_id].block_ids]
+            own = self.requests[req_id].block_ids  # vLLM's lists: copied only where a scratch block goes
             if any(pos // bs >= len(table) for table in own):
                 if len(scratch) == len(self.scratch_blocks):
                     return None
                 # The same scratch block in every group: each layer reads back the K/V it just wrote there.
-                for table in own:
-                    if pos // bs >= len(table):
-                        table.append(self.scratch_blocks[len(scratch)])
+                own = [table + [self.scratch_blocks[len(scratch)]] if pos // bs >= len(table) else table
+                       for table in own]
                 scratch.append(i)
             positions.append(pos)
             for g, table in enumerate(own):
                 slots[g].append(table[pos // bs] * bs + pos % bs)
                 tables[g].append(table)
-        self._ahead_slots = np.asarray(slots, dtype=np.int64)
+        self._ahead_slots = slots
         self._ahead_scratch = scratch
         if self.compiled is not None:
             logits = self._decode(tokens, positions, tables, keep_kv=bool(scratch))
@@ -291,12 +308,12 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
             return None, None
         scratch, self._ahead_scratch = self._ahead_scratch, []
         usable = ahead.order == order
-        slots = np.stack(slots)
-        if usable:
-            own = np.ones(slots.shape[1], dtype=bool)
-            own[scratch] = False
-            usable = (np.array_equal(self._ahead_slots[:, own], slots[:, own])
-                      and ahead.matches(order, self._next_token))
+        if usable:  # compared as Python ints: a handful of numpy calls cost more than 32 rows of this
+            now, before = [group_slots.tolist() for group_slots in slots], self._ahead_slots
+            for i in scratch:  # its slot was a scratch stand-in: whichever vLLM gives it is written below
+                for g, group_slots in enumerate(now):
+                    group_slots[i] = before[g][i]
+            usable = now == before and ahead.matches(order, self._next_token)
         if usable and scratch:
             import mlx.core as mx
 

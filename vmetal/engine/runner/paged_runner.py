@@ -116,9 +116,10 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         lm = self.loaded
         key_dim, value_dim = lm.kv_dims
         sinks = any(isinstance(getattr(m, "sinks", None), mx.array) for m in self.model.modules())
+        softcap = own_attention.softcap_of(self.model)
         checks = [attention.self_check(lm.num_heads or lm.num_kv_heads, lm.num_kv_heads, key_dim,
                                        self.cache_config.block_size, lm.dtype, value_dim=value_dim, window=window,
-                                       sinks=sinks, softcap=own_attention.softcap_of(self.model))
+                                       sinks=sinks, softcap=softcap)
                   for window in sorted(set(self.layer_windows) or {None}, key=lambda w: w or 0)]
         return next((c for c in checks if not c.ok), checks[-1])
 

@@ -10,9 +10,10 @@ holds (`ModelRunnerBase.kv_budget`). `VLLM_METAL_PREFIX_CACHE` adds this path's 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
-from vmetal.engine.runner.base import ModelRunnerBase, StepLogits
+from vmetal.engine.runner.base import ModelRunnerBase, RowLogits, StepLogits
 from vmetal.engine.runner.kv import mlx_cache
 from vmetal.preflight import features
 
@@ -170,10 +171,14 @@ class MlxModelRunner(ModelRunnerBase):
         drafts: dict[str, Any] = {}
         with self._compute():
             partial = self._prefill_all(so, prefilling, logits, prompt_logits, drafts)
-            decode_only = self._decode_all(decoding, ahead, logits) if decoding else None
-        if prefilling:
-            decode_only = None
-        self._pending = StepLogits(logits, partial, so, prompt_logits, decode_only, drafts)
+            decode_only = self._decode_all(ahead) if decoding else None
+        rows: Mapping[str, Any] = logits
+        if decode_only is not None:
+            order, batch_logits, _ = decode_only
+            rows = RowLogits(batch_logits, order)  # sliced per row only if something samples them
+        if prefilling:  # one mapping for the sampler: the prefills' rows and the decode batch's
+            rows, decode_only = {**logits, **rows}, None
+        self._pending = StepLogits(rows, partial, so, prompt_logits, decode_only, drafts)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("vmetal step: %d decoding in one batch, %d prefilling (%d partial)",
                          len(decoding), len(prefilling), len(partial))
@@ -236,16 +241,12 @@ class MlxModelRunner(ModelRunnerBase):
                 partial.add(req_id)
         return partial
 
-    def _decode_all(self, decoding: list[str], ahead: Any, logits: dict[str, Any]) -> tuple[Any, ...]:
+    def _decode_all(self, ahead: Any) -> tuple[Any, ...]:
         """One batched forward for every decode row (or the decode-ahead's); (row order, [B, V], greedy)."""
         order = tuple(self.decode.req_ids)
         if ahead is not None:
-            batch_logits, greedy = ahead.logits, ahead.greedy
-        else:
-            batch_logits, greedy = self._decode_forward([self._next_token(r) for r in order]), None
-        for i, req_id in enumerate(order):
-            logits[req_id] = batch_logits[i]
-        return order, batch_logits, greedy
+            return order, ahead.logits, ahead.greedy
+        return order, self._decode_forward([self._next_token(r) for r in order]), None
 
     def _ahead_forward(self, order: tuple[str, ...], tokens: Any) -> Any:
         # The decode batch's rows are `order`.

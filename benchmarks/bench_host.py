@@ -38,9 +38,11 @@ from vmetal.bench.inprocess import engine_run, make_prompts, prepare_environ
 from vmetal.bench.shapes import SHAPES, build_model
 
 # "paged op-by-op": the paged path with its all-decode steps built op by op (VLLM_METAL_COMPILE=0), what the
-# compiled step (vmetal/engine/runner/compiled_decode.py) saves, measured in the same run.
+# compiled step (vmetal/engine/runner/compiled_decode.py) saves, measured in the same run; "paged unpacked": with
+# the model's projections as mlx-lm builds them (VLLM_METAL_PACKED_PROJECTIONS=0), what packing them saves.
 PATHS = {"MLX-managed": {}, "paged": {"VLLM_METAL_USE_PAGED_ATTENTION": "1"},
-         "paged op-by-op": {"VLLM_METAL_USE_PAGED_ATTENTION": "1", "VLLM_METAL_COMPILE": "0"}}
+         "paged op-by-op": {"VLLM_METAL_USE_PAGED_ATTENTION": "1", "VLLM_METAL_COMPILE": "0"},
+         "paged unpacked": {"VLLM_METAL_USE_PAGED_ATTENTION": "1", "VLLM_METAL_PACKED_PROJECTIONS": "0"}}
 PHASES = ("build_ms", "launch_ms", "runner_other_ms", "vllm_ms", "wait_ms")
 
 

@@ -28,6 +28,7 @@ PREFIX_CACHE_FRACTION = "VLLM_METAL_PREFIX_CACHE_FRACTION"
 KERNELS = "VLLM_METAL_KERNELS"
 RING_PORT = "VLLM_METAL_RING_PORT"
 COMPILE = "VLLM_METAL_COMPILE"
+PACKED_PROJECTIONS = "VLLM_METAL_PACKED_PROJECTIONS"
 # Not part of the engine's contract (the engine never reads it), but read here so there is one reader.
 HOME = "VMETAL_HOME"
 
@@ -66,6 +67,8 @@ VARIABLES: tuple[Variable, ...] = (
              "listen on it and the ports after it (unset: a free port each, picked at start)"),
     Variable(COMPILE, "1", "the paged path's all-decode steps as compiled MLX functions, one per batch and "
              "context size bucket (`1`), or built op by op every step (`0`)"),
+    Variable(PACKED_PROJECTIONS, "1", "each layer's query/key/value and gate/up projections packed into one "
+             "matmul each at load (`1`), or kept as mlx-lm builds them (`0`)"),
 )
 
 _NAMES = tuple(v.name for v in VARIABLES)
@@ -115,6 +118,7 @@ class MetalConfig:
     kernels: bool | None = None  # None: `auto`
     ring_port: int | None = None  # None: each rank picks a free port
     compile: bool = True
+    packed_projections: bool = True
     # Provenance is about how a config was reached, not what it is: two configs that behave the same
     # compare equal whatever their sources, which is what lets a child process be checked against its parent.
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -224,6 +228,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     KERNELS: ("kernels", _parse_auto_bool),
     RING_PORT: ("ring_port", _parse_port),
     COMPILE: ("compile", _parse_bool),
+    PACKED_PROJECTIONS: ("packed_projections", _parse_bool),
 }
 assert tuple(_PARSERS) == _NAMES
 
@@ -298,6 +303,7 @@ def to_environ(cfg: MetalConfig) -> dict[str, str]:
         KERNELS: "auto" if cfg.kernels is None else _bool(cfg.kernels),
         RING_PORT: "" if cfg.ring_port is None else str(cfg.ring_port),
         COMPILE: _bool(cfg.compile),
+        PACKED_PROJECTIONS: _bool(cfg.packed_projections),
     }
 
 

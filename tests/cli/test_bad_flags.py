@@ -180,6 +180,7 @@ MALFORMED = {
     envs.KERNELS: ["2", "automatic", "metal", "on"],
     envs.RING_PORT: ["0", "80", "70000", "65530", "abc", "1.5", "-1"],
     envs.COMPILE: ["2", "on", "compiled"],
+    envs.PACKED_PROJECTIONS: ["2", "on", "packed"],
 }
 
 

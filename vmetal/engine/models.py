@@ -137,14 +137,15 @@ class LoadedModel:
 
 
 def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: Any = None,
-         stages: Any = None, pooling: bool = False) -> LoadedModel:
+         stages: Any = None, pooling: bool = False, packed: bool = True) -> LoadedModel:
     """Load `model` with mlx-lm, refused (UnsupportedModelError) unless `kv_path` holds every cache it makes.
 
     With an MLX distributed `group` (tensor parallel, `vmetal.engine.distributed`) the model is split across it
     by mlx-lm's own `shard` before any weight is read, so each rank reads and holds only its part; the shapes
     recorded (heads, KV heads) are then this rank's. With `stages` (pipeline parallel, the ring of its stages)
     this rank keeps only its stage's layers (`vmetal.engine.pipeline`), and the layer counts are its own.
-    `pooling`: an embedding checkpoint, whose weights may be the inner model's alone (`_embedding_classes`)."""
+    `pooling`: an embedding checkpoint, whose weights may be the inner model's alone (`_embedding_classes`).
+    `packed`: each layer's projections of one input packed into one matmul (`packed_projections`)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model  # mlx-lm itself, before `cache_types.probe` would stand in a bare package
@@ -171,6 +172,10 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
         stage = pipeline.stage_of(stages, len(mlx_model.model.layers))
         pipeline.cut_layers(mlx_model, stage)
         mx.eval(mlx_model.parameters())
+    if packed:
+        from vmetal.engine import packed_projections
+
+        packed_projections.pack(mlx_model)
     # Shapes as the model really makes them, whatever its config calls them (MLA's keys are wider than its
     # values; families name their head counts differently). A pipeline stage probes its own layers alone.
     probe = _probe(mlx_model)

@@ -109,7 +109,7 @@ class ModelRunnerBase:
         before = mx.get_active_memory()
         self.loaded = models.load(self.model_config.model, revision=self.model_config.revision,
                                   kv_path=self.metal_config.kv_path, group=self.group, stages=self.stages,
-                                  pooling=self.pooling)
+                                  pooling=self.pooling, packed=self.metal_config.packed_projections)
         self.weights_bytes = mx.get_active_memory() - before
         self.model = self.loaded.model
         self.stage = self.loaded.stage

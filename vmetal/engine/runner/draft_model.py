@@ -41,6 +41,7 @@ class DraftModelDrafter:
     def __init__(self, vllm_config: Any, target_config: dict[str, Any]):
         import mlx.core as mx
 
+        from vmetal import envs
         from vmetal.engine import models
         from vmetal.preflight.features import check_draft
 
@@ -48,7 +49,8 @@ class DraftModelDrafter:
         self.num_tokens = spec.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
         before = mx.get_active_memory()
-        self.loaded = models.load(spec.model, revision=getattr(spec, "revision", None))
+        self.loaded = models.load(spec.model, revision=getattr(spec, "revision", None),
+                                  packed=envs.get_config().packed_projections)
         self.weights_bytes = mx.get_active_memory() - before
         check_draft(target_config, self.loaded.config, str(self.loaded.path / "config.json"), spec.model,
                     self.loaded.state)

@@ -1,0 +1,197 @@
+"""Where a compiled paged decode step's time goes on the device: the host's replay of the compiled graph, MLX's
+launch (`mx.async_eval`) and the wait for the device, one step at a time and back to back, at several row counts.
+
+    python benchmarks/profile/prof_decode.py [--shape qwen3-0.6b] [--rows 1,32,64] [--context 256]
+
+No vLLM: the step is `CompiledDecode` over `PagedLayerCache` layers, planned with `plan_decode`, as the paged runner
+runs an all-decode step. Variants, each a separate trace:
+
+- `base`: the step as served (projections packed, `vmetal.engine.packed_projections`);
+- `unpacked`: the model as mlx-lm builds it (`VLLM_METAL_PACKED_PROJECTIONS=0`);
+- `no_attention`: the attention (gather + SDPA) replaced by the queries themselves, what the attention costs (a
+  diagnostic: the tokens are wrong);
+- `mlx_lm`: mlx-lm's own `BatchKVCache` decode at the same rows and context on mlx-lm's model, built op by op
+  (the anchor).
+
+"sync" times one step from an idle device (launch is host work alone, wait is the device's tail); "chain" runs
+`--chain` steps back to back and times the whole (what a step costs when host and device overlap, as in a
+server). Prints one line per measurement; meant for a GPU (on this CPU host use `--shape deep-tiny`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _pools(lm, blocks: int, block_size: int):
+    import mlx.core as mx
+
+    from vmetal.engine.runner.kv.paged_cache import PagedLayerCache
+
+    k_dim, v_dim = lm.kv_dims
+    layers = [PagedLayerCache(mx.zeros((blocks, block_size, lm.num_kv_heads, k_dim), lm.dtype),
+                              mx.zeros((blocks, block_size, lm.num_kv_heads, v_dim), lm.dtype))
+              for _ in range(lm.num_layers)]
+    mx.eval([(c.k_pool, c.v_pool) for c in layers])
+    return layers
+
+
+def paged(lm, layers, rows: int, context: int, block_size: int, reps: int, chain: int) -> dict:
+
+    from vmetal.engine.runner.compiled_decode import CompiledDecode, plan_decode
+
+    per_row = -(-context // block_size)
+    tables = [[list(range(1 + r * per_row, 1 + (r + 1) * per_row)) for r in range(rows)]]
+    positions = [context - 1] * rows
+    plan = plan_decode(positions, tables, block_size, 0)
+    compiled = CompiledDecode(lm.model, lm.head_on_rows)
+    pools = [layer.pool for layer in layers]
+    tokens = list(range(rows))
+
+    def step():
+        return compiled.forward(layers, pools, tokens, plan, rows)
+
+    return _time(step, lambda out: [out, [(p.k, p.v) for p in pools]], reps, chain)
+
+
+def mlx_lm(lm, rows: int, context: int, reps: int, chain: int) -> dict:
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    caches = [BatchKVCache(left_padding=[0] * rows) for _ in range(lm.num_layers)]
+    k_dim, v_dim = lm.kv_dims
+    for c in caches:
+        c.update_and_fetch(mx.zeros((rows, lm.num_kv_heads, context - 1, k_dim), lm.dtype),
+                           mx.zeros((rows, lm.num_kv_heads, context - 1, v_dim), lm.dtype))
+    mx.eval([c.state for c in caches])
+    ids = mx.zeros((rows, 1), dtype=mx.int32)
+
+    def step():
+        for c in caches:
+            c.offset -= 1  # the same context every repetition (the cache keeps its buffers)
+            c._idx -= 1
+        return lm.model(ids, cache=caches)[:, -1, :]
+
+    for c in caches:  # step() steps back one first
+        c.offset += 1
+        c._idx += 1
+    return _time(step, lambda out: [out, [c.state for c in caches]], reps, chain)
+
+
+def _time(step, outputs, reps: int, chain: int) -> dict:
+    import mlx.core as mx
+
+    for _ in range(5):
+        mx.eval(outputs(step()))
+    build, launch, wait = [], [], []
+    for _ in range(reps):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        out = outputs(step())
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        mx.eval(out)
+        t3 = time.perf_counter()
+        build.append(t1 - t0)
+        launch.append(t2 - t1)
+        wait.append(t3 - t2)
+    chained = []
+    for _ in range(3):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        last = None
+        for _ in range(chain):
+            last = outputs(step())
+            mx.async_eval(last)
+        mx.eval(last)
+        chained.append((time.perf_counter() - t0) / chain)
+    ms = lambda xs: round(statistics.median(xs) * 1e3, 3)
+    return {"build_ms": ms(build), "launch_ms": ms(launch), "wait_ms": ms(wait),
+            "sync_step_ms": ms([a + b + c for a, b, c in zip(build, launch, wait)]), "chain_step_ms": ms(chained)}
+
+
+def count_primitives(lm, layers, rows: int, context: int, block_size: int) -> str:
+    """The primitives of one op-by-op paged decode step's graph (`mx.export_to_dot`), most common first: what
+    MLX evaluates for a step, before `mx.compile` fuses its elementwise runs."""
+    import collections
+    import re
+
+    import mlx.core as mx
+
+    from vmetal.engine.runner.kv.paged_cache import StepLayout
+
+    per_row = -(-context // block_size)
+    tables = np.arange(1, 1 + rows * per_row).reshape(rows, per_row)
+    pos = np.full(rows, context - 1)
+    slots = tables[np.arange(rows), pos // block_size] * block_size + pos % block_size
+    layout = StepLayout.plan(pos, slots, tables, [context] * rows, [1] * rows, block_size)
+    for layer in layers:
+        layer.layout = layout
+    out = lm.model(mx.zeros((rows, 1), dtype=mx.int32), cache=layers)[:, 0, :]
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, out, *[(c.k_pool, c.v_pool) for c in layers])
+        names = collections.Counter(re.findall(r'label ="([A-Za-z]+)', f.read()))
+    return f"{sum(names.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in names.most_common())
+
+
+def _no_attention():
+    from vmetal.engine.runner.kv.paged_cache import PagedLayerCache
+
+    def attention(self, queries, scale, sinks=None, softcap=None):
+        return queries
+
+    PagedLayerCache.attention = attention
+
+
+def main() -> None:
+    from vmetal.bench.shapes import SHAPES, build_model
+    from vmetal.engine import models
+    from vmetal.engine.runner.kv.paged_cache import install_attention_hook
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rows", default="1,32,64")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--chain", type=int, default=20)
+    ap.add_argument("--variants", default="base,unpacked,mlx_lm,no_attention",
+                    help="no_attention last: it patches the attention for the rest of the run")
+    ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--count", action="store_true", help="also count the primitives of an op-by-op step")
+    args = ap.parse_args()
+    rows = [int(r) for r in args.rows.split(",")]
+    block_size = 16
+    model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="prof-decode-"))
+    if not (model_dir / "config.json").exists():
+        build_model(model_dir, args.dtype, SHAPES[args.shape])
+    variants = args.variants.split(",")
+    blocks = 1 + max(rows) * -(-args.context // block_size)
+    for variant in variants:  # a fresh model each: a variant changes the model or the attention class for good
+        lm = models.load(str(model_dir), kv_path="paged", packed=variant not in ("unpacked", "mlx_lm"))
+        install_attention_hook(lm.model)
+        if variant == "no_attention":
+            _no_attention()
+        if args.count and variant != "mlx_lm":
+            print(f"{variant} primitives rows={rows[-1]}:",
+                  count_primitives(lm, _pools(lm, blocks, block_size), rows[-1], args.context, block_size), flush=True)
+        for n in rows:
+            if variant == "mlx_lm":
+                found = mlx_lm(lm, n, args.context, args.reps, args.chain)
+            else:
+                layers = _pools(lm, blocks, block_size)
+                found = paged(lm, layers, n, args.context, block_size, args.reps, args.chain)
+                del layers
+            print(f"{variant} rows={n} context={args.context}: " + ", ".join(f"{k} {v}" for k, v in found.items()),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

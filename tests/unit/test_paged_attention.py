@@ -187,6 +187,26 @@ def test_softcap_sinks_and_window_together_equal_dense():
     assert err < tolerance(mx.float32, max(pack.ctx_lens)), f"relative error {err:.2e} (seed {seed})"
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_fused_sdpa_and_written_out_attention_both_equal_dense(monkeypatch, fused, ratio):
+    """Both ways the reference attends: MLX's fused SDPA (on Metal, whose kernels take the mask) and
+    `grouped_attention` (elsewhere; the query heads of a KV head as rows of one matmul), with and without sinks."""
+    monkeypatch.setattr(pa, "FUSED_SDPA", fused)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    pack = Pack(rng, block_size=16, ratio=ratio)
+    q, k_pool, v_pool, tables, ctx, qlens, scale = pack.args()
+    sinks = rng.standard_normal(q.shape[1])
+    for logits in (None, sinks):
+        out = pa.paged_attention(q, k_pool, v_pool, tables, ctx, qlens, scale,
+                                 sinks=None if logits is None else mx.array(logits.astype(np.float32)))
+        want = np.concatenate([dense_attention(q, k, v, pack.scale, sinks=logits)
+                               for q, k, v in zip(pack.queries, pack.k_full, pack.v_full)])
+        err = relative_error(out, want)
+        assert err < tolerance(mx.float32, max(pack.ctx_lens)), f"relative error {err:.2e} (seed {seed})"
+
+
 @pytest.mark.parametrize("value_dim", [HEAD_DIM // 2, HEAD_DIM + 8])
 def test_values_of_another_width_than_keys_equal_dense(value_dim):
     """MLA (DeepSeek-V2): mlx-lm's attention hands the cache keys wider than its values; the V pool is that

@@ -126,7 +126,7 @@ def token_positions(query_lens: IntsLike, context_lens: IntsLike) -> tuple[mx.ar
 
 @dataclass(frozen=True)
 class AttentionGroup:
-    """Sequences of a step attended together by one masked SDPA: all the decodes, or all the longer queries.
+    """Sequences of a step attended together by one masked attention: all the decodes, or all the longer queries.
 
     Splitting them keeps a prefill chunk from padding every decode to its query length."""
 
@@ -230,17 +230,30 @@ def plan_attention(block_tables: IntsLike, context_lens: IntsLike, query_lens: I
     return AttentionPlan(num_tokens, tuple(groups), restore, tables, ctx, qlens, window=window)
 
 
+# Whether the attention goes through MLX's fused SDPA (None: where MLX computes on Metal, whose kernels take the
+# mask; `grouped_attention` elsewhere). A setting for profilers comparing the two, not a user's.
+FUSED_SDPA: bool | None = None
+
+
+def _fused_sdpa() -> bool:
+    if FUSED_SDPA is not None:
+        return FUSED_SDPA
+    return mx.default_device().type == mx.DeviceType.gpu and mx.metal.is_available()
+
+
 def _gathered(pool: mx.array, group: AttentionGroup) -> mx.array:
-    """The group's contexts `[B, Hkv, max_ctx, D]` from the pool: one gather by slot."""
+    """The group's contexts `[B, Hkv, max_ctx, D]` from the pool, gathered in that order (one gather by slot and
+    head): gathered by slot alone (`[B, max_ctx, Hkv, D]`) and transposed, each attention matmul after would copy
+    the layer's whole context again."""
     num_blocks, block_size, num_kv_heads, head_dim = pool.shape
     rows = pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
-    return rows[group.slots].transpose(0, 2, 1, 3)
+    return rows[group.slots[:, None, :], mx.arange(num_kv_heads, dtype=mx.int32)[None, :, None]]
 
 
 def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: AttentionPlan, scale: float,
            sinks: mx.array | None = None, softcap: float | None = None) -> mx.array:
     """`paged_attention` with its layout planned already (`plan_attention`); `sinks` [Hq]: attention sinks;
-    `softcap`: Gemma 2's attention-logit softcapping (`softcapped_attention`)."""
+    `softcap`: Gemma 2's attention-logit softcapping (`grouped_attention`)."""
     num_tokens, num_heads, head_dim = queries.shape
     value_dim = v_pool.shape[-1]  # the output's width: MLA's values are narrower than its keys and queries
     if num_tokens != plan.num_tokens:
@@ -248,42 +261,55 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
                          f"{num_tokens} query tokens")
     if num_tokens == 0:
         return mx.zeros((0, num_heads, value_dim), dtype=queries.dtype)
+    fused = softcap is None and _fused_sdpa()
     outs = []
     for g in plan.groups:
         q = queries[g.rows]
         if g.pad is not None:
             q = q[g.pad]
-        q = q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3)
+        # [B * L, Hq, D] -> [B, Hq, L, D]; with one query a row (decodes) that is a reshape, no transpose.
+        q = (q.reshape(g.batch, num_heads, 1, head_dim) if g.max_q == 1
+             else q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3))
         k, v = _gathered(k_pool, g), _gathered(v_pool, g)
-        if softcap is None:
+        if fused:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
         else:
-            out = softcapped_attention(q, k, v, scale, g.mask, softcap, sinks)
-        out = out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, value_dim)
+            out = grouped_attention(q, k, v, scale, g.mask, sinks, softcap)
+        out = (out.reshape(g.batch, num_heads, value_dim) if g.max_q == 1
+               else out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, value_dim))
         outs.append(out if g.unpad is None else out[g.unpad])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
     return out if plan.restore is None else out[plan.restore]
 
 
-def softcapped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
-                         softcap: float, sinks: mx.array | None = None) -> mx.array:
-    """Attention whose scores are capped by `softcap * tanh(scores / softcap)` before the mask and the softmax
-    (Gemma 2, as its mlx-lm model computes it: queries scaled first, a float32-precise softmax). Written out
-    because MLX's fused SDPA takes no softcap. q `[B, Hq, L, D]`, k/v `[B, Hkv, ctx, D]`, `mask` bool
-    `[B, 1, L, ctx]`; `sinks` [Hq] as MLX's SDPA takes them (no family has both; the kernel does)."""
+def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
+                      sinks: mx.array | None = None, softcap: float | None = None) -> mx.array:
+    """Attention written out in MLX ops, as MLX's SDPA computes it where it has no fused kernel for a mask (its
+    CUDA and CPU backends): queries scaled first, masked scores, a float32-precise softmax. q `[B, Hq, L, D]`,
+    k/v `[B, Hkv, ctx, D]`, `mask` bool `[B, 1, L, ctx]`; `sinks` [Hq] as MLX's SDPA takes them; `softcap`:
+    scores capped by `softcap * tanh(scores / softcap)` before the mask (Gemma 2, as its mlx-lm model computes
+    them; MLX's SDPA takes no softcap).
+
+    Written out because MLX's own fallback broadcasts K and V to every query head of a group, a copy of the
+    layer's whole context per query head: on an H100 that made a 64-row decode step's attention 14 ms of its 21
+    (benchmarks/profile/prof_decode.py). Here each KV head's query heads are rows of one matmul over its keys."""
     batch, heads, length, dim = q.shape
-    kv_heads = k.shape[1]
-    q = (q * scale).reshape(batch, kv_heads, heads // kv_heads, length, dim)
-    scores = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
-    scores = mx.tanh(scores / softcap) * softcap
+    kv_heads, ctx = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q = (q * scale).reshape(batch, kv_heads, group * length, dim)  # query head h reads KV head h // group
+    scores = (q @ k.swapaxes(-1, -2)).reshape(batch, kv_heads, group, length, ctx)
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = mx.where(mx.expand_dims(mask, 2), scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
     if sinks is not None:  # one more logit per head, with no value: a column the softmax takes, then dropped
-        sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, kv_heads, heads // kv_heads, 1, 1),
+        sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, kv_heads, group, 1, 1),
                                (*scores.shape[:-1], 1))
         scores = mx.concatenate([scores, sink], axis=-1)
     weights = mx.softmax(scores, axis=-1, precise=True)
-    out = (weights if sinks is None else weights[..., :-1]) @ mx.expand_dims(v, 2)
+    if sinks is not None:
+        weights = weights[..., :-1]
+    out = weights.reshape(batch, kv_heads, group * length, ctx) @ v
     return out.reshape(batch, heads, length, v.shape[-1])
 
 
@@ -297,9 +323,9 @@ def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block
     lists or numpy arrays to avoid a sync). GQA: `Hq = r * Hkv`, query head `h` reads KV head `h // r`.
     Decodes (query length 1) and longer queries form two groups; in each, queries are padded to
     `[B, Hq, max_q, D]`, keys and values gathered slot by slot to `[B, Hkv, ctx, D]` (ctx: the group's longest
-    context), one masked `mx.fast.scaled_dot_product_attention` runs, and the padding is dropped. A sliding
-    `window` gathers and sees each query's last `window` positions only; `sinks` [Hq] are attention sinks;
-    `softcap` caps the scores as Gemma 2 does (`softcapped_attention`).
+    context), one masked attention runs (MLX's fused SDPA on Metal, `grouped_attention` elsewhere), and the
+    padding is dropped. A sliding `window` gathers and sees each query's last `window` positions only; `sinks`
+    [Hq] are attention sinks; `softcap` caps the scores as Gemma 2 does.
     """
     plan = plan_attention(block_tables, context_lens, query_lens, k_pool.shape[1], window)
     return attend(queries, k_pool, v_pool, plan, scale, sinks, softcap)

@@ -4,7 +4,7 @@ Most mlx-lm families call their module's `scaled_dot_product_attention`, which `
 to the paged pools. Gemma 2 does not: it multiplies queries and keys itself, to cap the scores with `tanh`
 before the softmax (`attn_logit_softcapping`). Its attention class gets a `__call__` that, handed a
 `PagedLayerCache`, projects and rotates as mlx-lm's does, writes K/V to the pools and attends through them with
-the same softcap (`reference.softcapped_attention`); any other cache takes mlx-lm's own `__call__` unchanged.
+the same softcap (`reference.grouped_attention`); any other cache takes mlx-lm's own `__call__` unchanged.
 Without this a published Gemma 2 (grouped-query attention, which mlx-lm's Gemma 2 cannot decode in a batch)
 would be served by no vmetal KV path. The pre-flight lists the classes handled here
 (`cache_types.PAGED_OWN_ATTENTION`); a family added there needs its `__call__` here.

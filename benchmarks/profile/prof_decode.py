@@ -8,8 +8,12 @@ runs an all-decode step. Variants, each a separate trace:
 
 - `base`: the step as served (projections packed, `vmetal.engine.packed_projections`);
 - `unpacked`: the model as mlx-lm builds it (`VLLM_METAL_PACKED_PROJECTIONS=0`);
+- `fused_sdpa`: the attention through MLX's fused SDPA, as on Metal, instead of `reference.grouped_attention`
+  (on CUDA and the CPU that SDPA falls back to ops of its own for a masked step);
 - `no_attention`: the attention (gather + SDPA) replaced by the queries themselves, what the attention costs (a
   diagnostic: the tokens are wrong);
+- `gather_only`: the contexts gathered and each read once (summed), but no scores, mask or softmax: what the
+  gathers cost against the attention's arithmetic (a diagnostic too);
 - `mlx_lm`: mlx-lm's own `BatchKVCache` decode at the same rows and context on mlx-lm's model, built op by op
   (the anchor).
 
@@ -141,6 +145,16 @@ def count_primitives(lm, layers, rows: int, context: int, block_size: int) -> st
     return f"{sum(names.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in names.most_common())
 
 
+def _gather_only(q, k, v, scale, mask, sinks=None, softcap=None):
+    """Stands in for `reference.grouped_attention`: reads the gathered keys and values once, computes nothing."""
+    import mlx.core as mx
+
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    seen = mx.sum(k, axis=2, keepdims=True) + mx.sum(v, axis=2, keepdims=True)  # [B, Hkv, 1, D]
+    return (q.reshape(batch, kv_heads, heads // kv_heads, length, dim) + seen[:, :, None]).reshape(q.shape)
+
+
 def _no_attention():
     from vmetal.engine.runner.kv.paged_cache import PagedLayerCache
 
@@ -153,8 +167,10 @@ def _no_attention():
 def main() -> None:
     from vmetal.bench.shapes import SHAPES, build_model
     from vmetal.engine import models
+    from vmetal.engine.runner.attention import reference
     from vmetal.engine.runner.kv.paged_cache import install_attention_hook
 
+    written_out = reference.grouped_attention
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="bfloat16")
@@ -162,7 +178,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--chain", type=int, default=20)
-    ap.add_argument("--variants", default="base,unpacked,mlx_lm,no_attention",
+    ap.add_argument("--variants", default="base,unpacked,fused_sdpa,gather_only,mlx_lm,no_attention",
                     help="no_attention last: it patches the attention for the rest of the run")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--count", action="store_true", help="also count the primitives of an op-by-op step")
@@ -179,6 +195,10 @@ def main() -> None:
         install_attention_hook(lm.model)
         if variant == "no_attention":
             _no_attention()
+        from vmetal.engine.runner.attention import reference
+
+        reference.FUSED_SDPA = True if variant == "fused_sdpa" else None
+        reference.grouped_attention = _gather_only if variant == "gather_only" else written_out
         if args.count and variant != "mlx_lm":
             print(f"{variant} primitives rows={rows[-1]}:",
                   count_primitives(lm, _pools(lm, blocks, block_size), rows[-1], args.context, block_size), flush=True)

@@ -290,9 +290,10 @@ def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask:
     scores capped by `softcap * tanh(scores / softcap)` before the mask (Gemma 2, as its mlx-lm model computes
     them; MLX's SDPA takes no softcap).
 
-    Written out because MLX's own fallback broadcasts K and V to every query head of a group, a copy of the
-    layer's whole context per query head: on an H100 that made a 64-row decode step's attention 14 ms of its 21
-    (benchmarks/profile/prof_decode.py). Here each KV head's query heads are rows of one matmul over its keys."""
+    Written out because MLX's SDPA with a mask costs more there: on CUDA a fused primitive whose launches made a
+    one-row compiled decode step of a 28-layer model 10.2 ms against 5.3 written out (an H100, same run:
+    benchmarks/RESULTS-gpu.md), on the CPU a fallback that broadcasts K and V to every query head of a group.
+    Here each KV head's query heads are rows of one matmul over its keys."""
     batch, heads, length, dim = q.shape
     kv_heads, ctx = k.shape[1], k.shape[2]
     group = heads // kv_heads

@@ -47,7 +47,6 @@ def _pools(lm, blocks: int, block_size: int):
 
 
 def paged(lm, layers, rows: int, context: int, block_size: int, reps: int, chain: int) -> dict:
-
     from vmetal.engine.runner.compiled_decode import CompiledDecode, plan_decode
 
     per_row = -(-context // block_size)
@@ -195,8 +194,6 @@ def main() -> None:
         install_attention_hook(lm.model)
         if variant == "no_attention":
             _no_attention()
-        from vmetal.engine.runner.attention import reference
-
         reference.FUSED_SDPA = True if variant == "fused_sdpa" else None
         reference.grouped_attention = _gather_only if variant == "gather_only" else written_out
         if args.count and variant != "mlx_lm":

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from results_md import add_output_args, command_line, publish
 from serving_load import KEEP, register, run_load, sample_requests
-from serving_section import TARGET_C, TARGET_TTFT, TARGET_VS_MLX, TARGET_VS_MLX_LM, fmt, notes, ratios, render
+from serving_section import notes, ratios, render, targets
 
 from vmetal.bench.contention import CpuWatch
 from vmetal.bench.machine import machine_info, matmul_gflops, versions
@@ -409,7 +409,6 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_seqs": max_num_seqs(max(args.conc)),
         "max_model_len": MAX_MODEL_LEN,
         "backends": report_backends,
-        "target_c": TARGET_C if TARGET_C in conc else None,
         "log_dir": str(log_dir),
     }
     report["all_complete"] = all(s["complete"] for d in report_backends.values()
@@ -434,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     publish(section_name("serving", args.shape), section, report, json_path=args.json, write=not args.no_write, path=args.results)
     if not args.no_write:
         log(f"wrote {args.results}")
-    x = report["ratios"].get(TARGET_C, {})
-    log(f"done in {report['elapsed_s'] / 60:.1f} min (estimated {est / 60:.1f}); at C={TARGET_C}: "
-        f"paged/MLX {fmt(x.get('tps_vs_mlx'), 2)}x (target {TARGET_VS_MLX}), paged/mlx_lm "
-        f"{fmt(x.get('tps_vs_mlx_lm'), 2)}x (target {TARGET_VS_MLX_LM}), TTFT p50 MLX/paged "
-        f"{fmt(x.get('ttft_p50_vs_mlx'), 1)}x (target {TARGET_TTFT:g})")
+    log(f"done in {report['elapsed_s'] / 60:.1f} min (estimated {est / 60:.1f}). {targets(report)}")
     return 0 if not any(d.get("error") for d in report_backends.values()) else 1
 
 

@@ -12,6 +12,8 @@ runs an all-decode step. Variants, each a separate trace:
   (on CUDA and the CPU that SDPA falls back to ops of its own for a masked step);
 - `no_attention`: the attention (gather + SDPA) replaced by the queries themselves, what the attention costs (a
   diagnostic: the tokens are wrong);
+- `element_gather`: the contexts gathered element by element in the step's own dtype (by slot and head, two
+  index arrays), as before `reference._gathered` moved whole rows as 8-byte words;
 - `gather_only`: the contexts gathered and each read once (summed), but no scores, mask or softmax: what the
   gathers cost against the attention's arithmetic (a diagnostic too);
 - `mlx_lm`: mlx-lm's own `BatchKVCache` decode at the same rows and context on mlx-lm's model, built op by op
@@ -154,6 +156,15 @@ def _gather_only(q, k, v, scale, mask, sinks=None, softcap=None):
     return (q.reshape(batch, kv_heads, heads // kv_heads, length, dim) + seen[:, :, None]).reshape(q.shape)
 
 
+def _element_gather(pool, group):
+    """Stands in for `reference._gathered`: the gather by slot and head, element by element."""
+    import mlx.core as mx
+
+    num_blocks, block_size, num_kv_heads, head_dim = pool.shape
+    rows = pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
+    return rows[group.slots[:, None, :], mx.arange(num_kv_heads, dtype=mx.int32)[None, :, None]]
+
+
 def _no_attention():
     from vmetal.engine.runner.kv.paged_cache import PagedLayerCache
 
@@ -169,7 +180,7 @@ def main() -> None:
     from vmetal.engine.runner.attention import reference
     from vmetal.engine.runner.kv.paged_cache import install_attention_hook
 
-    written_out = reference.grouped_attention
+    written_out, gathered = reference.grouped_attention, reference._gathered
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="bfloat16")
@@ -177,7 +188,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--chain", type=int, default=20)
-    ap.add_argument("--variants", default="base,unpacked,fused_sdpa,gather_only,mlx_lm,no_attention",
+    ap.add_argument("--variants", default="base,element_gather,unpacked,fused_sdpa,gather_only,mlx_lm,no_attention",
                     help="no_attention last: it patches the attention for the rest of the run")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--count", action="store_true", help="also count the primitives of an op-by-op step")
@@ -196,6 +207,7 @@ def main() -> None:
             _no_attention()
         reference.FUSED_SDPA = True if variant == "fused_sdpa" else None
         reference.grouped_attention = _gather_only if variant == "gather_only" else written_out
+        reference._gathered = _element_gather if variant == "element_gather" else gathered
         if args.count and variant != "mlx_lm":
             print(f"{variant} primitives rows={rows[-1]}:",
                   count_primitives(lm, _pools(lm, blocks, block_size), rows[-1], args.context, block_size), flush=True)

@@ -300,6 +300,23 @@ def test_decodes_of_equal_contexts_equal_dense(num_seqs):
     assert relative_error(out, want) < tolerance(mx.float32, ctx), f"seed {seed}"
 
 
+@pytest.mark.parametrize("dtype, head_dim", [(mx.bfloat16, 128), (mx.float32, 6), (mx.float16, 6),
+                                             (mx.bfloat16, 3), (mx.uint8, 5)])
+def test_contexts_gathered_bit_for_bit_whatever_the_row_width(dtype, head_dim):
+    # Rows move as 8- or 4-byte words where their width allows (bf16 x 128, float32 x 6, float16 x 6) and in
+    # their own type where not (bf16 x 3, uint8 x 5): the same bits come out either way, NaNs and all.
+    rng = np.random.default_rng(fresh_seed())
+    num_blocks, block_size, kv_heads = 5, 4, 3
+    bits = rng.integers(0, 256, size=(num_blocks, block_size, kv_heads, head_dim * dtype.size), dtype=np.uint8)
+    pool = mx.array(bits).view(dtype)
+    slots = rng.integers(0, num_blocks * block_size, size=(2, 7)).astype(np.int32)
+    group = pa.AttentionGroup(slice(0, 2), mx.array(slots), None, None, None, 2, 1)
+    got = np.array(pa._gathered(pool, group).view(mx.uint8))
+    rows = bits.reshape(num_blocks * block_size, kv_heads, -1)
+    assert got.shape == (2, kv_heads, 7, head_dim * dtype.size)
+    assert np.array_equal(got, rows[slots].transpose(0, 2, 1, 3))
+
+
 # ------------------------------------------------------------------------------ cache writes
 def test_reshape_and_cache_writes_slots_and_skips_padding():
     rng = np.random.default_rng(fresh_seed())

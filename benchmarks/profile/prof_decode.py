@@ -19,6 +19,10 @@ runs an all-decode step. Variants, each a separate trace:
 - `mlx_lm`: mlx-lm's own `BatchKVCache` decode at the same rows and context on mlx-lm's model, built op by op
   (the anchor).
 
+`--prefill ROWSxTOKENS` (e.g. 64x128) times, per variant, one op-by-op prefill step of that many prompts, as the
+paged runner builds it: the host's planning (`StepLayout.plan`), the graph build, the launch and the wait; what
+a served wave of new requests waits for before its first tokens (TTFT).
+
 "sync" times one step from an idle device (launch is host work alone, wait is the device's tail); "chain" runs
 `--chain` steps back to back and times the whole (what a step costs when host and device overlap, as in a
 server). Prints one line per measurement; meant for a GPU (on this CPU host use `--shape deep-tiny`).
@@ -63,6 +67,45 @@ def paged(lm, layers, rows: int, context: int, block_size: int, reps: int, chain
         return compiled.forward(layers, pools, tokens, plan, rows)
 
     return _time(step, lambda out: [out, [(p.k, p.v) for p in pools]], reps, chain)
+
+
+def prefill(lm, layers, rows: int, prompt: int, block_size: int, reps: int) -> dict:
+    import mlx.core as mx
+
+    from vmetal.engine.models import logits_at
+    from vmetal.engine.runner.kv.paged_cache import StepLayout
+
+    per_row = -(-prompt // block_size)
+    tables = np.arange(1, 1 + rows * per_row).reshape(rows, per_row)
+    pos = np.tile(np.arange(prompt), rows)
+    seq = np.repeat(np.arange(rows), prompt)
+    slots = tables[seq, pos // block_size] * block_size + pos % block_size
+    ids = mx.array(np.random.default_rng(0).integers(0, 1000, size=rows * prompt).astype(np.int32))
+    last = mx.array((np.arange(1, rows + 1) * prompt - 1).astype(np.int32))
+
+    def step():
+        layout = StepLayout.plan(pos, slots, tables, [prompt] * rows, [prompt] * rows, block_size)
+        planned = time.perf_counter()
+        for layer in layers:
+            layer.layout = layout
+        out = logits_at(lm.model, ids[:, None], layers, lambda hidden: hidden[last], lm.head_on_rows)[:, 0, :]
+        return planned, [out, [(c.k_pool, c.v_pool) for c in layers]]
+
+    for _ in range(2):
+        mx.eval(step()[1])
+    phases = {"plan_ms": [], "build_ms": [], "launch_ms": [], "wait_ms": [], "step_ms": []}
+    for _ in range(reps):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        planned, out = step()
+        t1 = time.perf_counter()
+        mx.async_eval(out)
+        t2 = time.perf_counter()
+        mx.eval(out)
+        t3 = time.perf_counter()
+        for key, value in zip(phases, (planned - t0, t1 - planned, t2 - t1, t3 - t2, t3 - t0)):
+            phases[key].append(value)
+    return {k: round(statistics.median(v) * 1e3, 3) for k, v in phases.items()}
 
 
 def mlx_lm(lm, rows: int, context: int, reps: int, chain: int) -> dict:
@@ -191,6 +234,7 @@ def main() -> None:
     ap.add_argument("--variants", default="base,element_gather,unpacked,fused_sdpa,gather_only,mlx_lm,no_attention",
                     help="no_attention last: it patches the attention for the rest of the run")
     ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--prefill", metavar="ROWSxTOKENS", help="time one prefill step of ROWS prompts of TOKENS")
     ap.add_argument("--count", action="store_true", help="also count the primitives of an op-by-op step")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
@@ -211,6 +255,12 @@ def main() -> None:
         if args.count and variant != "mlx_lm":
             print(f"{variant} primitives rows={rows[-1]}:",
                   count_primitives(lm, _pools(lm, blocks, block_size), rows[-1], args.context, block_size), flush=True)
+        if args.prefill and variant != "mlx_lm":
+            n, prompt = (int(x) for x in args.prefill.lower().split("x"))
+            layers = _pools(lm, 1 + n * -(-prompt // block_size), block_size)
+            found = prefill(lm, layers, n, prompt, block_size, min(args.reps, 10))
+            del layers
+            print(f"{variant} prefill {n}x{prompt}: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
         for n in rows:
             if variant == "mlx_lm":
                 found = mlx_lm(lm, n, args.context, args.reps, args.chain)

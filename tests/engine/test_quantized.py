@@ -193,7 +193,7 @@ def test_paged_engine_matches_mlx_lm_on_quantized_weights(quantized, mxfp4_model
 
     folder = quantized[4] if which == "4bit" else mxfp4_model
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
-    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.05")
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.2")
     llm = LLM(model=str(folder), max_model_len=MAX_MODEL_LEN, max_num_seqs=8, seed=0)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -225,7 +225,7 @@ def test_a_quantized_moe_serves_mlx_lms_tokens(models_dir, monkeypatch, kv_path)
         build_family(source, "qwen3_moe")
     folder = quantize(source, models_dir / "qwen3-moe-4bit", 4, 64)
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1" if kv_path == "paged" else "0")
-    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.05" if kv_path == "paged" else "auto")
+    monkeypatch.setenv("VLLM_METAL_MEMORY_FRACTION", "0.2" if kv_path == "paged" else "auto")
     with running_llm(folder, max_model_len=MAX_MODEL_LEN, max_num_seqs=4, seed=0) as llm:
         outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
                             use_tqdm=False)

@@ -239,3 +239,55 @@ def test_weights_alone_beyond_the_device_suggest_a_smaller_model():
 def test_cache_limit_is_a_tenth_of_the_device_but_at_least_512_mib(device_bytes, limit):
     """MLX keeps at most a tenth of the device of freed buffers for reuse, and never less than 512 MiB."""
     assert cache_limit_bytes(device_bytes) == limit
+
+
+# --------------------------------------------------------------------------- what the worker leaves room for
+@pytest.mark.parametrize("batched, max_len, expected", [(2048, MAX_LEN, MAX_LEN), (512, MAX_LEN, 512)])
+def test_the_profiled_step_is_the_longest_prompt_one_step_holds(batched, max_len, expected):
+    """vLLM profiles at `max_num_batched_tokens`; no prompt is longer than `max_model_len`."""
+    for cls in (MlxModelRunner, PagedModelRunner):
+        runner = make_runner(cls, weights=0, max_model_len=max_len, max_num_batched_tokens=batched)
+        assert runner.profile_tokens() == expected
+
+
+@pytest.mark.parametrize("step_mib, cache_mib", [(24, 512), (768, 768), (4096, 1024)])
+def test_the_kv_budget_leaves_room_for_the_largest_steps_activations_and_mlx_s_cache(monkeypatch, step_mib,
+                                                                                      cache_mib):
+    """The worker profiles a forward of `profile_tokens` tokens, caps MLX's cache at that step's activation peak
+    (at least 512 MiB, at most a tenth of the device: 1 GiB of this 10 GiB one) and hands the runner's budget
+    rule the peak plus that cache: freed buffers MLX keeps for reuse are memory the KV cannot have."""
+    import mlx.core as mx
+
+    from vmetal.engine import worker as worker_module
+    from vmetal.engine.worker import MetalWorker
+
+    seen = {}
+    limits = []
+
+    class Runner:
+        weights_bytes = 0
+        kv_fraction = 0.9
+
+        def profile_tokens(self) -> int:
+            return 96
+
+        def warm_up(self, tokens=None):
+            seen["tokens"] = tokens
+            mx.eval(mx.zeros((step_mib, 2**18), dtype=mx.float32).sum())  # step_mib MiB at the peak
+
+        def kv_budget(self, device_bytes, activation_bytes):
+            seen["reserved"] = activation_bytes
+            return 123 * MiB
+
+    monkeypatch.setattr(worker_module, "device_memory_bytes", lambda device: 10 * GiB)
+    monkeypatch.setattr(mx, "set_cache_limit", lambda limit: limits.append(limit) or 0)
+    worker = object.__new__(MetalWorker)
+    worker.cache_config = SimpleNamespace(kv_cache_memory_bytes=None)
+    worker.vllm_config = SimpleNamespace(additional_config=None)
+    worker.model_runner, worker.mlx_device, worker.cache_limit = Runner(), "cpu", cache_limit_bytes(10 * GiB)
+    assert worker.determine_available_memory() == 123 * MiB
+    assert seen["tokens"] == 96
+    peak = seen["reserved"] - worker.cache_limit
+    assert step_mib * MiB <= peak < step_mib * MiB + 8 * MiB
+    assert limits == [worker.cache_limit] == [min(GiB, max(512 * MiB, peak))]
+    assert abs(worker.cache_limit - cache_mib * MiB) < 8 * MiB

@@ -159,15 +159,17 @@ def test_a_slot_of_minus_one_writes_nothing(runner):
     assert np.isnan(k_rows[others]).all() and np.isnan(v_rows[others]).all()
 
 
-def test_warm_up_writes_nothing_to_the_pools(runner):
-    """The profiling forward (`warm_up`, run again after the pools are allocated) uses slot -1 for every
-    token: the pools, including K/V already written there, come out bit for bit as they went in."""
+@pytest.mark.parametrize("tokens", [None, 3 * BLOCK + 1])
+def test_warm_up_writes_nothing_to_the_pools(runner, tokens):
+    """The profiling forward (`warm_up`, run again after the pools are allocated; the worker's first one as long
+    as a step's longest prompt, several blocks) uses slot -1 for every token: the pools, including K/V already
+    written there, come out bit for bit as they went in."""
     layers = nan_layers(runner)
     packed_step(runner, layers, [(TABLE_A, 0, PROMPT_A)])
     before = [(np.asarray(c.k_pool), np.asarray(c.v_pool)) for c in layers]
     runner.layers = layers
     try:
-        runner.warm_up()
+        runner.warm_up(tokens)
     finally:
         runner.layers = []
     for (k, v), layer in zip(before, layers, strict=True):

@@ -17,6 +17,13 @@ def device_memory_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def cache_limit_bytes(device_bytes: int) -> int:
-    """The most freed memory MLX keeps for reuse (`mx.set_cache_limit`)."""
-    return max(512 * 2**20, device_bytes // 10)
+MIN_CACHE_BYTES = 512 * 2**20
+
+
+def cache_limit_bytes(device_bytes: int, step_bytes: int | None = None) -> int:
+    """The most freed memory MLX keeps for reuse (`mx.set_cache_limit`): a tenth of the device, at least
+    `MIN_CACHE_BYTES`; once the largest step's activation peak (`step_bytes`) is known, no more than that peak
+    (or the floor): what a step frees, the next one needs again, and more held back is memory the KV cache
+    cannot have."""
+    limit = max(MIN_CACHE_BYTES, device_bytes // 10)
+    return limit if step_bytes is None else min(limit, max(MIN_CACHE_BYTES, step_bytes))

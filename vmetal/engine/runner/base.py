@@ -145,9 +145,15 @@ class ModelRunnerBase:
     def describe_backend(self) -> str:
         return f"MLX {self.metal_config.mlx_device or 'default device'}"
 
-    def warm_up(self) -> None:
-        """One tiny forward so the backend compiles its kernels before traffic (and vLLM profiles memory)."""
+    def warm_up(self, tokens: int | None = None) -> None:
+        """A forward of one prompt of `tokens` tokens (None: a few), so the backend compiles its kernels before
+        traffic; at `profile_tokens` the worker reads the step's activation peak from it."""
         raise NotImplementedError
+
+    def profile_tokens(self) -> int:
+        """The largest prompt one step can hold: the step whose activations the KV budget leaves room for (as
+        vLLM's own profiling run does, at `max_num_batched_tokens`)."""
+        return max(1, min(self.scheduler_config.max_num_batched_tokens, self.max_model_len))
 
     # -------------------------------------------------------------- KV cache
     def kv_bytes_per_token(self) -> int:
@@ -185,7 +191,8 @@ class ModelRunnerBase:
         """KV bytes vLLM may plan with.
 
         The caches grow on demand, so what matters is that the scheduler never admits more tokens than memory
-        holds: `kv_fraction` of the device, less weights and the activation peak, and never more than
+        holds: `kv_fraction` of the device, less weights and `activation_bytes` (the worker's: the largest
+        step's activation peak and the freed memory MLX may keep for reuse), and never more than
         `max_num_seqs` full-length sequences (in whole blocks, plus the null block vLLM's pool keeps aside).
         """
         # A hybrid's recurrent state (and, on the MLX-managed path, a sliding window) is a fixed size per

@@ -83,11 +83,11 @@ class MlxModelRunner(ModelRunnerBase):
         self.prefix_cache = PrefixCache(budget_bytes, self.cache_config.block_size)
         logger.info("vmetal: MLX-path prefix cache on, %.1f MiB", budget_bytes / 2**20)
 
-    def warm_up(self) -> None:
+    def warm_up(self, tokens: int | None = None) -> None:
         import mlx.core as mx
 
         cache = mlx_cache.new_request_cache(self.model)
-        logits = mlx_cache.prefill(self.model, cache, [0, 1, 2, 3])
+        logits = mlx_cache.prefill(self.model, cache, [0] * (tokens or 4))
         batch = mlx_cache.DecodeBatch(self.loaded.num_layers)
         batch.add("warm-up", cache)
         mx.eval(logits, batch.forward(self.model, [int(mx.argmax(logits).item())]))

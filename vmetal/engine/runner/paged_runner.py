@@ -128,17 +128,20 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         if self._compile:
             self.compiled = CompiledDecode(self.model, self.loaded.head_on_rows, self.views)
 
-    def warm_up(self) -> None:
-        """A profiling forward, on a scratch pool before vLLM sizes the real one."""
+    def warm_up(self, tokens: int | None = None) -> None:
+        """One prompt's forward, on a scratch pool before vLLM sizes the real one: its K/V are not written
+        (slot -1) and every position reads the scratch pool's block 0, so `tokens` costs no pool of its own."""
         import mlx.core as mx
 
+        block_size = self.cache_config.block_size
         layers = self.layers or self._new_layers(2)
         views = views_of(layers)
         groups = 1 + max(g for g, _ in views)
-        n = min(8, self.cache_config.block_size)
-        layout = StepLayout.plan_groups(np.arange(n), [np.full((n,), -1)] * groups, [np.zeros((1, 1))] * groups,
-                                        [n], [n], self.cache_config.block_size, views)
-        mx.eval(self._forward(layers, list(range(n)), layout, [n - 1]))
+        n = tokens or min(8, block_size)
+        tables = [np.zeros((1, -(-n // block_size)), dtype=np.int64)] * groups
+        layout = StepLayout.plan_groups(np.arange(n), [np.full((n,), -1)] * groups, tables, [n], [n], block_size,
+                                        views)
+        mx.eval(self._forward(layers, [0] * n, layout, [n - 1]))
 
     def _forward(self, layers: list[PagedLayerCache], tokens: Any, layout: StepLayout, last_rows: list[int]) -> Any:
         import mlx.core as mx

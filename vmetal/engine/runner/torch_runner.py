@@ -256,12 +256,12 @@ class TorchModelRunner(MlxModelRunner):
         # envs.check_available refuses this combination before the engine starts.
         raise RuntimeError("VLLM_METAL_PREFIX_CACHE holds MLX KV; the PyTorch path has no prefix cache")
 
-    def warm_up(self) -> None:
+    def warm_up(self, tokens: int | None = None) -> None:
         import torch
 
         with torch.inference_mode():
             cache = _new_cache(self.model)
-            logits = prefill(self.model, cache, [0, 1, 2, 3], 0)
+            logits = prefill(self.model, cache, [0] * (tokens or 4), 0)
             batch = TorchDecodeBatch(self.model)
             batch.add("warm-up", cache)
             batch.forward(self.model, [int(torch.argmax(logits))]).sum().item()

@@ -4,7 +4,11 @@ at once, per variant of the server's arguments:
 - the client's view: vLLM's `benchmark()` output tok/s and ITL (what bench_serving.py reports);
 - the engine's view: its own step timer (`vmetal/engine/runner/step_times.py`, the `VLLM_METAL_DEBUG=1` log
   line): the all-decode step cycle at the load's row count, split into graph build, launch, runner, vLLM, wait;
-- each server process's CPU use over the load (the API server(s), the EngineCore), in cores.
+- each server process's CPU use over the load (the API server(s), the EngineCore), in cores;
+- where the time to first token goes, from vLLM's own request histograms on `/metrics` (means over each trial):
+  the client's TTFT, the engine's (from the request's arrival at vLLM's input processor to its first token),
+  the time it waited in the scheduler's queue, and from its first scheduled step to its first token (prefill).
+  Client minus engine is the HTTP and API-server side.
 
 An engine cycle well below the client's ITL means the time goes outside the engine (the API server's
 per-token work for every stream: detokenising, the SSE chunk, the client); an API server near one whole core
@@ -49,6 +53,38 @@ def engine_steps(log: Path, rows: int) -> dict[str, float] | None:
     return found
 
 
+# vLLM's request histograms (vllm/v1/metrics/loggers.py) whose means split a trial's TTFT.
+TTFT_PARTS = {"engine_ttft": "vllm:time_to_first_token_seconds", "queue": "vllm:request_queue_time_seconds",
+              "prefill": "vllm:request_prefill_time_seconds"}
+
+
+def histograms(base_url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each TTFT_PARTS histogram, from the server's Prometheus text (summed over labels)."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for key, name in TTFT_PARTS.items():
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + "_sum"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(name + "_count"):
+                count += float(line.rsplit(" ", 1)[1])
+        out[key] = (total, count)
+    return out
+
+
+def ttft_parts(before: dict, after: dict) -> dict[str, float | None]:
+    """Mean ms of each histogram over the requests between the two scrapes."""
+    out = {}
+    for key in TTFT_PARTS:
+        total, count = (a - b for a, b in zip(after[key], before[key]))
+        out[f"{key}_mean_ms"] = round(1e3 * total / count, 1) if count else None
+    return out
+
+
 def process_cpu(pid: int) -> dict[str, float]:
     """CPU seconds so far of the server process `pid` and each descendant, keyed by its name and pid."""
     import psutil
@@ -89,16 +125,19 @@ def run_variant(name: str, extra: list[str], model_dir: Path, concurrency: int, 
                      concurrency=concurrency, extra_body={"temperature": 0.0}, log_file=load_log)
             for trial in range(trials):
                 reqs = sample_requests(tokenizer, requests, input_len, output_len, seed=trial)
+                scraped = histograms(server.base_url)
                 before, t0 = process_cpu(server.pid), time.perf_counter()
                 result = run_load(base_url=server.base_url, model_id="bench", tokenizer=tokenizer, requests=reqs,
                                   concurrency=concurrency, extra_body={"temperature": 0.0}, log_file=load_log)
                 after, wall = process_cpu(server.pid), time.perf_counter() - t0
+                parts = ttft_parts(scraped, histograms(server.base_url))
                 cores = {p: round((after[p] - before.get(p, 0.0)) / wall, 2) for p in after
                          if after[p] - before.get(p, 0.0) > 0.05 * wall}
                 run = {"trial": trial, "output_tok_s": round(result["output_throughput"], 1),
                        "itl_p50_ms": round(result["median_itl_ms"], 2),
                        "tpot_p50_ms": round(result["median_tpot_ms"], 2),
-                       "ttft_p50_ms": round(result["median_ttft_ms"], 1), "cores": cores}
+                       "ttft_p50_ms": round(result["median_ttft_ms"], 1),
+                       "ttft_mean_ms": round(result["mean_ttft_ms"], 1), **parts, "cores": cores}
                 runs.append(run)
                 print(f"{name} trial {trial}: {json.dumps(run)}", flush=True)
         time.sleep(1)

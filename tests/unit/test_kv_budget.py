@@ -242,12 +242,13 @@ def test_cache_limit_is_a_tenth_of_the_device_but_at_least_512_mib(device_bytes,
 
 
 # --------------------------------------------------------------------------- what the worker leaves room for
-@pytest.mark.parametrize("batched, max_len, expected", [(2048, MAX_LEN, MAX_LEN), (512, MAX_LEN, 512)])
-def test_the_profiled_step_is_the_longest_prompt_one_step_holds(batched, max_len, expected):
-    """vLLM profiles at `max_num_batched_tokens`; no prompt is longer than `max_model_len`."""
-    for cls in (MlxModelRunner, PagedModelRunner):
-        runner = make_runner(cls, weights=0, max_model_len=max_len, max_num_batched_tokens=batched)
-        assert runner.profile_tokens() == expected
+@pytest.mark.parametrize("batched, managed, paged", [(2048, MAX_LEN, 2048), (512, 512, 512)])
+def test_the_profiled_step_is_the_largest_step(batched, managed, paged):
+    """vLLM profiles at `max_num_batched_tokens`. The MLX-managed path prefills each request on its own, so its
+    largest forward is the longest prompt (`max_model_len` at most); a paged step packs every scheduled token
+    into one forward."""
+    assert make_runner(MlxModelRunner, weights=0, max_num_batched_tokens=batched).profile_tokens() == managed
+    assert make_runner(PagedModelRunner, weights=0, max_num_batched_tokens=batched).profile_tokens() == paged
 
 
 @pytest.mark.parametrize("step_mib, cache_mib", [(24, 512), (768, 768), (4096, 1024)])

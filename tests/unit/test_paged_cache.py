@@ -159,11 +159,11 @@ def test_a_slot_of_minus_one_writes_nothing(runner):
     assert np.isnan(k_rows[others]).all() and np.isnan(v_rows[others]).all()
 
 
-@pytest.mark.parametrize("tokens", [None, 3 * BLOCK + 1])
+@pytest.mark.parametrize("tokens", [None, 3 * BLOCK + 1, 3 * 64 + 5])  # the runner's max_model_len: 64
 def test_warm_up_writes_nothing_to_the_pools(runner, tokens):
     """The profiling forward (`warm_up`, run again after the pools are allocated; the worker's first one as long
-    as a step's longest prompt, several blocks) uses slot -1 for every token: the pools, including K/V already
-    written there, come out bit for bit as they went in."""
+    as a step's token budget: several blocks, several prompts of at most max_model_len) uses slot -1 for every
+    token: the pools, including K/V already written there, come out bit for bit as they went in."""
     layers = nan_layers(runner)
     packed_step(runner, layers, [(TABLE_A, 0, PROMPT_A)])
     before = [(np.asarray(c.k_pool), np.asarray(c.v_pool)) for c in layers]

@@ -128,9 +128,14 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         if self._compile:
             self.compiled = CompiledDecode(self.model, self.loaded.head_on_rows, self.views)
 
+    def profile_tokens(self) -> int:
+        # A paged step is one packed forward over every token scheduled, however many prompts they come from.
+        return max(1, self.scheduler_config.max_num_batched_tokens)
+
     def warm_up(self, tokens: int | None = None) -> None:
-        """One prompt's forward, on a scratch pool before vLLM sizes the real one: its K/V are not written
-        (slot -1) and every position reads the scratch pool's block 0, so `tokens` costs no pool of its own."""
+        """One packed step of prompts, `tokens` in all, each at most `max_model_len` long, on a scratch pool
+        before vLLM sizes the real one: no K/V is written (slot -1) and every position reads the scratch
+        pool's block 0, so `tokens` costs no pool of their own."""
         import mlx.core as mx
 
         block_size = self.cache_config.block_size
@@ -138,10 +143,12 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         views = views_of(layers)
         groups = 1 + max(g for g, _ in views)
         n = tokens or min(8, block_size)
-        tables = [np.zeros((1, -(-n // block_size)), dtype=np.int64)] * groups
-        layout = StepLayout.plan_groups(np.arange(n), [np.full((n,), -1)] * groups, tables, [n], [n], block_size,
+        lens = [min(n - start, self.max_model_len) for start in range(0, n, self.max_model_len)]
+        tables = [np.zeros((len(lens), -(-lens[0] // block_size)), dtype=np.int64)] * groups
+        positions = np.concatenate([np.arange(length) for length in lens])
+        layout = StepLayout.plan_groups(positions, [np.full((n,), -1)] * groups, tables, lens, lens, block_size,
                                         views)
-        mx.eval(self._forward(layers, [0] * n, layout, [n - 1]))
+        mx.eval(self._forward(layers, [0] * n, layout, (np.cumsum(lens) - 1).tolist()))
 
     def _forward(self, layers: list[PagedLayerCache], tokens: Any, layout: StepLayout, last_rows: list[int]) -> Any:
         import mlx.core as mx

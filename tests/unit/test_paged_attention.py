@@ -155,6 +155,37 @@ def test_paged_attention_equals_dense(ratio, block_size):
         f"relative error {err:.2e} (seed {seed}, ctx {pack.ctx_lens}, q {pack.q_lens})")
 
 
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_prefills_split_into_groups_still_equal_dense(monkeypatch, ratio):
+    """With no padding allowed, each longer query of a different size attends in a group of its own (the rows
+    of the groups concatenated and put back in the step's order): the same output."""
+    monkeypatch.setattr(pa, "SPLIT_WASTE", 0)
+    seed = fresh_seed()
+    pack = Pack(np.random.default_rng(seed), block_size=8, ratio=ratio)
+    plan = pa.plan_attention(pack.tables, pack.ctx_lens, pack.q_lens, 8)
+    longer = {(q, c) for q, c in zip(pack.q_lens, pack.ctx_lens) if q > 1}  # a group holds one size at most
+    assert len(plan.groups) >= (1 in pack.q_lens) + len(longer), f"seed {seed}"
+    out = pa.paged_attention(*pack.args())
+    err = relative_error(out, pack.dense())
+    assert err < tolerance(mx.float32, max(pack.ctx_lens)), f"relative error {err:.2e} (seed {seed})"
+
+
+def test_a_long_prompt_beside_short_ones_is_a_group_of_its_own():
+    """A 3,000-token prompt beside three of 20 would pad each to 3,000 x 3,000 (27M positions of waste): they
+    split. Prompts of nearly one size (64 of 128-130 tokens) stay one group, in the step's order."""
+    def planned(qlens):
+        plan = pa.plan_attention(np.zeros((len(qlens), 200), dtype=np.int32), qlens, qlens, 16)
+        restore = None if plan.restore is None else np.array(plan.restore).tolist()
+        return [(g.batch, g.max_q) for g in plan.groups], restore
+
+    # Rows: the 3,000-token prompt's first, then the three short ones'; `restore` puts them back.
+    groups, restore = planned([20, 3000, 20, 20])
+    assert groups == [(1, 3000), (3, 20)]
+    assert restore == [*range(3000, 3020), *range(3000), *range(3020, 3060)]
+    assert planned([128, 130, 129] * 21 + [128]) == ([(64, 130)], None)
+    assert planned([1, 1, 20, 3000])[0] == [(2, 1), (1, 3000), (1, 20)]
+
+
 @pytest.mark.parametrize("ratio", [1, 2])
 def test_softcapped_scores_equal_dense(ratio):
     """Gemma 2: scores capped by `softcap * tanh(scores / softcap)` before the mask and the softmax; a cap of 2

@@ -112,21 +112,22 @@ class MetalWorker(WorkerBase):
 
         if self.cache_config.kv_cache_memory_bytes:
             return int(self.cache_config.kv_cache_memory_bytes)
-        # The largest step's activations, as vLLM profiles them: a forward of the longest prompt a step holds.
-        # Beside them, the freed buffers MLX keeps for reuse (its cache) are memory the KV cannot have either:
+        # The largest step's activations, as vLLM profiles them: a forward as large as a step gets (the runner's
+        # `profile_tokens`). Beside them, the freed buffers MLX keeps for reuse (its cache) are memory the KV cannot have either:
         # sized from a tiny forward (a few MiB), 0.9 of an H100 went to KV and weights and a served 64-prompt
         # prefill step ran the card out of memory (cudaMallocAsync) with MLX's cache grown into the rest.
         tokens = self.model_runner.profile_tokens()
         mx.reset_peak_memory()
         self.model_runner.warm_up(tokens)
         self.peak_activation_bytes = max(0, mx.get_peak_memory() - mx.get_active_memory())
-        self.cache_limit = cache_limit_bytes(device_memory_bytes(self.mlx_device), self.peak_activation_bytes)
+        device_bytes = device_memory_bytes(self.mlx_device)
+        self.cache_limit = cache_limit_bytes(device_bytes, self.peak_activation_bytes)
         mx.set_cache_limit(self.cache_limit)
         mx.clear_cache()
         # Ranks and replicas on one Mac share its unified memory: each plans with its share, or together they
         # would promise the device several times over.
         sharing = int((self.vllm_config.additional_config or {}).get(parallel.MEMORY_SHARE_KEY, 1))
-        total = device_memory_bytes(self.mlx_device) // sharing
+        total = device_bytes // sharing
         available = self.model_runner.kv_budget(total, self.peak_activation_bytes + self.cache_limit)
         logger.info(
             "vmetal: KV budget %.1f MiB (device %.1f GiB%s x %.2f, weights %.1f MiB, activations %.1f MiB at "

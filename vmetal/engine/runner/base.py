@@ -146,13 +146,14 @@ class ModelRunnerBase:
         return f"MLX {self.metal_config.mlx_device or 'default device'}"
 
     def warm_up(self, tokens: int | None = None) -> None:
-        """A forward of one prompt of `tokens` tokens (None: a few), so the backend compiles its kernels before
-        traffic; at `profile_tokens` the worker reads the step's activation peak from it."""
+        """A forward of `tokens` prompt tokens (None: a few), so the backend compiles its kernels before traffic;
+        at `profile_tokens` the worker reads the largest step's activation peak from it."""
         raise NotImplementedError
 
     def profile_tokens(self) -> int:
-        """The largest prompt one step can hold: the step whose activations the KV budget leaves room for (as
-        vLLM's own profiling run does, at `max_num_batched_tokens`)."""
+        """The tokens of the largest forward a step runs, whose activations the KV budget leaves room for (vLLM's
+        own profiling run takes `max_num_batched_tokens`): this path prefills each request on its own, so the
+        longest prompt a step holds."""
         return max(1, min(self.scheduler_config.max_num_batched_tokens, self.max_model_len))
 
     # -------------------------------------------------------------- KV cache

@@ -286,6 +286,7 @@ def test_the_kv_budget_leaves_room_for_the_largest_steps_activations_and_mlx_s_c
     worker.cache_config = SimpleNamespace(kv_cache_memory_bytes=None)
     worker.vllm_config = SimpleNamespace(additional_config=None)
     worker.model_runner, worker.mlx_device, worker.cache_limit = Runner(), "cpu", cache_limit_bytes(10 * GiB)
+    worker.ring = None  # one rank
     assert worker.determine_available_memory() == 123 * MiB
     assert seen["tokens"] == 96
     peak = seen["reserved"] - worker.cache_limit

@@ -117,6 +117,11 @@ class MetalWorker(WorkerBase):
         # sized from a tiny forward (a few MiB), 0.9 of an H100 went to KV and weights and a served 64-prompt
         # prefill step ran the card out of memory (cudaMallocAsync) with MLX's cache grown into the rest.
         tokens = self.model_runner.profile_tokens()
+        if self.ring is not None:
+            # Ranks run the forward together (its all-reduces and stage hand-overs pair up), so at one size: the
+            # largest any rank's own limits ask for (a headless node may be started with other limits than the
+            # head's; at different sizes the ranks hung).
+            tokens = int(mx.distributed.all_max(mx.array(tokens), group=self.ring.group, stream=mx.cpu).item())
         mx.reset_peak_memory()
         self.model_runner.warm_up(tokens)
         self.peak_activation_bytes = max(0, mx.get_peak_memory() - mx.get_active_memory())

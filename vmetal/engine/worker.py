@@ -113,9 +113,10 @@ class MetalWorker(WorkerBase):
         if self.cache_config.kv_cache_memory_bytes:
             return int(self.cache_config.kv_cache_memory_bytes)
         # The largest step's activations, as vLLM profiles them: a forward as large as a step gets (the runner's
-        # `profile_tokens`). Beside them, the freed buffers MLX keeps for reuse (its cache) are memory the KV cannot have either:
-        # sized from a tiny forward (a few MiB), 0.9 of an H100 went to KV and weights and a served 64-prompt
-        # prefill step ran the card out of memory (cudaMallocAsync) with MLX's cache grown into the rest.
+        # `profile_tokens`). Beside them, the freed buffers MLX keeps for reuse (its cache) are memory the KV
+        # cannot have either: sized from a tiny forward (a few MiB), 0.9 of an H100 went to KV and weights and a
+        # served 64-prompt prefill step ran the card out of memory (cudaMallocAsync) with MLX's cache grown into
+        # the rest.
         tokens = self.model_runner.profile_tokens()
         if self.ring is not None:
             # Ranks run the forward together (its all-reduces and stage hand-overs pair up), so at one size: the

@@ -217,6 +217,13 @@ def _no_attention():
     PagedLayerCache.attention = attention
 
 
+def _rows_by_tokens(text: str) -> tuple[int, int]:
+    rows, _, tokens = text.lower().partition("x")
+    if not (rows.isdigit() and tokens.isdigit() and int(rows) > 0 and int(tokens) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxTOKENS (two positive counts, e.g. 64x128)")
+    return int(rows), int(tokens)
+
+
 def main() -> None:
     from vmetal.bench.shapes import SHAPES, build_model
     from vmetal.engine import models
@@ -234,7 +241,8 @@ def main() -> None:
     ap.add_argument("--variants", default="base,element_gather,unpacked,fused_sdpa,gather_only,mlx_lm,no_attention",
                     help="no_attention last: it patches the attention for the rest of the run")
     ap.add_argument("--model-dir", type=Path, default=None)
-    ap.add_argument("--prefill", metavar="ROWSxTOKENS", help="time one prefill step of ROWS prompts of TOKENS")
+    ap.add_argument("--prefill", metavar="ROWSxTOKENS", type=_rows_by_tokens,
+                    help="time one prefill step of ROWS prompts of TOKENS")
     ap.add_argument("--count", action="store_true", help="also count the primitives of an op-by-op step")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
@@ -256,7 +264,7 @@ def main() -> None:
             print(f"{variant} primitives rows={rows[-1]}:",
                   count_primitives(lm, _pools(lm, blocks, block_size), rows[-1], args.context, block_size), flush=True)
         if args.prefill and variant != "mlx_lm":
-            n, prompt = (int(x) for x in args.prefill.lower().split("x"))
+            n, prompt = args.prefill
             layers = _pools(lm, 1 + n * -(-prompt // block_size), block_size)
             found = prefill(lm, layers, n, prompt, block_size, min(args.reps, 10))
             del layers

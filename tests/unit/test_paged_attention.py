@@ -348,6 +348,64 @@ def test_contexts_gathered_bit_for_bit_whatever_the_row_width(dtype, head_dim):
     assert np.array_equal(got, rows[slots].transpose(0, 2, 1, 3))
 
 
+def test_every_layer_gathers_by_the_steps_one_head_row_index(tmp_path):
+    # The index a context is gathered by (slot * Hkv + head) is the step's, not a layer's: built per layer it
+    # cost each of a 28-layer model's layers two index kernels and two aranges more, K and V, every step.
+    import re
+
+    rng = np.random.default_rng(fresh_seed())
+    block_size, num_blocks, layers = 4, 12, 3
+    plan = pa.plan_attention([[1, 2, 3], [4, 5, 0]], [10, 6], [1, 3], block_size)
+    queries = mx.array(rng.standard_normal((4, 2 * NUM_KV_HEADS, HEAD_DIM)).astype(np.float32))
+    pools = [mx.array(rng.standard_normal((num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32))
+             for _ in range(2 * layers)]
+    outs = [pa.attend(queries, pools[2 * i], pools[2 * i + 1], plan, 0.125) for i in range(layers)]
+    dot = tmp_path / "step.dot"
+    mx.export_to_dot(str(dot), *outs)
+    aranges = re.findall(r'label ="Arange', dot.read_text())
+    assert len(plan.groups) == 2 and len(aranges) == 2  # one index per group, whatever the layers
+    for group in plan.groups:
+        assert list(group.head_rows) == [(NUM_KV_HEADS, mx.int32)]
+
+
+def test_masked_scores_are_scaled_in_the_masks_kernel(tmp_path, monkeypatch):
+    # With a mask the scale rides in the mask's fused kernel: scaling the queries first launched a kernel of its
+    # own per layer. Without one (equal contexts of single queries) the queries are scaled. Either way the output
+    # is dense attention's.
+    import re
+
+    rng = np.random.default_rng(fresh_seed())
+    block_size, num_blocks, tables = 4, 12, [[1, 2, 3], [4, 5, 0]]
+    pools = [mx.array(rng.standard_normal((num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)).astype(np.float32))
+             for _ in range(2)]
+    queries = mx.array(rng.standard_normal((2, 2 * NUM_KV_HEADS, HEAD_DIM)).astype(np.float32))
+    flat = [np.array(p).reshape(num_blocks * block_size, NUM_KV_HEADS, HEAD_DIM) for p in pools]
+
+    def multiplies(out) -> int:
+        dot = tmp_path / "attend.dot"
+        mx.export_to_dot(str(dot), out)
+        return re.findall(r'label ="(\w+)', dot.read_text()).count("Multiply")
+
+    for ctx, saved in (([10, 6], 1), ([6, 6], 0)):
+        plan = pa.plan_attention(tables, ctx, [1, 1], block_size)
+        assert (plan.groups[0].mask is None) == (saved == 0)
+        out = pa.attend(queries, *pools, plan, 0.125)
+        with monkeypatch.context() as m:
+            m.setattr(pa, "SCALE_MASKED_SCORES", False)
+            before = pa.attend(queries, *pools, pa.plan_attention(tables, ctx, [1, 1], block_size), 0.125)
+        assert multiplies(out) == multiplies(before) - saved
+        for row, (table, n) in enumerate(zip(tables, ctx)):
+            slots = [table[i // block_size] * block_size + i % block_size for i in range(n)]
+            k, v = flat[0][slots], flat[1][slots]  # [n, Hkv, D]
+            q = np.array(queries[row]).reshape(NUM_KV_HEADS, 2, HEAD_DIM)
+            scores = np.einsum("hgd,nhd->hgn", q.astype(np.float64), k) * 0.125
+            w = np.exp(scores - scores.max(-1, keepdims=True))
+            w /= w.sum(-1, keepdims=True)
+            dense = np.einsum("hgn,nhd->hgd", w, v).reshape(2 * NUM_KV_HEADS, HEAD_DIM)
+            np.testing.assert_allclose(np.array(out[row]), dense, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.array(before[row]), dense, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ cache writes
 def test_reshape_and_cache_writes_slots_and_skips_padding():
     rng = np.random.default_rng(fresh_seed())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
@@ -140,6 +141,19 @@ class AttentionGroup:
     unpad: mx.array | None  # [rows] padded row holding each real query (None: no padding)
     batch: int
     max_q: int
+    # (KV heads, index dtype) -> the head-row index `_gathered` takes contexts by, built once a step: every
+    # layer, K and V alike, gathers by the same one (built per layer, it cost each layer two index kernels and
+    # two aranges more, 112 launches a step on a 28-layer model)
+    head_rows: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def head_row_index(self, num_kv_heads: int, dtype: mx.Dtype) -> mx.array:
+        """int `[B, Hkv, max_ctx]`: row `slot * Hkv + head` of a pool seen as `[slots * Hkv, D]`."""
+        index = self.head_rows.get((num_kv_heads, dtype))
+        if index is None:
+            slots = self.slots.astype(dtype)
+            index = slots[:, None, :] * num_kv_heads + mx.arange(num_kv_heads, dtype=dtype)[None, :, None]
+            self.head_rows[num_kv_heads, dtype] = index
+        return index
 
 
 @dataclass
@@ -262,6 +276,9 @@ def plan_attention(block_tables: IntsLike, context_lens: IntsLike, query_lens: I
 # Whether the attention goes through MLX's fused SDPA (None: where MLX computes on Metal, whose kernels take the
 # mask; `grouped_attention` elsewhere). A setting for profilers comparing the two, not a user's.
 FUSED_SDPA: bool | None = None
+# Whether `grouped_attention` scales masked scores in the mask's kernel (else the queries, a kernel more a layer).
+# For profilers too.
+SCALE_MASKED_SCORES = True
 
 
 def _fused_sdpa() -> bool:
@@ -282,8 +299,7 @@ def _gathered(pool: mx.array, group: AttentionGroup) -> mx.array:
     7.1 ms as words (benchmarks/RESULTS-gpu.md)."""
     num_blocks, block_size, num_kv_heads, head_dim = pool.shape
     num_rows = num_blocks * block_size * num_kv_heads
-    index = group.slots if num_rows < 2**31 else group.slots.astype(mx.int64)
-    index = index[:, None, :] * num_kv_heads + mx.arange(num_kv_heads, dtype=index.dtype)[None, :, None]
+    index = group.head_row_index(num_kv_heads, mx.int32 if num_rows < 2**31 else mx.int64)
     rows = pool.reshape(num_rows, head_dim)
     word = _word(rows)
     if word is None:
@@ -335,7 +351,8 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
 def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None,
                       sinks: mx.array | None = None, softcap: float | None = None) -> mx.array:
     """Attention written out in MLX ops, as MLX's SDPA computes it where it has no fused kernel for a mask (its
-    CUDA and CPU backends): queries scaled first, masked scores, a float32-precise softmax. q `[B, Hq, L, D]`,
+    CUDA and CPU backends): scaled masked scores (the queries scaled first where there is no mask), a
+    float32-precise softmax. q `[B, Hq, L, D]`,
     k/v `[B, Hkv, ctx, D]`, `mask` bool `[B, 1, L, ctx]`; `sinks` [Hq] as MLX's SDPA takes them; `softcap`:
     scores capped by `softcap * tanh(scores / softcap)` before the mask (Gemma 2, as its mlx-lm model computes
     them; MLX's SDPA takes no softcap).
@@ -347,11 +364,19 @@ def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask:
     batch, heads, length, dim = q.shape
     kv_heads, ctx = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    q = (q * scale).reshape(batch, kv_heads, group * length, dim)  # query head h reads KV head h // group
+    # With a mask and no softcap the scale goes onto the scores in the mask's own kernel (`_scaled_masked`):
+    # scaling the queries first is a kernel of its own, one a layer, 28 launches of a 28-layer decode step.
+    scale_scores = SCALE_MASKED_SCORES and mask is not None and softcap is None
+    if not scale_scores:
+        q = q * scale
+    q = q.reshape(batch, kv_heads, group * length, dim)  # query head h reads KV head h // group
     scores = (q @ k.swapaxes(-1, -2)).reshape(batch, kv_heads, group, length, ctx)
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap
-    if mask is not None:
+    if scale_scores:
+        scores = _scaled_masked(scores, mx.expand_dims(mask, 2), mx.array(scale, scores.dtype),
+                                mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    elif mask is not None:
         scores = mx.where(mx.expand_dims(mask, 2), scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
     if sinks is not None:  # one more logit per head, with no value: a column the softmax takes, then dropped
         sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, kv_heads, group, 1, 1),
@@ -362,6 +387,12 @@ def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask:
         weights = weights[..., :-1]
     out = weights.reshape(batch, kv_heads, group * length, ctx) @ v
     return out.reshape(batch, heads, length, v.shape[-1])
+
+
+@partial(mx.compile, shapeless=True)
+def _scaled_masked(scores: mx.array, mask: mx.array, scale: mx.array, low: mx.array) -> mx.array:
+    """Scores scaled where the mask sees them, `low` elsewhere: one fused kernel, in a compiled step or not."""
+    return mx.where(mask, scores * scale, low)
 
 
 def paged_attention(queries: mx.array, k_pool: mx.array, v_pool: mx.array, block_tables: IntsLike,

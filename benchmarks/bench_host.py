@@ -58,8 +58,9 @@ def vmetal_rows(model: Path, path: str, rows: list[int], tokens: int, max_model_
     os.environ.update(PATHS[path])
     # KV for the widest batch at full length on both paths: left to itself the paged path takes 90 % of a GPU
     # for its pools, and the previous engine's process may not have given its memory back yet (out of memory
-    # on an H100, 2026-12-05).
-    kv_bytes = max(rows) * max_model_len * fit.kv_bytes_per_token(fit.read_config(model) or {})
+    # on an H100, 2026-12-05). One sequence more: vLLM's null block and the paged path's dump block take from
+    # it, so `--rows 1` alone would leave less than one full-length sequence.
+    kv_bytes = (max(rows) + 1) * max_model_len * fit.kv_bytes_per_token(fit.read_config(model) or {})
     try:
         llm = LLM(model=str(model), max_model_len=max_model_len, max_num_seqs=max(rows), seed=0,
                   kv_cache_memory_bytes=kv_bytes)

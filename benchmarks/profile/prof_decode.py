@@ -14,10 +14,18 @@ runs an all-decode step. Variants, each a separate trace:
   diagnostic: the tokens are wrong);
 - `element_gather`: the contexts gathered element by element in the step's own dtype (by slot and head, two
   index arrays), as before `reference._gathered` moved whole rows as 8-byte words;
+- `per_layer_index`: the head-row index the contexts are gathered by built by every layer for K and V, as
+  before `AttentionGroup.head_row_index` built it once a step;
+- `queries_scaled`: the attention's queries scaled by a kernel of their own before the scores, as before the
+  scale moved into the mask's kernel (`reference.SCALE_MASKED_SCORES`);
 - `gather_only`: the contexts gathered and each read once (summed), but no scores, mask or softmax: what the
   gathers cost against the attention's arithmetic (a diagnostic too);
 - `mlx_lm`: mlx-lm's own `BatchKVCache` decode at the same rows and context on mlx-lm's model, built op by op
-  (the anchor).
+  (the anchor);
+- `mlx_lm_generate`: the same with the plain `KVCache` of `mlx_lm.generate` (the single-stream anchor).
+
+`--count` prints the primitives of an op-by-op paged step and, with each timing, those of the graph the timed
+step evaluates (for the compiled step, its replay: what MLX launches).
 
 `--prefill ROWSxTOKENS` (e.g. 64x128) times, per variant, one op-by-op prefill step of that many prompts, as the
 paged runner builds it: the host's planning (`StepLayout.plan`), the graph build, the launch and the wait; what
@@ -52,7 +60,7 @@ def _pools(lm, blocks: int, block_size: int):
     return layers
 
 
-def paged(lm, layers, rows: int, context: int, block_size: int, reps: int, chain: int) -> dict:
+def paged(lm, layers, rows: int, context: int, block_size: int, reps: int, chain: int, count: bool) -> dict:
     from vmetal.engine.runner.compiled_decode import CompiledDecode, plan_decode
 
     per_row = -(-context // block_size)
@@ -66,7 +74,7 @@ def paged(lm, layers, rows: int, context: int, block_size: int, reps: int, chain
     def step():
         return compiled.forward(layers, pools, tokens, plan, rows)
 
-    return _time(step, lambda out: [out, [(p.k, p.v) for p in pools]], reps, chain)
+    return _time(step, lambda out: [out, [(p.k, p.v) for p in pools]], reps, chain, count)
 
 
 def prefill(lm, layers, rows: int, prompt: int, block_size: int, reps: int) -> dict:
@@ -108,11 +116,13 @@ def prefill(lm, layers, rows: int, prompt: int, block_size: int, reps: int) -> d
     return {k: round(statistics.median(v) * 1e3, 3) for k, v in phases.items()}
 
 
-def mlx_lm(lm, rows: int, context: int, reps: int, chain: int) -> dict:
+def mlx_lm(lm, rows: int, context: int, reps: int, chain: int, count: bool, batch: bool = True) -> dict:
+    """mlx-lm's decode step: its `BatchKVCache` (`batch_generate`, `mlx_lm.server`), or with `batch` off the
+    plain `KVCache` `mlx_lm.generate` keeps (no mask: MLX's fused SDPA over the cache's exact length)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import BatchKVCache
+    from mlx_lm.models.cache import BatchKVCache, KVCache
 
-    caches = [BatchKVCache(left_padding=[0] * rows) for _ in range(lm.num_layers)]
+    caches = [BatchKVCache(left_padding=[0] * rows) if batch else KVCache() for _ in range(lm.num_layers)]
     k_dim, v_dim = lm.kv_dims
     for c in caches:
         c.update_and_fetch(mx.zeros((rows, lm.num_kv_heads, context - 1, k_dim), lm.dtype),
@@ -123,17 +133,21 @@ def mlx_lm(lm, rows: int, context: int, reps: int, chain: int) -> dict:
     def step():
         for c in caches:
             c.offset -= 1  # the same context every repetition (the cache keeps its buffers)
-            c._idx -= 1
+            if batch:
+                c._idx -= 1
         return lm.model(ids, cache=caches)[:, -1, :]
 
     for c in caches:  # step() steps back one first
         c.offset += 1
-        c._idx += 1
-    return _time(step, lambda out: [out, [c.state for c in caches]], reps, chain)
+        if batch:
+            c._idx += 1
+    return _time(step, lambda out: [out, [c.state for c in caches]], reps, chain, count)
 
 
-def _time(step, outputs, reps: int, chain: int) -> dict:
+def _time(step, outputs, reps: int, chain: int, count: bool = False) -> dict:
     import mlx.core as mx
+
+    graph = _histogram(outputs(step())) if count else None
 
     for _ in range(5):
         mx.eval(outputs(step()))
@@ -161,16 +175,33 @@ def _time(step, outputs, reps: int, chain: int) -> dict:
         mx.eval(last)
         chained.append((time.perf_counter() - t0) / chain)
     ms = lambda xs: round(statistics.median(xs) * 1e3, 3)
-    return {"build_ms": ms(build), "launch_ms": ms(launch), "wait_ms": ms(wait),
-            "sync_step_ms": ms([a + b + c for a, b, c in zip(build, launch, wait)]), "chain_step_ms": ms(chained)}
+    found = {"build_ms": ms(build), "launch_ms": ms(launch), "wait_ms": ms(wait),
+             "sync_step_ms": ms([a + b + c for a, b, c in zip(build, launch, wait)]), "chain_step_ms": ms(chained)}
+    if graph is not None:
+        found["graph"] = graph
+    return found
+
+
+def _histogram(outputs) -> str:
+    """The primitives of the graph that evaluating `outputs` runs (`mx.export_to_dot`), most common first. For
+    a compiled step it is the replayed graph: elementwise runs fused into `Compiled...` nodes, what MLX launches
+    (views such as Reshape, Transpose or Slice launch nothing unless they must copy)."""
+    import collections
+    import re
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    arrays = [a for _, a in tree_flatten(outputs) if isinstance(a, mx.array)]  # a cache's state holds ints too
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *arrays)
+        names = collections.Counter(re.findall(r'label ="([A-Za-z]+)', f.read()))
+    return f"{sum(names.values())} nodes ({'; '.join(f'{k} {v}' for k, v in names.most_common())})"
 
 
 def count_primitives(lm, layers, rows: int, context: int, block_size: int) -> str:
     """The primitives of one op-by-op paged decode step's graph (`mx.export_to_dot`), most common first: what
     MLX evaluates for a step, before `mx.compile` fuses its elementwise runs."""
-    import collections
-    import re
-
     import mlx.core as mx
 
     from vmetal.engine.runner.kv.paged_cache import StepLayout
@@ -183,10 +214,7 @@ def count_primitives(lm, layers, rows: int, context: int, block_size: int) -> st
     for layer in layers:
         layer.layout = layout
     out = lm.model(mx.zeros((rows, 1), dtype=mx.int32), cache=layers)[:, 0, :]
-    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
-        mx.export_to_dot(f.name, out, *[(c.k_pool, c.v_pool) for c in layers])
-        names = collections.Counter(re.findall(r'label ="([A-Za-z]+)', f.read()))
-    return f"{sum(names.values())} nodes: " + ", ".join(f"{k} {v}" for k, v in names.most_common())
+    return _histogram([out, [(c.k_pool, c.v_pool) for c in layers]])
 
 
 def _gather_only(q, k, v, scale, mask, sinks=None, softcap=None):
@@ -206,6 +234,13 @@ def _element_gather(pool, group):
     num_blocks, block_size, num_kv_heads, head_dim = pool.shape
     rows = pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
     return rows[group.slots[:, None, :], mx.arange(num_kv_heads, dtype=mx.int32)[None, :, None]]
+
+
+def _per_layer_index(group, num_kv_heads, dtype):
+    import mlx.core as mx
+
+    slots = group.slots.astype(dtype)
+    return slots[:, None, :] * num_kv_heads + mx.arange(num_kv_heads, dtype=dtype)[None, :, None]
 
 
 def _no_attention():
@@ -231,6 +266,7 @@ def main() -> None:
     from vmetal.engine.runner.kv.paged_cache import install_attention_hook
 
     written_out, gathered = reference.grouped_attention, reference._gathered
+    head_row_index = reference.AttentionGroup.head_row_index
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
     ap.add_argument("--dtype", default="bfloat16")
@@ -238,12 +274,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--chain", type=int, default=20)
-    ap.add_argument("--variants", default="base,element_gather,unpacked,fused_sdpa,gather_only,mlx_lm,no_attention",
+    ap.add_argument("--variants", default="base,per_layer_index,queries_scaled,element_gather,unpacked,fused_sdpa,"
+                                          "gather_only,mlx_lm,mlx_lm_generate,no_attention",
                     help="no_attention last: it patches the attention for the rest of the run")
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--prefill", metavar="ROWSxTOKENS", type=_rows_by_tokens,
                     help="time one prefill step of ROWS prompts of TOKENS")
-    ap.add_argument("--count", action="store_true", help="also count the primitives of an op-by-op step")
+    ap.add_argument("--count", action="store_true", help="also count the primitives of each step's graph")
     args = ap.parse_args()
     rows = [int(r) for r in args.rows.split(",")]
     block_size = 16
@@ -253,28 +290,31 @@ def main() -> None:
     variants = args.variants.split(",")
     blocks = 1 + max(rows) * -(-args.context // block_size)
     for variant in variants:  # a fresh model each: a variant changes the model or the attention class for good
-        lm = models.load(str(model_dir), kv_path="paged", packed=variant not in ("unpacked", "mlx_lm"))
+        lm = models.load(str(model_dir), kv_path="paged",
+                         packed=variant not in ("unpacked", "mlx_lm", "mlx_lm_generate"))
         install_attention_hook(lm.model)
         if variant == "no_attention":
             _no_attention()
         reference.FUSED_SDPA = True if variant == "fused_sdpa" else None
+        reference.SCALE_MASKED_SCORES = variant != "queries_scaled"
         reference.grouped_attention = _gather_only if variant == "gather_only" else written_out
         reference._gathered = _element_gather if variant == "element_gather" else gathered
-        if args.count and variant != "mlx_lm":
+        reference.AttentionGroup.head_row_index = _per_layer_index if variant == "per_layer_index" else head_row_index
+        if args.count and not variant.startswith("mlx_lm"):
             print(f"{variant} primitives rows={rows[-1]}:",
                   count_primitives(lm, _pools(lm, blocks, block_size), rows[-1], args.context, block_size), flush=True)
-        if args.prefill and variant != "mlx_lm":
+        if args.prefill and not variant.startswith("mlx_lm"):
             n, prompt = args.prefill
             layers = _pools(lm, 1 + n * -(-prompt // block_size), block_size)
             found = prefill(lm, layers, n, prompt, block_size, min(args.reps, 10))
             del layers
             print(f"{variant} prefill {n}x{prompt}: " + ", ".join(f"{k} {v}" for k, v in found.items()), flush=True)
         for n in rows:
-            if variant == "mlx_lm":
-                found = mlx_lm(lm, n, args.context, args.reps, args.chain)
+            if variant.startswith("mlx_lm"):
+                found = mlx_lm(lm, n, args.context, args.reps, args.chain, args.count, batch=variant == "mlx_lm")
             else:
                 layers = _pools(lm, blocks, block_size)
-                found = paged(lm, layers, n, args.context, block_size, args.reps, args.chain)
+                found = paged(lm, layers, n, args.context, block_size, args.reps, args.chain, args.count)
                 del layers
             print(f"{variant} rows={n} context={args.context}: " + ", ".join(f"{k} {v}" for k, v in found.items()),
                   flush=True)

@@ -91,4 +91,4 @@ def test_no_activation_is_held_after_a_forward(checkpoints):
     packed = models.load(str(checkpoints["qwen3_moe"])).model
     mx.eval(packed(PROMPT))
     groups = _groups(packed)
-    assert groups and all(g._y is None and g._args == () for g in groups)
+    assert groups and all(g._parts is None and g._args == () for g in groups)

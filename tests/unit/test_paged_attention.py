@@ -406,6 +406,22 @@ def test_masked_scores_are_scaled_in_the_masks_kernel(tmp_path, monkeypatch):
             np.testing.assert_allclose(np.array(before[row]), dense, rtol=1e-5, atol=1e-5)
 
 
+def test_the_fused_mask_kernel_is_right_whatever_shapes_it_meets():
+    # `_scaled_masked` is compiled shapeless (traced once, replayed at every size): each call, at another size,
+    # broadcast or dtype than the one traced, gives what the ops give uncompiled.
+    rng = np.random.default_rng(fresh_seed())
+    shapes = [((2, 3, 2, 1, 5), (2, 1, 1, 1, 5)), ((4, 2, 4, 7, 9), (4, 1, 1, 7, 9)), ((1, 1, 1, 1, 3),) * 2,
+              ((3, 2, 2, 4, 6), (3, 1, 1, 4, 6)), ((2, 3, 2, 1, 5), (2, 1, 1, 1, 5))]
+    for dtype in (mx.float32, mx.bfloat16):
+        for scores_shape, mask_shape in shapes:
+            scores = mx.array(rng.standard_normal(scores_shape).astype(np.float32)).astype(dtype)
+            mask = mx.array(rng.random(mask_shape) > 0.3)
+            scale, low = mx.array(0.3, dtype), mx.array(mx.finfo(dtype).min, dtype)
+            got = pa._scaled_masked(scores, mask, scale, low)
+            assert got.shape == scores_shape and got.dtype == dtype
+            assert mx.array_equal(got, mx.where(mask, scores * scale, low)).item()
+
+
 # ------------------------------------------------------------------------------ cache writes
 def test_reshape_and_cache_writes_slots_and_skips_padding():
     rng = np.random.default_rng(fresh_seed())

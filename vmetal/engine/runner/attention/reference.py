@@ -352,10 +352,9 @@ def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask:
                       sinks: mx.array | None = None, softcap: float | None = None) -> mx.array:
     """Attention written out in MLX ops, as MLX's SDPA computes it where it has no fused kernel for a mask (its
     CUDA and CPU backends): scaled masked scores (the queries scaled first where there is no mask), a
-    float32-precise softmax. q `[B, Hq, L, D]`,
-    k/v `[B, Hkv, ctx, D]`, `mask` bool `[B, 1, L, ctx]`; `sinks` [Hq] as MLX's SDPA takes them; `softcap`:
-    scores capped by `softcap * tanh(scores / softcap)` before the mask (Gemma 2, as its mlx-lm model computes
-    them; MLX's SDPA takes no softcap).
+    float32-precise softmax. q `[B, Hq, L, D]`, k/v `[B, Hkv, ctx, D]`, `mask` bool `[B, 1, L, ctx]`; `sinks`
+    [Hq] as MLX's SDPA takes them; `softcap`: scores capped by `softcap * tanh(scores / softcap)` before the mask
+    (Gemma 2, as its mlx-lm model computes them; MLX's SDPA takes no softcap).
 
     Written out because MLX's SDPA with a mask costs more there: on CUDA a fused primitive whose launches made a
     one-row compiled decode step of a 28-layer model 10.2 ms against 5.3 written out (an H100, same run:
@@ -373,11 +372,10 @@ def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask:
     scores = (q @ k.swapaxes(-1, -2)).reshape(batch, kv_heads, group, length, ctx)
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap
-    if scale_scores:
-        scores = _scaled_masked(scores, mx.expand_dims(mask, 2), mx.array(scale, scores.dtype),
-                                mx.array(mx.finfo(scores.dtype).min, scores.dtype))
-    elif mask is not None:
-        scores = mx.where(mx.expand_dims(mask, 2), scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+    if mask is not None:
+        mask, low = mx.expand_dims(mask, 2), mx.array(mx.finfo(scores.dtype).min, scores.dtype)
+        scores = (_scaled_masked(scores, mask, mx.array(scale, scores.dtype), low) if scale_scores
+                  else mx.where(mask, scores, low))
     if sinks is not None:  # one more logit per head, with no value: a column the softmax takes, then dropped
         sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, kv_heads, group, 1, 1),
                                (*scores.shape[:-1], 1))

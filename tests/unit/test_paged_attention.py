@@ -422,6 +422,21 @@ def test_the_fused_mask_kernel_is_right_whatever_shapes_it_meets():
             assert mx.array_equal(got, mx.where(mask, scores * scale, low)).item()
 
 
+def test_groups_are_planned_when_first_read(monkeypatch):
+    # The Metal kernel attends from the step's host metadata alone: a plan it reads plans no groups (slots, masks,
+    # padding), the host work of a prefill wave. The reference plans them once, on first read.
+    calls = []
+    real = pa._plan_group
+    monkeypatch.setattr(pa, "_plan_group", lambda *args: calls.append(args[0]) or real(*args))
+    plan = pa.plan_attention([[1, 2], [3, 0]], [5, 3], [1, 3], 4)
+    assert calls == [] and plan.num_tokens == 4
+    assert plan.query_lens.tolist() == [1, 3] and plan.context_lens.tolist() == [5, 3]
+    assert plan.block_tables.tolist() == [[1, 2], [3, 0]]
+    groups = plan.groups
+    assert [g.max_q for g in groups] == [1, 3] and len(calls) == 2 and plan.restore is None
+    assert plan.groups is groups and len(calls) == 2
+
+
 # ------------------------------------------------------------------------------ cache writes
 def test_reshape_and_cache_writes_slots_and_skips_padding():
     rng = np.random.default_rng(fresh_seed())

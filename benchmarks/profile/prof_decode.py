@@ -238,10 +238,9 @@ def _element_gather(pool, group):
 
 
 def _per_layer_index(group, num_kv_heads, dtype):
-    import mlx.core as mx
+    from vmetal.engine.runner.attention import reference
 
-    slots = group.slots.astype(dtype)
-    return slots[:, None, :] * num_kv_heads + mx.arange(num_kv_heads, dtype=dtype)[None, :, None]
+    return reference.head_row_index(group.slots, num_kv_heads, dtype)  # anew at every call, as before
 
 
 def _no_attention():

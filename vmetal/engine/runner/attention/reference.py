@@ -150,10 +150,14 @@ class AttentionGroup:
         """int `[B, Hkv, max_ctx]`: row `slot * Hkv + head` of a pool seen as `[slots * Hkv, D]`."""
         index = self.head_rows.get((num_kv_heads, dtype))
         if index is None:
-            slots = self.slots.astype(dtype)
-            index = slots[:, None, :] * num_kv_heads + mx.arange(num_kv_heads, dtype=dtype)[None, :, None]
-            self.head_rows[num_kv_heads, dtype] = index
+            index = self.head_rows[num_kv_heads, dtype] = head_row_index(self.slots, num_kv_heads, dtype)
         return index
+
+
+def head_row_index(slots: mx.array, num_kv_heads: int, dtype: mx.Dtype) -> mx.array:
+    """`AttentionGroup.head_row_index` of gather slots `[B, max_ctx]`, built anew."""
+    slots = slots.astype(dtype)
+    return slots[:, None, :] * num_kv_heads + mx.arange(num_kv_heads, dtype=dtype)[None, :, None]
 
 
 @dataclass

@@ -43,14 +43,17 @@ def llm(qwen3_model):
 
 
 def assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, model) -> None:
-    """Greedy output identical to mlx-lm's on `model`, while some drafts were kept and some rolled back."""
+    """Greedy output identical to mlx-lm's on `model`, while some drafts were kept and some rolled back, and
+    the verify forwards queued at the end of a step (decode_ahead.VerifyAhead) were used."""
     before = spec_counts(llm)
+    ahead = llm.collective_rpc("step_counts")[0].get("spec_ahead_used", 0)
     outs = llm.generate([REPEATING, *PROMPTS], greedy(TOKENS), use_tqdm=False)
     assert_greedy_like_mlx(model, outs, TOKENS)
     after = spec_counts(llm)
     drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
     accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
     assert 0 < accepted < drafted, (accepted, drafted)
+    assert llm.collective_rpc("step_counts")[0].get("spec_ahead_used", 0) > ahead
 
 
 def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_model):

@@ -1,6 +1,7 @@
 """The decode-ahead bookkeeping (`vmetal.engine.runner.decode_ahead`): the queued step is handed out once,
 matched only against the very step it was built for, and the greedy tokens of an all-decode step come back in
-vLLM's row order while the next step is built on them.
+vLLM's row order while the next step is built on them; a speculating request's verify forward queued ahead is
+matched only against the step that feeds what it was built on.
 
 Logits are small hand-written MLX arrays whose argmax is known; no model runs.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from vmetal.engine.runner.decode_ahead import Ahead, DecodeAhead
+from vmetal.engine.runner.decode_ahead import Ahead, DecodeAhead, VerifyAhead
 
 # Row r's logits peak at column PEAK[r] (vocabulary of 8).
 PEAK = {"a": 5, "b": 2, "c": 7}
@@ -122,3 +123,19 @@ def test_nothing_is_queued_when_the_next_step_cannot_be_built():
     assert tokens == [PEAK["b"], PEAK["a"]]
     assert len(forward.calls) == 1
     assert ahead.take() is None
+
+
+@pytest.mark.parametrize("drafts", [[4, 5, 6], mx.array([4, 5, 6], dtype=mx.int32)], ids=["host", "lazy"])
+@pytest.mark.parametrize("start, fed, matches", [
+    (20, [9, 4, 5, 6], True),  # the step vLLM schedules in the steady state: the drafts as proposed
+    (21, [9, 4, 5, 6], False),  # another position: the request's cache moved on
+    (20, [8, 4, 5, 6], False),  # another token before the drafts
+    (20, [9, 4, 5], False),  # drafts cut short by the step's token budget
+    (20, [9, 4, 0, 6], False),  # a draft vLLM replaced by its -1 placeholder (fed as 0)
+    (20, [9], False),  # no drafts scheduled
+])
+def test_a_verify_ahead_matches_only_the_step_feeding_what_it_was_built_on(drafts, start, fed, matches):
+    """Used when vLLM schedules the token and drafts it was built on from its position, whether the drafts are
+    host ints (n-gram lookup) or the draft model's MLX array; any other step rolls it back."""
+    ahead = VerifyAhead(start=20, token=9, drafts=drafts, logits=logits_peaking_at([1, 2, 3, 4]))
+    assert ahead.matches(start, fed) is matches

@@ -114,11 +114,14 @@ def first_layers(source: Path, path: Path, layers: int) -> Path:
 
     import mlx.core as mx
 
+    config = {**json.loads((source / "config.json").read_text()), "num_hidden_layers": layers}
+    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()) == config:
+        return path  # cut from the same checkpoint by an earlier run (a profiler run twice)
+    shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(source, path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
     weights = mx.load(str(path / "model.safetensors"))
     kept = {k: v for k, v in weights.items()
             if not (m := re.match(r"model\.layers\.(\d+)\.", k)) or int(m.group(1)) < layers}
     mx.save_safetensors(str(path / "model.safetensors"), kept, metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config))  # last: a folder cut short is never reused
     return path

@@ -95,8 +95,8 @@ class ModelRunnerBase:
         self.drafter = None
         self.verifying: Any = frozenset()  # the requests fed draft positions in the step being sampled
         # What steps met ("preempted": requests vLLM preempted; the paged path's "ahead_*": how all-decode
-        # steps used the decode-ahead; "spec_*": draft tokens checked and accepted), for
-        # `MetalWorker.step_counts`.
+        # steps used the decode-ahead; "spec_*": draft tokens checked and accepted, verify forwards queued ahead
+        # used and dropped), for `MetalWorker.step_counts`.
         self.counts: Counter[str] = Counter()
 
     # ---------------------------------------------------------------- set-up

@@ -33,6 +33,27 @@ class Ahead:
         return self.order == tuple(order) and all(next_token(r) == t for r, t in zip(self.order, self.tokens))
 
 
+@dataclass(frozen=True)
+class VerifyAhead:
+    """A speculating request's verify forward queued ahead: its cache fed `token` at position `start`, then
+    `drafts` (lazy or host int32 [k], what the drafter proposed), with the lazy [k + 1, V] `logits` of those
+    positions. Built at the end of the step that sampled `token`, behind the drafter's own forwards, so the
+    device verifies while vLLM handles the step's output and schedules the next (mlx-lm's speculative loop
+    builds its draft and verify forwards into one wait the same way)."""
+
+    start: int
+    token: int
+    drafts: Any
+    logits: Any
+
+    def matches(self, start: int, fed: Sequence[int]) -> bool:
+        """This is the forward of a step that feeds `fed` from position `start`."""
+        if start != self.start or len(fed) != len(self.drafts) + 1 or fed[0] != self.token:
+            return False
+        drafts = self.drafts if isinstance(self.drafts, list) else self.drafts.tolist()
+        return list(fed[1:]) == drafts
+
+
 class DecodeAhead:
     def __init__(self, times: StepTimes | None = None) -> None:
         self.pending: Ahead | None = None

@@ -8,8 +8,10 @@ ours: the draft is loaded with mlx-lm beside the target and keeps a cache of its
 
 - Each step, for every request that may speculate, the draft cache is cut back to the longest prefix it shares
   with the request's tokens (what it held past that were its own rejected drafts), fed the tokens it has not
-  seen, and asked for k tokens greedily, each fed back as the next input. The k forwards of all requests are
-  built lazily and evaluated together; the host waits once per step.
+  seen, and asked for k tokens greedily, each fed back as the next input. The forwards are queued at the end
+  of the step that sampled the tokens they follow (`start`), and the runner queues the target's verify forward
+  of those drafts behind them, before vLLM's output handling and scheduling run: the host reads the drafts
+  when vLLM asks for them (`propose`), by which time the device has usually computed them.
 - Greedy drafts are a deterministic function of the context, so verification is the same as for n-gram
   drafts: exact for greedy requests, rejection sampling for sampled ones (a draft proposed with certainty is
   kept with the target's probability of it), which keeps the output distribution exactly.
@@ -58,6 +60,7 @@ class DraftModelDrafter:
         # req_id -> (the draft's mlx-lm cache for it, the tokens that cache holds)
         self.caches: dict[str, tuple[list[Any], list[int]]] = {}
         self.last: tuple[list[str], list[list[int]]] | None = None
+        self.queued: tuple[list[str], list[tuple[str, list[int], Any]], Any] | None = None  # what `start` built
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -66,18 +69,18 @@ class DraftModelDrafter:
     def forget(self, req_id: str) -> None:
         self.caches.pop(req_id, None)
 
-    def propose(self, input_batch: Any, eligible: Any) -> Any:
-        """vLLM's DraftTokenIds for the rows of the last step (`eligible(req_id)`: whether a row may get drafts),
-        or None when no step ran since the last call."""
+    def start(self, input_batch: Any, eligible: Any) -> dict[str, Any]:
+        """Build and queue the drafts for the rows of the last step (`eligible(req_id)`: whether a row may get
+        drafts): {req_id: its lazy int32 [k] drafts}. The runner calls this at the end of a step, so the
+        draft's forwards run on the device while vLLM handles the step's output, and can feed them to the
+        verify forward it queues behind them (decode_ahead.VerifyAhead); `propose` reads them."""
         import mlx.core as mx
-        from vllm.v1.outputs import DraftTokenIds
 
         if self.last is None:
-            return None
+            return {}
         req_ids, sampled = self.last
         self.last = None
-        lazy: list[Any] = []
-        rows: list[tuple[str, list[int], int]] = []  # (req_id, its tokens, drafts wanted)
+        rows: list[tuple[str, list[int], Any]] = []  # (req_id, its tokens, its lazy drafts)
         for i, (req_id, new) in enumerate(zip(req_ids, sampled)):
             n = int(input_batch.num_tokens_no_spec[i])
             # No drafts past the context limit: vLLM would not schedule them.
@@ -85,13 +88,30 @@ class DraftModelDrafter:
             if not new or k <= 0 or not eligible(req_id):
                 continue
             tokens = [int(t) for t in input_batch.token_ids_cpu[i, :n]]
-            lazy.append(self._draft(req_id, tokens, k))
-            rows.append((req_id, tokens, k))
-        flat = mx.concatenate(lazy).tolist() if lazy else []  # the one wait of the step
+            rows.append((req_id, tokens, self._draft(req_id, tokens, k)))
+        flat = mx.concatenate([d for _, _, d in rows]) if rows else None
+        if flat is not None:
+            # Queued on its own: reading it must not wait for the verify forward queued after it.
+            mx.async_eval(flat)
+        self.queued = (req_ids, rows, flat)
+        return {req_id: drafts for req_id, _, drafts in rows}
+
+    def propose(self, input_batch: Any, eligible: Any) -> Any:
+        """vLLM's DraftTokenIds for the rows of the last step (built by `start` if the runner did not), or None
+        when no step ran since the last call."""
+        from vllm.v1.outputs import DraftTokenIds
+
+        if self.queued is None:
+            self.start(input_batch, eligible)
+        if self.queued is None:
+            return None
+        (req_ids, rows, flat), self.queued = self.queued, None
+        values = flat.tolist() if flat is not None else []  # the one wait for the drafts
         drafts: dict[str, list[int]] = dict.fromkeys(req_ids, [])
         at = 0
-        for req_id, tokens, k in rows:
-            got, at = flat[at:at + k], at + k
+        for req_id, tokens, lazy in rows:
+            k = lazy.shape[0]
+            got, at = values[at:at + k], at + k
             drafts[req_id] = got
             # The cache now holds the request's tokens and every draft but the last (each was fed to get the next).
             self.caches[req_id] = (self.caches[req_id][0], tokens + got[:k - 1])
@@ -114,6 +134,8 @@ class DraftModelDrafter:
         logits = mlx_cache.prefill(self.model, cache, tokens[keep:], head_on_rows=self.loaded.head_on_rows)
         out = [mx.argmax(logits, axis=-1).astype(mx.int32)]
         for _ in range(k - 1):
+            # Each forward starts on the device while the next is built, as mlx-lm's draft loop does.
+            mx.async_eval(out[-1])
             logits = mlx_cache.prefill(self.model, cache, out[-1][None], head_on_rows=self.loaded.head_on_rows)
             out.append(mx.argmax(logits, axis=-1).astype(mx.int32))
         return mx.stack(out)

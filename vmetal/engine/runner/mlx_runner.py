@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vmetal.engine.runner.base import ModelRunnerBase, RowLogits, StepLogits
+from vmetal.engine.runner.decode_ahead import VerifyAhead
 from vmetal.engine.runner.kv import mlx_cache
 from vmetal.preflight import features
 
@@ -29,6 +30,8 @@ class MlxModelRunner(ModelRunnerBase):
         self.cache_len: dict[str, int] = {}
         self.decode: Any = None  # the decode batch (mlx_cache.DecodeBatch; the torch path's own)
         self.prefix_cache = None  # vmetal.engine.runner.kv.prefix_cache.PrefixCache when enabled
+        # req_id -> its verify forward queued at the end of the step before (decode_ahead.VerifyAhead)
+        self.verify_ahead: dict[str, VerifyAhead] = {}
 
     # ---------------------------------------------------------------- set-up
     def load_model(self) -> None:
@@ -114,6 +117,7 @@ class MlxModelRunner(ModelRunnerBase):
 
     # ------------------------------------------------------------ KV per request
     def _drop_kv(self, req_id: str) -> None:
+        self.verify_ahead.pop(req_id, None)
         self.decode.remove({req_id})
         self.request_caches.pop(req_id, None)
         self.cache_len.pop(req_id, None)
@@ -216,18 +220,29 @@ class MlxModelRunner(ModelRunnerBase):
         for req_id in prefilling:
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
-            cache = self._cache_for_prefill(req_id, start)
             proposed = list(so.scheduled_spec_decode_tokens.get(req_id, ()))
+            ahead = self.verify_ahead.pop(req_id, None)
             if proposed:
-                # The cache holds what vLLM counts as computed (the last step's rejected drafts were trimmed).
                 # vLLM may schedule -1 placeholders (a draft it found invalid, or slots held for drafts not
                 # proposed yet): a position is fed for each, and verification rejects it there.
                 fed = self._tokens(state, start, start + n - len(proposed)) + [max(t, 0) for t in proposed]
-                out = mlx_cache.prefill(self.model, cache, fed, head_on_rows=self.loaded.head_on_rows,
-                                        last=len(proposed) + 1)
+                used = ahead is not None and ahead.matches(start, fed)
+                if ahead is not None:
+                    self.counts["spec_ahead_used" if used else "spec_ahead_dropped"] += 1
+                if used:
+                    out = ahead.logits  # queued at the end of the last step; the cache holds its positions
+                else:
+                    # The cache holds what vLLM counts as computed once the last step's rejected drafts (or an
+                    # unused verify-ahead's positions) are trimmed.
+                    cache = self._cache_for_prefill(req_id, start)
+                    out = mlx_cache.prefill(self.model, cache, fed, head_on_rows=self.loaded.head_on_rows,
+                                            last=len(proposed) + 1)
                 drafts[req_id] = (proposed, out)
                 logits[req_id] = out[0]
                 continue
+            if ahead is not None:
+                self.counts["spec_ahead_dropped"] += 1
+            cache = self._cache_for_prefill(req_id, start)
             begin = start
             want_prompt = req_id in self.prompt_logprobs
             if start == 0 and self.prefix_cache is not None and not want_prompt:
@@ -270,6 +285,31 @@ class MlxModelRunner(ModelRunnerBase):
     def _after_step(self) -> None:
         if self.ahead.pending is None:
             self._start_next_decode()
+        if self.drafter is not None and self.decode_ahead_enabled:
+            self._start_next_verify()
+
+    def _start_next_verify(self) -> None:
+        """Queue the drafter's forwards for the step just sampled and, behind them, the verify forward of each
+        request that verified drafts in it (decode_ahead.VerifyAhead); the next step uses those it matches."""
+        import mlx.core as mx
+
+        for req_id, drafts in self.drafter.start(self.input_batch, self.may_speculate).items():
+            cache = self.request_caches.get(req_id)
+            if req_id not in self.verifying or cache is None:
+                continue  # not on a cache of its own yet (it joined the decode batch): this step verifies as usual
+            state = self.requests[req_id]
+            # What vLLM will count as computed: every token but the one just sampled, which is fed next.
+            start = state.num_tokens - 1
+            self._trim_request_cache(cache, self.cache_len[req_id] - start)
+            with self.step_times.build():
+                fed = mx.concatenate([mx.array([state.output_token_ids[-1]], dtype=mx.int32),
+                                      mx.array(drafts, dtype=mx.int32)])
+                logits = mlx_cache.prefill(self.model, cache, fed, head_on_rows=self.loaded.head_on_rows,
+                                           last=fed.shape[0])
+            with self.step_times.launch():
+                mx.async_eval(logits)
+            self.cache_len[req_id] = start + fed.shape[0]
+            self.verify_ahead[req_id] = VerifyAhead(start, state.output_token_ids[-1], drafts, logits)
 
     def _start_next_decode(self) -> None:
         """Queue the next decode step of the decode batch, once this step's tokens are known."""

@@ -116,21 +116,32 @@ class NgramDrafter:
         self.num_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.proposer = NgramProposer(vllm_config)
         self.last: tuple[list[str], list[list[int]]] | None = None  # the step's (row order, tokens per row)
+        self.queued: Any = None  # the DraftTokenIds `start` looked up
 
     def forget(self, req_id: str) -> None:
         """A request finished: nothing of it is kept here."""
 
-    def propose(self, input_batch: Any, eligible: Any) -> Any:
-        """vLLM's DraftTokenIds for the rows of the last step (`eligible(req_id)`: whether a row may get
-        drafts), or None when no step ran since the last call."""
+    def start(self, input_batch: Any, eligible: Any) -> dict[str, list[int]]:
+        """Look up the drafts for the rows of the last step (`eligible(req_id)`: whether a row may get drafts)
+        at the end of that step, so the runner can queue their verify forward before vLLM's output handling
+        (decode_ahead.VerifyAhead): {req_id: its drafts} for the rows that got any; `propose` returns them."""
         from vllm.v1.outputs import DraftTokenIds
 
         if self.last is None:
-            return None
+            return {}
         req_ids, sampled = self.last
         self.last = None
         # A row without a sampled token (a partial prompt chunk) gets no drafts; the proposer skips it.
         sampled = [tokens if tokens and eligible(req_id) else [] for req_id, tokens in zip(req_ids, sampled)]
-        drafts = self.proposer.propose(self.num_tokens, sampled, input_batch.num_tokens_no_spec,
-                                       input_batch.token_ids_cpu)
-        return DraftTokenIds(req_ids, [list(d) for d in drafts])
+        drafts = [list(d) for d in self.proposer.propose(self.num_tokens, sampled, input_batch.num_tokens_no_spec,
+                                                         input_batch.token_ids_cpu)]
+        self.queued = DraftTokenIds(req_ids, drafts)
+        return {req_id: d for req_id, d in zip(req_ids, drafts) if d}
+
+    def propose(self, input_batch: Any, eligible: Any) -> Any:
+        """vLLM's DraftTokenIds for the rows of the last step (looked up by `start` if the runner did not), or
+        None when no step ran since the last call."""
+        if self.queued is None:
+            self.start(input_batch, eligible)
+        queued, self.queued = self.queued, None
+        return queued

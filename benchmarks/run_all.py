@@ -8,7 +8,8 @@ other on the same machine, so the rows of one regeneration share a machine, a mo
   compute  bench_compute.py  MLX vs the PyTorch compute path in the same engine                     (row 3)
   cli      bench_cli.py      `vmetal --help` and Tab completion start-up time, `vmetal serve --demo` start-up
   host     bench_host.py     host time per decode step, by phase, beside mlx-lm's loop
-  speculative bench_speculative.py  n-gram speculation vs the same engine without it
+  speculative bench_speculative.py  n-gram speculation vs the same engine without it (random weights: the cost)
+  speculative-copy-tiny  the same on a model that copies its context (vmetal.bench.copying: the gain)
   draft    bench_draft.py    draft-model speculation beside mlx_lm.generate --draft-model
   kv-capacity bench_kv_capacity.py  full-context requests a KV pool holds, sliding groups vs one block table
 
@@ -41,6 +42,8 @@ SECTIONS = {
     "cli": ("bench_cli.py", [], ["--runs", "5"]),
     "host": ("bench_host.py", [], ["--trials", "1", "--tokens", "64"]),
     "speculative": ("bench_speculative.py", [], ["--trials", "1"]),
+    "speculative-copy-tiny": ("bench_speculative.py", ["--shape", "copy-tiny"],
+                              ["--shape", "copy-tiny", "--trials", "1"]),
     "draft": ("bench_draft.py", [], ["--trials", "1", "--prompts", "2"]),
     "kv-capacity": ("bench_kv_capacity.py", [], []),
 }

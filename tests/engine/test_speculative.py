@@ -155,6 +155,21 @@ def test_preemption_while_speculating_keeps_outputs_exact(qwen3_model):
         assert spec_counts(llm)["num_accepted_tokens"] > 0
 
 
+def test_a_model_that_copies_its_context_has_most_drafts_accepted_and_tokens_exact(tmp_path):
+    """On a model that rewrites a file it was shown (`vmetal.bench.copying`: hand-set weights that copy), most
+    n-gram drafts are right, so steps keep several tokens at once, sometimes every draft; greedy output stays
+    mlx-lm's token for token, for several requests speculating side by side."""
+    from vmetal.bench.shapes import SHAPES, build_model
+
+    model = build_model(tmp_path / "copying", "float32", SHAPES["copy-tiny"])
+    code = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n" * 3
+    with running_llm(model, max_model_len=256, max_num_seqs=4, seed=0, speculative_config=SPEC) as llm:
+        outs = llm.generate([f"# file {i}\n{code}" for i in range(3)], greedy(TOKENS), use_tqdm=False)
+        counts = spec_counts(llm)
+    assert_greedy_like_mlx(model, outs, TOKENS)
+    assert counts["num_accepted_tokens"] > 0.7 * counts["num_draft_tokens"] > 0, counts
+
+
 def test_a_model_whose_cache_cannot_roll_back_is_refused_at_start(tmp_path):
     """A sliding-window cache that wraps cannot give rejected drafts back."""
     from tests.support.families import build_family

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vmetal.bench.copying import MARK as COPYING_MARK
+
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {"arch": "qwen3", "hidden_size": 512, "num_layers": 4, "num_heads": 8, "num_kv_heads": 4,
              "intermediate_size": 1536},
@@ -43,13 +45,18 @@ SHAPES["gpt-oss-20b-cut"] = {
             "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 3,
             "attention_bias": True, "rope_theta": 150000.0},
 }
+# Models whose weights copy their context (`vmetal.bench.copying`; "copying" = how many tokens they match), for
+# n-gram speculation, whose gain a random-weight model cannot show: the same shapes with head_dim 128.
+SHAPES["copy-tiny"] = {"arch": "qwen3", "hidden_size": 256, "num_layers": 4, "num_heads": 2, "num_kv_heads": 2,
+                       "intermediate_size": 256, "head_dim": 128, "copying": 3}
+SHAPES["qwen3-0.6b-copying"] = {**SHAPES["qwen3-0.6b"], "copying": 3}
 DEFAULT_SHAPE = "tiny"
 
 
 def section_name(base: str, name: str) -> str:
-    """The RESULTS.md section a script writes for shape `name`: its own for an MoE shape, so the MoE rows stand
-    beside the dense model's instead of replacing them."""
-    return f"{base}-{name}" if "moe" in SHAPES[name] else base
+    """The RESULTS.md section a script writes for shape `name`: its own for an MoE or a copying shape, so their
+    rows stand beside the dense random model's instead of replacing them."""
+    return f"{base}-{name}" if "moe" in SHAPES[name] or "copying" in SHAPES[name] else base
 
 
 def describe(name: str, dtype: str) -> str:
@@ -76,7 +83,12 @@ def build_model(model_dir: Path | None, dtype: str, shape: dict[str, Any] | None
                      / f"{shape['arch']}-{shape['hidden_size']}x{shape['num_layers']}-{dtype}")
     if _matches(model_dir / "config.json", dtype, shape):
         return model_dir
-    kwargs = {k: v for k, v in shape.items() if k not in ("arch", "moe", "of")}
+    kwargs = {k: v for k, v in shape.items() if k not in ("arch", "moe", "of", "copying")}
+    if "copying" in shape:
+        from vmetal.bench.copying import make_copying
+
+        make_copying(build_tiny_model(model_dir, shape["arch"], dtype=dtype, **kwargs), shape["copying"])
+        return model_dir
     if "moe" not in shape:
         return build_tiny_model(model_dir, shape["arch"], dtype=dtype, **kwargs)
     from vmetal.demo import build_checkpoint, model_config
@@ -102,7 +114,8 @@ def _matches(config_path: Path, dtype: str, shape: dict[str, Any]) -> bool:
             and c.get("head_dim") == shape.get("head_dim", shape["hidden_size"] // shape["num_heads"])
             and ("vocab_size" not in shape or c.get("vocab_size") == shape["vocab_size"])
             and c.get("torch_dtype") == dtype
-            and c.get("model_type") == shape["arch"])
+            and c.get("model_type") == shape["arch"]
+            and c.get(COPYING_MARK) == shape.get("copying"))
 
 
 def first_layers(source: Path, path: Path, layers: int) -> Path:

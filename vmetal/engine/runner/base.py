@@ -360,7 +360,11 @@ class ModelRunnerBase:
                                  req_id not in step.partial)
             self._after_step()
             return EMPTY_MODEL_RUNNER_OUTPUT
-        tokens, logprobs, use_torch = self._sample(step, req_ids, grammar_output)
+        if self._only_greedy_verification(step, req_ids, grammar_output):
+            # Every row's tokens come from its verification: a sampler's argmax would be one more wait on MLX.
+            tokens, logprobs = [], None
+        else:
+            tokens, logprobs, _ = self._sample(step, req_ids, grammar_output)
         verified = self._verify(step.drafts) if step.drafts else {}
         self.verifying = (step.drafts or {}).keys()
         sampled: list[list[int]] = []
@@ -385,6 +389,13 @@ class ModelRunnerBase:
         return ModelRunnerOutput(req_ids=req_ids, req_id_to_index=dict(ib.req_id_to_index),
                                  sampled_token_ids=sampled, logprobs=logprobs, prompt_logprobs_dict=prompt_logprobs)
 
+    def _only_greedy_verification(self, step: StepLogits, req_ids: list[str], grammar_output: Any) -> bool:
+        """Whether every row of the step verifies drafts greedily (so no row needs the sampler's token)."""
+        from vmetal.engine.runner.speculative import verifiable
+
+        return (grammar_output is None and bool(step.drafts) and not step.partial and len(step.drafts) == len(req_ids)
+                and all(verifiable(self.requests[r].sampling_params) == "greedy" for r in req_ids))
+
     def _verify(self, drafts: dict[str, tuple[list[int], Any]]) -> dict[str, list[int]]:
         """Each speculating request's tokens of this step: its accepted drafts and one token of its own."""
         from vmetal.engine.runner.speculative import (
@@ -395,6 +406,8 @@ class ModelRunnerBase:
             verifiable,
         )
 
+        greedy = [r for r in drafts if verifiable(self.requests[r].sampling_params) == "greedy"]
+        targets = dict(zip(greedy, greedy_targets([drafts[r][1] for r in greedy], self.sampler.wait)))
         verified = {}
         for req_id, (tokens, logits) in drafts.items():
             # A request that may not speculate can still be scheduled with vLLM's -1 placeholders (slots for
@@ -402,7 +415,7 @@ class ModelRunnerBase:
             state = self.requests[req_id]
             how = verifiable(state.sampling_params)
             if how == "greedy":
-                verified[req_id] = accepted_tokens(tokens, greedy_targets(logits))
+                verified[req_id] = accepted_tokens(tokens, targets[req_id])
             elif how == "sampled":
                 verified[req_id] = rejection_sample(tokens, target_probs(logits, state.sampling_params),
                                                     state.generator)

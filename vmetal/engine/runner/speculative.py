@@ -31,6 +31,7 @@ it counts the rest as rejected, rolls `num_computed_tokens` back and reports bot
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 
@@ -100,11 +101,15 @@ def rejection_sample(drafts: list[int], probs: Any, generator: Any = None) -> li
     return out
 
 
-def greedy_targets(logits: Any) -> list[int]:
-    """The argmax of each row of `logits` [k + 1, V]."""
+def greedy_targets(logits: list[Any], wait: Any = contextlib.nullcontext) -> list[list[int]]:
+    """The argmax of each row of each of `logits` ([k + 1, V] per request), read in one wait (`wait`: a
+    context around it, step_times.py)."""
     import mlx.core as mx
 
-    return mx.argmax(logits, axis=-1).tolist()
+    rows = [mx.argmax(x, axis=-1) for x in logits]
+    with wait():
+        mx.eval(rows)
+    return [r.tolist() for r in rows]
 
 
 class NgramDrafter:

@@ -1,4 +1,5 @@
-"""The random-weight models the benchmarks measure, by shape name, built once per folder.
+"""The models the benchmarks measure (random weights; for n-gram speculation, weights that copy), by shape name,
+built once per folder.
 
 Random weights need no download and no licence, and a shape is all a throughput number depends on. `tiny` is
 small enough for a 2-core CPU box to run every benchmark in minutes; `qwen3-0.6b` is Qwen/Qwen3-0.6B's real
@@ -68,7 +69,9 @@ def describe(name: str, dtype: str) -> str:
     width = (f"{experts} experts ({moe['num_experts_per_tok']} a token) of "
              f"{moe.get('moe_intermediate_size', shape['intermediate_size'])}" if experts
              else f"intermediate {shape['intermediate_size']}")
-    return (f"random-weight {shape['arch']} (`vmetal.bench.shapes` `{name}`): hidden {shape['hidden_size']}, "
+    weights = (f"{shape['arch']} with weights that copy its context (`vmetal.bench.copying`, {shape['copying']} "
+               "tokens matched)" if "copying" in shape else f"random-weight {shape['arch']}")
+    return (f"{weights} (`vmetal.bench.shapes` `{name}`): hidden {shape['hidden_size']}, "
             f"{depth}, {shape['num_heads']} heads, {shape['num_kv_heads']} KV heads, {width}, {dtype}")
 
 

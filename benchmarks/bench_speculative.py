@@ -95,9 +95,9 @@ def _meaning(shape: dict) -> str:
                 "editing model rewriting a file does, so the n-gram drafts are mostly right, as they would be for "
                 "such a model; where the file is ambiguous (what follows `def`) the model and the lookup can "
                 "disagree. The ratio is the gain of speculating at this acceptance; a trained model's own "
-                "acceptance on a real edit decides what a user sees. On MLX's CPU backend a forward costs in "
-                "proportion to the positions it feeds (its matmuls run at a few GFLOP/s), so a verify of k+1 "
-                "positions costs about k+1 decode steps and the ratio stays below 1 at any acceptance there; on a "
+                "acceptance on a real edit decides what a user sees. On MLX's CPU backend a forward costs about "
+                "in proportion to the positions it feeds (its matmuls run at a few GFLOP/s), so a verify of k+1 "
+                "positions costs nearly k+1 decode steps and the gain there stays small at any acceptance; on a "
                 "GPU or Apple silicon a few more positions cost almost nothing, which is where speculation gains.")
     return ("What it says: this model's acceptance is what random weights give, so the ratio is the price of "
             "speculating when drafts are mostly wrong (each checked step feeds k+1 positions to one forward and "

@@ -33,8 +33,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 # config.json key that marks a checkpoint rewritten here, and how many tokens its heads match
 MARK = "vmetal_copying"
 # Fastest-rotating RoPE pairs the position heads use, and the scales that make their softmaxes one-hot.
@@ -48,6 +46,7 @@ def make_copying(path: Path, n: int = 3, seed: int = 0) -> None:
     """Rewrite the Qwen3-family checkpoint in `path` (config.json + model.safetensors) in place into a model
     that copies its context, matching the last `n` tokens."""
     import mlx.core as mx
+    import numpy as np
 
     config = json.loads((path / "config.json").read_text())
     hidden, heads, kv_heads = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]

@@ -17,7 +17,7 @@ Results go to benchmarks/RESULTS.md between `<!-- speculative:begin -->` and `<!
 shape's between `<!-- speculative-SHAPE:begin -->` and its end).
 
     python benchmarks/bench_speculative.py            # ~3 min on 2 cores
-    python benchmarks/bench_speculative.py --shape copy-tiny --results ... # a model that copies (the gain)
+    python benchmarks/bench_speculative.py --shape copy-tiny     # a model that copies: the gain
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _meaning(shape: dict) -> str:
                 "editing model rewriting a file does, so the n-gram drafts are mostly right, as they would be for "
                 "such a model; where the file is ambiguous (what follows `def`) the model and the lookup can "
                 "disagree. The ratio is the gain of speculating at this acceptance; a trained model's own "
-                "acceptance on a real edit decides what a user sees. On MLX's CPU backend a forward costs about "
+                "acceptance on a real edit decides what a user sees. On MLX's CPU backend a forward costs roughly "
                 "in proportion to the positions it feeds (its matmuls run at a few GFLOP/s), so a verify of k+1 "
                 "positions costs nearly k+1 decode steps and the gain there stays small at any acceptance; on a "
                 "GPU or Apple silicon a few more positions cost almost nothing, which is where speculation gains.")

@@ -89,7 +89,7 @@ def make_copying(path: Path, n: int = 3, seed: int = 0) -> None:
             a[:] = 0.0
         # input_layernorm scales each unit token vector up by sqrt(hidden / (tokens held + the shared 1.0)): the
         # output projections scale it back, so every subspace holds unit vectors and weighs the same.
-        back = np.sqrt((min(i, n) + 2) / hidden)
+        back = np.sqrt((i + 2) / hidden)
         if i < n:
             for j in range(_POSITION_PAIRS):
                 q[j, shared] = 1.0

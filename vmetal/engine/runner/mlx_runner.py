@@ -221,14 +221,15 @@ class MlxModelRunner(ModelRunnerBase):
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
             proposed = list(so.scheduled_spec_decode_tokens.get(req_id, ()))
+            # vLLM may schedule -1 placeholders (a draft it found invalid, or slots held for drafts not proposed
+            # yet): a position is fed for each, and verification rejects it there.
+            fed = self._tokens(state, start, start + n - len(proposed)) + [max(t, 0) for t in proposed] \
+                if proposed else None
             ahead = self.verify_ahead.pop(req_id, None)
+            used = fed is not None and ahead is not None and ahead.matches(start, fed)
+            if ahead is not None:
+                self.counts["spec_ahead_used" if used else "spec_ahead_dropped"] += 1
             if proposed:
-                # vLLM may schedule -1 placeholders (a draft it found invalid, or slots held for drafts not
-                # proposed yet): a position is fed for each, and verification rejects it there.
-                fed = self._tokens(state, start, start + n - len(proposed)) + [max(t, 0) for t in proposed]
-                used = ahead is not None and ahead.matches(start, fed)
-                if ahead is not None:
-                    self.counts["spec_ahead_used" if used else "spec_ahead_dropped"] += 1
                 if used:
                     out = ahead.logits  # queued at the end of the last step; the cache holds its positions
                 else:
@@ -240,8 +241,6 @@ class MlxModelRunner(ModelRunnerBase):
                 drafts[req_id] = (proposed, out)
                 logits[req_id] = out[0]
                 continue
-            if ahead is not None:
-                self.counts["spec_ahead_dropped"] += 1
             cache = self._cache_for_prefill(req_id, start)
             begin = start
             want_prompt = req_id in self.prompt_logprobs

@@ -17,7 +17,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from tests.support.runner_stubs import loaded_paged_runner
 from vmetal.engine.runner.attention import reference
 from vmetal.engine.runner.attention.reference import AttentionGroup, AttentionPlan
-from vmetal.engine.runner.compiled_decode import CompiledDecode, context_bucket, plan_decode, rows_bucket
+from vmetal.engine.runner.compiled_decode import CompiledDecode, context_bucket, full_view, plan_decode, rows_bucket
 from vmetal.engine.runner.kv.paged_cache import PagedLayerCache, StepLayout
 
 BLOCK = 4
@@ -153,9 +153,14 @@ def test_a_planned_view_attends_what_the_op_by_op_plan_attends(window):
     full, sliding = [TABLES[n] for n in names], [SLIDING_TABLES[n] for n in names]
     group = 0 if window is None else 1
     plan = plan_decode(positions, [full, sliding], BLOCK, DUMP, [(0, None), (group, window)])
-    slots, mask = plan.views[-1]
+    if window is None:  # built in the compiled step itself
+        assert plan.sliding == ()
+        slots, mask = full_view(mx.array(plan.tables[0]), mx.array(plan.positions), mx.arange(BLOCK))
+    else:
+        slots, mask = map(mx.array, plan.sliding[-1])
+    assert plan.key == (4, 64, 64 if window is None else min(64, context_bucket(window)))
     rows = len(plan.positions)
-    attend = AttentionGroup(slice(0, rows), mx.array(slots), mx.array(mask), None, None, rows, 1)
+    attend = AttentionGroup(slice(0, rows), slots, mask, None, None, rows, 1)
     view = AttentionPlan(rows, (attend,), None, np.zeros(0), np.zeros(0), np.zeros(0), window=window)
     queries = mx.array(rng.standard_normal((rows, heads, dim)).astype(np.float32))
     got = reference.attend(queries, *pools, view, dim ** -0.5)
@@ -169,6 +174,10 @@ def test_a_planned_view_attends_what_the_op_by_op_plan_attends(window):
     assert np.isfinite(np.asarray(got)).all()
     assert plan.write_slots.tolist() == [[1 * BLOCK + 1, 12 * BLOCK + 1, 2 * BLOCK, DUMP * BLOCK],
                                          [21 * BLOCK + 1, 15 * BLOCK + 1, 23 * BLOCK, DUMP * BLOCK]]
+    # The runner hands over the slots it found for the real rows: the same plan, padding rows to the dump block.
+    given = plan_decode(positions, [full, sliding], BLOCK, DUMP, [(0, None), (group, window)],
+                        [np.array(s[:3]) for s in plan.write_slots.tolist()])
+    assert given.write_slots.tolist() == plan.write_slots.tolist()
     assert plan.tables.shape == (2, 4, 64 // BLOCK)
     assert plan.tables[1, 1, :5].tolist() == SLIDING_TABLES["B"]
 

@@ -59,54 +59,84 @@ class DecodeInputs:
 
     positions: np.ndarray  # int32 [Bp]: each row's position (RoPE offset); 0 for padding rows
     write_slots: np.ndarray  # int32 [G, Bp]: the pool slot each row's K/V goes to, per group
-    tables: np.ndarray  # int32 [G, Bp, C / block_size]: block tables, for the attention kernel
-    views: tuple[tuple[np.ndarray, np.ndarray], ...]  # per view (as planned): gather slots [Bp, Cw], mask
+    tables: np.ndarray  # int32 [G, Bp, C / block_size]: block tables, for the attention kernel and full views
+    block_size: int
+    # Per sliding view (as planned): gather slots [Bp, Cw] and mask. A full view's are built in the step itself
+    # from `tables` and `positions` (`full_view`).
+    sliding: tuple[tuple[np.ndarray, np.ndarray], ...]
+    widths: tuple[int, ...]  # every view's gathered width, in the order planned
 
     @property
     def key(self) -> tuple[int, ...]:
         """What a trace is specialised on: the rows and every view's width."""
-        return (len(self.positions), *(slots.shape[1] for slots, _ in self.views))
+        return (len(self.positions), *self.widths)
 
 
 def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[Sequence[int]]], block_size: int,
-                dump_block: int, views: Sequence[View] = FULL) -> DecodeInputs:
+                dump_block: int, views: Sequence[View] = FULL,
+                write_slots: Sequence[Sequence[int]] | None = None) -> DecodeInputs:
     """Plan a step of decode rows at `positions` (each row's one new token); `tables[g]`: the rows' block tables
     in KV cache group g (long enough to hold that position); `views`: the (group, window) pairs the layers
-    attend through. A sliding view gathers only its window's columns."""
-    pos = np.asarray(positions, dtype=np.int64)
-    rows, padded = len(pos), rows_bucket(len(pos))
-    ctx = pos + 1
-    width = context_bucket(int(ctx.max()))
+    attend through. A sliding view gathers only its window's columns. `write_slots[g]`, where the caller has
+    them: the rows' pool slots in group g (else found in the tables).
+
+    Host time per step is what a decode step costs on a GPU, and numpy's per-call cost dominates arrays this
+    small, so only what a full view cannot get on the device is planned here."""
+    rows, padded = len(positions), rows_bucket(len(positions))
+    longest = int(max(positions)) + 1
+    width = context_bucket(longest)
     cols = width // block_size
     # One conversion of Python lists per group: a numpy assignment per row costs ~1.5 us, 50 us at 32 rows.
     pad = [dump_block] * cols
     table = np.array([[list(t[:cols]) + pad[len(t):] for t in group_tables] + [pad] * (padded - len(group_tables))
-                      for group_tables in tables], dtype=np.int64).reshape(len(tables), padded, cols)
-    all_pos = np.zeros(padded, dtype=np.int64)
-    all_pos[:rows] = pos
-    real = np.arange(padded) < rows
-    starts = table * block_size  # [G, Bp, cols]: the first pool slot of each table entry
-    row = np.arange(padded)
+                      for group_tables in tables], dtype=np.int32).reshape(len(tables), padded, cols)
+    all_pos = np.zeros(padded, dtype=np.int32)
+    all_pos[:rows] = positions
+    dump = dump_block * block_size
+    if write_slots is None:
+        write = np.full((len(tables), padded), dump, dtype=np.int32)
+        at = all_pos[:rows]
+        write[:, :rows] = table[:, np.arange(rows), at // block_size] * block_size + at % block_size
+    else:
+        write = np.full((len(tables), padded), dump, dtype=np.int32)
+        for g, group_slots in enumerate(write_slots):
+            write[g, :rows] = group_slots
 
-    planned = []
+    sliding, widths = [], []
     for g, window in views:
-        first = np.zeros(padded, dtype=np.int64) if window is None else np.maximum(0, all_pos - window + 1)
-        cols = width if window is None else min(width, context_bucket(min(window, int(ctx.max()))))
-        kpos = first[:, None] + np.arange(cols)[None, :]
-        seen = (kpos <= all_pos[:, None]) & real[:, None]
-        seen[~real, 0] = True  # a padding row sees the dump block's first slot, so no row is all masked
         if window is None:
-            # Column c is position c: the table's slots in order, no gather (a [Bp, C] gather is ~30 us at 32
-            # rows); unseen columns read position 0, written and finite, as with a window.
-            slots = (starts[g][:, :, None] + np.arange(block_size)).reshape(padded, width)
-            slots = np.where(seen, slots, slots[:, :1])
-        else:
-            kpos = np.where(seen, kpos, 0)
-            slots = starts[g][row[:, None], kpos // block_size] + kpos % block_size
-        slots = np.where(real[:, None], slots, dump_block * block_size)
-        planned.append((slots.astype(np.int32), seen[:, None, None, :]))
-    write = np.where(real, starts[:, row, all_pos // block_size] + all_pos % block_size, dump_block * block_size)
-    return DecodeInputs(all_pos.astype(np.int32), write.astype(np.int32), table.astype(np.int32), tuple(planned))
+            widths.append(width)
+            continue
+        pos = all_pos.astype(np.int64)
+        real = np.arange(padded) < rows
+        first = np.maximum(0, pos - window + 1)
+        view_cols = min(width, context_bucket(min(window, longest)))
+        kpos = first[:, None] + np.arange(view_cols)[None, :]
+        seen = (kpos <= pos[:, None]) & real[:, None]
+        seen[~real, 0] = True  # a padding row sees the dump block's first slot, so no row is all masked
+        kpos = np.where(seen, kpos, 0)  # unseen columns read position 0: written (or vLLM's null block), finite
+        slots = table[g][np.arange(padded)[:, None], kpos // block_size].astype(np.int64) * block_size
+        slots = np.where(real[:, None], slots + kpos % block_size, dump)
+        sliding.append((slots.astype(np.int32), seen[:, None, None, :]))
+        widths.append(view_cols)
+    return DecodeInputs(all_pos, write, table, block_size, tuple(sliding), tuple(widths))
+
+
+def full_view(table: Any, positions: Any, offsets: Any) -> tuple[Any, Any]:
+    """A full-attention view's gather slots int32 [Bp, C] and mask bool [Bp, 1, 1, C], lazily, from one group's
+    block tables int32 [Bp, C / block_size], the rows' positions [Bp] and `offsets` (arange(block_size)).
+
+    Column c is position c: the table's slots in order (no gather). Unseen columns read the slot of position 0
+    (written, finite) and are masked; a padding row (position 0, the dump block's table) sees the dump block's
+    first slot alone. Built inside the compiled step, these are a couple of fused kernels instead of a dozen
+    numpy calls on the host and two more arrays to hand MLX every step."""
+    import mlx.core as mx
+
+    rows, cols = table.shape
+    block_size = offsets.shape[0]
+    slots = (table[:, :, None] * block_size + offsets).reshape(rows, cols * block_size)
+    seen = mx.arange(cols * block_size, dtype=positions.dtype)[None, :] <= positions[:, None]
+    return mx.where(seen, slots, slots[:, :1]), seen[:, None, None, :]
 
 
 class TraceError(RuntimeError):
@@ -132,6 +162,7 @@ class CompiledDecode:
         # keep_kv (the decode-ahead's scratch rows need the step's K/V) is a trace of its own.
         self._compiled = {keep: mx.compile(partial(self._step, keep)) for keep in (False, True)}
         self.traced: set[tuple[bool, tuple[int, ...]]] = set()
+        self._offsets: dict[int, Any] = {}  # block size -> arange(block_size): its shape carries it into a trace
 
     def forward(self, layers: list[PagedLayerCache], pools: list[KVPool], tokens: Any, plan: DecodeInputs,
                 rows: int, keep_kv: bool = False) -> Any:
@@ -141,7 +172,10 @@ class CompiledDecode:
         ids = tokens if isinstance(tokens, mx.array) else mx.array(tokens, dtype=mx.int32)
         if padded > rows:
             ids = mx.concatenate([ids.astype(mx.int32), mx.zeros((padded - rows,), dtype=mx.int32)])
-        views = [(mx.array(slots), mx.array(mask)) for slots, mask in plan.views]
+        sliding = [(mx.array(slots), mx.array(mask)) for slots, mask in plan.sliding]
+        offsets = self._offsets.get(plan.block_size)
+        if offsets is None:
+            offsets = self._offsets[plan.block_size] = mx.arange(plan.block_size, dtype=mx.int32)
         arrays = [(pool.k, pool.v) for pool in pools]
         for pool in pools:  # only the call's arguments hold the old pools: MLX writes them in place
             pool.k = pool.v = None
@@ -151,7 +185,7 @@ class CompiledDecode:
         self._layers, self._pools = layers, pools
         try:
             out = self._compiled[keep_kv](ids, mx.array(plan.positions), mx.array(plan.write_slots),
-                                          mx.array(plan.tables), views, arrays)
+                                          mx.array(plan.tables), offsets, sliding, arrays)
         except BaseException as exc:
             for pool, (k, v) in zip(pools, arrays):
                 pool.k, pool.v = k, v
@@ -177,15 +211,17 @@ class CompiledDecode:
                          "/".join(map(str, plan.key[1:])), 1e3 * (time.perf_counter() - started))
         return out[0][:rows] if padded > rows else out[0]
 
-    def _step(self, keep_kv: bool, ids: Any, positions: Any, write_slots: Any, tables: Any,
-              views: list[tuple[Any, Any]], arrays: list[tuple[Any, Any]]) -> list[Any]:
+    def _step(self, keep_kv: bool, ids: Any, positions: Any, write_slots: Any, tables: Any, offsets: Any,
+              sliding: list[tuple[Any, Any]], arrays: list[tuple[Any, Any]]) -> list[Any]:
         """The traced step (run by `mx.compile` once per bucket; its arguments are then placeholders)."""
         import mlx.core as mx
 
         rows = ids.shape[0]
         at = mx.arange(rows, dtype=mx.int32)
         plans = {}
-        for (g, window), (slots, mask) in zip(self.views, views):
+        planned = iter(sliding)
+        for g, window in self.views:
+            slots, mask = full_view(tables[g], positions, offsets) if window is None else next(planned)
             group = AttentionGroup(slice(0, rows), slots, mask, None, None, rows, 1)
             plans[g, window] = AttentionPlan(rows, (group,), None, _NO_HOST, _NO_HOST, _NO_HOST,
                                              {"paged_attention": (tables[g], at, positions)}, window)

@@ -162,11 +162,12 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
             return logits_at(self.model, ids[:, None], layers, lambda hidden: hidden[rows],
                              self.loaded.head_on_rows)[:, 0, :]
 
-    def _decode(self, tokens: Any, positions: Any, tables: list[list[Any]], keep_kv: bool = False) -> Any:
-        """An all-decode step through its compiled forward (`compiled_decode`; `tables[g]`: the rows' block
-        tables in KV cache group g): lazy logits [B, V], or None when the step cannot be traced (compiled steps
-        are then off for this engine, with one warning)."""
-        plan = plan_decode(positions, tables, self.cache_config.block_size, self.dump_block, self.views)
+    def _decode(self, tokens: Any, positions: Any, tables: list[list[Any]], slots: list[Any] | None = None,
+                keep_kv: bool = False) -> Any:
+        """An all-decode step through its compiled forward (`compiled_decode`; `tables[g]`, `slots[g]`: the
+        rows' block tables and pool slots in KV cache group g): lazy logits [B, V], or None when the step cannot
+        be traced (compiled steps are then off for this engine, with one warning)."""
+        plan = plan_decode(positions, tables, self.cache_config.block_size, self.dump_block, self.views, slots)
         try:
             with self.step_times.build():
                 logits = self.compiled.forward(self.layers, self.pools, tokens, plan, len(positions), keep_kv)
@@ -202,7 +203,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         else:
             self.ahead.take()  # its writes are harmless: see _ahead_forward
         if logits is None and pack.decode_only and self.compiled is not None:
-            logits = self._decode(pack.tokens, pack.positions, pack.tables)
+            logits = self._decode(pack.tokens, pack.positions, pack.tables, pack.slots)
         if logits is None:
             layout = StepLayout.plan_groups(pack.positions, pack.slots,
                                             [_padded(tables) for tables in pack.tables], pack.context_lens,
@@ -297,7 +298,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         self._ahead_slots = slots
         self._ahead_scratch = scratch
         if self.compiled is not None:
-            logits = self._decode(tokens, positions, tables, keep_kv=bool(scratch))
+            logits = self._decode(tokens, positions, tables, slots, keep_kv=bool(scratch))
             if logits is not None:
                 return logits
         layout = StepLayout.plan_groups(positions, slots, [_padded(t) for t in tables], [p + 1 for p in positions],

@@ -74,3 +74,9 @@ def test_a_draft_must_share_the_targets_vocabulary():
 def test_the_draft_cache_keeps_what_it_shares_with_the_request():
     assert shared_prefix([1, 2, 3, 9], [1, 2, 3, 4, 5]) == 3  # its rejected draft 9 goes
     assert shared_prefix([], [1, 2]) == 0 and shared_prefix([1, 2], [1, 2, 3]) == 2
+    # Long contexts: a difference in the last few positions, or far before them (a request recomputed).
+    context = list(range(1000))
+    assert shared_prefix(context + [7, 8], context + [7, 9, 9]) == 1001
+    assert shared_prefix(context[:500] + [-1] + context[501:], context + [3]) == 500
+    assert shared_prefix(context, context[:995] + [-1] * 5) == 995
+    assert shared_prefix(context, context) == 1000

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmetal.engine.runner.step_times import StepTimes
+
 
 def shared_prefix(held: list[int], tokens: list[int]) -> int:
     """How many leading tokens `held` and `tokens` have in common."""
@@ -45,7 +47,7 @@ class DraftModelDrafter:
     """Proposes `num_tokens` greedy tokens per request from the draft model; `last` is set by the runner after
     each step (row order, tokens sampled per row), as for `speculative.NgramDrafter`."""
 
-    def __init__(self, vllm_config: Any, target_config: dict[str, Any]):
+    def __init__(self, vllm_config: Any, target_config: dict[str, Any], times: StepTimes | None = None):
         import mlx.core as mx
 
         from vmetal import envs
@@ -66,6 +68,9 @@ class DraftModelDrafter:
         self.caches: dict[str, tuple[list[Any], list[int]]] = {}
         self.last: tuple[list[str], list[list[int]]] | None = None
         self.queued: tuple[list[str], list[tuple[str, list[int], Any]], Any] | None = None  # what `start` built
+        # The runner's step timer: the draft's forwards are part of a speculating step's graph build, launch
+        # and wait (bench_draft.py and prof_draft.py read them).
+        self.times = times or StepTimes()
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -97,7 +102,8 @@ class DraftModelDrafter:
         flat = mx.concatenate([d for _, _, d in rows]) if rows else None
         if flat is not None:
             # Queued on its own: reading it must not wait for the verify forward queued after it.
-            mx.async_eval(flat)
+            with self.times.launch():
+                mx.async_eval(flat)
         self.queued = (req_ids, rows, flat)
         return {req_id: drafts for req_id, _, drafts in rows}
 
@@ -111,7 +117,8 @@ class DraftModelDrafter:
         if self.queued is None:
             return None
         (req_ids, rows, flat), self.queued = self.queued, None
-        values = flat.tolist() if flat is not None else []  # the one wait for the drafts
+        with self.times.wait():
+            values = flat.tolist() if flat is not None else []  # the one wait for the drafts
         drafts: dict[str, list[int]] = dict.fromkeys(req_ids, [])
         at = 0
         for req_id, tokens, lazy in rows:
@@ -136,11 +143,14 @@ class DraftModelDrafter:
             for layer in cache:
                 layer.trim(len(held) - keep)
         self.caches[req_id] = (cache, held[:keep])
-        logits = mlx_cache.prefill(self.model, cache, tokens[keep:], head_on_rows=self.loaded.head_on_rows)
-        out = [mx.argmax(logits, axis=-1).astype(mx.int32)]
+        with self.times.build():
+            logits = mlx_cache.prefill(self.model, cache, tokens[keep:], head_on_rows=self.loaded.head_on_rows)
+            out = [mx.argmax(logits, axis=-1).astype(mx.int32)]
         for _ in range(k - 1):
             # Each forward starts on the device while the next is built, as mlx-lm's draft loop does.
-            mx.async_eval(out[-1])
-            logits = mlx_cache.prefill(self.model, cache, out[-1][None], head_on_rows=self.loaded.head_on_rows)
-            out.append(mx.argmax(logits, axis=-1).astype(mx.int32))
+            with self.times.launch():
+                mx.async_eval(out[-1])
+            with self.times.build():
+                logits = mlx_cache.prefill(self.model, cache, out[-1][None], head_on_rows=self.loaded.head_on_rows)
+                out.append(mx.argmax(logits, axis=-1).astype(mx.int32))
         return mx.stack(out)

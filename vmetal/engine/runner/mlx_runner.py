@@ -53,7 +53,7 @@ class MlxModelRunner(ModelRunnerBase):
             else:
                 from vmetal.engine.runner.draft_model import DraftModelDrafter
 
-                self.drafter = DraftModelDrafter(self.vllm_config, self.loaded.config)
+                self.drafter = DraftModelDrafter(self.vllm_config, self.loaded.config, self.step_times)
                 self.weights_bytes += self.drafter.weights_bytes
         if self.metal_config.prefix_cache:
             # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.
@@ -236,8 +236,9 @@ class MlxModelRunner(ModelRunnerBase):
                     # The cache holds what vLLM counts as computed once the last step's rejected drafts (or an
                     # unused verify-ahead's positions) are trimmed.
                     cache = self._cache_for_prefill(req_id, start)
-                    out = mlx_cache.prefill(self.model, cache, fed, head_on_rows=self.loaded.head_on_rows,
-                                            last=len(proposed) + 1)
+                    with self.step_times.build():
+                        out = mlx_cache.prefill(self.model, cache, fed, head_on_rows=self.loaded.head_on_rows,
+                                                last=len(proposed) + 1)
                 drafts[req_id] = (proposed, out)
                 logits[req_id] = out[0]
                 continue
@@ -247,7 +248,8 @@ class MlxModelRunner(ModelRunnerBase):
             if start == 0 and self.prefix_cache is not None and not want_prompt:
                 # At least the chunk's last token is computed: its logits are needed.
                 begin = self._reuse_prefix(req_id, state, cache, limit=n - 1)
-            out = self._prefill(cache, self._tokens(state, begin, start + n), begin, all_logits=want_prompt)
+            with self.step_times.build():
+                out = self._prefill(cache, self._tokens(state, begin, start + n), begin, all_logits=want_prompt)
             if want_prompt:
                 prompt_logits[req_id], out = out, out[-1]
             logits[req_id] = out

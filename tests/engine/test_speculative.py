@@ -42,9 +42,10 @@ def llm(qwen3_model):
         yield llm
 
 
-def assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, model) -> None:
+def assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, model, queued_ahead: bool = True) -> None:
     """Greedy output identical to mlx-lm's on `model`, while some drafts were kept and some rolled back, and
-    the verify forwards queued at the end of a step (decode_ahead.VerifyAhead) were used."""
+    the verify forwards queued at the end of a step (decode_ahead.VerifyAhead) were used where the drafter
+    queues them (`queued_ahead`; n-gram drafts do, a draft model's do not), else none was."""
     before = spec_counts(llm)
     ahead = llm.collective_rpc("step_counts")[0].get("spec_ahead_used", 0)
     outs = llm.generate([REPEATING, *PROMPTS], greedy(TOKENS), use_tqdm=False)
@@ -53,7 +54,8 @@ def assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, model) -> Non
     drafted = after["num_draft_tokens"] - before["num_draft_tokens"]
     accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
     assert 0 < accepted < drafted, (accepted, drafted)
-    assert llm.collective_rpc("step_counts")[0].get("spec_ahead_used", 0) > ahead
+    used = llm.collective_rpc("step_counts")[0].get("spec_ahead_used", 0) - ahead
+    assert used > 0 if queued_ahead else used == 0, used
 
 
 def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_model):
@@ -62,6 +64,21 @@ def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_mode
 
 def test_requests_joining_while_others_speculate_match_mlx_lm(llm, qwen3_model):
     assert_joining_requests_like_mlx(qwen3_model, llm, "spec-join", max_tokens=TOKENS)
+
+
+def test_verify_forwards_queued_ahead_are_used_or_rolled_back_and_tokens_stay_exact(qwen3_model):
+    """At the end of each step the runner queues every speculating request's verify forward of the drafts
+    looked up for it (decode_ahead.VerifyAhead); the next step uses it when vLLM schedules the drafts it was
+    built on, and rolls its positions back when not: a 5-token step budget for four requests of three drafts
+    makes vLLM cut some drafts short or leave requests out of a step. Both happen, and greedy output is
+    mlx-lm's."""
+    prompts = [REPEATING + word for word in ("one", "two", "seven", "five")]
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=4, seed=0, speculative_config=SPEC,
+                     max_num_batched_tokens=5) as budget:
+        outs = budget.generate(prompts, greedy(TOKENS), use_tqdm=False)
+        counts = budget.collective_rpc("step_counts")[0]
+    assert_greedy_like_mlx(qwen3_model, outs, TOKENS)
+    assert counts.get("spec_ahead_used", 0) > 0 and counts.get("spec_ahead_dropped", 0) > 0, counts
 
 
 def _same_distribution(a: list[list[int]], b: list[list[int]], alpha: float = 1e-4) -> bool:

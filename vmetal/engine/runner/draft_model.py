@@ -8,10 +8,15 @@ ours: the draft is loaded with mlx-lm beside the target and keeps a cache of its
 
 - Each step, for every request that may speculate, the draft cache is cut back to the longest prefix it shares
   with the request's tokens (what it held past that were its own rejected drafts), fed the tokens it has not
-  seen, and asked for k tokens greedily, each fed back as the next input. The forwards are queued at the end
-  of the step that sampled the tokens they follow (`start`), and the runner queues the target's verify forward
-  of those drafts behind them, before vLLM's output handling and scheduling run: the host reads the drafts
-  when vLLM asks for them (`propose`), by which time the device has usually computed them.
+  seen, and asked for k tokens greedily, each fed back as the next input, when vLLM asks for the drafts
+  (`propose`), each forward starting on the device while the next is built; the target verifies them in the
+  step vLLM schedules them in. Queuing the draft's and the verify forwards at the end of the step before
+  instead (`queue_ahead`, as the runner does for n-gram drafts: decode_ahead.VerifyAhead) was measured slower
+  on both machines here, one stream, the same engine and lease: 57.3 against 66.8 tok/s on an H100
+  (Qwen3-0.6B's shape, a 4-layer draft, `prof_draft.py`, 2026-12-06) and 20.4 against 21.8 on 2 CPU cores:
+  most of such a step is the device's (three draft forwards and a (k + 1)-position verify); queued early,
+  MLX blocked in the verify's `async_eval` about as long as it otherwise waits for its result, and the step
+  took longer (18.4 against 16.7 ms).
 - Greedy drafts are a deterministic function of the context, so verification is the same as for n-gram
   drafts: exact for greedy requests, rejection sampling for sampled ones (a draft proposed with certainty is
   kept with the target's probability of it), which keeps the output distribution exactly.
@@ -47,6 +52,8 @@ class DraftModelDrafter:
     """Proposes `num_tokens` greedy tokens per request from the draft model; `last` is set by the runner after
     each step (row order, tokens sampled per row), as for `speculative.NgramDrafter`."""
 
+    queue_ahead = False  # the runner does not queue the drafts' and their verify forwards early (module doc)
+
     def __init__(self, vllm_config: Any, target_config: dict[str, Any], times: StepTimes | None = None):
         import mlx.core as mx
 
@@ -81,9 +88,9 @@ class DraftModelDrafter:
 
     def start(self, input_batch: Any, eligible: Any) -> dict[str, Any]:
         """Build and queue the drafts for the rows of the last step (`eligible(req_id)`: whether a row may get
-        drafts): {req_id: its lazy int32 [k] drafts}. The runner calls this at the end of a step, so the
-        draft's forwards run on the device while vLLM handles the step's output, and can feed them to the
-        verify forward it queues behind them (decode_ahead.VerifyAhead); `propose` reads them."""
+        drafts): {req_id: its lazy int32 [k] drafts}; `propose` reads them. A runner that queues ahead
+        (`queue_ahead`) calls this at the end of a step and feeds the lazy drafts to the verify forward it queues
+        behind them (decode_ahead.VerifyAhead)."""
         import mlx.core as mx
 
         if self.last is None:

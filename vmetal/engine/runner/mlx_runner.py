@@ -286,7 +286,7 @@ class MlxModelRunner(ModelRunnerBase):
     def _after_step(self) -> None:
         if self.ahead.pending is None:
             self._start_next_decode()
-        if self.drafter is not None and self.decode_ahead_enabled:
+        if self.drafter is not None and self.drafter.queue_ahead and self.decode_ahead_enabled:
             self._start_next_verify()
 
     def _start_next_verify(self) -> None:

@@ -115,6 +115,10 @@ def greedy_targets(logits: list[Any], wait: Any = contextlib.nullcontext) -> lis
 class NgramDrafter:
     """vLLM's n-gram proposer, fed from the runner's input batch after each step."""
 
+    # The drafts are a host lookup, so the runner queues their verify forward at the end of the step that
+    # sampled the token they follow (decode_ahead.VerifyAhead), to run while vLLM handles that step's output.
+    queue_ahead = True
+
     def __init__(self, vllm_config: Any):
         from vllm.v1.spec_decode.ngram_proposer import NgramProposer
 

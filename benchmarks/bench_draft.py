@@ -5,7 +5,7 @@ checkpoint cut to its first `--draft-layers` layers (`shapes.first_layers`), so 
 the target's often but not always, as a real small sibling's do. Per trial, one request at a time, greedy:
 vmetal's `LLM` without and with `speculative_config={"model": DRAFT, "num_speculative_tokens": k}`, and
 mlx-lm's `stream_generate` without and with `draft_model=DRAFT, num_draft_tokens=k` (what `mlx_lm.generate
---draft-model` runs). The anchor is mlx-lm with the draft, measured in the same trial: the issue's target is
+--draft-model` runs), each started (or loaded) and warmed once for all trials. The anchor is mlx-lm with the draft, measured in the same trial: the issue's target is
 vmetal ≥ 1.1x it on a GPU. Every output is compared token for token with plain mlx-lm's.
 
 Results go to benchmarks/RESULTS.md between `<!-- draft:begin -->` and `<!-- draft:end -->`.
@@ -24,31 +24,45 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_speculative import CODE, run
+from bench_speculative import CODE, Engine, measure_trials
 from results_md import add_output_args, publish_run, run_header
 
 from vmetal.bench.inprocess import prepare_environ
 from vmetal.bench.shapes import SHAPES, build_model, first_layers
 
 
-def mlx_run(model_dir: Path, draft_dir: Path | None, prompts: list[str], output_len: int, k: int) -> dict:
-    """mlx-lm's own loop, one prompt at a time, greedy (its default sampler), with or without the draft."""
-    from mlx_lm import load
-    from mlx_lm.generate import stream_generate
+class MlxLm:
+    """mlx-lm's own loop on `model_dir`, with or without the draft, one prompt at a time, greedy (its default
+    sampler): loaded and warmed once for every trial, as `Engine` is."""
 
-    model, tokenizer = load(str(model_dir))
-    extra = {}
-    if draft_dir is not None:
-        extra = {"draft_model": load(str(draft_dir))[0], "num_draft_tokens": k}
-    list(stream_generate(model, tokenizer, prompts[0], max_tokens=output_len, **extra))  # warm, as `run` does
-    tokens, elapsed, drafted = [], 0.0, 0
-    for prompt in prompts:
-        t0 = time.perf_counter()
-        out = list(stream_generate(model, tokenizer, prompt, max_tokens=output_len, **extra))
-        elapsed += time.perf_counter() - t0
-        tokens.append([int(r.token) for r in out])
-        drafted += sum(bool(getattr(r, "from_draft", False)) for r in out)
-    return {"tok_s": sum(map(len, tokens)) / elapsed, "tokens": tokens, "from_draft": drafted}
+    def __init__(self, model_dir: Path, draft_dir: Path | None, prompts: list[str], output_len: int, k: int):
+        from mlx_lm import load
+
+        self.model, self.tokenizer = load(str(model_dir))
+        self.extra = {} if draft_dir is None else {"draft_model": load(str(draft_dir))[0], "num_draft_tokens": k}
+        self.prompts, self.output_len = prompts, output_len
+        self._generate(prompts[0])  # warm, as `Engine` is
+
+    def _generate(self, prompt: str) -> list:
+        from mlx_lm.generate import stream_generate
+
+        return list(stream_generate(self.model, self.tokenizer, prompt, max_tokens=self.output_len, **self.extra))
+
+    def measure(self) -> dict:
+        tokens, elapsed, drafted = [], 0.0, 0
+        for prompt in self.prompts:
+            t0 = time.perf_counter()
+            out = self._generate(prompt)
+            elapsed += time.perf_counter() - t0
+            tokens.append([int(r.token) for r in out])
+            drafted += sum(bool(getattr(r, "from_draft", False)) for r in out)
+        return {"tok_s": sum(map(len, tokens)) / elapsed, "tokens": tokens, "from_draft": drafted}
+
+    def close(self) -> None:
+        import mlx.core as mx
+
+        self.model = self.extra = None
+        mx.clear_cache()
 
 
 def render(rows: list[dict], args: argparse.Namespace, shape: dict, started: str, elapsed: float, argv) -> str:
@@ -112,17 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     draft = first_layers(model, folder / "draft", args.draft_layers)
     spec = {"model": str(draft), "num_speculative_tokens": args.tokens}
     prompts = [f"# file {i}\n{CODE}" for i in range(args.prompts)]
-    rows = []
-    for trial in range(args.trials):
-        order = [("vmetal", lambda: run(model, None, prompts, args.output_len)),
-                 ("vmetal draft", lambda: run(model, spec, prompts, args.output_len)),
-                 ("mlx-lm", lambda: mlx_run(model, None, prompts, args.output_len, args.tokens)),
-                 ("mlx-lm draft", lambda: mlx_run(model, draft, prompts, args.output_len, args.tokens))]
-        row = {}
-        for name, measure in (order if trial % 2 == 0 else order[::-1]):
-            print(f"trial {trial + 1}/{args.trials}: {name}", file=sys.stderr, flush=True)
-            row[name] = measure()
-        rows.append(row)
+    rows = measure_trials({"vmetal": lambda: Engine(model, None, prompts, args.output_len),
+                           "vmetal draft": lambda: Engine(model, spec, prompts, args.output_len),
+                           "mlx-lm": lambda: MlxLm(model, None, prompts, args.output_len, args.tokens),
+                           "mlx-lm draft": lambda: MlxLm(model, draft, prompts, args.output_len, args.tokens)},
+                          args.trials)
     section = render(rows, args, shape, started, time.monotonic() - t0, argv)
     publish_run("draft", section, {"rows": rows}, args)
     return 0

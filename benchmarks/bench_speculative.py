@@ -1,8 +1,8 @@
 """N-gram speculation vs plain decoding: one stream, greedy, a prompt the answer can copy from.
 
-The same random-weight Qwen3-shaped model (`vmetal.bench.shapes`, `--shape`) in vLLM's `LLM` twice per trial,
-with and without `--speculative-config '{"method": "ngram", ...}'` (order alternating by trial), each asked for
-the same greedy continuations one request at a time. Reported: output tok/s of each, their ratio (the anchor is
+The same random-weight Qwen3-shaped model (`vmetal.bench.shapes`, `--shape`) in two of vLLM's `LLM`s, started
+once for all trials, with and without `--speculative-config '{"method": "ngram", ...}'` (order alternating by
+trial), each asked for the same greedy continuations one request at a time. Reported: output tok/s of each, their ratio (the anchor is
 the plain engine of the same trial), and from the runner's own counters (`MetalWorker.step_counts`) how many
 draft tokens were checked and accepted.
 
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from results_md import add_output_args, publish_run, run_header
 
@@ -41,28 +42,58 @@ CODE = ("def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\
         "def mul(a, b):\n    return a * b\n\n\n") * 3
 
 
-def run(model: Path, spec: dict | None, prompts: list[str], output_len: int) -> dict:
-    from vllm import LLM, SamplingParams
+class Engine:
+    """vLLM's `LLM` on `model` (with speculative config `spec`), started and warmed once and kept for every
+    trial: an engine start costs ~30 s on a slow GPU lease, so starting one per trial kept five trials from
+    fitting in a device call. `measure` runs the prompts through it one at a time."""
 
-    llm = LLM(model=str(model), max_model_len=1024, max_num_seqs=4, speculative_config=spec, seed=0)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    def __init__(self, model: Path, spec: dict | None, prompts: list[str], output_len: int):
+        from vllm import LLM, SamplingParams
+
+        self.prompts = prompts
+        self.params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        self.llm = LLM(model=str(model), max_model_len=1024, max_num_seqs=4, speculative_config=spec, seed=0)
         # Warm on a whole request: MLX on CUDA compiles a kernel for each new shape, and a speculating step's
         # verify forward meets new ones as its context grows; timed requests then pay none (as mlx-lm's loop
         # beside it, whose process keeps its compiled kernels from trial to trial).
-        llm.generate(prompts[:1], params, use_tqdm=False)
-        before = llm.collective_rpc("step_counts")[0]
+        self.llm.generate(prompts[:1], self.params, use_tqdm=False)
+
+    def measure(self) -> dict:
+        before = self.llm.collective_rpc("step_counts")[0]
         tokens, elapsed = [], 0.0
-        for prompt in prompts:  # one stream
+        for prompt in self.prompts:  # one stream
             t0 = time.perf_counter()
-            out = llm.generate([prompt], params, use_tqdm=False)[0]
+            out = self.llm.generate([prompt], self.params, use_tqdm=False)[0]
             elapsed += time.perf_counter() - t0
             tokens.append(list(out.outputs[0].token_ids))
-        after = llm.collective_rpc("step_counts")[0]
+        after = self.llm.collective_rpc("step_counts")[0]
+        counted = {k: after.get(k, 0) - before.get(k, 0) for k in ("spec_draft_tokens", "spec_accepted_tokens")}
+        return {"tok_s": sum(map(len, tokens)) / elapsed, "tokens": tokens, **counted}
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def measure_trials(engines: dict[str, Any], trials: int) -> list[dict]:
+    """`trials` rows of {engine name: its `measure()`}, the engines taken in alternating order by trial; every
+    engine is closed afterwards (`start` callables, so one that fails to start closes those before it)."""
+    started: dict[str, Any] = {}
+    try:
+        for name, start in engines.items():
+            print(f"starting {name}", file=sys.stderr, flush=True)
+            started[name] = start()
+        rows = []
+        names = list(started)
+        for trial in range(trials):
+            row = {}
+            for name in (names if trial % 2 == 0 else names[::-1]):
+                print(f"trial {trial + 1}/{trials}: {name}", file=sys.stderr, flush=True)
+                row[name] = started[name].measure()
+            rows.append(row)
+        return rows
     finally:
-        llm.llm_engine.engine_core.shutdown()
-    counted = {k: after.get(k, 0) - before.get(k, 0) for k in ("spec_draft_tokens", "spec_accepted_tokens")}
-    return {"tok_s": sum(map(len, tokens)) / elapsed, "tokens": tokens, **counted}
+        for engine in started.values():
+            engine.close()
 
 
 def render(rows: list[dict], args: argparse.Namespace, shape: dict, started: str, elapsed: float, argv) -> str:
@@ -124,13 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     shape = SHAPES[args.shape]
     model = build_model(Path(tempfile.mkdtemp(prefix="vmetal-bench-spec-")) / "model", args.dtype, shape)
     prompts = [f"# file {i}\n{CODE}" for i in range(args.prompts)]
-    rows = []
-    for trial in range(args.trials):
-        row = {}
-        for name in (("plain", "spec") if trial % 2 == 0 else ("spec", "plain")):
-            print(f"trial {trial + 1}/{args.trials}: {name}", file=sys.stderr, flush=True)
-            row[name] = run(model, json.loads(args.spec) if name == "spec" else None, prompts, args.output_len)
-        rows.append(row)
+    rows = measure_trials({"plain": lambda: Engine(model, None, prompts, args.output_len),
+                           "spec": lambda: Engine(model, json.loads(args.spec), prompts, args.output_len)},
+                          args.trials)
     section = render(rows, args, shape, started, time.monotonic() - t0, argv)
     publish_run(section_name("speculative", args.shape), section, {"rows": rows}, args)
     return 0

@@ -93,12 +93,11 @@ def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[Sequence[int
     all_pos = np.zeros(padded, dtype=np.int32)
     all_pos[:rows] = positions
     dump = dump_block * block_size
+    write = np.full((len(tables), padded), dump, dtype=np.int32)  # padding rows write to the dump block
     if write_slots is None:
-        write = np.full((len(tables), padded), dump, dtype=np.int32)
         at = all_pos[:rows]
         write[:, :rows] = table[:, np.arange(rows), at // block_size] * block_size + at % block_size
     else:
-        write = np.full((len(tables), padded), dump, dtype=np.int32)
         for g, group_slots in enumerate(write_slots):
             write[g, :rows] = group_slots
 

@@ -2,9 +2,9 @@
 
 The same random-weight Qwen3-shaped model (`vmetal.bench.shapes`, `--shape`) in two of vLLM's `LLM`s, started
 once for all trials, with and without `--speculative-config '{"method": "ngram", ...}'` (order alternating by
-trial), each asked for the same greedy continuations one request at a time. Reported: output tok/s of each, their ratio (the anchor is
-the plain engine of the same trial), and from the runner's own counters (`MetalWorker.step_counts`) how many
-draft tokens were checked and accepted.
+trial), each asked for the same greedy continuations one request at a time. Reported: output tok/s of each,
+their ratio (the anchor is the plain engine of the same trial), and from the runner's own counters
+(`MetalWorker.step_counts`) how many draft tokens were checked and accepted.
 
 What decides the gain is the acceptance: a random-weight model does not copy its prompt the way an editing
 model rewrites a file, so its drafts are mostly rejected and the ratio measures what speculation costs when it

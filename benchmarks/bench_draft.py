@@ -5,8 +5,9 @@ checkpoint cut to its first `--draft-layers` layers (`shapes.first_layers`), so 
 the target's often but not always, as a real small sibling's do. Per trial, one request at a time, greedy:
 vmetal's `LLM` without and with `speculative_config={"model": DRAFT, "num_speculative_tokens": k}`, and
 mlx-lm's `stream_generate` without and with `draft_model=DRAFT, num_draft_tokens=k` (what `mlx_lm.generate
---draft-model` runs), each started (or loaded) and warmed once for all trials. The anchor is mlx-lm with the draft, measured in the same trial: the issue's target is
-vmetal ≥ 1.1x it on a GPU. Every output is compared token for token with plain mlx-lm's.
+--draft-model` runs), each started (or loaded) and warmed once for all trials. The anchor is mlx-lm with the
+draft, measured in the same trial: the issue's target is vmetal ≥ 1.1x it on a GPU. Every output is compared
+token for token with plain mlx-lm's.
 
 Results go to benchmarks/RESULTS.md between `<!-- draft:begin -->` and `<!-- draft:end -->`.
 

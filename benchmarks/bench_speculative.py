@@ -13,11 +13,15 @@ shape (`copy-tiny` here, `qwen3-0.6b-copying` on a GPU: `vmetal.bench.copying`) 
 copies its context, and measures the gain. The outputs of both engines are compared token for token, every
 trial.
 
+`--paged` runs both engines on the paged KV path (`VLLM_METAL_USE_PAGED_ATTENTION=1`), whose verify positions are
+query rows of its packed forward and whose steps without drafts are compiled.
+
 Results go to benchmarks/RESULTS.md between `<!-- speculative:begin -->` and `<!-- speculative:end -->` (a copying
-shape's between `<!-- speculative-SHAPE:begin -->` and its end).
+shape's between `<!-- speculative-SHAPE:begin -->` and its end; with `--paged`, `speculative-paged...`).
 
     python benchmarks/bench_speculative.py            # ~3 min on 2 cores
     python benchmarks/bench_speculative.py --shape copy-tiny     # a model that copies: the gain
+    python benchmarks/bench_speculative.py --shape copy-tiny --paged
 """
 
 from __future__ import annotations
@@ -104,10 +108,11 @@ def render(rows: list[dict], args: argparse.Namespace, shape: dict, started: str
     accepted = sum(r["spec"]["spec_accepted_tokens"] for r in rows)
     same = all(r["spec"]["tokens"] == r["plain"]["tokens"] for r in rows)
     return "\n".join([
-        *run_header("N-gram speculation, one stream", "bench_speculative.py", argv, started, elapsed, args.shape,
-                    shape, args.dtype),
-        f"**Workload:** vLLM's `LLM`, {args.prompts} prompts (a small Python file repeated 3 times, each with its "
-        f"own first line) one at a time, {args.output_len} greedy tokens each, ignore_eos; speculation "
+        *run_header("N-gram speculation, one stream" + (", paged KV path" if args.paged else ""),
+                    "bench_speculative.py", argv, started, elapsed, args.shape, shape, args.dtype),
+        f"**Workload:** vLLM's `LLM` on the {'paged' if args.paged else 'MLX-managed'} KV path, {args.prompts} "
+        "prompts (a small Python file repeated 3 times, each with its own first line) one at a time, "
+        f"{args.output_len} greedy tokens each, ignore_eos; speculation "
         f"`{args.spec}`; {args.trials} trials, engines in alternating order; ratio = speculating tok/s / plain "
         "tok/s of the same trial (median).", "",
         "| Engine | output tok/s (median) | ratio vs plain |", "|---|---|---|",
@@ -147,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--spec", default=json.dumps(ngram_config()),
                         help="vLLM's speculative config (default: what `vmetal serve --speculative ngram` uses)")
+    parser.add_argument("--paged", action="store_true", help="both engines on the paged KV path")
     add_output_args(parser)
     args = parser.parse_args(argv)
     prepare_environ()  # the plugin on: off by default on hosts other than Apple silicon
+    if args.paged:
+        import os
+
+        os.environ["VLLM_METAL_USE_PAGED_ATTENTION"] = "1"  # the engine processes vLLM spawns inherit it
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
     shape = SHAPES[args.shape]
@@ -159,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                            "spec": lambda: Engine(model, json.loads(args.spec), prompts, args.output_len)},
                           args.trials)
     section = render(rows, args, shape, started, time.monotonic() - t0, argv)
-    publish_run(section_name("speculative", args.shape), section, {"rows": rows}, args)
+    publish_run(section_name("speculative-paged" if args.paged else "speculative", args.shape), section,
+                {"rows": rows}, args)
     return 0
 
 

@@ -307,9 +307,9 @@ def test_vllm_features_the_engine_lacks_are_refused_before_anything_starts(fake_
 
 
 @pytest.mark.parametrize(("args", "env", "line"), [
-    (["--speculative-config", '{"method": "ngram"}'], {"VLLM_METAL_USE_PAGED_ATTENTION": "1"},
-     "error: `--speculative-config`: n-gram speculation runs on the MLX-managed KV path only, and this server uses "
-     "the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`), or start without speculation"),
+    (["--speculative-config", '{"model": "Qwen/Qwen3-0.6B"}'], {"VLLM_METAL_USE_PAGED_ATTENTION": "1"},
+     "error: `--speculative-config`: draft-model speculation runs on the MLX-managed KV path only, and this server "
+     "uses the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`), or start without speculation"),
     (["--speculative-config", '{"method": "ngram"}', "--tensor-parallel-size", "2"], {},
      "error: `--speculative-config`: n-gram speculation runs on one worker, and this server has 2 (tensor "
      "parallel); start without one or the other"),
@@ -342,7 +342,8 @@ def test_the_same_flags_with_what_the_engine_does_are_accepted(fake_server, monk
 
 
 @pytest.mark.parametrize(("args", "tokens"), [(["--speculative", "ngram"], 4),
-                                              (["--speculative", "ngram", "--speculative-tokens", "6"], 6)])
+                                              (["--speculative", "ngram", "--speculative-tokens", "6"], 6),
+                                              (["--speculative", "ngram", "--paged"], 4)])
 def test_speculative_ngram_is_vllms_speculative_config(fake_server, monkeypatch, args, tokens):
     import json
 
@@ -359,9 +360,6 @@ def test_speculative_ngram_is_vllms_speculative_config(fake_server, monkeypatch,
     (["--speculative", "./no-such-draft"], "error: draft model folder `./no-such-draft` does not exist"),
     (["--speculative", "ngram", "--", "--speculative-config", '{"method": "ngram"}'],
      "error: give `--speculative` or `--speculative-config` after `--`, not both"),
-    (["--speculative", "ngram", "--paged"],
-     "error: `--speculative ngram`: n-gram speculation runs on the MLX-managed KV path only, and this server "
-     "uses the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`), or start without speculation"),
 ])
 def test_speculative_flags_that_cannot_hold_exit_2(fake_server, args, line):
     result = invoke("--demo", *args)

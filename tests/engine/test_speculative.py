@@ -1,4 +1,5 @@
-"""N-gram speculative decoding on the MLX-managed path (vmetal/engine/runner/speculative.py), through vLLM's `LLM`.
+"""N-gram speculative decoding on the MLX-managed and paged paths (vmetal/engine/runner/speculative.py), through
+vLLM's `LLM`.
 
 What a user would notice: greedy output identical to mlx-lm's token for token while drafts are proposed,
 accepted and rejected (vLLM's own spec-decode counters prove each happened), through concurrency, requests
@@ -60,6 +61,18 @@ def assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, model, queued
 
 def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_model):
     assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, qwen3_model)
+
+
+def test_ngram_speculation_on_the_paged_path_matches_mlx_lm(qwen3_model, monkeypatch):
+    """The paged path verifies drafts in its packed forward (a speculating request's last token and drafts are
+    query rows of their own), its all-decode steps stay compiled, and a rejected draft's K/V is simply written
+    again: greedy output is mlx-lm's while drafts are kept and rejected, requests joining mid-decode too."""
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=8, seed=0, speculative_config=SPEC) as paged:
+        assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(paged, qwen3_model, queued_ahead=False)
+        assert_joining_requests_like_mlx(qwen3_model, paged, "paged-spec-join", max_tokens=TOKENS)
+        counts = paged.collective_rpc("step_counts")[0]
+    assert counts["decode_compiled"] > 0, counts  # the paged runner's, and its steps without drafts compiled
 
 
 def test_requests_joining_while_others_speculate_match_mlx_lm(llm, qwen3_model):

@@ -2,8 +2,9 @@
 
 vLLM's KV cache manager owns the blocks (and so prefix caching, preemption and copy-on-write come from vLLM);
 this runner writes each scheduled token's K/V to the slot vLLM assigned in its layer's KV cache group, and attends
-over block tables. Decode tokens and prefill chunks go through the same forward every step. The pools are
-allocated once, from `VLLM_METAL_MEMORY_FRACTION` of the device (`kv.paged_pools`).
+over block tables. Decode tokens and prefill chunks go through the same forward every step, as do n-gram
+speculation's verify positions (a speculating request's last token and drafts, query rows of their own). The pools
+are allocated once, from `VLLM_METAL_MEMORY_FRACTION` of the device (`kv.paged_pools`).
 """
 
 from __future__ import annotations
@@ -47,11 +48,20 @@ class Pack:
     query_lens: list[int] = field(default_factory=list)
     last_rows: list[int] = field(default_factory=list)  # each request's last token in the pack
     prompt_rows: dict[str, range] = field(default_factory=dict)  # prompt-logprobs requests: all their rows
+    # speculating requests: (their drafts, the rows that verify them: the last token's and each draft's)
+    spec_rows: dict[str, tuple[list[int], range]] = field(default_factory=dict)
     partial: set[str] = field(default_factory=set)  # prompt chunks that end before the prompt does
 
     @property
     def decode_only(self) -> bool:
         return len(self.tokens) == len(self.req_ids) and not self.prompt_rows and not self.partial
+
+    @property
+    def extra_rows(self) -> list[int]:
+        """The rows that go through the LM head after `last_rows`: every position of a prompt-logprobs request,
+        then every verify position of a speculating one, in the order `execute_model` slices them back."""
+        return ([i for rows in self.prompt_rows.values() for i in rows]
+                + [i for _, rows in self.spec_rows.values() for i in rows])
 
 
 class PagedModelRunner(PagedPools, ModelRunnerBase):
@@ -88,6 +98,19 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
                     else "the pure-MLX reference")
         # A pipeline stage evaluates its sends and receives inside the forward, which a trace cannot.
         self._compile = self.metal_config.compile and self.stages is None
+        if self.vllm_config.speculative_config is not None:
+            # N-gram drafts only (the pre-flight refuses a draft model here). A rejected draft's K/V needs no
+            # rolling back: vLLM counts its position as not computed and its slot is written again when it is.
+            # No decode-ahead: the step after one whose lookup found drafts verifies them, and a queued
+            # all-decode step would be built and run for nothing. A model beyond full attention is refused as
+            # on the MLX path (by the platform for a local folder; a Hub id is only known here): speculation
+            # beside sliding windows is not tested on this path.
+            from vmetal.engine.runner.speculative import NgramDrafter
+            from vmetal.preflight.cache_types import check_speculation
+
+            check_speculation(self.loaded.state)
+            self.drafter = NgramDrafter(self.vllm_config)
+            self.decode_ahead_enabled = False
 
     def _kernels_on(self) -> bool:
         """Whether the Metal kernels run (`VLLM_METAL_KERNELS`). Where they would, the attention kernel is first
@@ -208,16 +231,17 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
             layout = StepLayout.plan_groups(pack.positions, pack.slots,
                                             [_padded(tables) for tables in pack.tables], pack.context_lens,
                                             pack.query_lens, self.cache_config.block_size, self.views)
-            # Every position of a prompt-logprobs request goes through the LM head too, after the last rows.
-            extra = [i for rows in pack.prompt_rows.values() for i in rows]
-            logits = self._forward(self.layers, pack.tokens, layout, pack.last_rows + extra)
+            logits = self._forward(self.layers, pack.tokens, layout, pack.last_rows + pack.extra_rows)
         rows = RowLogits(logits, pack.req_ids)
-        prompt_logits, at = {}, len(pack.last_rows)
+        prompt_logits, drafts, at = {}, {}, len(pack.last_rows)
         for req_id, r in pack.prompt_rows.items():
             prompt_logits[req_id] = logits[at : at + len(r)]
             at += len(r)
+        for req_id, (proposed, r) in pack.spec_rows.items():
+            drafts[req_id] = (proposed, logits[at : at + len(r)])
+            at += len(r)
         decode_only = (tuple(pack.req_ids), logits, greedy) if pack.decode_only else None
-        self._pending = StepLogits(rows, pack.partial, so, prompt_logits, decode_only)
+        self._pending = StepLogits(rows, pack.partial, so, prompt_logits, decode_only, drafts or None)
         return None
 
     def _pack(self, so: Any) -> Pack:
@@ -230,6 +254,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         bs = self.cache_config.block_size
         groups = range(self.num_groups)
         scheduled = so.num_scheduled_tokens
+        spec = so.scheduled_spec_decode_tokens
         req_ids = self.input_batch.req_ids
         all_decode = so.total_num_scheduled_tokens == len(req_ids)  # one token each: already in order
         pack = Pack(list(req_ids) if all_decode else sorted(req_ids, key=lambda r: scheduled[r] > 1))
@@ -248,7 +273,16 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
                 for g in groups:
                     slots[g].append(tables[g][start // bs] * bs + start % bs)
             else:
-                pack.tokens.extend(self._tokens(state, start, start + n))
+                proposed = list(spec.get(req_id, ()))
+                if proposed:
+                    # The last sampled token, then the drafts (vLLM's -1 placeholders fed as token 0: verification
+                    # rejects them). Its row for sampling is the last token's, the first that verifies.
+                    real = n - len(proposed)
+                    pack.tokens.extend(self._tokens(state, start, start + real) + [max(t, 0) for t in proposed])
+                    first = len(pack.tokens) - len(proposed) - 1
+                    pack.spec_rows[req_id] = (proposed, range(first, first + len(proposed) + 1))
+                else:
+                    pack.tokens.extend(self._tokens(state, start, start + n))
                 pos = np.arange(start, start + n, dtype=np.int64)
                 positions.extend(range(start, start + n))
                 for g in groups:
@@ -257,7 +291,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
                 pack.tables[g].append(tables[g])
             pack.context_lens.append(start + n)
             pack.query_lens.append(n)
-            pack.last_rows.append(len(pack.tokens) - 1)
+            pack.last_rows.append(pack.spec_rows[req_id][1].start if req_id in pack.spec_rows else len(pack.tokens) - 1)
             if start + n < state.num_tokens:
                 pack.partial.add(req_id)
         pack.positions = np.array(positions, dtype=np.int64)

@@ -66,11 +66,14 @@ def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_mode
 def test_ngram_speculation_on_the_paged_path_matches_mlx_lm(qwen3_model, monkeypatch):
     """The paged path verifies drafts in its packed forward (a speculating request's last token and drafts are
     query rows of their own), its all-decode steps stay compiled, and a rejected draft's K/V is simply written
-    again: greedy output is mlx-lm's while drafts are kept and rejected, requests joining mid-decode too."""
+    again: greedy output is mlx-lm's while drafts are kept and rejected, requests joining mid-decode too; a
+    seeded sampled request reproduces its tokens, and a grammar-constrained neighbour keeps to its grammar."""
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
     with running_llm(qwen3_model, max_model_len=256, max_num_seqs=8, seed=0, speculative_config=SPEC) as paged:
         assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(paged, qwen3_model, queued_ahead=False)
         assert_joining_requests_like_mlx(qwen3_model, paged, "paged-spec-join", max_tokens=TOKENS)
+        assert_seeded_sampling_reproducible(paged)
+        assert_grammar_beside_speculation(paged, qwen3_model)
         counts = paged.collective_rpc("step_counts")[0]
     assert counts["decode_compiled"] > 0, counts  # the paged runner's, and its steps without drafts compiled
 
@@ -150,6 +153,11 @@ def test_sampled_requests_speculate_and_keep_their_distribution(llm, qwen3_model
 
 def test_a_seeded_sampled_request_is_reproducible_while_speculating(llm):
     """Its draws come from its own generator, whatever else is in the batch."""
+    assert_seeded_sampling_reproducible(llm)
+
+
+def assert_seeded_sampling_reproducible(llm) -> None:
+    """A seeded sampled request that speculates draws the same tokens alone and beside greedy ones."""
     from vllm import SamplingParams
 
     sampled = SamplingParams(temperature=0.9, top_k=50, seed=7, max_tokens=24, ignore_eos=True)
@@ -162,6 +170,11 @@ def test_a_seeded_sampled_request_is_reproducible_while_speculating(llm):
 def test_a_grammar_constrained_request_beside_speculating_ones(llm, qwen3_model):
     """vLLM lays the grammar's bitmask out with a row per verified position; the runner has one row per request
     (tests/engine/test_structured_output.py covers the grammar itself)."""
+    assert_grammar_beside_speculation(llm, qwen3_model)
+
+
+def assert_grammar_beside_speculation(llm, model) -> None:
+    """A grammar-constrained request answers one of its choices while greedy neighbours speculate exactly."""
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -170,7 +183,7 @@ def test_a_grammar_constrained_request_beside_speculating_ones(llm, qwen3_model)
     outs = llm.generate([REPEATING, REPEATING, PROMPTS[2]], [greedy(TOKENS), greedy(TOKENS), choice],
                         use_tqdm=False)
     assert outs[2].outputs[0].text in ("alpha beta", "gamma")
-    assert_greedy_like_mlx(qwen3_model, outs[:2], TOKENS)
+    assert_greedy_like_mlx(model, outs[:2], TOKENS)
 
 
 def test_preemption_while_speculating_keeps_outputs_exact(qwen3_model):

@@ -267,6 +267,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
             tables = state.block_ids
             if req_id in self.prompt_logprobs:
                 pack.prompt_rows[req_id] = range(len(pack.tokens), len(pack.tokens) + n)
+            sample_row = None  # the row sampled for the request: its last token's, but for a speculating one
             if n == 1:
                 pack.tokens.append(state.get_token_id(start))
                 positions.append(start)
@@ -279,8 +280,8 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
                     # rejects them). Its row for sampling is the last token's, the first that verifies.
                     real = n - len(proposed)
                     pack.tokens.extend(self._tokens(state, start, start + real) + [max(t, 0) for t in proposed])
-                    first = len(pack.tokens) - len(proposed) - 1
-                    pack.spec_rows[req_id] = (proposed, range(first, first + len(proposed) + 1))
+                    sample_row = len(pack.tokens) - len(proposed) - 1
+                    pack.spec_rows[req_id] = (proposed, range(sample_row, sample_row + len(proposed) + 1))
                 else:
                     pack.tokens.extend(self._tokens(state, start, start + n))
                 pos = np.arange(start, start + n, dtype=np.int64)
@@ -291,7 +292,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
                 pack.tables[g].append(tables[g])
             pack.context_lens.append(start + n)
             pack.query_lens.append(n)
-            pack.last_rows.append(pack.spec_rows[req_id][1].start if req_id in pack.spec_rows else len(pack.tokens) - 1)
+            pack.last_rows.append(len(pack.tokens) - 1 if sample_row is None else sample_row)
             if start + n < state.num_tokens:
                 pack.partial.add(req_id)
         pack.positions = np.array(positions, dtype=np.int64)

@@ -9,9 +9,14 @@ mlx-lm's `stream_generate` without and with `draft_model=DRAFT, num_draft_tokens
 draft, measured in the same trial: the issue's target is vmetal ≥ 1.1x it on a GPU. Every output is compared
 token for token with plain mlx-lm's.
 
-Results go to benchmarks/RESULTS.md between `<!-- draft:begin -->` and `<!-- draft:end -->`.
+`--paged` runs both vmetal engines on the paged KV path (`VLLM_METAL_USE_PAGED_ATTENTION=1`), where the target
+verifies the drafts as query rows of its packed forward.
+
+Results go to benchmarks/RESULTS.md between `<!-- draft:begin -->` and `<!-- draft:end -->` (with `--paged`,
+`draft-paged`).
 
     python benchmarks/bench_draft.py                  # ~4 min on 2 cores
+    python benchmarks/bench_draft.py --paged
     python benchmarks/bench_draft.py --shape qwen3-0.6b --dtype bfloat16 --draft-layers 4 --no-write --json d.json
 """
 
@@ -78,12 +83,12 @@ def render(rows: list[dict], args: argparse.Namespace, shape: dict, started: str
     same = all(r[name]["tokens"] == r["mlx-lm"]["tokens"] for r in rows for name in r)
     names = ("vmetal", "vmetal draft", "mlx-lm", "mlx-lm draft")
     lines = [
-        *run_header("Draft-model speculation, one stream", "bench_draft.py", argv, started, elapsed, args.shape,
-                    shape, args.dtype),
+        *run_header("Draft-model speculation, one stream" + (", paged KV path" if args.paged else ""),
+                    "bench_draft.py", argv, started, elapsed, args.shape, shape, args.dtype),
         f"**Draft:** the same checkpoint cut to its first {args.draft_layers} of {shape['num_layers']} layers "
         f"(`shapes.first_layers`), {args.tokens} tokens drafted a step.", "",
-        f"**Workload:** {args.prompts} prompts (a small Python file repeated 3 times, each with its own first "
-        f"line) one at a time, {args.output_len} greedy tokens each; {args.trials} trials; ratios are medians of "
+        f"**Workload:** vmetal's `LLM` on the {'paged' if args.paged else 'MLX-managed'} KV path; {args.prompts} "
+        f"prompts (a small Python file repeated 3 times, each with its own first line) one at a time, {args.output_len} greedy tokens each; {args.trials} trials; ratios are medians of "
         "the per-trial ratios.", "",
         "| Engine | output tok/s (median) | vs itself without the draft | vs mlx-lm with the draft |",
         "|---|---:|---:|---:|",
@@ -116,9 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--output-len", type=int, default=96)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--paged", action="store_true", help="vmetal's engines on the paged KV path")
     add_output_args(parser)
     args = parser.parse_args(argv)
     prepare_environ()
+    if args.paged:
+        import os
+
+        os.environ["VLLM_METAL_USE_PAGED_ATTENTION"] = "1"  # the engine processes vLLM spawns inherit it
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
     shape = SHAPES[args.shape]
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                            "mlx-lm draft": lambda: MlxLm(model, draft, prompts, args.output_len, args.tokens)},
                           args.trials)
     section = render(rows, args, shape, started, time.monotonic() - t0, argv)
-    publish_run("draft", section, {"rows": rows}, args)
+    publish_run("draft-paged" if args.paged else "draft", section, {"rows": rows}, args)
     return 0
 
 

@@ -307,9 +307,9 @@ def test_vllm_features_the_engine_lacks_are_refused_before_anything_starts(fake_
 
 
 @pytest.mark.parametrize(("args", "env", "line"), [
-    (["--speculative-config", '{"model": "Qwen/Qwen3-0.6B"}'], {"VLLM_METAL_USE_PAGED_ATTENTION": "1"},
-     "error: `--speculative-config`: draft-model speculation runs on the MLX-managed KV path only, and this server "
-     "uses the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`), or start without speculation"),
+    (["--speculative-config", '{"model": "Qwen/Qwen3-0.6B"}'], {"VLLM_METAL_USE_MLX": "0"},
+     "error: `--speculative-config`: draft-model speculation runs on the MLX-managed and paged KV paths only, and "
+     "this server uses the torch path; leave out VLLM_METAL_USE_MLX=0, or start without speculation"),
     (["--speculative-config", '{"method": "ngram"}', "--tensor-parallel-size", "2"], {},
      "error: `--speculative-config`: n-gram speculation runs on one worker, and this server has 2 (tensor "
      "parallel); start without one or the other"),
@@ -368,7 +368,7 @@ def test_speculative_flags_that_cannot_hold_exit_2(fake_server, args, line):
     assert fake_server == []
 
 
-@pytest.mark.parametrize(("more", "tokens"), [([], 3), (["--speculative-tokens", "5"], 5)])
+@pytest.mark.parametrize(("more", "tokens"), [([], 3), (["--speculative-tokens", "5"], 5), (["--paged"], 3)])
 def test_speculative_with_a_draft_model_folder(fake_server, qwen3_model, tmp_path, monkeypatch, more, tokens):
     from tests.support.families import first_layers
 

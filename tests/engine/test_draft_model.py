@@ -1,5 +1,5 @@
-"""Speculative decoding with a draft model on the MLX-managed path (vmetal/engine/runner/draft_model.py), through
-vLLM's `LLM`.
+"""Speculative decoding with a draft model on the MLX-managed and paged paths (vmetal/engine/runner/draft_model.py),
+through vLLM's `LLM`.
 
 The target is the tiny Qwen3; the draft is the same checkpoint cut to its first layer, so its greedy tokens
 agree with the target's often but not always and drafts are both accepted and rejected (vLLM's counters, as the
@@ -18,6 +18,7 @@ from tests.engine.test_speculative import (
     TOKENS,
     _same_distribution,
     assert_greedy_like_mlx_while_drafts_are_kept_and_rejected,
+    assert_seeded_sampling_reproducible,
     spec_counts,
 )
 from tests.support.engine import PROMPTS, assert_greedy_like_mlx, assert_joining_requests_like_mlx, greedy, running_llm
@@ -61,16 +62,41 @@ def test_the_target_as_its_own_draft_has_every_draft_accepted(qwen3_model):
     assert counts["num_draft_tokens"] > 0 and counts["num_accepted_tokens"] == counts["num_draft_tokens"]
 
 
-def test_drafts_cut_short_by_the_step_budget_keep_tokens_exact(qwen3_model, draft):
+@pytest.mark.parametrize("paged", [False, True], ids=["mlx", "paged"])
+def test_drafts_cut_short_by_the_step_budget_keep_tokens_exact(qwen3_model, draft, monkeypatch, paged):
     """A 9-token step budget for four requests of three drafts makes vLLM cut some drafts short or leave
-    requests out of a step: the draft caches and the target's follow what was scheduled, and greedy output is
-    mlx-lm's."""
+    requests out of a step: the draft caches and the target's (its own caches, or the paged pools' verify rows)
+    follow what was scheduled, and greedy output is mlx-lm's."""
+    if paged:
+        monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
     with running_llm(qwen3_model, max_model_len=256, max_num_seqs=4, seed=0, speculative_config=config(draft),
                      max_num_batched_tokens=9) as budget:
         outs = budget.generate(PROMPTS[:4], greedy(TOKENS), use_tqdm=False)
         counts = spec_counts(budget)
     assert_greedy_like_mlx(qwen3_model, outs, TOKENS)
     assert 0 < counts["num_accepted_tokens"] < counts["num_draft_tokens"], counts
+
+
+def test_a_draft_model_on_the_paged_path_matches_mlx_lm(qwen3_model, draft, monkeypatch):
+    """On the paged path the target verifies a draft model's tokens as it does n-gram drafts (query rows of the
+    step's packed forward, a rejected draft's slot written again later) while the draft keeps its own caches:
+    greedy output is mlx-lm's with drafts kept and rejected, requests joining mid-decode too, and a seeded
+    sampled request reproduces its tokens. A request that gets no drafts (it asks for logprobs) decodes alone
+    through the paged path's compiled step."""
+    from vllm import SamplingParams
+
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=8, seed=0, speculative_config=config(draft)) as paged:
+        assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(paged, qwen3_model, queued_ahead=False)
+        assert_joining_requests_like_mlx(qwen3_model, paged, "paged-draft-join", max_tokens=TOKENS)
+        assert_seeded_sampling_reproducible(paged)
+        before = spec_counts(paged)
+        plain = paged.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=12, logprobs=1,
+                                                           ignore_eos=True), use_tqdm=False)
+        assert spec_counts(paged) == before
+        counts = paged.collective_rpc("step_counts")[0]
+    assert_greedy_like_mlx(qwen3_model, plain, 12)
+    assert counts.get("decode_compiled", 0) > 0, counts  # kept by the paged runner alone
 
 
 def test_sampled_requests_keep_their_distribution_and_their_seeds(llm, qwen3_model):

@@ -139,11 +139,11 @@ def test_vmetal_variables_are_known_to_vllm_and_other_unknown_ones_still_reporte
 def test_llm_with_speculation_the_engine_lacks_is_refused_at_construction(qwen3_model, monkeypatch):
     """`vllm serve` and `LLM(...)` used directly go through the platform, which refuses what the runner does
     not implement while vLLM builds its config: before an engine starts, not at the first request. A draft
-    model runs on the MLX-managed path only (n-gram lookup on the paged path too: tests/engine/test_speculative.py)."""
+    model runs on the MLX-managed and paged paths, not the PyTorch baseline's."""
     from vllm import LLM
 
-    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    monkeypatch.setenv("VLLM_METAL_USE_MLX", "0")
     with pytest.raises(Exception, match="`--speculative-config`: draft-model speculation runs on the MLX-managed "
-                                        "KV path only, and this server uses the paged path"):
+                                        "and paged KV paths only, and this server uses the torch path"):
         LLM(model=str(qwen3_model), max_model_len=128,
             speculative_config={"model": str(qwen3_model), "num_speculative_tokens": 2})

@@ -228,6 +228,39 @@ def test_weights_alone_beyond_the_device_suggest_a_smaller_model():
     assert "--max-model-len" not in message  # "lower --max-model-len to 0 or less" helps no one
 
 
+# ------------------------------------------------------------------------------------------ a draft model
+DRAFT_PER_TOKEN = PER_TOKEN // 4  # a draft model's cache holds every token again, at a quarter of the bytes
+
+
+@pytest.mark.parametrize("cls", [MlxModelRunner, PagedModelRunner])
+def test_a_draft_models_cache_takes_its_share_of_the_budget(cls):
+    """The draft's per-request caches grow outside the paged pools and beside the MLX path's caches, holding
+    each token the model holds: the model gets 4/5 of what is left after the weights (the draft's included)."""
+    runner = make_runner(cls, weights=8 * MiB, fraction="0.5", gpu_memory_utilization=0.5, max_num_seqs=64)
+    alone = runner.kv_budget(64 * MiB, 2 * MiB)
+    runner.drafter = SimpleNamespace(kv_bytes_per_token=DRAFT_PER_TOKEN)
+    assert runner.kv_budget(64 * MiB, 2 * MiB) == alone * 4 // 5 == 22 * MiB * 4 // 5
+
+
+def test_the_suggested_fraction_counts_the_drafts_cache():
+    """Refused with a draft model beside it, the paged path's hint is a fraction at which one sequence fits in
+    the pools with the draft's cache beside them (a hint that ignored the draft would be refused again)."""
+    draft = SimpleNamespace(kv_bytes_per_token=DRAFT_PER_TOKEN)
+    runner = make_runner(PagedModelRunner, weights=7 * MiB, fraction="0.5")
+    runner.drafter = draft
+    with pytest.raises(envs.EnvError) as refused:
+        runner.kv_budget(16 * MiB, 0)
+    fraction, max_len = suggested(refused.value)
+    # (7 MiB + 1000 KiB * 5/4) / 16 MiB = 0.5137...
+    assert fraction == "0.52"
+    runner = make_runner(PagedModelRunner, weights=7 * MiB, fraction=fraction)
+    runner.drafter = draft
+    assert runner.kv_budget(16 * MiB, 0) >= MAX_LEN * PER_TOKEN
+    runner = make_runner(PagedModelRunner, weights=7 * MiB, fraction="0.5", max_model_len=max_len)
+    runner.drafter = draft
+    assert runner.kv_budget(16 * MiB, 0) >= max_len * PER_TOKEN
+
+
 # --------------------------------------------------------------------------------------- MLX's cache limit
 @pytest.mark.parametrize(("device_bytes", "limit"), [
     (64 * GiB, 64 * GiB // 10),

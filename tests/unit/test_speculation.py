@@ -41,17 +41,19 @@ def test_ngram_or_a_draft_model_on_the_mlx_path_on_one_worker_is_let_through(arg
     assert refused_args(args, "mlx") is None
 
 
-def test_ngram_on_the_paged_path_is_let_through():
+def test_ngram_or_a_draft_model_on_the_paged_path_is_let_through():
     assert refused_args(_args({"method": "ngram", "num_speculative_tokens": 4}), "paged") is None
+    assert refused_args(_args({"model": "Qwen/Qwen3-0.6B", "num_speculative_tokens": 3}), "paged") is None
     assert speculation_refusal("ngram", "paged", 1) is None
+    assert speculation_refusal("draft_model", "paged", 1) is None
 
 
 @pytest.mark.parametrize("args, kv_path, words", [
     (_args({"method": "eagle", "model": "a/b"}), "mlx", "speculative decoding by eagle is not implemented"),
-    (_args({"model": "Qwen/Qwen3-0.6B"}), "paged", "draft-model speculation runs on the MLX-managed KV path only"),
+    (_args({"model": "Qwen/Qwen3-0.6B"}), "torch",
+     "draft-model speculation runs on the MLX-managed and paged KV paths only"),
     (["--speculative-config.method", "suffix"], "mlx", "speculative decoding by suffix is not implemented"),
-    (_args({"method": "draft_model", "model": "./small"}), "paged",
-     "uses the paged path; leave out VLLM_METAL_USE_PAGED_ATTENTION=1 (`--paged`)"),
+    (_args({"method": "draft_model", "model": "./small"}), "torch", "uses the torch path; leave out VLLM_METAL_USE_MLX=0"),
     (_args({"method": "ngram"}), "torch",
      "n-gram speculation runs on the MLX-managed and paged KV paths only, and this server uses the torch path; "
      "leave out VLLM_METAL_USE_MLX=0"),

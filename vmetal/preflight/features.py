@@ -1,8 +1,8 @@
 """vLLM features vmetal's engine does not implement: refused before anything starts, never accepted and then
 fatal (speculative decoding was: the server started, then the EngineCore died on the first request and every
-request got HTTP 500). Speculative decoding by n-gram lookup or a draft model runs on the MLX-managed KV path on
-one worker, n-gram lookup on the paged path too (vmetal/engine/runner/speculative.py, draft_model.py); every other
-method or place is refused here.
+request got HTTP 500). Speculative decoding by n-gram lookup or a draft model runs on the MLX-managed and paged KV
+paths on one worker (vmetal/engine/runner/speculative.py, draft_model.py); every other method or place is refused
+here.
 
 One table, read twice: `vmetal serve`'s pre-flight looks for the flags among the arguments for vLLM (exit 2
 within a second, nothing started), and the platform (`MetalPlatform.check_and_update_config`) looks at vLLM's
@@ -143,13 +143,9 @@ def speculation_refusal(method: str | None, kv_path: str, world_size: int) -> st
                 f"speculates with n-gram lookup ('{json.dumps(ngram_config())}') or a draft model "
                 "('{\"model\": DRAFT, \"num_speculative_tokens\": 4}'), or start without it")
     what = "n-gram speculation" if method == NGRAM else "draft-model speculation"
-    # A draft model keeps caches of its own beside the target's, which only the MLX-managed path budgets for.
-    paths = ("mlx", "paged") if method == NGRAM else ("mlx",)
-    if kv_path not in paths:
-        leave = _leave(kv_path)
-        where = "the MLX-managed and paged KV paths" if method == NGRAM else "the MLX-managed KV path"
-        return (f"`{SPECULATIVE}`: {what} runs on {where} only, and this server "
-                f"uses the {kv_path} path; leave out {leave}, or start without speculation")
+    if kv_path not in ("mlx", "paged"):
+        return (f"`{SPECULATIVE}`: {what} runs on the MLX-managed and paged KV paths only, and this server "
+                f"uses the {kv_path} path; leave out {_leave(kv_path)}, or start without speculation")
     if world_size > 1:
         return (f"`{SPECULATIVE}`: {what} runs on one worker, and this server has {world_size} "
                 "(tensor parallel); start without one or the other")

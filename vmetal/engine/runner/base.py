@@ -120,6 +120,20 @@ class ModelRunnerBase:
             logger.info("vmetal: %s", self.stage.describe())
         self._finish_loading(MetalSampler)
 
+    def _new_drafter(self) -> Any:
+        """The proposer vLLM's speculative config asks for; a draft model's weights count as this runner's."""
+        from vmetal.preflight import features
+
+        if self.vllm_config.speculative_config.method == features.NGRAM:
+            from vmetal.engine.runner.speculative import NgramDrafter
+
+            return NgramDrafter(self.vllm_config)
+        from vmetal.engine.runner.draft_model import DraftModelDrafter
+
+        drafter = DraftModelDrafter(self.vllm_config, self.loaded.config, self.step_times)
+        self.weights_bytes += drafter.weights_bytes
+        return drafter
+
     def _finish_loading(self, sampler_class: type[MetalSampler]) -> None:
         from vllm.utils.math_utils import cdiv
         from vllm.v1.sample.logits_processor import build_logitsprocs
@@ -199,13 +213,17 @@ class ModelRunnerBase:
         # A hybrid's recurrent state (and, on the MLX-managed path, a sliding window) is a fixed size per
         # request, whatever its length: set aside for the most requests the scheduler may run at once.
         state = self.max_num_reqs * self._fixed_bytes_per_request()
-        budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes - state
-        # A draft model (draft_model.py) holds every token again in caches of its own: the target's share.
-        draft = getattr(self.drafter, "kv_bytes_per_token", 0)
-        budget = budget * self.kv_bytes_per_token() // (self.kv_bytes_per_token() + draft)
+        budget = self._target_share(int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes
+                                    - state)
         bs = self.cache_config.block_size
         blocks = self.max_num_reqs * -(-self.max_model_len // bs) + 1
         return max(0, min(budget, blocks * bs * self.kv_bytes_per_token()))
+
+    def _target_share(self, budget: int) -> int:
+        """The model's own part of a KV `budget`: a draft model (draft_model.py) holds every token again in
+        caches of its own, in proportion to its bytes per token."""
+        draft = getattr(self.drafter, "kv_bytes_per_token", 0)
+        return budget * self.kv_bytes_per_token() // (self.kv_bytes_per_token() + draft)
 
     def initialize_kv(self, kv_cache_config: Any) -> None:
         """Allocate what vLLM's block budget asks for; caches that grow per request need nothing."""

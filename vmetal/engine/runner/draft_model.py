@@ -21,7 +21,9 @@ ours: the draft is loaded with mlx-lm beside the target and keeps a cache of its
   drafts: exact for greedy requests, rejection sampling for sampled ones (a draft proposed with certainty is
   kept with the target's probability of it), which keeps the output distribution exactly.
 - Its weights count against the KV budget, and every token a request holds is held twice, once in each
-  model's cache, so the target's share of the budget shrinks by the draft's share of the bytes per token.
+  model's cache, so the target's share of the budget shrinks by the draft's share of the bytes per token (on
+  the paged path the pools are sized to that share: the draft's caches grow outside them). The target is on
+  either KV path: the drafter reads the request's tokens from vLLM's input batch, not from the target's cache.
 - The draft must trim its cache (full attention only, like the target) and share the target's vocabulary;
   both are checked before the engine starts for a local folder (`MetalPlatform`), and again here.
 """

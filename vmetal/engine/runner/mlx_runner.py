@@ -16,7 +16,6 @@ from typing import Any
 from vmetal.engine.runner.base import ModelRunnerBase, RowLogits, StepLogits
 from vmetal.engine.runner.decode_ahead import VerifyAhead
 from vmetal.engine.runner.kv import mlx_cache
-from vmetal.preflight import features
 
 logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and level apply
 
@@ -46,15 +45,7 @@ class MlxModelRunner(ModelRunnerBase):
             from vmetal.preflight.cache_types import check_speculation
 
             check_speculation(self.loaded.state)
-            if self.vllm_config.speculative_config.method == features.NGRAM:
-                from vmetal.engine.runner.speculative import NgramDrafter
-
-                self.drafter = NgramDrafter(self.vllm_config)
-            else:
-                from vmetal.engine.runner.draft_model import DraftModelDrafter
-
-                self.drafter = DraftModelDrafter(self.vllm_config, self.loaded.config, self.step_times)
-                self.weights_bytes += self.drafter.weights_bytes
+            self.drafter = self._new_drafter()
         if self.metal_config.prefix_cache:
             # The platform's pre-flight refuses this for a local folder; a Hub id is only known here.
             from vmetal.preflight.cache_types import check_prefix_cache

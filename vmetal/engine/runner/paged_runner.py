@@ -99,17 +99,15 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         # A pipeline stage evaluates its sends and receives inside the forward, which a trace cannot.
         self._compile = self.metal_config.compile and self.stages is None
         if self.vllm_config.speculative_config is not None:
-            # N-gram drafts only (the pre-flight refuses a draft model here). A rejected draft's K/V needs no
-            # rolling back: vLLM counts its position as not computed and its slot is written again when it is.
-            # No decode-ahead: the step after one whose lookup found drafts verifies them, and a queued
-            # all-decode step would be built and run for nothing. A model beyond full attention is refused as
-            # on the MLX path (by the platform for a local folder; a Hub id is only known here): speculation
-            # beside sliding windows is not tested on this path.
-            from vmetal.engine.runner.speculative import NgramDrafter
+            # A rejected draft's K/V needs no rolling back: vLLM counts its position as not computed and its
+            # slot is written again when it is. No decode-ahead: the step after one that found drafts verifies
+            # them, and a queued all-decode step would be built and run for nothing. A model beyond full
+            # attention is refused as on the MLX path (by the platform for a local folder; a Hub id is only
+            # known here): speculation beside sliding windows is not tested on this path.
             from vmetal.preflight.cache_types import check_speculation
 
             check_speculation(self.loaded.state)
-            self.drafter = NgramDrafter(self.vllm_config)
+            self.drafter = self._new_drafter()
             self.decode_ahead_enabled = False
 
     def _kernels_on(self) -> bool:

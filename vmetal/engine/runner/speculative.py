@@ -26,8 +26,8 @@ it counts the rest as rejected, rolls `num_computed_tokens` back and reports bot
   with the tokens they get without speculation.
 - The rejected positions' KV is rolled back by trimming the request's own cache to what vLLM counts as
   computed (`MlxModelRunner._cache_for_prefill`), so a model whose cache cannot trim (a sliding window that
-  wraps, a recurrent state) is refused. On the paged path (n-gram drafts only) nothing is rolled back: vLLM
-  counts a rejected position as not computed, and the step that computes it writes its slot again
+  wraps, a recurrent state) is refused. On the paged path (n-gram or a draft model's drafts) nothing is rolled
+  back: vLLM counts a rejected position as not computed, and the step that computes it writes its slot again
   (`PagedModelRunner._pack` lays a speculating request's verify positions out as query rows).
 """
 

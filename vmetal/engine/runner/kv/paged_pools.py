@@ -71,8 +71,9 @@ class PagedPools:
 
     def kv_budget(self, device_bytes: int, activation_bytes: int) -> int:
         """`VLLM_METAL_MEMORY_FRACTION` of the device (`auto` = 0.9) less weights and activations, allocated up
-        front as block pools; refused when not even one max-length sequence fits."""
-        budget = int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes
+        front as block pools; refused when not even one max-length sequence fits. A draft model's caches grow
+        outside the pools, beside each token the pools hold: its share stays out of them."""
+        budget = self._target_share(int(device_bytes * self.kv_fraction) - self.weights_bytes - activation_bytes)
         self._check_fits_one_sequence(budget, device_bytes, activation_bytes)
         if self.metal_config.mlx_device != "cpu":
             return budget
@@ -107,8 +108,10 @@ class PagedPools:
         need = self._sequence_bytes(self.max_model_len)
         if budget >= need:
             return
+        # A draft model's cache holds the sequence again (`_target_share`).
+        held = need + need * getattr(self.drafter, "kv_bytes_per_token", 0) // self.kv_bytes_per_token()
         # Rounded up: a fraction shown rounded to nearest (0.524 as 0.52) would be refused again.
-        fraction_needed = math.ceil((self.weights_bytes + activation_bytes + need) / total * 100) / 100
+        fraction_needed = math.ceil((self.weights_bytes + activation_bytes + held) / total * 100) / 100
         fits_tokens = self._longest_fitting(budget)
         hints = [f"set VLLM_METAL_MEMORY_FRACTION to at least {fraction_needed:.2f}" if fraction_needed <= 1
                  else "use a smaller or quantized model"]

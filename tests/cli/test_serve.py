@@ -433,4 +433,9 @@ def test_speculation_on_a_model_whose_cache_cannot_roll_back_stops_at_preflight(
     assert result.exit_code == 2, result.output
     [line] = [text for text in result.stderr.splitlines() if text.startswith("error: ")]
     assert line.startswith("error: gemma3_text (Gemma3ForCausalLM): speculative decoding") and "RotatingKVCache" in line
+    assert line.endswith("serve it without speculation, or use --paged (which rolls nothing back)")
     assert fake_server == []
+    # The paged path rolls nothing back: the same model speculates there.
+    result = invoke(str(folder), "--speculative", "ngram", "--paged")
+    assert result.exit_code == 0, result.output
+    assert "--speculative-config" in fake_server[0].vllm_args

@@ -214,12 +214,28 @@ def test_a_model_that_copies_its_context_has_most_drafts_accepted_and_tokens_exa
 
 
 def test_a_model_whose_cache_cannot_roll_back_is_refused_at_start(tmp_path):
-    """A sliding-window cache that wraps cannot give rejected drafts back."""
+    """A sliding-window cache that wraps cannot give rejected drafts back: the MLX-managed path refuses, and
+    names the paged path, which rolls nothing back."""
     from tests.support.families import build_family
 
     path = build_family(tmp_path / "gemma3", "gemma3_text")
     with pytest.raises(Exception, match=r"gemma3_text \(Gemma3ForCausalLM\): speculative decoding "
                                         r"\(`--speculative-config`\) rolls rejected tokens back out of the KV cache, "
-                                        "and this model also keeps RotatingKVCache state"):
+                                        "and this model also keeps RotatingKVCache state, which cannot give them "
+                                        r"back; serve it without speculation, or use --paged \(which rolls nothing "
+                                        r"back\)"):
         with running_llm(path, max_model_len=128, speculative_config=SPEC):
             pass
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt_oss"])
+def test_sliding_window_models_speculate_on_the_paged_path(tmp_path, monkeypatch, family):
+    """On the paged path a rejected draft's slot is simply written again, in a sliding-window layer's blocks as
+    in a full one's: Gemma 3 and gpt-oss (windows of 8 tokens, far behind the 48 generated; gpt-oss's sinks too)
+    speculate, with greedy output mlx-lm's while drafts are kept and rejected."""
+    from tests.support.families import build_family
+
+    path = build_family(tmp_path / family, family)
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    with running_llm(path, max_model_len=256, max_num_seqs=8, seed=0, speculative_config=SPEC) as paged:
+        assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(paged, path, queued_ahead=False)

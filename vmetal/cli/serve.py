@@ -312,7 +312,7 @@ def serve(
         if cfg.prefix_cache:
             check_prefix_cache(state)
         if features.asks_speculation(vllm_args):
-            check_speculation(state)
+            check_speculation(state, cfg.kv_path)
         check_parallel(vllm_args, read_config(Path(target)), cfg)
     if target is None:
         target = options.demo_model()

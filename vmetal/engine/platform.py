@@ -227,7 +227,7 @@ def _check_model_state(model: str, kv_path: str, prefix_cache: bool = False, spe
         if prefix_cache:
             check_prefix_cache(state)
         if speculative:
-            check_speculation(state)
+            check_speculation(state, kv_path)
     draft_folder = Path(draft).expanduser() if draft else None
     if draft_folder is not None and (draft_folder / "config.json").is_file():
         target = read_config(folder) if (folder / "config.json").is_file() else {}

@@ -407,16 +407,24 @@ def check_prefix_cache(state: ModelState) -> None:
             f"model also keeps {', '.join(others)} state; serve it without the prefix cache")
 
 
-def check_speculation(state: ModelState) -> None:
-    """Speculation (`--speculative-config`) rolls rejected drafts back out of the cache by trimming it (the
-    target's, and a draft model's own); a model with any layer whose cache cannot trim at every length is
-    refused with it, naming the family."""
-    others = _beyond_full_attention(state)
+def check_speculation(state: ModelState, kv_path: str = "mlx") -> None:
+    """Speculation (`--speculative-config`) on `kv_path`, or UnsupportedModelError naming the family.
+
+    On the MLX-managed path rejected drafts are rolled back by trimming the caches (the target's, and a draft
+    model's own, always this path's), so a layer whose cache cannot trim at every length (a sliding window that
+    wraps, a recurrent state) is refused. The paged path rolls nothing back: a rejected draft's position counts
+    as not computed and its slot is written again when it is, so every layer it keeps in vLLM's blocks,
+    sliding windows included, can speculate."""
+    if kv_path == "paged":
+        others = sorted({c for c in state.caches if not holds("paged", c)})
+    else:
+        others = _beyond_full_attention(state)
     if others:
+        paged = kv_path != "paged" and obstacle(state, "paged") is None
         raise UnsupportedModelError(
             f"{state.family}: speculative decoding (`--speculative-config`) rolls rejected tokens back out of the "
             f"KV cache, and this model also keeps {', '.join(others)} state, which cannot give them back; serve "
-            "it without speculation")
+            f"it without speculation{', or ' + PATH_HOWTO['paged'] + ' (which rolls nothing back)' if paged else ''}")
 
 
 def _beyond_full_attention(state: ModelState) -> list[str]:

@@ -100,13 +100,12 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         self._compile = self.metal_config.compile and self.stages is None
         if self.vllm_config.speculative_config is not None:
             # A rejected draft's K/V needs no rolling back: vLLM counts its position as not computed and its
-            # slot is written again when it is. No decode-ahead: the step after one that found drafts verifies
-            # them, and a queued all-decode step would be built and run for nothing. A model beyond full
-            # attention is refused as on the MLX path (by the platform for a local folder; a Hub id is only
-            # known here): speculation beside sliding windows is not tested on this path.
+            # slot is written again when it is, sliding-window layers' too. No decode-ahead: the step after one
+            # that found drafts verifies them, and a queued all-decode step would be built and run for nothing.
+            # (The platform checks a local folder; a Hub id is only known here.)
             from vmetal.preflight.cache_types import check_speculation
 
-            check_speculation(self.loaded.state)
+            check_speculation(self.loaded.state, "paged")
             self.drafter = self._new_drafter()
             self.decode_ahead_enabled = False
 

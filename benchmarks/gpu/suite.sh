@@ -3,11 +3,11 @@
 #
 #   bash benchmarks/gpu/suite.sh [OUT_DIR] [STEP...]
 #
-# Steps, in the order they run (all by default): host engine serving draft ngram moe. Each writes its section into
-# OUT_DIR/RESULTS-gpu.md (not RESULTS.md: those sections are the CPU host's) and its raw report and log into
-# OUT_DIR (default /tmp/vmetal-gpu-results); a step that fails is logged and the next one runs; OUT_DIR/DONE
-# marks the end. Every model is random-weight Qwen3 in Qwen3-0.6B's shape, bfloat16. The results file kept
-# here is benchmarks/RESULTS-gpu.md: copy OUT_DIR/RESULTS-gpu.md over it as the scripts wrote it.
+# Steps, in the order they run (all by default): host engine serving draft draft-paged ngram ngram-paged moe.
+# Each writes its section into OUT_DIR/RESULTS-gpu.md (not RESULTS.md: those sections are the CPU host's) and its
+# raw report and log into OUT_DIR (default /tmp/vmetal-gpu-results); a step that fails is logged and the next one
+# runs; OUT_DIR/DONE marks the end. Every model is random-weight Qwen3 in Qwen3-0.6B's shape, bfloat16. The
+# results file kept here is benchmarks/RESULTS-gpu.md: copy OUT_DIR/RESULTS-gpu.md over it as the scripts wrote it.
 #
 # A lease ends a call at 10 minutes and this takes ~20, so start it detached and collect it in later calls:
 #   setsid nohup bash benchmarks/gpu/suite.sh /tmp/res >/tmp/suite.out 2>&1 &
@@ -17,7 +17,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-/tmp/vmetal-gpu-results}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(host engine serving draft ngram moe)
+[ ${#steps[@]} -gt 0 ] || steps=(host engine serving draft draft-paged ngram ngram-paged moe)
 mkdir -p "$out"
 rm -f "$out/DONE"
 results="$out/RESULTS-gpu.md"
@@ -45,8 +45,11 @@ for s in "${steps[@]}"; do
     serving) step serving benchmarks/bench_serving.py "${gpu[@]}" --concurrency 32,64 --trials 5 --input-len 128 \
         --output-len 128 --model-dir "$model" --log-dir "$out/serving-logs" ;;
     draft) step draft benchmarks/bench_draft.py "${gpu[@]}" --draft-layers 4 --trials 5 ;;
+    draft-paged) step draft-paged benchmarks/bench_draft.py "${gpu[@]}" --draft-layers 4 --trials 5 --paged ;;
     # n-gram speculation on Qwen3-0.6B's shape with weights that copy their context (vmetal.bench.copying)
     ngram) step ngram benchmarks/bench_speculative.py --shape qwen3-0.6b-copying --dtype bfloat16 --trials 5 ;;
+    ngram-paged) step ngram-paged benchmarks/bench_speculative.py --shape qwen3-0.6b-copying --dtype bfloat16 \
+        --trials 5 --paged ;;
     moe)  # issue 14's MoE rows: decode and C=32 serving against mlx-lm on two depth-cut MoE shapes (~11 GB each)
         for moe in qwen3-30b-a3b-cut gpt-oss-20b-cut; do
             step "engine-$moe" benchmarks/bench_engine.py --shape "$moe" --dtype bfloat16 --model-dir "/tmp/$moe" \
@@ -56,7 +59,7 @@ for s in "${steps[@]}"; do
                 --log-dir "$out/serving-logs-$moe"
             rm -rf "/tmp/$moe"  # the card's disk holds one at a time beside the staged site
         done ;;
-    *) echo "unknown step $s (host engine serving draft ngram moe)" >&2; exit 2 ;;
+    *) echo "unknown step $s (host engine serving draft draft-paged ngram ngram-paged moe)" >&2; exit 2 ;;
     esac
 done
 touch "$out/DONE"

@@ -88,8 +88,9 @@ def render(rows: list[dict], args: argparse.Namespace, shape: dict, started: str
         f"**Draft:** the same checkpoint cut to its first {args.draft_layers} of {shape['num_layers']} layers "
         f"(`shapes.first_layers`), {args.tokens} tokens drafted a step.", "",
         f"**Workload:** vmetal's `LLM` on the {'paged' if args.paged else 'MLX-managed'} KV path; {args.prompts} "
-        f"prompts (a small Python file repeated 3 times, each with its own first line) one at a time, {args.output_len} greedy tokens each; {args.trials} trials; ratios are medians of "
-        "the per-trial ratios.", "",
+        f"prompts (a small Python file repeated 3 times, each with its own first line) one at a time, "
+        f"{args.output_len} greedy tokens each; {args.trials} trials; ratios are medians of the per-trial ratios.",
+        "",
         "| Engine | output tok/s (median) | vs itself without the draft | vs mlx-lm with the draft |",
         "|---|---:|---:|---:|",
     ]
@@ -124,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paged", action="store_true", help="vmetal's engines on the paged KV path")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    prepare_environ()
-    if args.paged:
-        import os
-
-        os.environ["VLLM_METAL_USE_PAGED_ATTENTION"] = "1"  # the engine processes vLLM spawns inherit it
+    prepare_environ(paged=args.paged)  # the plugin on (off by default on hosts other than Apple silicon)
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
     shape = SHAPES[args.shape]

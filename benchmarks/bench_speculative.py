@@ -155,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paged", action="store_true", help="both engines on the paged KV path")
     add_output_args(parser)
     args = parser.parse_args(argv)
-    prepare_environ()  # the plugin on: off by default on hosts other than Apple silicon
-    if args.paged:
-        import os
-
-        os.environ["VLLM_METAL_USE_PAGED_ATTENTION"] = "1"  # the engine processes vLLM spawns inherit it
+    prepare_environ(paged=args.paged)  # the plugin on (off by default on hosts other than Apple silicon)
     started = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     t0 = time.monotonic()
     shape = SHAPES[args.shape]

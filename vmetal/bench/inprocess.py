@@ -36,14 +36,17 @@ SENTENCES = [
 _request_ids = itertools.count(1)
 
 
-def prepare_environ() -> None:
-    """Before vLLM is imported: the plugin on (it is off on non-Apple hosts unless asked), no Hub lookups.
+def prepare_environ(paged: bool = False) -> None:
+    """Before vLLM is imported: the plugin on (it is off on non-Apple hosts unless asked), no Hub lookups;
+    `paged`: every engine on the paged KV path (`VLLM_METAL_USE_PAGED_ATTENTION=1`).
 
     The engine process vLLM spawns inherits this environment.
     """
     os.environ.setdefault("VMETAL_ENABLE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if paged:
+        os.environ["VLLM_METAL_USE_PAGED_ATTENTION"] = "1"
 
 
 def make_prompts(tokenizer: Any, n: int, length: int) -> list[list[int]]:

@@ -2,9 +2,9 @@
 
 vLLM's KV cache manager owns the blocks (and so prefix caching, preemption and copy-on-write come from vLLM);
 this runner writes each scheduled token's K/V to the slot vLLM assigned in its layer's KV cache group, and attends
-over block tables. Decode tokens and prefill chunks go through the same forward every step, as do n-gram
-speculation's verify positions (a speculating request's last token and drafts, query rows of their own). The pools
-are allocated once, from `VLLM_METAL_MEMORY_FRACTION` of the device (`kv.paged_pools`).
+over block tables. Decode tokens and prefill chunks go through the same forward every step, as do speculation's
+verify positions (a speculating request's last token and its n-gram or draft-model drafts, query rows of their
+own). The pools are allocated once, from `VLLM_METAL_MEMORY_FRACTION` of the device (`kv.paged_pools`).
 """
 
 from __future__ import annotations

@@ -64,10 +64,11 @@ def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_mode
 
 
 def test_ngram_speculation_on_the_paged_path_matches_mlx_lm(qwen3_model, monkeypatch):
-    """The paged path verifies drafts in its packed forward (a speculating request's last token and drafts are
-    query rows of their own), its all-decode steps stay compiled, and a rejected draft's K/V is simply written
-    again: greedy output is mlx-lm's while drafts are kept and rejected, requests joining mid-decode too; a
-    seeded sampled request reproduces its tokens, and a grammar-constrained neighbour keeps to its grammar."""
+    """The paged path verifies drafts as rows of its compiled step (a speculating request's last token and each
+    draft a decode row at its own position), or of its packed forward beside a prompt chunk, and a rejected
+    draft's K/V is simply written again: greedy output is mlx-lm's while drafts are kept and rejected, requests
+    joining mid-decode too; a seeded sampled request reproduces its tokens, and a grammar-constrained neighbour
+    keeps to its grammar."""
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
     with running_llm(qwen3_model, max_model_len=256, max_num_seqs=8, seed=0, speculative_config=SPEC) as paged:
         assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(paged, qwen3_model, queued_ahead=False)
@@ -75,7 +76,8 @@ def test_ngram_speculation_on_the_paged_path_matches_mlx_lm(qwen3_model, monkeyp
         assert_seeded_sampling_reproducible(paged)
         assert_grammar_beside_speculation(paged, qwen3_model)
         counts = paged.collective_rpc("step_counts")[0]
-    assert counts["decode_compiled"] > 0, counts  # the paged runner's, and its steps without drafts compiled
+    # The paged runner's steps are compiled, those that verify drafts (each draft a row of its own) too.
+    assert counts["decode_compiled"] > 0 and counts.get("verify_compiled", 0) > 0, counts
 
 
 def test_requests_joining_while_others_speculate_match_mlx_lm(llm, qwen3_model):
@@ -232,10 +234,13 @@ def test_a_model_whose_cache_cannot_roll_back_is_refused_at_start(tmp_path):
 def test_sliding_window_models_speculate_on_the_paged_path(tmp_path, monkeypatch, family):
     """On the paged path a rejected draft's slot is simply written again, in a sliding-window layer's blocks as
     in a full one's: Gemma 3 and gpt-oss (windows of 8 tokens, far behind the 48 generated; gpt-oss's sinks too)
-    speculate, with greedy output mlx-lm's while drafts are kept and rejected."""
+    speculate, with greedy output mlx-lm's while drafts are kept and rejected; their verify steps go through
+    the compiled step, where each draft's row gathers its own window."""
     from tests.support.families import build_family
 
     path = build_family(tmp_path / family, family)
     monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
     with running_llm(path, max_model_len=256, max_num_seqs=8, seed=0, speculative_config=SPEC) as paged:
         assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(paged, path, queued_ahead=False)
+        counts = paged.collective_rpc("step_counts")[0]
+    assert counts.get("verify_compiled", 0) > 0, counts

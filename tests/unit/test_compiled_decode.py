@@ -84,7 +84,7 @@ def test_compiled_decode_steps_equal_mlx_lm_and_write_exactly_their_slots(runner
         for i, name in enumerate(names):
             want = model(mx.array([[tokens[i]]]), cache=ref[name])[0, -1]
             np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), rtol=1e-4, atol=1e-4)
-    assert compiled.traced == {(False, (4, 64)), (False, (2, 64))}
+    assert compiled.traced == {(False, 1, (4, 64)), (False, 1, (2, 64))}
 
     for index, layer in enumerate(layers):
         rows = np.asarray(layer.k_pool).reshape(NUM_BLOCKS * BLOCK, *layer.k_pool.shape[2:])
@@ -113,7 +113,7 @@ def test_the_decode_ahead_variant_keeps_the_steps_keys_and_values(runner):
         rows = np.asarray(layer.k_pool).reshape(NUM_BLOCKS * BLOCK, *layer.k_pool.shape[2:])
         slots = [slots_of(TABLES[n], [len(PROMPTS[n])])[0] for n in names]
         np.testing.assert_array_equal(np.asarray(kept[index][0][:3]), rows[slots])
-    assert compiled.traced == {(True, (4, 64))}
+    assert compiled.traced == {(True, 1, (4, 64))}
 
 
 def test_the_pools_are_written_in_place(runner):
@@ -180,6 +180,49 @@ def test_a_planned_view_attends_what_the_op_by_op_plan_attends(window):
     assert given.write_slots.tolist() == plan.write_slots.tolist()
     assert plan.tables.shape == (2, 4, 64 // BLOCK)
     assert plan.tables[1, 1, :5].tolist() == SLIDING_TABLES["B"]
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 6, 70])
+def test_a_speculating_steps_rows_attend_as_the_packed_querys_rows_do(window):
+    """A speculating step's plan (`queries` rows a sequence: a request's last token, then its drafts) gives
+    each real row the attention of the op-by-op plan's packed query rows over the same tables (a draft sees the
+    drafts before it, each row its own window), on random pools; a sequence with fewer tokens is padded with
+    rows that repeat its last position, whose writes go to the dump block as the caller gives them, and a
+    padding sequence fills the bucket."""
+    rng = np.random.default_rng(1)
+    heads, kv_heads, dim = 4, 2, 8
+    pools = [mx.array(rng.standard_normal((NUM_BLOCKS, BLOCK, kv_heads, dim)).astype(np.float32))
+             for _ in range(2)]
+    names, queries = ("A", "B", "C"), 3
+    real = {"A": [5, 6, 7], "B": [16, 17], "C": [2]}
+    positions = [p for n in names for p in real[n] + [real[n][-1]] * (queries - len(real[n]))]
+    full, sliding = [TABLES[n] for n in names], [SLIDING_TABLES[n] for n in names]
+    group = 0 if window is None else 1
+    tables = (full, sliding)[group]
+    given = [[s for n, t in zip(names, group_tables) for s in slots_of(t, real[n]) + [DUMP * BLOCK] *
+              (queries - len(real[n]))] for group_tables in (full, sliding)]
+    plan = plan_decode(positions, [full, sliding], BLOCK, DUMP, [(0, None), (group, window)], given, queries)
+    rows = len(plan.positions)
+    assert rows == 4 * queries and plan.queries == queries  # 3 sequences in a bucket of 4
+    assert plan.write_slots.tolist() == [g + [DUMP * BLOCK] * queries for g in given]
+    if window is None:
+        slots, mask = full_view(mx.array(plan.tables[0]), mx.array(plan.positions), mx.arange(BLOCK))
+    else:
+        slots, mask = map(mx.array, plan.sliding[-1])
+    assert mask.shape[:3] == (4, 1, queries)
+    attend = AttentionGroup(slice(0, rows), slots, mask, None, None, 4, queries)
+    view = AttentionPlan(rows, (attend,), None, np.zeros(0), np.zeros(0), np.zeros(0), window=window)
+    q = mx.array(rng.standard_normal((rows, heads, dim)).astype(np.float32))
+    got = reference.attend(q, *pools, view, dim ** -0.5)
+    assert np.isfinite(np.asarray(got)).all()
+    kept = [i * queries + j for i, n in enumerate(names) for j in range(len(real[n]))]
+    padded = np.zeros((3, max(len(t) for t in tables)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = t
+    index = mx.array(kept)
+    want = reference.paged_attention(q[index], *pools, padded, [real[n][-1] + 1 for n in names],
+                                     [len(real[n]) for n in names], dim ** -0.5, window)
+    np.testing.assert_allclose(np.asarray(got[index]), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 class _EvaluatesInside:

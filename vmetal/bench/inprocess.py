@@ -47,6 +47,9 @@ def prepare_environ(paged: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if paged:
         os.environ["VLLM_METAL_USE_PAGED_ATTENTION"] = "1"
+        # A paged engine takes its pools up front, 0.9 of the device by default: the benchmarks hold two engines
+        # at once, and the second's pools would not fit (on a GPU: cudaMallocAsync out of memory at start).
+        os.environ.setdefault("VLLM_METAL_MEMORY_FRACTION", "0.4")
 
 
 def make_prompts(tokenizer: Any, n: int, length: int) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""The paged path's all-decode steps as compiled MLX functions, one per (rows, context) bucket.
+"""The paged path's all-decode steps, and its speculating steps, as compiled MLX functions, one per (rows,
+context) bucket.
 
 Why: an all-decode step builds the same graph every step but for its sizes. Built op by op in Python it costs
 the host about 2 ms a step on a 28-layer model (most of a decode step's host time on a GPU:
@@ -6,7 +7,9 @@ benchmarks/bench_host.py), time a Mac's GPU waits through. `mx.compile` traces t
 C++, fusing elementwise ops on the way (fewer kernels to launch). As vLLM's CUDA graphs take capture sizes, a
 compiled step takes buckets: rows padded to a power of two, the gathered context to a power of two up to
 `CONTEXT_STEP` tokens and to a multiple of it beyond; a bucket is traced when first met (`VLLM_METAL_DEBUG`
-logs it). Prefill chunks, prompt logprobs and pipeline stages keep the op-by-op forward.
+logs it). A speculating step is one too: each request a sequence of rows (its last token, its drafts) that
+gathers its context once (`plan_decode`'s `queries`). Prefill chunks, prompt logprobs and pipeline stages keep
+the op-by-op forward.
 
 Padding rows write their K/V to a dump block no request owns and attend to its first slot alone; their logits
 are cut off. Padding context columns read the slot of the row's position 0 (written, or in a sliding group's
@@ -54,17 +57,19 @@ def context_bucket(tokens: int) -> int:
 
 @dataclass(frozen=True)
 class DecodeInputs:
-    """One all-decode step's host-planned arrays, padded to its bucket (`Bp` rows, `C` context columns), per KV
-    cache group `G` (each its own block tables: `StepLayout`)."""
+    """One compiled step's host-planned arrays, padded to its bucket (`Bp` sequences of `Q` rows each, `C`
+    context columns), per KV cache group `G` (each its own block tables: `StepLayout`). An all-decode step has
+    one row a sequence; a speculating one `Q` (a request's last token and its drafts, `queries`)."""
 
-    positions: np.ndarray  # int32 [Bp]: each row's position (RoPE offset); 0 for padding rows
-    write_slots: np.ndarray  # int32 [G, Bp]: the pool slot each row's K/V goes to, per group
+    positions: np.ndarray  # int32 [Bp * Q]: each row's position (RoPE offset); 0 for padding sequences' rows
+    write_slots: np.ndarray  # int32 [G, Bp * Q]: the pool slot each row's K/V goes to, per group
     tables: np.ndarray  # int32 [G, Bp, C / block_size]: block tables, for the attention kernel and full views
     block_size: int
-    # Per sliding view (as planned): gather slots [Bp, Cw] and mask. A full view's are built in the step itself
-    # from `tables` and `positions` (`full_view`).
+    # Per sliding view (as planned): gather slots [Bp, Cw] and mask [Bp, 1, Q, Cw]. A full view's are built in
+    # the step itself from `tables` and `positions` (`full_view`).
     sliding: tuple[tuple[np.ndarray, np.ndarray], ...]
     widths: tuple[int, ...]  # every view's gathered width, in the order planned
+    queries: int = 1  # rows a sequence (Q)
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -74,29 +79,35 @@ class DecodeInputs:
 
 def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[Sequence[int]]], block_size: int,
                 dump_block: int, views: Sequence[View] = FULL,
-                write_slots: Sequence[Sequence[int]] | None = None) -> DecodeInputs:
-    """Plan a step of decode rows at `positions` (each row's one new token); `tables[g]`: the rows' block tables
-    in KV cache group g (long enough to hold that position); `views`: the (group, window) pairs the layers
-    attend through. A sliding view gathers only its window's columns. `write_slots[g]`, where the caller has
-    them: the rows' pool slots in group g (else found in the tables).
+                write_slots: Sequence[Sequence[int]] | None = None, queries: int = 1) -> DecodeInputs:
+    """Plan a step of rows at `positions`, `queries` consecutive rows a sequence (one: decodes, each its one new
+    token; more: a speculating request's last token and drafts, at increasing positions); `tables[g]`: the
+    sequences' block tables in KV cache group g (long enough to hold their positions); `views`: the (group,
+    window) pairs the layers attend through. A row sees its sequence's positions up to its own (so a draft sees
+    the drafts before it); a sliding view gathers only the columns its sequence's rows' windows cover.
+    `write_slots[g]`: the rows' pool slots in group g, else found in the tables; needed where a sequence has
+    padding rows (fewer tokens than `queries`: they repeat its last position and write to the dump block).
 
     Host time per step is what a decode step costs on a GPU, and numpy's per-call cost dominates arrays this
     small, so only what a full view cannot get on the device is planned here."""
-    rows, padded = len(positions), rows_bucket(len(positions))
+    rows = len(positions)
+    seqs = rows // queries
+    padded_seqs = rows_bucket(seqs)
+    padded = padded_seqs * queries
     longest = int(max(positions)) + 1
     width = context_bucket(longest)
     cols = width // block_size
     # One conversion of Python lists per group: a numpy assignment per row costs ~1.5 us, 50 us at 32 rows.
     pad = [dump_block] * cols
-    table = np.array([[list(t[:cols]) + pad[len(t):] for t in group_tables] + [pad] * (padded - len(group_tables))
-                      for group_tables in tables], dtype=np.int32).reshape(len(tables), padded, cols)
+    table = np.array([[list(t[:cols]) + pad[len(t):] for t in group_tables] + [pad] * (padded_seqs - len(group_tables))
+                      for group_tables in tables], dtype=np.int32).reshape(len(tables), padded_seqs, cols)
     all_pos = np.zeros(padded, dtype=np.int32)
     all_pos[:rows] = positions
     dump = dump_block * block_size
     write = np.full((len(tables), padded), dump, dtype=np.int32)  # padding rows write to the dump block
     if write_slots is None:
         at = all_pos[:rows]
-        write[:, :rows] = table[:, np.arange(rows), at // block_size] * block_size + at % block_size
+        write[:, :rows] = table[:, np.arange(rows) // queries, at // block_size] * block_size + at % block_size
     else:
         for g, group_slots in enumerate(write_slots):
             write[g, :rows] = group_slots
@@ -106,36 +117,46 @@ def plan_decode(positions: Sequence[int], tables: Sequence[Sequence[Sequence[int
         if window is None:
             widths.append(width)
             continue
-        pos = all_pos.astype(np.int64)
-        real = np.arange(padded) < rows
-        first = np.maximum(0, pos - window + 1)
-        view_cols = min(width, context_bucket(min(window, longest)))
+        pos = all_pos.astype(np.int64).reshape(padded_seqs, queries)
+        real = np.arange(padded_seqs) < seqs
+        first = np.maximum(0, pos[:, 0] - window + 1)  # the first row's window starts earliest
+        view_cols = min(width, context_bucket(min(window + queries - 1, longest)))
         kpos = first[:, None] + np.arange(view_cols)[None, :]
-        seen = (kpos <= pos[:, None]) & real[:, None]
-        seen[~real, 0] = True  # a padding row sees the dump block's first slot, so no row is all masked
-        kpos = np.where(seen, kpos, 0)  # unseen columns read position 0: written (or vLLM's null block), finite
-        slots = table[g][np.arange(padded)[:, None], kpos // block_size].astype(np.int64) * block_size
+        seen = ((kpos[:, None, :] <= pos[:, :, None]) & (kpos[:, None, :] > pos[:, :, None] - window)
+                & real[:, None, None])
+        seen[~real, :, 0] = True  # a padding sequence sees the dump block's first slot, so no row is all masked
+        # Columns no row of the sequence sees read position 0: written (or vLLM's null block), finite.
+        kpos = np.where(seen.any(axis=1), kpos, 0)
+        slots = table[g][np.arange(padded_seqs)[:, None], kpos // block_size].astype(np.int64) * block_size
         slots = np.where(real[:, None], slots + kpos % block_size, dump)
-        sliding.append((slots.astype(np.int32), seen[:, None, None, :]))
+        sliding.append((slots.astype(np.int32), seen[:, None, :, :]))
         widths.append(view_cols)
-    return DecodeInputs(all_pos, write, table, block_size, tuple(sliding), tuple(widths))
+    return DecodeInputs(all_pos, write, table, block_size, tuple(sliding), tuple(widths), queries)
 
 
 def full_view(table: Any, positions: Any, offsets: Any) -> tuple[Any, Any]:
-    """A full-attention view's gather slots int32 [Bp, C] and mask bool [Bp, 1, 1, C], lazily, from one group's
-    block tables int32 [Bp, C / block_size], the rows' positions [Bp] and `offsets` (arange(block_size)).
+    """A full-attention view's gather slots int32 [Bp, C] and mask bool [Bp, 1, Q, C], lazily, from one group's
+    block tables int32 [Bp, C / block_size], the rows' positions [Bp * Q] (Q rows a sequence) and `offsets`
+    (arange(block_size)).
 
-    Column c is position c: the table's slots in order (no gather). Unseen columns read the slot of position 0
-    (written, finite) and are masked; a padding row (position 0, the dump block's table) sees the dump block's
-    first slot alone. Built inside the compiled step, these are a couple of fused kernels instead of a dozen
-    numpy calls on the host and two more arrays to hand MLX every step."""
+    Column c is position c: the table's slots in order (no gather). Columns past a sequence's last position
+    read the slot of position 0 (written, finite) and are masked; a row sees the columns up to its own
+    position; a padding sequence (position 0, the dump block's table) sees the dump block's first slot alone.
+    Built inside the compiled step, these are a couple of fused kernels instead of a dozen numpy calls on the
+    host and two more arrays to hand MLX every step."""
     import mlx.core as mx
 
-    rows, cols = table.shape
+    seqs, cols = table.shape
     block_size = offsets.shape[0]
-    slots = (table[:, :, None] * block_size + offsets).reshape(rows, cols * block_size)
-    seen = mx.arange(cols * block_size, dtype=positions.dtype)[None, :] <= positions[:, None]
-    return mx.where(seen, slots, slots[:, :1]), seen[:, None, None, :]
+    slots = (table[:, :, None] * block_size + offsets).reshape(seqs, cols * block_size)
+    columns = mx.arange(cols * block_size, dtype=positions.dtype)
+    if positions.shape[0] == seqs:  # one row a sequence: its mask is the columns it reads
+        seen = columns[None, :] <= positions[:, None]
+        return mx.where(seen, slots, slots[:, :1]), seen[:, None, None, :]
+    pos = positions.reshape(seqs, -1)
+    seen = columns[None, None, :] <= pos[:, :, None]
+    # A sequence's last row sees the most (its padding rows repeat its last position).
+    return mx.where(columns[None, :] <= pos[:, -1:], slots, slots[:, :1]), seen[:, None, :, :]
 
 
 class TraceError(RuntimeError):
@@ -178,7 +199,7 @@ class CompiledDecode:
         arrays = [(pool.k, pool.v) for pool in pools]
         for pool in pools:  # only the call's arguments hold the old pools: MLX writes them in place
             pool.k = pool.v = None
-        key = (keep_kv, plan.key)
+        key = (keep_kv, plan.queries, plan.key)
         first = key not in self.traced
         started = time.perf_counter()
         self._layers, self._pools = layers, pools
@@ -206,8 +227,9 @@ class CompiledDecode:
                 layer.kept_kv = tuple(kept)
         if first:
             self.traced.add(key)
-            logger.debug("vmetal: traced the compiled decode step for %d rows, context %s (%.0f ms)", padded,
-                         "/".join(map(str, plan.key[1:])), 1e3 * (time.perf_counter() - started))
+            logger.debug("vmetal: traced the compiled decode step for %d rows (%d a sequence), context %s "
+                         "(%.0f ms)", padded, plan.queries, "/".join(map(str, plan.key[1:])),
+                         1e3 * (time.perf_counter() - started))
         return out[0][:rows] if padded > rows else out[0]
 
     def _step(self, keep_kv: bool, ids: Any, positions: Any, write_slots: Any, tables: Any, offsets: Any,
@@ -215,13 +237,16 @@ class CompiledDecode:
         """The traced step (run by `mx.compile` once per bucket; its arguments are then placeholders)."""
         import mlx.core as mx
 
-        rows = ids.shape[0]
-        at = mx.arange(rows, dtype=mx.int32)
+        rows, seqs = ids.shape[0], tables.shape[1]
+        queries = rows // seqs
+        at = mx.arange(rows, dtype=mx.int32)  # each row's sequence, for the attention kernel
+        if queries > 1:
+            at = at // queries
         plans = {}
         planned = iter(sliding)
         for g, window in self.views:
             slots, mask = full_view(tables[g], positions, offsets) if window is None else next(planned)
-            group = AttentionGroup(slice(0, rows), slots, mask, None, None, rows, 1)
+            group = AttentionGroup(slice(0, rows), slots, mask, None, None, seqs, queries)
             plans[g, window] = AttentionPlan(rows, (group,), None, _NO_HOST, _NO_HOST, _NO_HOST,
                                              {"paged_attention": (tables[g], at, positions)}, window)
         writes = tuple(CacheWrites(_NO_HOST, None, write_slots[g]) for g in range(write_slots.shape[0]))

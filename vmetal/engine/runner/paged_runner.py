@@ -57,6 +57,13 @@ class Pack:
         return len(self.tokens) == len(self.req_ids) and not self.prompt_rows and not self.partial
 
     @property
+    def verify_only(self) -> bool:
+        """Decodes and speculating requests' verify rows alone (each request one token of its own, the rest
+        drafts; no prompt chunk): what a compiled step takes, a request's rows at consecutive positions."""
+        return (bool(self.spec_rows) and not self.prompt_rows and not self.partial
+                and len(self.tokens) == len(self.req_ids) + sum(len(p) for p, _ in self.spec_rows.values()))
+
+    @property
     def extra_rows(self) -> list[int]:
         """The rows that go through the LM head after `last_rows`: every position of a prompt-logprobs request,
         then every verify position of a speculating one, in the order `execute_model` slices them back."""
@@ -183,11 +190,13 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
                              self.loaded.head_on_rows)[:, 0, :]
 
     def _decode(self, tokens: Any, positions: Any, tables: list[list[Any]], slots: list[Any] | None = None,
-                keep_kv: bool = False) -> Any:
-        """An all-decode step through its compiled forward (`compiled_decode`; `tables[g]`, `slots[g]`: the
-        rows' block tables and pool slots in KV cache group g): lazy logits [B, V], or None when the step cannot
-        be traced (compiled steps are then off for this engine, with one warning)."""
-        plan = plan_decode(positions, tables, self.cache_config.block_size, self.dump_block, self.views, slots)
+                keep_kv: bool = False, queries: int = 1) -> Any:
+        """An all-decode step through its compiled forward (`compiled_decode`; `tables[g]`: the sequences' block
+        tables in KV cache group g, `slots[g]`: the rows' pool slots there; `queries` rows a sequence): lazy
+        logits [rows, V], or None when the step cannot be traced (compiled steps are then off for this engine,
+        with one warning)."""
+        plan = plan_decode(positions, tables, self.cache_config.block_size, self.dump_block, self.views, slots,
+                           queries)
         try:
             with self.step_times.build():
                 logits = self.compiled.forward(self.layers, self.pools, tokens, plan, len(positions), keep_kv)
@@ -198,6 +207,43 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
             return None
         self.counts["decode_compiled"] += 1
         return logits
+
+    def _verify_compiled(self, pack: Pack) -> Any:
+        """A speculating step (`Pack.verify_only`) through the compiled step: each request is a sequence of Q
+        rows (Q: the most tokens a request has this step), its last token and its drafts, each at its own
+        position; a request with fewer tokens is padded with rows that repeat its last position and write to
+        the dump block. Each layer writes every row's K/V before any row attends, and a row sees its request's
+        positions up to its own, so a draft sees the drafts before it, as in the packed forward; the request's
+        context is gathered once for its Q rows. Built op by op, such a step costs a GPU host as much again as
+        a compiled one (its launches are not fused either), and with one stream nearly every step speculates.
+        Returns the logits of the rows `execute_model` slices (`last_rows + extra_rows`), or None where the step
+        cannot be traced."""
+        import mlx.core as mx
+
+        queries = max(pack.query_lens)
+        dump = self.dump_block * self.cache_config.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[list[int]] = [[] for _ in pack.slots]
+        moved: list[int] = []  # each packed row's row in the compiled step
+        at = 0
+        for i, n in enumerate(pack.query_lens):
+            moved.extend(range(i * queries, i * queries + n))
+            tokens.extend(pack.tokens[at:at + n])
+            positions.extend(pack.positions[at:at + n].tolist())
+            for group_slots, packed in zip(slots, pack.slots):
+                group_slots.extend(packed[at:at + n].tolist())
+            if n < queries:
+                tokens.extend([0] * (queries - n))
+                positions.extend([positions[-1]] * (queries - n))
+                for group_slots in slots:
+                    group_slots.extend([dump] * (queries - n))
+            at += n
+        logits = self._decode(tokens, positions, pack.tables, slots, queries=queries)
+        if logits is None:
+            return None
+        self.counts["verify_compiled"] += 1
+        return logits[mx.array([moved[r] for r in pack.last_rows + pack.extra_rows], dtype=mx.int32)]
 
     # ---------------------------------------------------------------- steps
     def _update_states(self, so: Any) -> None:
@@ -224,6 +270,8 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
             self.ahead.take()  # its writes are harmless: see _ahead_forward
         if logits is None and pack.decode_only and self.compiled is not None:
             logits = self._decode(pack.tokens, pack.positions, pack.tables, pack.slots)
+        elif logits is None and pack.verify_only and self.compiled is not None:
+            logits = self._verify_compiled(pack)
         if logits is None:
             layout = StepLayout.plan_groups(pack.positions, pack.slots,
                                             [_padded(tables) for tables in pack.tables], pack.context_lens,

@@ -397,21 +397,37 @@ def test_a_hub_draft_model_is_pulled_first(fake_server, qwen3_model, tmp_path, m
     assert json.loads(given[given.index("--speculative-config") + 1])["model"] == str(draft)
 
 
-def test_a_draft_model_that_cannot_draft_stops_at_preflight(fake_server, qwen3_model, tmp_path):
+def test_a_sliding_window_draft_model_is_let_through(fake_server, qwen3_model, tmp_path):
+    """The drafter keeps a whole, trimmable cache for a draft's sliding-window layers (draft_model.py), so the
+    pre-flight lets a Gemma 3 draft through, for a target on either path."""
     from tests.support.families import as_sliding_window, first_layers
+
+    sliding = first_layers(qwen3_model, tmp_path / "sliding", 2)
+    (sliding / "config.json").write_text(json.dumps(as_sliding_window(json.loads((qwen3_model / "config.json")
+                                                                                  .read_text()))))
+    for more in ([], ["--paged"]):
+        result = invoke(str(qwen3_model), "--speculative", str(sliding), *more)
+        assert result.exit_code == 0, result.output
+        given = fake_server[-1].vllm_args
+        assert json.loads(given[given.index("--speculative-config") + 1])["model"] == str(sliding)
+    assert len(fake_server) == 2
+
+
+def test_a_draft_model_that_cannot_draft_stops_at_preflight(fake_server, qwen3_model, tmp_path):
+    from tests.support.families import build_family
     from vmetal.demo import build_tiny_model
 
     config = json.loads((qwen3_model / "config.json").read_text())
     other = build_tiny_model(tmp_path / "other-vocab", "qwen3", hidden_size=64, num_layers=1,
                              vocab_size=config["vocab_size"] + 64)
-    sliding = first_layers(qwen3_model, tmp_path / "sliding", 2)
-    (sliding / "config.json").write_text(json.dumps(as_sliding_window(config)))
+    hybrid = build_family(tmp_path / "lfm2", "lfm2")
     for draft, line in (
             (other, f"error: draft model `{other}` has a vocabulary of {config['vocab_size'] + 64} tokens and the "
                     f"model it drafts for {config['vocab_size']}: a draft must share the target's tokenizer; pick "
                     "a smaller model of the same family"),
-            (sliding, "error: gemma3_text (Gemma3ForCausalLM): speculative decoding (`--speculative-config`) rolls "
-                      "rejected tokens back out of the KV cache")):
+            (hybrid, "error: lfm2 (Lfm2ForCausalLM): a draft model rolls its rejected drafts back out of its own "
+                     "cache, and this model also keeps ArraysCache state, which cannot give them back; pick a draft "
+                     "whose layers are all attention (full or sliding-window)")):
         result = invoke(str(qwen3_model), "--speculative", str(draft))
         assert result.exit_code == 2, result.output
         [shown] = [text for text in result.stderr.splitlines() if text.startswith("error: ")]

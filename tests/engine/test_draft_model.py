@@ -136,10 +136,28 @@ def test_a_draft_with_another_vocabulary_is_refused_at_start(qwen3_model, draft,
 
 
 def test_a_draft_whose_cache_cannot_roll_back_is_refused_at_start(qwen3_model, tmp_path):
+    """A recurrent layer's state (LFM2's short convolutions) cannot give rejected drafts back."""
     from tests.support.families import build_family
 
-    sliding = build_family(tmp_path / "gemma3", "gemma3_text")
-    with pytest.raises(Exception, match=r"gemma3_text \(Gemma3ForCausalLM\): speculative decoding "
-                                        r"\(`--speculative-config`\) rolls rejected tokens back"):
-        with running_llm(qwen3_model, max_model_len=128, speculative_config=config(sliding)):
+    hybrid = build_family(tmp_path / "lfm2", "lfm2")
+    with pytest.raises(Exception, match=r"lfm2 \(Lfm2ForCausalLM\): a draft model rolls its rejected drafts "
+                                        r"back out of its own cache, and this model also keeps ArraysCache state"):
+        with running_llm(qwen3_model, max_model_len=128, speculative_config=config(hybrid)):
             pass
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gpt_oss"])
+def test_a_sliding_window_draft_drafts_past_its_window(tmp_path, monkeypatch, family):
+    """A draft with sliding-window layers (Gemma 3; gpt-oss with its sinks; windows of 8 tokens, 48 generated)
+    keeps a whole cache for them, which trims, masked to the window as mlx-lm masks its rotating cache: drafting
+    for itself (its target, on the paged path, which lets sliding targets speculate), every draft is the
+    target's own greedy token long after the windows first slide, and greedy output is mlx-lm's."""
+    from tests.support.families import build_family
+
+    path = build_family(tmp_path / family, family)
+    monkeypatch.setenv("VLLM_METAL_USE_PAGED_ATTENTION", "1")
+    with running_llm(path, max_model_len=256, max_num_seqs=4, seed=0, speculative_config=config(path)) as llm:
+        outs = llm.generate(PROMPTS[:3], greedy(TOKENS), use_tqdm=False)
+        counts = spec_counts(llm)
+    assert_greedy_like_mlx(path, outs, TOKENS)
+    assert counts["num_draft_tokens"] > 0 and counts["num_accepted_tokens"] == counts["num_draft_tokens"], counts

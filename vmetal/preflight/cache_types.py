@@ -47,6 +47,8 @@ SUPPORTED: dict[str, frozenset[str]] = {
     "paged": frozenset({"KVCache", "RotatingKVCache"}),
     "torch": frozenset({"KVCache"}),
 }
+# A draft model's caches that its drafter can roll back (a sliding window's kept whole: draft_model.draft_cache).
+DRAFT_CACHES = frozenset({"KVCache", "RotatingKVCache"})
 # How to get onto a path from `vmetal serve`, for the refusal's advice.
 PATH_HOWTO = {"mlx": "use the MLX-managed path (leave out --paged)", "paged": "use --paged",
               "torch": "use VLLM_METAL_USE_MLX=0"}
@@ -414,7 +416,17 @@ def check_speculation(state: ModelState, kv_path: str = "mlx") -> None:
     model's own, always this path's), so a layer whose cache cannot trim at every length (a sliding window that
     wraps, a recurrent state) is refused. The paged path rolls nothing back: a rejected draft's position counts
     as not computed and its slot is written again when it is, so every layer it keeps in vLLM's blocks,
-    sliding windows included, can speculate."""
+    sliding windows included, can speculate. `kv_path` "draft": a draft model's own caches, which its drafter
+    keeps whole for sliding-window layers too (`draft_model.draft_cache`), so attention of either kind drafts
+    and only a recurrent state is refused."""
+    if kv_path == "draft":
+        others = sorted({c for c in state.caches if c not in DRAFT_CACHES})
+        if others:
+            raise UnsupportedModelError(
+                f"{state.family}: a draft model rolls its rejected drafts back out of its own cache, and this model "
+                f"also keeps {', '.join(others)} state, which cannot give them back; pick a draft whose layers are "
+                f"all attention (full or sliding-window)")
+        return
     if kv_path == "paged":
         others = sorted({c for c in state.caches if not holds("paged", c)})
     else:

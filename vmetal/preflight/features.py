@@ -167,12 +167,13 @@ def draft_refusal(target: dict[str, Any], draft: dict[str, Any], name: str) -> s
 
 def check_draft(target: dict[str, Any], draft: dict[str, Any], where: str, name: str, state: Any = None) -> None:
     """A speculative draft model (config `draft`, read from `where`; its `cache_types.ModelState` when probed
-    already) that cannot draft for the model of config `target` ({} when not known): its cache cannot roll back
-    rejected drafts, or its vocabulary is another (`draft_refusal`). UnsupportedModelError with one line."""
+    already) that cannot draft for the model of config `target` ({} when not known): a cache that cannot roll
+    back rejected drafts (a recurrent state), or another vocabulary (`draft_refusal`). UnsupportedModelError
+    with one line."""
     from vmetal.preflight.cache_types import check_model, check_speculation
     from vmetal.preflight.checkpoint import UnsupportedModelError
 
-    check_speculation(state or check_model(draft, where, "mlx"))
+    check_speculation(state or check_model(draft, where, "mlx"), "draft")
     refused = draft_refusal(target, draft, name)
     if refused:
         raise UnsupportedModelError(refused)

@@ -24,8 +24,13 @@ ours: the draft is loaded with mlx-lm beside the target and keeps a cache of its
   model's cache, so the target's share of the budget shrinks by the draft's share of the bytes per token (on
   the paged path the pools are sized to that share: the draft's caches grow outside them). The target is on
   either KV path: the drafter reads the request's tokens from vLLM's input batch, not from the target's cache.
-- The draft must trim its cache (full attention only, like the target) and share the target's vocabulary;
-  both are checked before the engine starts for a local folder (`MetalPlatform`), and again here.
+- The draft's cache must trim to give rejected drafts back, and mlx-lm's rotating cache of a sliding-window
+  layer cannot once it has wrapped: the drafter keeps those layers' caches whole instead (`draft_cache`),
+  masked to the window by the family's own code, as it masks a prompt longer than the window. A draft holds a
+  few layers of a small model, so its whole context costs little (the budget counts every layer's K/V per
+  token for it already). A recurrent state (LFM2, Qwen3-Next) cannot roll back and is refused, as is another
+  vocabulary than the target's; both are checked before the engine starts for a local folder
+  (`MetalPlatform`), and again here.
 """
 
 from __future__ import annotations
@@ -33,6 +38,18 @@ from __future__ import annotations
 from typing import Any
 
 from vmetal.engine.runner.step_times import StepTimes
+
+
+def draft_cache(model: Any) -> list[Any]:
+    """A new request's caches for the draft `model`: what mlx-lm makes for it, with each sliding-window
+    `RotatingKVCache` a whole `KVCache` (which trims at any length). The family's forward masks a layer to its
+    window from the cache it is handed (mlx-lm's `create_attention_mask(..., window_size=)`), so its tokens are
+    those of the rotating cache."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    from vmetal.engine.runner.kv import mlx_cache
+
+    return [KVCache() if isinstance(c, RotatingKVCache) else c for c in mlx_cache.new_request_cache(model)]
 
 
 def shared_prefix(held: list[int], tokens: list[int]) -> int:
@@ -144,7 +161,7 @@ class DraftModelDrafter:
 
         from vmetal.engine.runner.kv import mlx_cache
 
-        cache, held = self.caches.get(req_id) or (mlx_cache.new_request_cache(self.model), [])
+        cache, held = self.caches.get(req_id) or (draft_cache(self.model), [])
         # Keep what the cache shares with the tokens, and always feed at least the last token: its logits give
         # the first draft.
         keep = min(shared_prefix(held, tokens), len(tokens) - 1)

@@ -412,9 +412,8 @@ def check_prefix_cache(state: ModelState) -> None:
 def check_speculation(state: ModelState, kv_path: str = "mlx") -> None:
     """Speculation (`--speculative-config`) on `kv_path`, or UnsupportedModelError naming the family.
 
-    On the MLX-managed path rejected drafts are rolled back by trimming the caches (the target's, and a draft
-    model's own, always this path's), so a layer whose cache cannot trim at every length (a sliding window that
-    wraps, a recurrent state) is refused. The paged path rolls nothing back: a rejected draft's position counts
+    On the MLX-managed path rejected drafts are rolled back by trimming the target's caches, so a layer whose
+    cache cannot trim at every length (a sliding window that wraps, a recurrent state) is refused. The paged path rolls nothing back: a rejected draft's position counts
     as not computed and its slot is written again when it is, so every layer it keeps in vLLM's blocks,
     sliding windows included, can speculate. `kv_path` "draft": a draft model's own caches, which its drafter
     keeps whole for sliding-window layers too (`draft_model.draft_cache`), so attention of either kind drafts

@@ -218,14 +218,12 @@ def count_primitives(lm, layers, rows: int, context: int, block_size: int) -> st
     return _histogram([out, [(c.k_pool, c.v_pool) for c in layers]])
 
 
-def _gather_only(q, k, v, scale, mask, sinks=None, softcap=None):
-    """Stands in for `reference.grouped_attention`: reads the gathered keys and values once, computes nothing."""
+def _gather_only(q, k, v, scale, mask, sinks, softcap, length):
+    """Stands in for `reference._grouped` (the written-out attention of queries grouped by KV head): reads the
+    gathered keys and values once, computes nothing."""
     import mlx.core as mx
 
-    batch, heads, length, dim = q.shape
-    kv_heads = k.shape[1]
-    seen = mx.sum(k, axis=2, keepdims=True) + mx.sum(v, axis=2, keepdims=True)  # [B, Hkv, 1, D]
-    return (q.reshape(batch, kv_heads, heads // kv_heads, length, dim) + seen[:, :, None]).reshape(q.shape)
+    return q + mx.sum(k, axis=2, keepdims=True) + mx.sum(v, axis=2, keepdims=True)  # [B, Hkv, group * L, D]
 
 
 def _element_gather(pool, group):
@@ -265,7 +263,7 @@ def main() -> None:
     from vmetal.engine.runner.attention import reference
     from vmetal.engine.runner.kv.paged_cache import install_attention_hook
 
-    written_out, gathered = reference.grouped_attention, reference._gathered
+    written_out, gathered = reference._grouped, reference._gathered
     head_row_index = reference.AttentionGroup.head_row_index
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
@@ -297,7 +295,7 @@ def main() -> None:
             _no_attention()
         reference.FUSED_SDPA = True if variant == "fused_sdpa" else None
         reference.SCALE_MASKED_SCORES = variant != "queries_scaled"
-        reference.grouped_attention = _gather_only if variant == "gather_only" else written_out
+        reference._grouped = _gather_only if variant == "gather_only" else written_out
         reference._gathered = _element_gather if variant == "element_gather" else gathered
         reference.AttentionGroup.head_row_index = _per_layer_index if variant == "per_layer_index" else head_row_index
         if args.count and not variant.startswith("mlx_lm"):

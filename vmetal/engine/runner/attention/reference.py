@@ -49,6 +49,17 @@ class CacheWrites:
     slot_mapping: np.ndarray  # as given (host copy)
     rows: mx.array | None  # the tokens that have a slot, None: all of them
     slots: mx.array | None  # their slots; None: nothing is written
+    # block size -> the slots as (block, offset) index arrays, built once a step and shared by every layer
+    split: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def blocks_and_offsets(self, block_size: int) -> tuple[mx.array, mx.array]:
+        """The slots' blocks and offsets in them: a pool `[blocks, block_size, ...]` is scattered into by both,
+        as it is, where indexed by slot it is first seen as `[slots, ...]` and then reshaped back (two more graph
+        nodes a pool a layer, which a compiled step's replay pays every step)."""
+        found = self.split.get(block_size)
+        if found is None:
+            found = self.split[block_size] = (self.slots // block_size, self.slots % block_size)
+        return found
 
 
 def plan_writes(slot_mapping: IntsLike) -> CacheWrites:
@@ -68,12 +79,13 @@ def write_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.a
         return k_pool, v_pool
     if writes.rows is not None:
         keys, values = keys[writes.rows], values[writes.rows]
-    num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
-    k_flat = k_pool.reshape(num_blocks * block_size, num_kv_heads, head_dim)
-    v_flat = v_pool.reshape(num_blocks * block_size, num_kv_heads, v_pool.shape[-1])  # MLA: V narrower than K
-    k_flat[writes.slots] = keys.astype(k_pool.dtype)
-    v_flat[writes.slots] = values.astype(v_pool.dtype)
-    return k_flat.reshape(k_pool.shape), v_flat.reshape(v_pool.shape)
+    block, offset = writes.blocks_and_offsets(k_pool.shape[1])
+    # A second handle on each pool (a reshape to its own shape is no graph node): `[...] =` rebinds the handle
+    # it is called on to the scatter's result, and the caller's arrays must stay the old pools.
+    k_out, v_out = k_pool.reshape(k_pool.shape), v_pool.reshape(v_pool.shape)
+    k_out[block, offset] = keys.astype(k_pool.dtype)
+    v_out[block, offset] = values.astype(v_pool.dtype)
+    return k_out, v_out
 
 
 def reshape_and_cache(keys: mx.array, values: mx.array, k_pool: mx.array, v_pool: mx.array,
@@ -360,10 +372,18 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
         q = queries[g.rows]
         if g.pad is not None:
             q = q[g.pad]
+        k, v = _gathered(k_pool, g), _gathered(v_pool, g)
+        if g.max_q == 1 and not fused:
+            # One query a sequence: its query heads straight to [B, Hkv, group, D] and back, without the
+            # [B, Hq, 1, D] form in between (each reshape a graph node a layer: the compiled step's replay).
+            kv_heads = k.shape[1]
+            out = _grouped(q.reshape(g.batch, kv_heads, num_heads // kv_heads, head_dim), k, v, scale, g.mask,
+                           sinks, softcap, 1).reshape(g.batch, num_heads, value_dim)
+            outs.append(out if g.unpad is None else out[g.unpad])
+            continue
         # [B * L, Hq, D] -> [B, Hq, L, D]; with one query a row (decodes) that is a reshape, no transpose.
         q = (q.reshape(g.batch, num_heads, 1, head_dim) if g.max_q == 1
              else q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3))
-        k, v = _gathered(k_pool, g), _gathered(v_pool, g)
         if fused:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
         else:
@@ -388,30 +408,46 @@ def grouped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask:
     benchmarks/RESULTS-gpu.md), on the CPU a fallback that broadcasts K and V to every query head of a group.
     Here each KV head's query heads are rows of one matmul over its keys."""
     batch, heads, length, dim = q.shape
-    kv_heads, ctx = k.shape[1], k.shape[2]
-    group = heads // kv_heads
+    kv_heads = k.shape[1]
+    out = _grouped(q.reshape(batch, kv_heads, heads // kv_heads * length, dim), k, v, scale, mask, sinks, softcap,
+                   length)
+    return out.reshape(batch, heads, length, v.shape[-1])
+
+
+def _grouped(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | None, sinks: mx.array | None,
+             softcap: float | None, length: int) -> mx.array:
+    """`grouped_attention` of queries grouped by KV head, q `[B, Hkv, group * L, D]` (query head h reads KV
+    head h // group); returns `[B, Hkv, group * L, Dv]`. With one query a sequence (L = 1) the scores
+    `[B, Hkv, group, ctx]` take the mask `[B, 1, 1, ctx]` as they are (no 5-d view of them, no axis added to the
+    mask: two graph nodes a layer fewer)."""
+    batch, kv_heads, rows, _ = q.shape
+    group, ctx = rows // length, k.shape[2]
     # With a mask and no softcap the scale goes onto the scores in the mask's own kernel (`_scaled_masked`):
     # scaling the queries first is a kernel of its own, one a layer, 28 launches of a 28-layer decode step.
     scale_scores = SCALE_MASKED_SCORES and mask is not None and softcap is None
     if not scale_scores:
         q = q * scale
-    q = q.reshape(batch, kv_heads, group * length, dim)  # query head h reads KV head h // group
-    scores = (q @ k.swapaxes(-1, -2)).reshape(batch, kv_heads, group, length, ctx)
+    scores = q @ k.swapaxes(-1, -2)
+    if length > 1:
+        scores = scores.reshape(batch, kv_heads, group, length, ctx)
     if softcap is not None:
         scores = mx.tanh(scores / softcap) * softcap
     if mask is not None:
-        mask, low = mx.expand_dims(mask, 2), mx.array(mx.finfo(scores.dtype).min, scores.dtype)
+        low = mx.array(mx.finfo(scores.dtype).min, scores.dtype)
+        if length > 1:
+            mask = mx.expand_dims(mask, 2)
         scores = (_scaled_masked(scores, mask, mx.array(scale, scores.dtype), low) if scale_scores
                   else mx.where(mask, scores, low))
     if sinks is not None:  # one more logit per head, with no value: a column the softmax takes, then dropped
-        sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, kv_heads, group, 1, 1),
+        sink = mx.broadcast_to(sinks.astype(scores.dtype).reshape(1, kv_heads, group, *(1,) * (scores.ndim - 3)),
                                (*scores.shape[:-1], 1))
         scores = mx.concatenate([scores, sink], axis=-1)
     weights = mx.softmax(scores, axis=-1, precise=True)
     if sinks is not None:
         weights = weights[..., :-1]
-    out = weights.reshape(batch, kv_heads, group * length, ctx) @ v
-    return out.reshape(batch, heads, length, v.shape[-1])
+    if length > 1:
+        weights = weights.reshape(batch, kv_heads, rows, ctx)
+    return weights @ v
 
 
 @partial(mx.compile, shapeless=True)

@@ -410,8 +410,10 @@ def test_the_fused_mask_kernel_is_right_whatever_shapes_it_meets():
     # `_scaled_masked` is compiled shapeless (traced once, replayed at every size): each call, at another size,
     # broadcast or dtype than the one traced, gives what the ops give uncompiled.
     rng = np.random.default_rng(fresh_seed())
+    # One query a sequence takes 4-d scores [B, Hkv, group, ctx] and its [B, 1, 1, ctx] mask (reference._grouped).
     shapes = [((2, 3, 2, 1, 5), (2, 1, 1, 1, 5)), ((4, 2, 4, 7, 9), (4, 1, 1, 7, 9)), ((1, 1, 1, 1, 3),) * 2,
-              ((3, 2, 2, 4, 6), (3, 1, 1, 4, 6)), ((2, 3, 2, 1, 5), (2, 1, 1, 1, 5))]
+              ((3, 2, 2, 6), (3, 1, 1, 6)), ((3, 2, 2, 4, 6), (3, 1, 1, 4, 6)), ((5, 2, 4, 9), (5, 1, 1, 9)),
+              ((2, 3, 2, 1, 5), (2, 1, 1, 1, 5))]
     for dtype in (mx.float32, mx.bfloat16):
         for scores_shape, mask_shape in shapes:
             scores = mx.array(rng.standard_normal(scores_shape).astype(np.float32)).astype(dtype)
@@ -462,6 +464,35 @@ def test_reshape_and_cache_writes_slots_and_skips_padding():
     assert mx.array_equal(k3, k2) and mx.array_equal(v3, v2)
     k4, _ = pa.reshape_and_cache(mx.array(keys[:0]), mx.array(values[:0]), k2, v2, [])
     assert mx.array_equal(k4, k2)
+
+
+def test_every_layer_writes_by_the_steps_one_block_and_offset_index(tmp_path):
+    # The pools are scattered into by (block, offset), as they are: seen as [slots, ...] and reshaped back, each
+    # pool of each layer cost two graph nodes more a step. The index is the step's: one division for any layers.
+    import re
+
+    rng = np.random.default_rng(fresh_seed())
+    shape, layers, slots = (6, 4, 2, 8), 3, [9, -1, 0, 22]
+    pools = [mx.array(rng.standard_normal(shape).astype(np.float32)) for _ in range(2 * layers)]
+    before = [np.array(p) for p in pools]
+    keys = [mx.array(rng.standard_normal((4, 2, 8)).astype(np.float32)) for _ in range(2 * layers)]
+    writes = pa.plan_writes(slots)
+    out = [pa.write_cache(keys[2 * i], keys[2 * i + 1], pools[2 * i], pools[2 * i + 1], writes)
+           for i in range(layers)]
+    dot = tmp_path / "writes.dot"
+    mx.export_to_dot(str(dot), *[p for pair in out for p in pair])
+    names = re.findall(r'label ="(\w+)', dot.read_text())
+    # A reshape a scatter (of the keys to the scatter's update shape), none of a pool
+    assert names.count("Scatter") == 2 * layers and names.count("Reshape") == 2 * layers
+    assert names.count("Remainder") == 1 and list(writes.split) == [4]
+    for i, pair in enumerate(out):
+        for j, pool in enumerate(pair):
+            want = before[2 * i + j].reshape(24, 2, 8).copy()
+            for t, slot in enumerate(slots):
+                if slot >= 0:
+                    want[slot] = np.array(keys[2 * i + j][t])
+            np.testing.assert_array_equal(np.array(pool).reshape(24, 2, 8), want)
+            np.testing.assert_array_equal(np.array(pools[2 * i + j]), before[2 * i + j])  # the old pool as it was
 
 
 def test_copy_blocks_copies_whole_blocks():

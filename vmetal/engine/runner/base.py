@@ -338,6 +338,13 @@ class ModelRunnerBase:
             return list(prompt[start:end])
         return list(prompt[start:n]) + state.output_token_ids[max(0, start - n) : end - n]
 
+    @classmethod
+    def _tokens_and_drafts(cls, state: Any, start: int, n: int, proposed: list[int]) -> list[int]:
+        """What a speculating request's `n` scheduled positions from `start` feed: its tokens, then the drafts
+        `proposed` for the last ones. vLLM may schedule -1 placeholders (a draft it found invalid, or slots held
+        for drafts not proposed yet): token 0 is fed at each, and verification rejects it there."""
+        return cls._tokens(state, start, start + n - len(proposed)) + [max(t, 0) for t in proposed]
+
     def _next_token(self, req_id: str) -> int:
         """The token a decode step of `req_id` feeds: the one after those computed."""
         state = self.requests[req_id]

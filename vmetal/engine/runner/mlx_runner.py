@@ -212,10 +212,7 @@ class MlxModelRunner(ModelRunnerBase):
             state = self.requests[req_id]
             start, n = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
             proposed = list(so.scheduled_spec_decode_tokens.get(req_id, ()))
-            # vLLM may schedule -1 placeholders (a draft it found invalid, or slots held for drafts not proposed
-            # yet): a position is fed for each, and verification rejects it there.
-            fed = self._tokens(state, start, start + n - len(proposed)) + [max(t, 0) for t in proposed] \
-                if proposed else None
+            fed = self._tokens_and_drafts(state, start, n, proposed) if proposed else None
             ahead = self.verify_ahead.pop(req_id, None)
             used = fed is not None and ahead is not None and ahead.matches(start, fed)
             if ahead is not None:

@@ -321,10 +321,9 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
             else:
                 proposed = list(spec.get(req_id, ()))
                 if proposed:
-                    # The last sampled token, then the drafts (vLLM's -1 placeholders fed as token 0: verification
-                    # rejects them). Its row for sampling is the last token's, the first that verifies.
-                    real = n - len(proposed)
-                    pack.tokens.extend(self._tokens(state, start, start + real) + [max(t, 0) for t in proposed])
+                    # The last sampled token, then the drafts. Its row for sampling is the last token's, the first
+                    # that verifies.
+                    pack.tokens.extend(self._tokens_and_drafts(state, start, n, proposed))
                     sample_row = len(pack.tokens) - len(proposed) - 1
                     pack.spec_rows[req_id] = (proposed, range(sample_row, sample_row + len(proposed) + 1))
                 else:

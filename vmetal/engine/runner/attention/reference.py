@@ -53,9 +53,9 @@ class CacheWrites:
     split: dict = field(default_factory=dict, compare=False, repr=False)
 
     def blocks_and_offsets(self, block_size: int) -> tuple[mx.array, mx.array]:
-        """The slots' blocks and offsets in them: a pool `[blocks, block_size, ...]` is scattered into by both,
-        as it is, where indexed by slot it is first seen as `[slots, ...]` and then reshaped back (two more graph
-        nodes a pool a layer, which a compiled step's replay pays every step)."""
+        """The slots as (block, offset in the block): the indices a pool `[blocks, block_size, ...]` is scattered
+        into by as it is. Indexed by slot, it would be seen as `[slots, ...]` first and reshaped back after: two
+        graph nodes more a pool a layer, which a compiled step's replay pays every step."""
         found = self.split.get(block_size)
         if found is None:
             found = self.split[block_size] = (self.slots // block_size, self.slots % block_size)
@@ -379,17 +379,16 @@ def attend(queries: mx.array, k_pool: mx.array, v_pool: mx.array, plan: Attentio
             kv_heads = k.shape[1]
             out = _grouped(q.reshape(g.batch, kv_heads, num_heads // kv_heads, head_dim), k, v, scale, g.mask,
                            sinks, softcap, 1).reshape(g.batch, num_heads, value_dim)
-            outs.append(out if g.unpad is None else out[g.unpad])
-            continue
-        # [B * L, Hq, D] -> [B, Hq, L, D]; with one query a row (decodes) that is a reshape, no transpose.
-        q = (q.reshape(g.batch, num_heads, 1, head_dim) if g.max_q == 1
-             else q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3))
-        if fused:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
         else:
-            out = grouped_attention(q, k, v, scale, g.mask, sinks, softcap)
-        out = (out.reshape(g.batch, num_heads, value_dim) if g.max_q == 1
-               else out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, value_dim))
+            # [B * L, Hq, D] -> [B, Hq, L, D]; with one query a row (decodes) that is a reshape, no transpose.
+            q = (q.reshape(g.batch, num_heads, 1, head_dim) if g.max_q == 1
+                 else q.reshape(g.batch, g.max_q, num_heads, head_dim).transpose(0, 2, 1, 3))
+            if fused:
+                out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=g.mask, sinks=sinks)
+            else:
+                out = grouped_attention(q, k, v, scale, g.mask, sinks, softcap)
+            out = (out.reshape(g.batch, num_heads, value_dim) if g.max_q == 1
+                   else out.transpose(0, 2, 1, 3).reshape(g.batch * g.max_q, num_heads, value_dim))
         outs.append(out if g.unpad is None else out[g.unpad])
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
     return out if plan.restore is None else out[plan.restore]

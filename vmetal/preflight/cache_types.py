@@ -412,12 +412,12 @@ def check_prefix_cache(state: ModelState) -> None:
 def check_speculation(state: ModelState, kv_path: str = "mlx") -> None:
     """Speculation (`--speculative-config`) on `kv_path`, or UnsupportedModelError naming the family.
 
-    On the MLX-managed path rejected drafts are rolled back by trimming the target's caches, so a layer whose
-    cache cannot trim at every length (a sliding window that wraps, a recurrent state) is refused. The paged path rolls nothing back: a rejected draft's position counts
-    as not computed and its slot is written again when it is, so every layer it keeps in vLLM's blocks,
-    sliding windows included, can speculate. `kv_path` "draft": a draft model's own caches, which its drafter
-    keeps whole for sliding-window layers too (`draft_model.draft_cache`), so attention of either kind drafts
-    and only a recurrent state is refused."""
+    On the MLX-managed path rejected drafts are rolled back by trimming the target's caches, so a layer whose cache
+    cannot trim at every length (a sliding window that wraps, a recurrent state) is refused. The paged path rolls
+    nothing back: a rejected draft's position counts as not computed and its slot is written again when it is, so
+    every layer it keeps in vLLM's blocks, sliding windows included, can speculate. `kv_path` "draft": a draft
+    model's own caches, which its drafter keeps whole for sliding-window layers too (`draft_model.draft_cache`), so
+    attention of either kind drafts and only a recurrent state is refused."""
     if kv_path == "draft":
         others = sorted({c for c in state.caches if c not in DRAFT_CACHES})
         if others:

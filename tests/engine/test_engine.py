@@ -42,6 +42,24 @@ def test_requests_joining_mid_decode_match_mlx_lm(engine):
     assert_joining_requests_like_mlx(*engine, "join")
 
 
+def test_decode_steps_launch_on_their_own_thread(engine):
+    """By default (VLLM_METAL_LAUNCH_THREAD=1) the decode-ahead's launches run on a thread of their own while the
+    engine's thread goes on: the steps that gave mlx-lm's exact tokens were launched there."""
+    path, llm = engine
+    before = llm.collective_rpc("step_counts")[0].get("thread_launches", 0)
+    outs = llm.generate(PROMPTS[:2], greedy(16), use_tqdm=False)
+    assert_greedy_like_mlx(path, outs, 16)
+    assert llm.collective_rpc("step_counts")[0]["thread_launches"] - before >= 14
+
+
+def test_launches_on_the_engines_thread_give_the_same_tokens(qwen3_model, monkeypatch):
+    """VLLM_METAL_LAUNCH_THREAD=0: the engine launches on its own thread, and the tokens are the same."""
+    monkeypatch.setenv("VLLM_METAL_LAUNCH_THREAD", "0")
+    with running_llm(qwen3_model, max_model_len=256, max_num_seqs=4, seed=0) as llm:
+        assert_greedy_like_mlx(qwen3_model, llm.generate(PROMPTS[:3], greedy(12), use_tqdm=False), 12)
+        assert "thread_launches" not in llm.collective_rpc("step_counts")[0]
+
+
 def test_step_times_split_each_decode_step(engine):
     assert_step_times_split(engine[1])
 

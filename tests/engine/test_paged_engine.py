@@ -48,7 +48,7 @@ def test_step_times_split_each_decode_step(paged):
 def ahead_counts(llm) -> dict:
     counts = llm.collective_rpc("step_counts")[0]
     return {k.removeprefix("ahead_"): v for k, v in counts.items() if k.startswith("ahead_")} | \
-        {"compiled": counts.get("decode_compiled", 0)}
+        {"compiled": counts.get("decode_compiled", 0), "launched": counts.get("thread_launches", 0)}
 
 
 def test_decode_steps_run_ahead_across_block_boundaries(paged, qwen3_model):
@@ -57,7 +57,8 @@ def test_decode_steps_run_ahead_across_block_boundaries(paged, qwen3_model):
     before = ahead_counts(paged)
     outs = paged.generate(PROMPTS, greedy(40), use_tqdm=False)
     after = ahead_counts(paged)
-    steps = {k: after.get(k, 0) - before.get(k, 0) for k in ("used", "missed", "none", "scratch", "compiled")}
+    steps = {k: after.get(k, 0) - before.get(k, 0)
+             for k in ("used", "missed", "none", "scratch", "compiled", "launched")}
     assert_greedy_like_mlx(qwen3_model, outs, 40)
     # Every all-decode forward, ahead or not, is the compiled one (VLLM_METAL_COMPILE defaults to 1).
     assert steps["compiled"] >= 39, steps
@@ -65,6 +66,8 @@ def test_decode_steps_run_ahead_across_block_boundaries(paged, qwen3_model):
     assert steps["used"] + steps["missed"] + steps["none"] >= 39, steps
     assert steps["used"] >= steps["missed"] + steps["none"] + 30, steps
     assert steps["scratch"] >= 2, steps  # 40 tokens cross block boundaries (block size 16) in every row
+    # ... and launched by the launch thread (VLLM_METAL_LAUNCH_THREAD defaults to 1): one for each used step
+    assert steps["launched"] >= steps["used"], steps
 
 
 def test_freed_memory_kept_for_reuse_is_capped(paged):

@@ -71,8 +71,10 @@ class RecordingForward:
     def __init__(self, result):
         self.result = result
         self.calls = []
+        self.fed = []  # the arrays themselves
 
     def __call__(self, order, tokens):
+        self.fed.append(tokens)
         self.calls.append((order, tokens.tolist()))
         return self.result
 
@@ -101,15 +103,35 @@ def test_argmax_feeding_next_returns_tokens_in_req_ids_order_and_queues_the_next
 
 
 def test_argmax_feeding_next_uses_the_given_argmax():
-    """When the step came from a queued one, its argmax is already computed (`greedy`): that one is used,
-    not a recomputation from the logits."""
+    """When the step came from a queued one, its argmax is already computed: the host reads that one (`greedy`)
+    and the next step is built on its copy (`feed`), not on a recomputation from the logits."""
     order = ("a", "b")
     batch_logits = logits_peaking_at([0, 0])
     greedy = mx.array([3, 6], dtype=mx.int32)
+    queued = Ahead(order, (1, 1), batch_logits, greedy, feed=mx.array([3, 6], dtype=mx.int32))
     forward = RecordingForward(logits_peaking_at([1, 1]))
-    tokens = DecodeAhead().argmax_feeding_next(order, batch_logits, greedy, forward, ["b", "a"])
+    tokens = DecodeAhead().argmax_feeding_next(order, batch_logits, queued, forward, ["b", "a"])
     assert tokens == [6, 3]
     assert forward.calls == [(order, [3, 6])]
+    assert forward.fed[0] is queued.feed
+
+
+def test_the_next_step_is_built_on_an_array_the_host_never_reads():
+    """Reading an MLX array clears its event, which a launch thread's evaluation of a step taking that array as
+    an input reads at the same time (launches.py): the tokens the host reads and the ones the next step is
+    built on are two arrays of the same values, here and in the step queued for the one after."""
+    order = ("a", "b")
+    forward = RecordingForward(logits_peaking_at([1, 4]))
+    ahead = DecodeAhead()
+    ahead.argmax_feeding_next(order, logits_peaking_at([PEAK["a"], PEAK["b"]]), None, forward, list(order))
+    queued = ahead.take()
+    assert queued.greedy is not queued.feed
+    assert queued.greedy.tolist() == queued.feed.tolist() == [1, 4]
+    fed_now = forward.fed[0]
+    forward2 = RecordingForward(None)
+    DecodeAhead().argmax_feeding_next(order, queued.logits, queued, forward2, list(order))
+    assert forward2.fed[0] is queued.feed and forward2.fed[0] is not queued.greedy
+    assert fed_now.tolist() == [PEAK["a"], PEAK["b"]]
 
 
 def test_nothing_is_queued_when_the_next_step_cannot_be_built():

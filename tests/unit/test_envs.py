@@ -30,13 +30,13 @@ def test_defaults_match_the_table():
     assert cfg.raw == {}
 
 
-def test_variables_table_lists_all_fourteen_in_doc_order():
+def test_variables_table_lists_all_fifteen_in_doc_order():
     assert [v.name for v in envs.VARIABLES] == [
         "VLLM_METAL_MEMORY_FRACTION", "VLLM_METAL_USE_MLX", "VLLM_MLX_DEVICE", "VLLM_METAL_BLOCK_SIZE",
         "VLLM_METAL_USE_PAGED_ATTENTION", "VLLM_METAL_DEBUG", "VLLM_USE_MODELSCOPE",
         "VLLM_METAL_MODELSCOPE_CACHE", "VLLM_METAL_PREFIX_CACHE", "VLLM_METAL_PREFIX_CACHE_FRACTION",
         "VLLM_METAL_KERNELS", "VLLM_METAL_RING_PORT", "VLLM_METAL_COMPILE",
-        "VLLM_METAL_PACKED_PROJECTIONS",
+        "VLLM_METAL_PACKED_PROJECTIONS", "VLLM_METAL_LAUNCH_THREAD",
     ]
     defaults = {v.name: v.default for v in envs.VARIABLES}
     assert defaults["VLLM_METAL_MEMORY_FRACTION"] == "auto"

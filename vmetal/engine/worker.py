@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
@@ -124,7 +125,8 @@ class MetalWorker(WorkerBase):
             # head's; at different sizes the ranks hung).
             tokens = int(mx.distributed.all_max(mx.array(tokens), group=self.ring.group, stream=mx.cpu).item())
         mx.reset_peak_memory()
-        self.model_runner.warm_up(tokens)
+        with self._on_launch_stream():
+            self.model_runner.warm_up(tokens)
         self.peak_activation_bytes = max(0, mx.get_peak_memory() - mx.get_active_memory())
         device_bytes = device_memory_bytes(self.mlx_device)
         self.cache_limit = cache_limit_bytes(device_bytes, self.peak_activation_bytes)
@@ -146,11 +148,13 @@ class MetalWorker(WorkerBase):
 
     def initialize_from_config(self, kv_cache_config: Any) -> None:
         self.kv_cache_config = kv_cache_config
-        self.model_runner.initialize_kv(kv_cache_config)
+        with self._on_launch_stream():
+            self.model_runner.initialize_kv(kv_cache_config)
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         start = time.perf_counter()
-        self.model_runner.warm_up()
+        with self._on_launch_stream():
+            self.model_runner.warm_up()
         logger.info("vmetal: warm-up took %.2f s", time.perf_counter() - start)
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
@@ -164,7 +168,7 @@ class MetalWorker(WorkerBase):
                             and not so.scheduled_spec_decode_tokens)
         times.enter()
         try:
-            with self._ring_errors():
+            with self._ring_errors(), self._on_launch_stream(settle=False):
                 out = self.model_runner.execute_model(so)
         finally:
             times.leave()
@@ -176,7 +180,8 @@ class MetalWorker(WorkerBase):
         times = self.model_runner.step_times
         times.enter()
         try:
-            with self._ring_errors():  # MLX evaluates the forward here, where a lost peer shows
+            # MLX evaluates the forward here, where a lost peer shows
+            with self._ring_errors(), self._on_launch_stream(settle=False):
                 out = self.model_runner.sample_tokens(grammar_output)
         except BaseException:
             times.idle()
@@ -190,9 +195,20 @@ class MetalWorker(WorkerBase):
         times = self.model_runner.step_times
         times.enter()
         try:
-            return self.model_runner.take_draft_token_ids()
+            with self._on_launch_stream():
+                return self.model_runner.take_draft_token_ids()
         finally:
             times.leave()
+
+    @contextlib.contextmanager
+    def _on_launch_stream(self, settle: bool = True) -> Iterator[None]:
+        """Around a call into the runner: its graphs built on the stream its launches run on (launches.py), and
+        unless the call is a step's (which settles where it must), every launch so far encoded first."""
+        launches = self.model_runner.launches
+        if settle:
+            launches.settle()
+        with launches.stream_context():
+            yield
 
     def _ring_errors(self) -> Any:
         return self.ring.lost_peer_named() if self.ring else contextlib.nullcontext()
@@ -227,7 +243,11 @@ class MetalWorker(WorkerBase):
     def synchronize_device(self) -> None:
         import mlx.core as mx
 
-        mx.synchronize()
+        launches = self.model_runner.launches
+        launches.settle()
+        mx.synchronize(*(() if launches.stream is None else (launches.stream,)))
 
     def shutdown(self) -> None:
+        if self.model_runner is not None:
+            self.model_runner.launches.close()
         self.model_runner = None

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from vmetal.engine.runner import is_pooling
 from vmetal.engine.runner.decode_ahead import DecodeAhead
+from vmetal.engine.runner.launches import Launches
 from vmetal.engine.runner.prompt_logprobs import PromptLogprobs
 from vmetal.engine.runner.sampling import MetalSampler, needs_torch_sampler
 from vmetal.engine.runner.step_times import StepTimes
@@ -89,7 +90,10 @@ class ModelRunnerBase:
         # Where each step's time goes (step_times.py); VLLM_METAL_DEBUG=1 logs it every few hundred steps, at
         # INFO: vLLM's handler drops DEBUG records unless VLLM_LOGGING_LEVEL=DEBUG, and the setting is the opt-in.
         self.step_times = StepTimes(log=logger.info if getattr(metal_config, "debug", False) else None)
-        self.ahead = DecodeAhead(self.step_times)
+        # MLX's launches (launches.py): on the engine's thread until `_finish_loading` knows whether a thread of
+        # their own can take them.
+        self.launches = Launches(threaded=False)
+        self.ahead = DecodeAhead(self.step_times, self.launches)
         self._pending: StepLogits | None = None  # execute_model -> sample_tokens
         # speculative.NgramDrafter or draft_model.DraftModelDrafter when vLLM's config asks for speculation
         self.drafter = None
@@ -155,6 +159,10 @@ class ModelRunnerBase:
         self.sampler = sampler_class(str(getattr(logprobs_mode, "value", logprobs_mode)))
         self.sampler.wait = self.step_times.wait
         self.prompt_logprobs = PromptLogprobs(self.input_batch.vocab_size)
+        # A launch thread takes the decode-ahead's launches, on one worker (a tensor-parallel step's collectives
+        # run on the ring's own streams, which only the engine's thread may evaluate).
+        if getattr(self.metal_config, "launch_thread", False) and self.decode_ahead_enabled and self.group is None:
+            self.launches = self.ahead.launches = Launches(threaded=True)
 
     def describe_backend(self) -> str:
         return f"MLX {self.metal_config.mlx_device or 'default device'}"
@@ -229,7 +237,10 @@ class ModelRunnerBase:
         """Allocate what vLLM's block budget asks for; caches that grow per request need nothing."""
 
     def step_counts(self) -> dict[str, int]:
-        return dict(self.counts)
+        counts = dict(self.counts)
+        if self.launches.threaded:  # "thread_launches": the decode-ahead's launches the launch thread encoded
+            counts["thread_launches"] = self.launches.done
+        return counts
 
     # ------------------------------------------------------------ state sync
     def _drop_kv(self, req_id: str) -> None:
@@ -345,6 +356,14 @@ class ModelRunnerBase:
         for drafts not proposed yet): token 0 is fed at each, and verification rejects it there."""
         return cls._tokens(state, start, start + n - len(proposed)) + [max(t, 0) for t in proposed]
 
+    def _continues_ahead(self, so: Any) -> bool:
+        """Whether step `so` is the queued decode-ahead's, as far as its rows tell: the only kind of step whose
+        start may overlap a launch (launches.py); any other settles the launches before touching MLX."""
+        pending = self.ahead.pending
+        return (pending is not None and not so.finished_req_ids and not so.scheduled_new_reqs
+                and not so.scheduled_spec_decode_tokens and so.total_num_scheduled_tokens == len(pending.order)
+                and so.num_scheduled_tokens.keys() == set(pending.order))
+
     def _next_token(self, req_id: str) -> int:
         """The token a decode step of `req_id` feeds: the one after those computed."""
         state = self.requests[req_id]
@@ -408,6 +427,8 @@ class ModelRunnerBase:
             self._on_sampled(req_id, state, step.so.num_scheduled_tokens[req_id], got_token)
         if self.drafter is not None:
             self.drafter.last = (req_ids, sampled)
+        if self.prompt_logprobs.wanted:
+            self.launches.settle()
         prompt_logprobs = self.prompt_logprobs.collect(self.requests, self.sampler, step.prompt_logits,
                                                        step.so.num_scheduled_tokens)
         self._after_step()
@@ -431,6 +452,7 @@ class ModelRunnerBase:
             verifiable,
         )
 
+        self.launches.settle()
         greedy = [r for r in drafts if verifiable(self.requests[r].sampling_params) == "greedy"]
         targets = dict(zip(greedy, greedy_targets([drafts[r][1] for r in greedy], self.sampler.wait)))
         verified = {}
@@ -479,9 +501,10 @@ class ModelRunnerBase:
                 apply_grammar_bitmask(so, grammar_output, self.input_batch, torch_logits)
         use_torch = grammar is not None or any(r in self.torch_reqs for r in req_ids)
         if step.decode_only is not None and not use_torch and self.decode_ahead_enabled:
-            order, batch_logits, greedy = step.decode_only
-            return self.ahead.argmax_feeding_next(order, batch_logits, greedy, self._ahead_forward, req_ids), \
+            order, batch_logits, ahead = step.decode_only
+            return self.ahead.argmax_feeding_next(order, batch_logits, ahead, self._ahead_forward, req_ids), \
                 None, False
+        self.launches.settle()
         # The sampler draws for a partial prompt chunk's row too; a seeded request gets its generator back
         # as it was, so it samples the same with or without chunked prefill.
         seeded = {r: self.requests[r].generator for r in step.partial if self.requests[r].generator is not None}

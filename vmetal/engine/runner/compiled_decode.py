@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -182,6 +182,9 @@ class CompiledDecode:
         # keep_kv (the decode-ahead's scratch rows need the step's K/V) is a trace of its own.
         self._compiled = {keep: mx.compile(partial(self._step, keep)) for keep in (False, True)}
         self.traced: set[tuple[bool, tuple[int, ...]]] = set()
+        # Called before a trace: tracing reads the graphs of the step's inputs, which a launch thread may be
+        # evaluating (the runner's `Launches.settle`).
+        self.settle: Callable[[], None] = lambda: None
         self._offsets: dict[int, Any] = {}  # block size -> arange(block_size): its shape carries it into a trace
 
     def forward(self, layers: list[PagedLayerCache], pools: list[KVPool], tokens: Any, plan: DecodeInputs,
@@ -201,6 +204,8 @@ class CompiledDecode:
             pool.k = pool.v = None
         key = (keep_kv, plan.queries, plan.key)
         first = key not in self.traced
+        if first:
+            self.settle()
         started = time.perf_counter()
         self._layers, self._pools = layers, pools
         try:

@@ -150,6 +150,8 @@ class MlxModelRunner(ModelRunnerBase):
     def execute_model(self, so: Any) -> Any:
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
+        if not self._continues_ahead(so):
+            self.launches.settle()
         self._update_states(so)
         self._pending = None
         if so.total_num_scheduled_tokens == 0:
@@ -246,10 +248,10 @@ class MlxModelRunner(ModelRunnerBase):
         return partial
 
     def _decode_all(self, ahead: Any) -> tuple[Any, ...]:
-        """One batched forward for every decode row (or the decode-ahead's); (row order, [B, V], greedy)."""
+        """One batched forward for every decode row (or the decode-ahead's); (row order, [B, V], the ahead)."""
         order = tuple(self.decode.req_ids)
         if ahead is not None:
-            return order, ahead.logits, ahead.greedy
+            return order, ahead.logits, ahead
         return order, self._decode_forward([self._next_token(r) for r in order]), None
 
     def _ahead_forward(self, order: tuple[str, ...], tokens: Any) -> Any:
@@ -282,6 +284,7 @@ class MlxModelRunner(ModelRunnerBase):
         request that verified drafts in it (decode_ahead.VerifyAhead); the next step uses those it matches."""
         import mlx.core as mx
 
+        self.launches.settle()
         for req_id, drafts in self.drafter.start(self.input_batch, self.may_speculate).items():
             cache = self.request_caches.get(req_id)
             if req_id not in self.verifying or cache is None:

@@ -154,6 +154,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         super().initialize_kv(kv_cache_config)
         if self._compile:
             self.compiled = CompiledDecode(self.model, self.loaded.head_on_rows, self.views)
+            self.compiled.settle = self.launches.settle
 
     def profile_tokens(self) -> int:
         # A paged step is one packed forward over every token scheduled, however many prompts they come from.
@@ -258,14 +259,16 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
     def execute_model(self, so: Any) -> Any:
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
+        if not self._continues_ahead(so):
+            self.launches.settle()
         self._update_states(so)
         self._pending = None
         if so.total_num_scheduled_tokens == 0:
             return EMPTY_MODEL_RUNNER_OUTPUT
         pack = self._pack(so)
-        logits = greedy = None
+        logits = ahead = None
         if pack.decode_only:
-            logits, greedy = self._take_ahead(tuple(pack.req_ids), pack.slots)
+            logits, ahead = self._take_ahead(tuple(pack.req_ids), pack.slots)
         else:
             self.ahead.take()  # its writes are harmless: see _ahead_forward
         if logits is None and pack.decode_only and self.compiled is not None:
@@ -285,7 +288,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         for req_id, (proposed, r) in pack.spec_rows.items():
             drafts[req_id] = (proposed, logits[at : at + len(r)])
             at += len(r)
-        decode_only = (tuple(pack.req_ids), logits, greedy) if pack.decode_only else None
+        decode_only = (tuple(pack.req_ids), logits, ahead) if pack.decode_only else None
         self._pending = StepLogits(rows, pack.partial, so, prompt_logits, decode_only, drafts or None)
         return None
 
@@ -391,7 +394,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
                 layer.keep_kv = False
 
     def _take_ahead(self, order: tuple[str, ...], slots: list[np.ndarray]) -> tuple[Any, Any]:
-        """The decode-ahead's (logits, argmax) if this step is exactly that step (`slots[g]`: its rows' pool
+        """The decode-ahead's (logits, itself) if this step is exactly that step (`slots[g]`: its rows' pool
         slots in KV cache group g), else (None, None)."""
         ahead = self.ahead.take()
         if ahead is None:
@@ -421,12 +424,13 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
         # scratch block) or not ("ahead_missed": built but not that step; "ahead_none": not built).
         self.counts["ahead_used" if usable else "ahead_missed"] += 1
         self.counts["ahead_scratch"] += bool(usable and scratch)
-        return (ahead.logits, ahead.greedy) if usable else (None, None)
+        return (ahead.logits, ahead) if usable else (None, None)
 
     def _after_step(self) -> None:
         import mlx.core as mx
 
         if self.ahead.pending is None:
+            self.launches.settle()
             # The pools are part of this step's graph; evaluate them with it so the next step starts from
             # materialised arrays, not a growing lazy graph. (A decode-ahead's async_eval covers them.)
             with self.step_times.wait():

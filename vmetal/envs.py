@@ -70,8 +70,8 @@ VARIABLES: tuple[Variable, ...] = (
              "context size bucket (`1`), or built op by op every step (`0`)"),
     Variable(PACKED_PROJECTIONS, "1", "each layer's query/key/value and gate/up projections packed into one "
              "matmul each at load (`1`), or kept as mlx-lm builds them (`0`)"),
-    Variable(LAUNCH_THREAD, "1", "the decode-ahead's MLX launches on a thread of their own, overlapping the "
-             "engine's host work (`1`), or on the engine's thread (`0`)"),
+    Variable(LAUNCH_THREAD, "auto", "the decode-ahead's MLX launches on a thread of their own, overlapping the "
+             "engine's host work: `auto` where MLX computes on a GPU, `1` always, `0` never"),
 )
 
 _NAMES = tuple(v.name for v in VARIABLES)
@@ -122,7 +122,7 @@ class MetalConfig:
     ring_port: int | None = None  # None: each rank picks a free port
     compile: bool = True
     packed_projections: bool = True
-    launch_thread: bool = True
+    launch_thread: bool | None = None  # None: `auto`
     # Provenance is about how a config was reached, not what it is: two configs that behave the same
     # compare equal whatever their sources, which is what lets a child process be checked against its parent.
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -233,7 +233,7 @@ _PARSERS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     RING_PORT: ("ring_port", _parse_port),
     COMPILE: ("compile", _parse_bool),
     PACKED_PROJECTIONS: ("packed_projections", _parse_bool),
-    LAUNCH_THREAD: ("launch_thread", _parse_bool),
+    LAUNCH_THREAD: ("launch_thread", _parse_auto_bool),
 }
 assert tuple(_PARSERS) == _NAMES
 
@@ -309,7 +309,7 @@ def to_environ(cfg: MetalConfig) -> dict[str, str]:
         RING_PORT: "" if cfg.ring_port is None else str(cfg.ring_port),
         COMPILE: _bool(cfg.compile),
         PACKED_PROJECTIONS: _bool(cfg.packed_projections),
-        LAUNCH_THREAD: _bool(cfg.launch_thread),
+        LAUNCH_THREAD: "auto" if cfg.launch_thread is None else _bool(cfg.launch_thread),
     }
 
 

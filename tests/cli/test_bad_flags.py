@@ -181,7 +181,7 @@ MALFORMED = {
     envs.RING_PORT: ["0", "80", "70000", "65530", "abc", "1.5", "-1"],
     envs.COMPILE: ["2", "on", "compiled"],
     envs.PACKED_PROJECTIONS: ["2", "on", "packed"],
-    envs.LAUNCH_THREAD: ["2", "on", "threaded"],
+    envs.LAUNCH_THREAD: ["2", "on", "threaded", "automatic"],
 }
 
 

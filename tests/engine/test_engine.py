@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.engine import (
+from tests.support.engine import (  # noqa: F401 - launch_thread_on: a fixture
     LONG_PROMPT,
     PROMPTS,
     assert_greedy_like_mlx,
     assert_joining_requests_like_mlx,
     assert_step_times_split,
     greedy,
+    launch_thread_on,
     metric,
     running_llm,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("launch_thread_on")]
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def engine(request):
@@ -43,8 +44,9 @@ def test_requests_joining_mid_decode_match_mlx_lm(engine):
 
 
 def test_decode_steps_launch_on_their_own_thread(engine):
-    """By default (VLLM_METAL_LAUNCH_THREAD=1) the decode-ahead's launches run on a thread of their own while the
-    engine's thread goes on: the steps that gave mlx-lm's exact tokens were launched there."""
+    """With a launch thread (a GPU's default; this module's engines have one, `launch_thread_on`) the
+    decode-ahead's launches run on it while the engine's thread goes on: the steps that gave mlx-lm's exact
+    tokens were launched there."""
     path, llm = engine
     before = llm.collective_rpc("step_counts")[0].get("thread_launches", 0)
     outs = llm.generate(PROMPTS[:2], greedy(16), use_tqdm=False)
@@ -53,7 +55,8 @@ def test_decode_steps_launch_on_their_own_thread(engine):
 
 
 def test_launches_on_the_engines_thread_give_the_same_tokens(qwen3_model, monkeypatch):
-    """VLLM_METAL_LAUNCH_THREAD=0: the engine launches on its own thread, and the tokens are the same."""
+    """VLLM_METAL_LAUNCH_THREAD=0 (and `auto` on this CPU): the engine launches on its own thread, and the tokens
+    are the same."""
     monkeypatch.setenv("VLLM_METAL_LAUNCH_THREAD", "0")
     with running_llm(qwen3_model, max_model_len=256, max_num_seqs=4, seed=0) as llm:
         assert_greedy_like_mlx(qwen3_model, llm.generate(PROMPTS[:3], greedy(12), use_tqdm=False), 12)

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests.support.engine import launch_thread_on  # noqa: F401 - a fixture
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("launch_thread_on")]
 
 PROMPT = "The old teacher opens the blue door and the old teacher reads the blue book"
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.engine import (
+from tests.support.engine import (  # noqa: F401 - launch_thread_on: a fixture
     PROMPTS,
     assert_greedy_like_mlx,
     assert_joining_requests_like_mlx,
     greedy,
+    launch_thread_on,
     running_llm,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("launch_thread_on")]
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 # A prompt that repeats itself, and tokens enough for the tiny random model to fall into loops: drafts both

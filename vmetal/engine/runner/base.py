@@ -160,8 +160,13 @@ class ModelRunnerBase:
         self.sampler.wait = self.step_times.wait
         self.prompt_logprobs = PromptLogprobs(self.input_batch.vocab_size)
         # A launch thread takes the decode-ahead's launches, on one worker (a tensor-parallel step's collectives
-        # run on the ring's own streams, which only the engine's thread may evaluate).
-        if getattr(self.metal_config, "launch_thread", False) and self.decode_ahead_enabled and self.group is None:
+        # run on the ring's own streams, which only the engine's thread may evaluate). `auto`: on a GPU, where a
+        # launch is the host encoding kernels; MLX's CPU backend computes inside the launch, and a thread there
+        # only has the step's build and its compute take turns on the same cores.
+        wanted = getattr(self.metal_config, "launch_thread", False)
+        if wanted is None:
+            wanted = self.metal_config.mlx_device == "gpu"
+        if wanted and self.decode_ahead_enabled and self.group is None:
             self.launches = self.ahead.launches = Launches(threaded=True)
 
     def describe_backend(self) -> str:

@@ -71,7 +71,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(PACKED_PROJECTIONS, "1", "each layer's query/key/value and gate/up projections packed into one "
              "matmul each at load (`1`), or kept as mlx-lm builds them (`0`)"),
     Variable(LAUNCH_THREAD, "auto", "the decode-ahead's MLX launches on a thread of their own, overlapping the "
-             "engine's host work: `auto` where MLX computes on a GPU, `1` always, `0` never"),
+             "engine's host work: `auto` on the MLX-managed path where MLX computes on a GPU, `1` always, `0` "
+             "never"),
 )
 
 _NAMES = tuple(v.name for v in VARIABLES)

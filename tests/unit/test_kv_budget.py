@@ -16,6 +16,7 @@ from tests.support.runner_stubs import paged_metal_config, stub_vllm_config
 from vmetal import envs
 from vmetal.engine.device import cache_limit_bytes
 from vmetal.engine.runner.base import ModelRunnerBase
+from vmetal.engine.runner.launches import Launches
 from vmetal.engine.runner.mlx_runner import MlxModelRunner
 from vmetal.engine.runner.paged_runner import PagedModelRunner
 
@@ -301,6 +302,7 @@ def test_the_kv_budget_leaves_room_for_the_largest_steps_activations_and_mlx_s_c
     class Runner:
         weights_bytes = 0
         kv_fraction = 0.9
+        launches = Launches(threaded=False)
 
         def profile_tokens(self) -> int:
             return 96

@@ -10,7 +10,7 @@ import threading
 import mlx.core as mx
 import pytest
 
-from vmetal.engine.runner.launches import Launches
+from vmetal.engine.runner.launches import Launches, wanted
 
 
 @pytest.fixture
@@ -102,3 +102,14 @@ def test_without_the_thread_a_launch_is_the_callers_own(monkeypatch):
     inline.settle()
     assert threads == [threading.get_ident()]
     assert y.tolist() == [5.0, 5.0]
+
+
+@pytest.mark.parametrize(("setting", "device", "by_default", "threaded"), [
+    (None, "gpu", True, True),  # auto, the MLX-managed path on a GPU
+    (None, "gpu", False, False),  # auto, the paged path: measured slower with the thread
+    (None, "cpu", True, False),  # auto on MLX's CPU backend, where a launch is the step's compute
+    (True, "cpu", False, True),  # 1: every path, every device
+    (False, "gpu", True, False),  # 0: none
+])
+def test_which_runners_launch_on_a_thread(setting, device, by_default, threaded):
+    assert wanted(setting, device, by_default) is threaded

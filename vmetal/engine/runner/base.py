@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from vmetal.engine.runner import is_pooling
+from vmetal.engine.runner import is_pooling, launches
 from vmetal.engine.runner.decode_ahead import DecodeAhead
 from vmetal.engine.runner.launches import Launches
 from vmetal.engine.runner.prompt_logprobs import PromptLogprobs
@@ -61,6 +61,8 @@ class ModelRunnerBase:
     backend = "MLX"
     # Decode-ahead needs MLX's lazy, asynchronous evaluation.
     decode_ahead_enabled = True
+    # Whether VLLM_METAL_LAUNCH_THREAD=auto gives this path a launch thread on a GPU (launches.wanted).
+    launch_thread_by_default = True
 
     def __init__(self, vllm_config: Any, device: Any, metal_config: Any, group: Any = None):
         self.vllm_config = vllm_config
@@ -160,13 +162,10 @@ class ModelRunnerBase:
         self.sampler.wait = self.step_times.wait
         self.prompt_logprobs = PromptLogprobs(self.input_batch.vocab_size)
         # A launch thread takes the decode-ahead's launches, on one worker (a tensor-parallel step's collectives
-        # run on the ring's own streams, which only the engine's thread may evaluate). `auto`: on a GPU, where a
-        # launch is the host encoding kernels; MLX's CPU backend computes inside the launch, and a thread there
-        # only has the step's build and its compute take turns on the same cores.
-        wanted = getattr(self.metal_config, "launch_thread", False)
-        if wanted is None:
-            wanted = self.metal_config.mlx_device == "gpu"
-        if wanted and self.decode_ahead_enabled and self.group is None:
+        # run on the ring's own streams, which only the engine's thread may evaluate).
+        threaded = launches.wanted(getattr(self.metal_config, "launch_thread", False), self.metal_config.mlx_device,
+                                   self.launch_thread_by_default)
+        if threaded and self.decode_ahead_enabled and self.group is None:
             self.launches = self.ahead.launches = Launches(threaded=True)
 
     def describe_backend(self) -> str:

@@ -15,7 +15,8 @@ array that no later step takes as an input (`DecodeAhead`), since reading an arr
 launch of the next step would otherwise read at the same time. A compiled function's first call traces its
 inputs' graphs, so the paged path settles before one (`compiled_decode`).
 
-`VLLM_METAL_LAUNCH_THREAD=0` launches on the engine's thread as before (`Launches(threaded=False)`).
+`VLLM_METAL_LAUNCH_THREAD` (`wanted`): `auto` gives the MLX-managed path the thread on a GPU, where it was
+measured faster; `1` gives every runner that decodes ahead one, `0` none (`Launches(threaded=False)`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ from __future__ import annotations
 import queue
 import threading
 from typing import Any
+
+
+def wanted(setting: bool | None, device: str | None, by_default: bool) -> bool:
+    """Whether a runner launches on a thread: VLLM_METAL_LAUNCH_THREAD's `setting` (None: `auto`), on MLX `device`,
+    for a runner whose `auto` takes the thread on a GPU (`by_default`). MLX's CPU backend computes inside
+    `mx.async_eval` (the launch is mostly the step's compute there, not encoding), so a thread would only have the
+    next step's build and this step's compute take turns on the same cores."""
+    if setting is not None:
+        return setting
+    return by_default and device == "gpu"
 
 
 class Launches:

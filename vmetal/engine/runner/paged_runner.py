@@ -72,6 +72,12 @@ class Pack:
 
 
 class PagedModelRunner(PagedPools, ModelRunnerBase):
+    # VLLM_METAL_LAUNCH_THREAD=auto keeps this path's launches on the engine's thread: with the thread an H100 ran
+    # a one-row step in 5.97 ms against 4.60 without it, 32 rows in 7.42 against 6.54, the compiled graph's replay
+    # taking 1.90 ms instead of 0.82 while the thread encoded (benchmarks/RESULTS-gpu.md, 2026-12-07 07:48); why
+    # is not known yet. `1` still gives it the thread (tested here).
+    launch_thread_by_default = False
+
     def __init__(self, vllm_config: Any, device: Any, metal_config: Any, group: Any = None):
         super().__init__(vllm_config, device, metal_config, group)
         self.layers: list[PagedLayerCache] = []

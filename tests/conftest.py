@@ -86,6 +86,15 @@ def _fresh_env_config():
     envs.get_config.cache_clear()
 
 
+@pytest.fixture(scope="module")
+def launch_thread_on():
+    """The decode-ahead's launches on a thread of their own (VLLM_METAL_LAUNCH_THREAD=1; `auto` gives the MLX-managed
+    path one on a GPU, none on this CPU) for a module's engines, so the tests run the path a GPU runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_METAL_LAUNCH_THREAD", "1")
+        yield
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -9,7 +9,8 @@ run one after the other on the Python thread. MLX releases the GIL in `async_eva
 build of step N+1 (and an engine's own host work). Variants, each the same model and prompt, greedy:
 
 - `serial`: `mlx_lm.generate`'s loop (build N+1, launch it, read N's token);
-- `threaded`: build N+1 while a launch thread encodes N, then read N's token and hand N+1 to the thread.
+- `threaded`: the same through the runner's launch thread (`vmetal.engine.runner.launches.Launches`): N+1 is
+  built while the thread encodes N and queued to it, then the host reads N's token.
 
 `--host-ms` adds that much Python busy work a step to both (what vLLM's scheduling and a runner add). Prints
 tok/s per variant and whether the tokens of every variant are the same.
@@ -18,10 +19,8 @@ tok/s per variant and whether the tokens of every variant are the same.
 from __future__ import annotations
 
 import argparse
-import queue
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,76 +31,36 @@ def _busy(ms: float) -> None:
         pass
 
 
-class Launcher:
-    def __init__(self):
-        import mlx.core as mx
-
-        self._mx = mx
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while True:
-            arrays, done = self._jobs.get()
-            if arrays is None:
-                return
-            self._mx.async_eval(arrays)
-            done.set()
-
-    def submit(self, arrays) -> threading.Event:
-        done = threading.Event()
-        self._jobs.put((arrays, done))
-        return done
-
-    def close(self):
-        self._jobs.put((None, None))
-        self._thread.join()
-
-
-def run(model, prompt, tokens: int, host_ms: float, threaded: bool, stream):
-    """tok/s and the greedy tokens of one generation. The graphs are built on `stream` (one a second thread may
-    evaluate); each step's token is read from an argmax of its own, which the next step does not take as an
-    input (the next step is fed a cast of it): reading an array waits on and clears its event, which the
-    launch thread's evaluation of the next step would otherwise read at the same time."""
+def run(model, prompt, tokens: int, host_ms: float, launches):
+    """tok/s and the greedy tokens of one generation, launched by `launches` (vmetal's own, threaded or not). The
+    graphs are built on its stream; each step's token is read from an argmax of its own, which the next step does
+    not take as an input (the next step is fed a cast of it), as the runner's `DecodeAhead` does."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    with mx.stream(stream):
+    with launches.stream_context():
         cache = make_prompt_cache(model)
 
     def step(y):
-        with mx.stream(stream):
+        with launches.stream_context():
             token = mx.argmax(model(y[None], cache=cache)[:, -1, :], axis=-1)
             return token.astype(mx.int32), token
 
     feed, token = step(prompt)
     mx.eval(feed, token)
     out = []
-    launcher = Launcher() if threaded else None
     t0 = time.perf_counter()
-    if threaded:
-        launched = launcher.submit([feed, token])
-        for _ in range(tokens):
-            nxt = step(feed)  # built while the thread launches the step before
-            launched.wait()
-            launched = launcher.submit(list(nxt))
-            out.append(token.item())
-            _busy(host_ms)
-            feed, token = nxt
-        launched.wait()
-    else:
-        for _ in range(tokens):
-            nxt = step(feed)
-            mx.async_eval(*nxt)
-            out.append(token.item())
-            _busy(host_ms)
-            feed, token = nxt
+    launched = launches.launch(feed, token)
+    for _ in range(tokens):
+        nxt = step(feed)  # with a launch thread: built while the thread launches the step before
+        next_launched = launches.launch(*nxt)
+        launches.settle(upto=launched)
+        out.append(token.item())
+        _busy(host_ms)
+        (feed, token), launched = nxt, next_launched
+    launches.settle()
     mx.eval(feed, token)
-    elapsed = time.perf_counter() - t0
-    if launcher:
-        launcher.close()
-    return tokens / elapsed, out
+    return tokens / (time.perf_counter() - t0), out
 
 
 def main() -> None:
@@ -109,6 +68,7 @@ def main() -> None:
     from mlx_lm import load
 
     from vmetal.bench.shapes import SHAPES, build_model
+    from vmetal.engine.runner.launches import Launches
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
@@ -122,14 +82,14 @@ def main() -> None:
     if not (model_dir / "config.json").exists():
         build_model(model_dir, args.dtype, SHAPES[args.shape])
     model, _ = load(str(model_dir))
-    stream = mx.new_thread_unsafe_stream(mx.default_device())
+    launches = {"serial": Launches(threaded=False), "threaded": Launches(threaded=True)}
     prompt = mx.array([1, 2, 3, 4, 5, 6, 7, 8], dtype=mx.int32)
     reference = None
     for host_ms in (float(h) for h in args.host_ms.split(",")):
         rates = {"serial": [], "threaded": []}
         for _ in range(args.trials):
             for variant in rates:
-                rate, toks = run(model, prompt, args.tokens, host_ms, variant == "threaded", stream)
+                rate, toks = run(model, prompt, args.tokens, host_ms, launches[variant])
                 reference = reference or toks
                 rates[variant].append(rate)
                 if toks != reference:
@@ -138,6 +98,7 @@ def main() -> None:
         ratios = [b / a for a, b in zip(rates["serial"], rates["threaded"])]
         print(f"host_ms={host_ms}: serial {s:.1f} tok/s, threaded {t:.1f} tok/s, ratio {t / s:.2f} "
               f"(per trial {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+    launches["threaded"].close()
 
 
 if __name__ == "__main__":

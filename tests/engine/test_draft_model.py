@@ -21,14 +21,7 @@ from tests.engine.test_speculative import (
     assert_seeded_sampling_reproducible,
     spec_counts,
 )
-from tests.support.engine import (
-    PROMPTS,
-    assert_greedy_like_mlx,
-    assert_joining_requests_like_mlx,
-    greedy,
-    launch_thread_on,  # noqa: F401 - a fixture
-    running_llm,
-)
+from tests.support.engine import PROMPTS, assert_greedy_like_mlx, assert_joining_requests_like_mlx, greedy, running_llm
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("launch_thread_on")]
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.engine import (  # noqa: F401 - launch_thread_on: a fixture
+from tests.support.engine import (
     LONG_PROMPT,
     PROMPTS,
     assert_greedy_like_mlx,
     assert_joining_requests_like_mlx,
     assert_step_times_split,
     greedy,
-    launch_thread_on,
     metric,
     running_llm,
 )
@@ -44,7 +43,7 @@ def test_requests_joining_mid_decode_match_mlx_lm(engine):
 
 
 def test_decode_steps_launch_on_their_own_thread(engine):
-    """With a launch thread (a GPU's default; this module's engines have one, `launch_thread_on`) the
+    """With a launch thread (the MLX-managed path's default on a GPU; this module's engines have one) the
     decode-ahead's launches run on it while the engine's thread goes on: the steps that gave mlx-lm's exact
     tokens were launched there."""
     path, llm = engine

@@ -11,11 +11,7 @@ import math
 
 import pytest
 
-from tests.support.engine import (
-    PROMPTS,
-    launch_thread_on,  # noqa: F401 - a fixture
-    prompt_logprobs_reference,
-)
+from tests.support.engine import PROMPTS, prompt_logprobs_reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("launch_thread_on")]
 

@@ -6,8 +6,6 @@ import math
 
 import pytest
 
-from tests.support.engine import launch_thread_on  # noqa: F401 - a fixture
-
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("launch_thread_on")]
 
 PROMPT = "The old teacher opens the blue door and the old teacher reads the blue book"

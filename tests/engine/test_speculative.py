@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.engine import (  # noqa: F401 - launch_thread_on: a fixture
+from tests.support.engine import (
     PROMPTS,
     assert_greedy_like_mlx,
     assert_joining_requests_like_mlx,
     greedy,
-    launch_thread_on,
     running_llm,
 )
 

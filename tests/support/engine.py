@@ -6,8 +6,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 PROMPTS = [
     "Hello world",
     "The cat reads a red book",
@@ -26,15 +24,6 @@ def greedy(max_tokens=12, **kw):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
-
-
-@pytest.fixture(scope="module")
-def launch_thread_on():
-    """What a GPU runs by default (VLLM_METAL_LAUNCH_THREAD=auto: the decode-ahead's launches on a thread of their
-    own), run here on the CPU, where `auto` keeps them on the engine's thread: a module's engines launch there."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_METAL_LAUNCH_THREAD", "1")
-        yield
 
 
 @contextmanager

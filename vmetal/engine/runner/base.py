@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from vmetal.engine.runner import is_pooling, launches
+from vmetal.engine.runner import is_pooling
 from vmetal.engine.runner.decode_ahead import DecodeAhead
-from vmetal.engine.runner.launches import Launches
+from vmetal.engine.runner.launches import Launches, wanted
 from vmetal.engine.runner.prompt_logprobs import PromptLogprobs
 from vmetal.engine.runner.sampling import MetalSampler, needs_torch_sampler
 from vmetal.engine.runner.step_times import StepTimes
@@ -163,8 +163,8 @@ class ModelRunnerBase:
         self.prompt_logprobs = PromptLogprobs(self.input_batch.vocab_size)
         # A launch thread takes the decode-ahead's launches, on one worker (a tensor-parallel step's collectives
         # run on the ring's own streams, which only the engine's thread may evaluate).
-        threaded = launches.wanted(getattr(self.metal_config, "launch_thread", False), self.metal_config.mlx_device,
-                                   self.launch_thread_by_default)
+        threaded = wanted(getattr(self.metal_config, "launch_thread", False), self.metal_config.mlx_device,
+                          self.launch_thread_by_default)
         if threaded and self.decode_ahead_enabled and self.group is None:
             self.launches = self.ahead.launches = Launches(threaded=True)
 
@@ -360,13 +360,16 @@ class ModelRunnerBase:
         for drafts not proposed yet): token 0 is fed at each, and verification rejects it there."""
         return cls._tokens(state, start, start + n - len(proposed)) + [max(t, 0) for t in proposed]
 
-    def _continues_ahead(self, so: Any) -> bool:
-        """Whether step `so` is the queued decode-ahead's, as far as its rows tell: the only kind of step whose
-        start may overlap a launch (launches.py); any other settles the launches before touching MLX."""
+    def _settle_unless_ahead(self, so: Any) -> None:
+        """At the start of step `so`: settle the launches (launches.py) unless `so` is the queued decode-ahead's
+        step, as far as its rows tell, the only kind of step whose start may overlap a launch."""
+        if not self.launches.threaded:
+            return
         pending = self.ahead.pending
-        return (pending is not None and not so.finished_req_ids and not so.scheduled_new_reqs
+        if not (pending is not None and not so.finished_req_ids and not so.scheduled_new_reqs
                 and not so.scheduled_spec_decode_tokens and so.total_num_scheduled_tokens == len(pending.order)
-                and so.num_scheduled_tokens.keys() == set(pending.order))
+                and so.num_scheduled_tokens.keys() == set(pending.order)):
+            self.launches.settle()
 
     def _next_token(self, req_id: str) -> int:
         """The token a decode step of `req_id` feeds: the one after those computed."""

@@ -265,8 +265,7 @@ class PagedModelRunner(PagedPools, ModelRunnerBase):
     def execute_model(self, so: Any) -> Any:
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
-        if not self._continues_ahead(so):
-            self.launches.settle()
+        self._settle_unless_ahead(so)
         self._update_states(so)
         self._pending = None
         if so.total_num_scheduled_tokens == 0:

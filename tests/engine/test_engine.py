@@ -53,6 +53,24 @@ def test_decode_steps_launch_on_their_own_thread(engine):
     assert llm.collective_rpc("step_counts")[0]["thread_launches"] - before >= 14
 
 
+def test_a_finished_batch_empties_mlx_buffer_cache(engine):
+    """MLX's cache of freed buffers is emptied once a batch is over (the runner's `_shrink_cache`: a lone stream
+    ran a third slower beside a 32-row batch's buffers), once a batch, never for lone requests, and the streams
+    after it still decode mlx-lm's tokens."""
+    path, llm = engine
+
+    def cleared() -> int:
+        return llm.collective_rpc("step_counts")[0].get("cache_cleared", 0)
+
+    llm.generate([PROMPTS[0]], greedy(4), use_tqdm=False)  # delivers an earlier test's finished requests
+    before = cleared()
+    assert_greedy_like_mlx(path, llm.generate(PROMPTS[:4], greedy(8), use_tqdm=False), 8)
+    assert_greedy_like_mlx(path, llm.generate([PROMPTS[5]], greedy(8), use_tqdm=False), 8)
+    assert cleared() == before + 1  # the batch's end reaches the runner with the next request
+    assert_greedy_like_mlx(path, llm.generate([PROMPTS[6]], greedy(8), use_tqdm=False), 8)
+    assert cleared() == before + 1
+
+
 def test_launches_on_the_engines_thread_give_the_same_tokens(qwen3_model, monkeypatch):
     """VLLM_METAL_LAUNCH_THREAD=0 (and `auto` on this CPU): the engine launches on its own thread, and the tokens
     are the same."""

@@ -31,6 +31,13 @@ using std::tanh;
 // Metal's full-precision variants of its math functions.
 namespace precise {
 using std::tanh;
+template <typename U>
+U rsqrt(U x) { return U(1) / std::sqrt(x); }
+}
+// Metal's fast-math variants (mlx's rope uses them).
+namespace fast {
+using std::cos;
+using std::sin;
 }
 
 template <typename U>

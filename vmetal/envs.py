@@ -63,7 +63,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(PREFIX_CACHE, None, "set to enable prefix caching for shared prompt reuse"),
     Variable(PREFIX_CACHE_FRACTION, "0.05", "fraction of the MLX working set for the prefix cache, in (0, 1]"),
     Variable(KERNELS, "auto", "paged attention through the Metal kernels: `auto` where MLX computes on Metal, "
-             "`1` always (an error elsewhere), `0` never (the pure-MLX reference)"),
+             "`1` always (an error elsewhere), `0` never (the pure-MLX reference); `0` also keeps each "
+             "attention layer's query/key norms and RoPE as mlx-lm's ops instead of one kernel (Metal's or "
+             "CUDA's)"),
     Variable(RING_PORT, None, "first TCP port of MLX's ring under tensor parallel: the ranks on a machine "
              "listen on it and the ports after it (unset: a free port each, picked at start)"),
     Variable(COMPILE, "1", "the paged path's all-decode steps as compiled MLX functions, one per batch and "

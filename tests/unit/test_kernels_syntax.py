@@ -23,8 +23,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx import nn
 
 from tests.support import REPO
+from vmetal.engine import fused_qk
 from vmetal.engine.runner.attention import metal as kernels
 from vmetal.engine.runner.attention import reference as ref
 
@@ -160,7 +162,9 @@ def launches(dtype=mx.float32, rng=None, window=None, sinks=False, softcap=None,
     keys = mx.array(rng.standard_normal((t, *k_pool.shape[2:])).astype(np.float32)).astype(dtype)
     values = mx.array(rng.standard_normal((t, *k_pool.shape[2:])).astype(np.float32)).astype(dtype)
     slots = [5, -1, 17, 100, -1, 0]
+    attn, qkv, offset = qk_case(dtype, rng)
     return {
+        "qk_rope": (fused_qk.plan(attn, qkv, offset), lambda: list(fused_qk.reference(attn, qkv, offset))),
         "paged_attention": (kernels.plan_paged_attention(q, k_pool, v_pool, tables, ctx, qlens, scale, **variant),
                             lambda: [ref.paged_attention(q, k_pool, v_pool, tables, ctx, qlens, scale, **variant)]),
         "reshape_and_cache": (kernels.plan_reshape_and_cache(keys, values, k_pool, v_pool, slots),
@@ -170,9 +174,44 @@ def launches(dtype=mx.float32, rng=None, window=None, sinks=False, softcap=None,
     }
 
 
+# The query/key norm and RoPE kernel's cases (vmetal.engine.fused_qk): Qwen3's (norms, mlx's RoPE), Llama's
+# (no norms), traditional pairs, one row of a prompt at one offset and rows at offsets of their own.
+QK_VARIANTS = {"qwen3": {}, "llama": {"norm": False}, "traditional": {"traditional": True},
+               "per-row": {"rows": 3, "length": 1}}
+
+
+def qk_case(dtype=mx.float32, rng=None, norm=True, traditional=False, rows=1, length=5):
+    """A fused attention layer of small random weights (a Qwen3 or Llama attention, packed and fused), a packed
+    projection's output for it, and the offsets it rotates at."""
+    from mlx_lm.models import llama, qwen3
+
+    from vmetal.engine import fused_qk, packed_projections
+
+    rng = np.random.default_rng() if rng is None else rng
+    family = qwen3 if norm else llama
+    fields = dict(model_type="qwen3", hidden_size=48, num_hidden_layers=1, intermediate_size=64,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=32, head_dim=40,
+                  tie_word_embeddings=True, max_position_embeddings=512, rope_theta=10000.0)
+    if not norm:
+        fields = {**fields, "model_type": "llama"}
+    args = family.ModelArgs(**{k: v for k, v in fields.items() if k in family.ModelArgs.__dataclass_fields__})
+    attn = family.Attention(args)
+    if norm:
+        for n in (attn.q_norm, attn.k_norm):
+            n.weight = mx.array(rng.uniform(0.5, 1.5, 40).astype(np.float32))
+    if traditional:
+        attn.rope = nn.RoPE(40, traditional=True, base=10000.0)
+    attn.set_dtype(dtype)
+    packed_projections.pack(attn)
+    assert fused_qk.install(attn) == 1
+    offset = mx.array([7, 0, 19][:rows], dtype=mx.int32) if rows > 1 else 11
+    qkv = mx.array(rng.standard_normal((rows, length, 8 * 40)).astype(np.float32)).astype(dtype)
+    return attn, qkv, offset
+
+
 # ---------------------------------------------------------------------------------- the tests
 def test_every_kernel_has_a_source_that_uses_its_names():
-    assert set(kernels.KERNELS) == set(kernels.AUTOMATIC)
+    assert set(kernels.KERNELS) == set(kernels.AUTOMATIC) | {"qk_rope"}  # qk_rope: fused_qk chooses it
     readme = (kernels.kernels_dir() / "README.md").read_text()
     for name, spec in kernels.KERNELS.items():
         body = kernels.kernel_source(name)
@@ -365,3 +404,22 @@ def test_each_variant_changes_the_attention():
     for variant in ("window", "sinks", "softcap"):
         changed = launches(rng=np.random.default_rng(rng_seed), **VARIANTS[variant])["paged_attention"][1]()[0]
         assert np.abs(np.asarray(changed) - np.asarray(plain)).max() > 1e-2, variant
+
+
+@needs_compiler
+@pytest.mark.parametrize("variant", sorted(QK_VARIANTS))
+def test_qk_rope_variants_run_like_reference_on_cpu_emulation(variant, tmp_path):
+    """The query/key norm and RoPE kernel, for each family and layout the fused attention serves, equals mlx-lm's
+    own norms and RoPE (`fused_qk.reference`)."""
+    attn, qkv, offset = qk_case(rng=np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32)),
+                                **QK_VARIANTS[variant])
+    launch = fused_qk.plan(attn, qkv, offset)
+    mx.eval(launch.inputs)
+    result = compile_cpp(emulation("qk_rope", launch, tmp_path), tmp_path, syntax_only=False, name="qk_rope")
+    assert result.returncode == 0, result.stderr
+    run = subprocess.run([str(tmp_path / "qk_rope")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    for out_name, expected in zip(("q_out", "k_out"), fused_qk.reference(attn, qkv, offset)):
+        got = np.fromfile(tmp_path / f"{out_name}.bin", dtype=np.float32).reshape(expected.shape)
+        want = np.asarray(expected)
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-5, (variant, out_name)

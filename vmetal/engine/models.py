@@ -137,7 +137,7 @@ class LoadedModel:
 
 
 def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: Any = None,
-         stages: Any = None, pooling: bool = False, packed: bool = True) -> LoadedModel:
+         stages: Any = None, pooling: bool = False, packed: bool = True, kernels: bool | None = None) -> LoadedModel:
     """Load `model` with mlx-lm, refused (UnsupportedModelError) unless `kv_path` holds every cache it makes.
 
     With an MLX distributed `group` (tensor parallel, `vmetal.engine.distributed`) the model is split across it
@@ -145,7 +145,9 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
     recorded (heads, KV heads) are then this rank's. With `stages` (pipeline parallel, the ring of its stages)
     this rank keeps only its stage's layers (`vmetal.engine.pipeline`), and the layer counts are its own.
     `pooling`: an embedding checkpoint, whose weights may be the inner model's alone (`_embedding_classes`).
-    `packed`: each layer's projections of one input packed into one matmul (`packed_projections`)."""
+    `packed`: each layer's projections of one input packed into one matmul (`packed_projections`), and then
+    the attention layers whose queries and keys one kernel norms and rotates given it (`fused_qk`; `kernels`:
+    `VLLM_METAL_KERNELS`, None for `auto`)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model  # mlx-lm itself, before `cache_types.probe` would stand in a bare package
@@ -176,6 +178,9 @@ def load(model: str, revision: str | None = None, kv_path: str = "mlx", group: A
         from vmetal.engine import packed_projections
 
         packed_projections.pack(mlx_model)
+        from vmetal.engine import fused_qk
+
+        fused_qk.install(mlx_model, kernels, kernel=kv_path != "paged")
     # Shapes as the model really makes them, whatever its config calls them (MLA's keys are wider than its
     # values; families name their head counts differently). A pipeline stage probes its own layers alone.
     probe = _probe(mlx_model)

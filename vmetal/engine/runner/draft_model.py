@@ -85,7 +85,7 @@ class DraftModelDrafter:
         self.max_model_len = vllm_config.model_config.max_model_len
         before = mx.get_active_memory()
         self.loaded = models.load(spec.model, revision=getattr(spec, "revision", None),
-                                  packed=envs.get_config().packed_projections)
+                                  packed=envs.get_config().packed_projections, kernels=envs.get_config().kernels)
         self.weights_bytes = mx.get_active_memory() - before
         check_draft(target_config, self.loaded.config, str(self.loaded.path / "config.json"), spec.model,
                     self.loaded.state)

@@ -1,4 +1,5 @@
-"""Metal kernels for the paged KV path, loaded from `kernels/*.metal` with `mx.fast.metal_kernel`.
+"""Metal kernels for the paged KV path, loaded from `kernels/*.metal` with `mx.fast.metal_kernel` (and the
+registry of every kernel body there: `qk_rope`, any path's attention layers, is `vmetal.engine.fused_qk`'s).
 
 The functions here have the signatures of `vmetal.engine.runner.attention.reference` (the pure-MLX reference)
 plus `use_kernel`: the Metal kernel when True, the reference when False. Whether kernels run is decided once
@@ -53,6 +54,9 @@ KERNELS: dict[str, KernelSpec] = {
     "reshape_and_cache": KernelSpec(
         "reshape_and_cache", ("keys", "values", "k_pool", "v_pool", "slot_token"), ("k_out", "v_out")),
     "copy_blocks": KernelSpec("copy_blocks", ("k_pool", "v_pool", "block_src"), ("k_out", "v_out")),
+    # Not a paged op: an attention layer's query/key norms and RoPE (vmetal.engine.fused_qk, which chooses it).
+    "qk_rope": KernelSpec("qk_rope", ("qkv", "q_weight", "k_weight", "inv_freq", "params", "offset"),
+                          ("q_out", "k_out")),
 }
 
 # Which ops run their kernel when kernels are on (see the module docstring for why).

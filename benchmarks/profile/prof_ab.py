@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
-from pathlib import Path
+
+from model_args import add_model_args, model_dir
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -27,31 +27,27 @@ def _setting(text: str) -> tuple[str, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="qwen3-0.6b")
-    ap.add_argument("--dtype", default="bfloat16")
+    add_model_args(ap, "qwen3-0.6b")
     ap.add_argument("--a", type=_setting, action="append", default=[], help="engine A's variables (default none)")
     ap.add_argument("--b", type=_setting, action="append", default=[], help="engine B's variables")
     ap.add_argument("--trials", type=int, default=9)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--model-dir", type=Path, default=None)
     args = ap.parse_args()
 
     from vmetal.bench.inprocess import engine_run, make_prompts, mlx_single, prepare_environ
-    from vmetal.bench.shapes import SHAPES, build_model
 
     prepare_environ()
-    model_dir = build_model(args.model_dir or Path(tempfile.mkdtemp(prefix="prof-ab-")), args.dtype,
-                            SHAPES[args.shape])
+    checkpoint = model_dir(args, "prof-ab-")
     from mlx_lm import load
     from vllm import LLM
 
-    model, tokenizer = load(str(model_dir))
+    model, tokenizer = load(str(checkpoint))
     prompt = make_prompts(tokenizer, 1, 16)
     engines = {}
     for name, settings in (("A", args.a), ("B", args.b)):
         saved = {k: os.environ.get(k) for k, _ in settings}
         os.environ.update(dict(settings))  # the EngineCore process is spawned with them
-        engines[name] = LLM(model=str(model_dir), max_model_len=args.max_tokens + 32, max_num_seqs=8, seed=0)
+        engines[name] = LLM(model=str(checkpoint), max_model_len=args.max_tokens + 32, max_num_seqs=8, seed=0)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -13,28 +13,24 @@ Prints one line per run: tok/s and the step's phases in ms.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
+
+from model_args import add_model_args, model_dir
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="deep-tiny")
-    ap.add_argument("--dtype", default="bfloat16")
+    add_model_args(ap, "deep-tiny")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--model-dir", type=Path, default=None)
     args = ap.parse_args()
 
     from vmetal.bench.inprocess import engine_run, make_prompts, prepare_environ
-    from vmetal.bench.shapes import SHAPES, build_model
 
     prepare_environ()
-    model_dir = build_model(args.model_dir or Path(tempfile.mkdtemp(prefix="prof-after-batch-")), args.dtype,
-                            SHAPES[args.shape])
+    checkpoint = model_dir(args, "prof-after-batch-")
     from vllm import LLM
 
-    llm = LLM(model=str(model_dir), max_model_len=args.tokens + 32, max_num_seqs=args.rows, seed=0)
+    llm = LLM(model=str(checkpoint), max_model_len=args.tokens + 32, max_num_seqs=args.rows, seed=0)
     tokenizer = llm.get_tokenizer()
     one, many = make_prompts(tokenizer, 1, 16), make_prompts(tokenizer, args.rows, 16)
     engine_run(llm, one, 16)

@@ -23,7 +23,8 @@ import argparse
 import statistics
 import tempfile
 import time
-from pathlib import Path
+
+from model_args import add_model_args, model_dir
 
 ADD_NORM_SOURCE = """
     // grid (256, rows, 1): one block of 256 threads per row of N.
@@ -156,26 +157,22 @@ def main() -> None:
     import mlx.core as mx
     from mlx_lm import load
 
-    from vmetal.bench.shapes import SHAPES, build_model
     from vmetal.engine import fused_qk
     from vmetal.engine.packed_projections import pack
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    ap.add_argument("--dtype", default="bfloat16")
+    add_model_args(ap, "qwen3-0.6b")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--trials", type=int, default=5)
-    ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--reference", action="store_true", help="the fused ops' pure-MLX references even on CUDA")
     args = ap.parse_args()
-    model_dir = build_model(args.model_dir or Path(tempfile.mkdtemp(prefix="prof-fuse-")), args.dtype,
-                            SHAPES[args.shape])
+    checkpoint = str(model_dir(args, "prof-fuse-"))
     cuda = mx.default_device() == mx.gpu and mx.cuda.is_available() and not args.reference
     add_norm = AddNorm(cuda)
-    plain, _ = load(str(model_dir))
-    packed, _ = load(str(model_dir))
+    plain, _ = load(checkpoint)
+    packed, _ = load(checkpoint)
     pack(packed)
-    fused, _ = load(str(model_dir))
+    fused, _ = load(checkpoint)
     pack(fused)
     fused_qk.install(fused, None if cuda else False)
     prompt = mx.array([1, 2, 3, 4, 5, 6, 7, 8], dtype=mx.int32)

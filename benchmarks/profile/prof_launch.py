@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
+
+from model_args import add_model_args, model_dir
 
 
 def _busy(ms: float) -> None:
@@ -67,21 +67,15 @@ def main() -> None:
     import mlx.core as mx
     from mlx_lm import load
 
-    from vmetal.bench.shapes import SHAPES, build_model
     from vmetal.engine.runner.launches import Launches
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
-    ap.add_argument("--dtype", default="bfloat16")
+    add_model_args(ap, "qwen3-0.6b")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--host-ms", default="0,0.3,0.8")
-    ap.add_argument("--model-dir", type=Path, default=None)
     args = ap.parse_args()
-    model_dir = args.model_dir or Path(tempfile.mkdtemp(prefix="prof-launch-"))
-    if not (model_dir / "config.json").exists():
-        build_model(model_dir, args.dtype, SHAPES[args.shape])
-    model, _ = load(str(model_dir))
+    model, _ = load(str(model_dir(args, "prof-launch-")))
     launches = {"serial": Launches(threaded=False), "threaded": Launches(threaded=True)}
     prompt = mx.array([1, 2, 3, 4, 5, 6, 7, 8], dtype=mx.int32)
     reference = None

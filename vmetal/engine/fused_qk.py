@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,7 @@ def plan(attn: Any, qkv: mx.array, offset: Any) -> Launch:
     if fused.norm:
         q_weight, k_weight, eps = attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps
     else:  # MLX kernels have fixed inputs: one element each that the kernel never reads
-        q_weight = k_weight = mx.zeros((1,), dtype=qkv.dtype)
+        q_weight = k_weight = _unread(qkv.dtype)
         eps = 0.0
     per_row = isinstance(offset, mx.array) and offset.size > 1
     offsets = offset.astype(mx.int32).reshape(-1) if isinstance(offset, mx.array) else _offset_array(int(offset))
@@ -115,6 +116,11 @@ def plan(attn: Any, qkv: mx.array, offset: Any) -> Launch:
 def _offset_array(offset: int) -> mx.array:
     # Every layer of a one-row step rotates at the same position: one small array a step, not one a layer.
     return mx.array([offset], dtype=mx.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _unread(dtype: mx.Dtype) -> mx.array:
+    return mx.zeros((1,), dtype=dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -145,8 +151,6 @@ def _kernel(backend: str) -> Any:
 
 def _call(self: Any, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
     """mlx-lm's attention `__call__` (Qwen3's; Llama's without the norms), its norms and RoPE one call."""
-    import sys
-
     B, L, _ = x.shape
     qkv = self["qkv_proj"](x)
     queries, keys = queries_and_keys(self, qkv, 0 if cache is None else cache.offset)

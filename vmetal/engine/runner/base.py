@@ -282,9 +282,9 @@ class ModelRunnerBase:
 
     def _shrink_cache(self) -> None:
         """Empty MLX's buffer cache once a batch is over (one request or none left of several). The cache keeps
-        the freed buffers of the batch's widest steps, and a lone stream's steps then ran slower while it held
-        them: on this CPU 60.7 -> 40.4 tok/s after a 32-row batch, its graph build 2.7 -> 5.4 ms and its compute
-        12.6 -> 17.4 ms a step, and back to 60 with the cache emptied (deep-tiny, benchmarks/RESULTS.md). The
+        the freed buffers of the batch's widest steps, and a lone stream's steps ran slower while it held them:
+        on this CPU at 0.57-0.83 of its speed before a 32-row batch, graph build and compute both longer, and at
+        its old speed with the cache emptied (benchmarks/profile/prof_after_batch.py, benchmarks/RESULTS.md). The
         next batch allocates its buffers again, a cost of its first steps. Runs after the step's settle: a
         finished request is never the decode-ahead's step (`_settle_unless_ahead`)."""
         import mlx.core as mx

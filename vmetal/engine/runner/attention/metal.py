@@ -1,5 +1,5 @@
 """Metal kernels for the paged KV path, loaded from `kernels/*.metal` with `mx.fast.metal_kernel` (and the
-registry of every kernel body there: `qk_rope`, any path's attention layers, is `vmetal.engine.fused_qk`'s).
+registry of every kernel body there: `qk_rope`, an attention layer's norms and RoPE, is `vmetal.engine.fused_qk`'s).
 
 The functions here have the signatures of `vmetal.engine.runner.attention.reference` (the pure-MLX reference)
 plus `use_kernel`: the Metal kernel when True, the reference when False. Whether kernels run is decided once

@@ -29,7 +29,15 @@ from typing import Any
 import mlx.core as mx
 from mlx import nn
 
-from vmetal.engine.runner.attention.metal import KERNELS, Launch, kernel_source, kernels_dir
+from vmetal.engine.runner.attention.metal import (
+    KERNELS,
+    SELF_CHECK_TOLERANCE,
+    Launch,
+    kernel_source,
+    kernels_dir,
+    metal_available,
+    relative_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +45,6 @@ logger = logging.getLogger(__name__)
 FAMILIES = {"mlx_lm.models.qwen3.Attention": True, "mlx_lm.models.qwen3_moe.Attention": True,
             "mlx_lm.models.llama.Attention": False}
 SIMD_WIDTH = 32
-SELF_CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 1e-2, mx.bfloat16: 3e-2}
 
 
 @dataclass
@@ -67,9 +74,10 @@ def rotation_of(rope: Any, head_dim: int) -> Rotation | None:
 
 @dataclass
 class Fused:
-    """What a fused attention layer keeps beside mlx-lm's modules: its rotation, norms or not, and which kernel
-    (shared by every layer of the model: `choice`)."""
+    """What a fused attention layer keeps beside mlx-lm's modules: its head width, its rotation, norms or not,
+    and which kernel (shared by every layer of the model: `choice`)."""
 
+    head_dim: int
     rotation: Rotation
     norm: bool
     choice: dict[str, str | None]  # {"backend": "metal" | "cuda" | None}
@@ -78,8 +86,7 @@ class Fused:
 def reference(attn: Any, qkv: mx.array, offset: Any) -> tuple[mx.array, mx.array]:
     """mlx-lm's own queries and keys, from the packed projection's columns: [B, L, H*D] -> [B, H, L, D] each."""
     B, L, _ = qkv.shape
-    nq, nk = attn.n_heads, attn.n_kv_heads
-    d = qkv.shape[-1] // (nq + 2 * nk)
+    nq, nk, d = attn.n_heads, attn.n_kv_heads, attn._vmetal_fused.head_dim
     queries = qkv[..., :nq * d].reshape(B, L, nq, d)
     keys = qkv[..., nq * d:(nq + nk) * d].reshape(B, L, nk, d)
     if attn._vmetal_fused.norm:
@@ -92,8 +99,7 @@ def plan(attn: Any, qkv: mx.array, offset: Any) -> Launch:
     """The kernel's launch for `reference`'s arguments."""
     fused = attn._vmetal_fused
     B, L, _ = qkv.shape
-    nq, nk = attn.n_heads, attn.n_kv_heads
-    d = qkv.shape[-1] // (nq + 2 * nk)
+    nq, nk, d = attn.n_heads, attn.n_kv_heads, fused.head_dim
     if fused.norm:
         q_weight, k_weight, eps = attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps
     else:  # MLX kernels have fixed inputs: one element each that the kernel never reads
@@ -154,7 +160,7 @@ def _call(self: Any, x: mx.array, mask: Any = None, cache: Any = None) -> mx.arr
     B, L, _ = x.shape
     qkv = self["qkv_proj"](x)
     queries, keys = queries_and_keys(self, qkv, 0 if cache is None else cache.offset)
-    start = (self.n_heads + self.n_kv_heads) * queries.shape[-1]
+    start = (self.n_heads + self.n_kv_heads) * self._vmetal_fused.head_dim
     values = qkv[..., start:].reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
@@ -175,8 +181,6 @@ def backend(setting: bool | None) -> str | None:
     where MLX computes on Metal, CUDA's where it computes on CUDA, none on a CPU."""
     if setting is False or mx.default_device().type != mx.DeviceType.gpu:
         return None
-    from vmetal.engine.runner.attention.metal import metal_available
-
     if metal_available():
         return "metal"
     cuda = getattr(mx, "cuda", None)  # MLX builds without a CUDA module
@@ -200,7 +204,7 @@ def install(model: Any, setting: bool | None = None, kernel: bool = True) -> int
         rotation = rotation_of(module.rope, head_dim)
         if rotation is None:
             continue
-        object.__setattr__(module, "_vmetal_fused", Fused(rotation, norm, choice))
+        object.__setattr__(module, "_vmetal_fused", Fused(head_dim, rotation, norm, choice))
         module.__class__ = _fused_class(type(module))
         fused.append(module)
     if fused:
@@ -237,7 +241,6 @@ def self_check(attn: Any, seed: int = 0) -> float:
         got = queries_and_keys(attn, qkv, offset)
         want = reference(attn, qkv, offset)
         for g, w in zip(got, want):
-            g, w = g.astype(mx.float32), w.astype(mx.float32)
-            err = (mx.abs(g - w).max() / mx.maximum(mx.abs(w).max(), 1e-30)).item()
-            worst = max(worst, err if err == err else math.inf)  # NaN fails
+            err = relative_error(g, w)
+            worst = max(worst, err if err == err else math.inf)  # NaN fails (max would drop it)
     return worst

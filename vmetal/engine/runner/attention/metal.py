@@ -148,14 +148,18 @@ def self_check(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
     sink_logits = mx.array(rng.standard_normal(num_heads).astype(np.float32)) if sinks else None
     args = (queries, k_pool, v_pool, mx.array(tables), ctx_lens, q_lens, head_dim ** -0.5, window, sink_logits,
             softcap)
-    got = paged_attention(*args, use_kernel=True).astype(mx.float32)
-    want = reference.paged_attention(*args).astype(mx.float32)
-    error = (mx.abs(got - want).max() / mx.maximum(mx.abs(want).max(), 1e-30)).item()
+    error = relative_error(paged_attention(*args, use_kernel=True), reference.paged_attention(*args))
     features = {f"values {value_dim} wide": value_dim not in (None, head_dim), f"window {window}": window is not None,
                 "sinks": sinks, f"softcap {softcap}": softcap is not None}
     return SelfCheck(float(error), SELF_CHECK_TOLERANCE.get(dtype, 3e-2),
                      f"{num_heads} query / {num_kv_heads} KV heads x {head_dim}, block size {block_size}, {dtype}"
                      + "".join(f", {f}" for f, used in features.items() if used))
+
+
+def relative_error(got: mx.array, want: mx.array) -> float:
+    """max |got - want| / max |want|, in float32 (NaN when the kernel wrote one: a check then fails)."""
+    got, want = got.astype(mx.float32), want.astype(mx.float32)
+    return float((mx.abs(got - want).max() / mx.maximum(mx.abs(want).max(), 1e-30)).item())
 
 
 # ------------------------------------------------------------------------------------------- loading

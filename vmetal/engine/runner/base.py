@@ -138,7 +138,7 @@ class ModelRunnerBase:
             return NgramDrafter(self.vllm_config)
         from vmetal.engine.runner.draft_model import DraftModelDrafter
 
-        drafter = DraftModelDrafter(self.vllm_config, self.loaded.config, self.step_times)
+        drafter = DraftModelDrafter(self.vllm_config, self.loaded.config, self.step_times, self.launches)
         self.weights_bytes += drafter.weights_bytes
         return drafter
 

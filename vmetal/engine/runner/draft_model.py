@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmetal.engine.runner.launches import Launches
 from vmetal.engine.runner.step_times import StepTimes
 
 
@@ -73,7 +74,8 @@ class DraftModelDrafter:
 
     queue_ahead = False  # the runner does not queue the drafts' and their verify forwards early (module doc)
 
-    def __init__(self, vllm_config: Any, target_config: dict[str, Any], times: StepTimes | None = None):
+    def __init__(self, vllm_config: Any, target_config: dict[str, Any], times: StepTimes | None = None,
+                 launches: Launches | None = None):
         import mlx.core as mx
 
         from vmetal import envs
@@ -97,6 +99,9 @@ class DraftModelDrafter:
         # The runner's step timer: the draft's forwards are part of a speculating step's graph build, launch
         # and wait (bench_draft.py and prof_draft.py read them).
         self.times = times or StepTimes()
+        # The runner's launches (launches.py): with a launch thread, each draft forward is encoded there while
+        # the engine's thread builds the next.
+        self.launches = launches or Launches(threaded=False)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -129,7 +134,7 @@ class DraftModelDrafter:
         if flat is not None:
             # Queued on its own: reading it must not wait for the verify forward queued after it.
             with self.times.launch():
-                mx.async_eval(flat)
+                self.launches.launch(flat)
         self.queued = (req_ids, rows, flat)
         return {req_id: drafts for req_id, _, drafts in rows}
 
@@ -144,6 +149,7 @@ class DraftModelDrafter:
             return None
         (req_ids, rows, flat), self.queued = self.queued, None
         with self.times.wait():
+            self.launches.settle()  # no launch may be encoding while the host reads (launches.py)
             values = flat.tolist() if flat is not None else []  # the one wait for the drafts
         drafts: dict[str, list[int]] = dict.fromkeys(req_ids, [])
         at = 0
@@ -175,7 +181,7 @@ class DraftModelDrafter:
         for _ in range(k - 1):
             # Each forward starts on the device while the next is built, as mlx-lm's draft loop does.
             with self.times.launch():
-                mx.async_eval(out[-1])
+                self.launches.launch(out[-1])
             with self.times.build():
                 logits = mlx_cache.prefill(self.model, cache, out[-1][None], head_on_rows=self.loaded.head_on_rows)
                 out.append(mx.argmax(logits, axis=-1).astype(mx.int32))

@@ -298,7 +298,7 @@ class MlxModelRunner(ModelRunnerBase):
                 logits = mlx_cache.prefill(self.model, cache, fed, head_on_rows=self.loaded.head_on_rows,
                                            last=fed.shape[0])
             with self.step_times.launch():
-                mx.async_eval(logits)
+                self.launches.launch(logits)
             self.cache_len[req_id] = start + fed.shape[0]
             self.verify_ahead[req_id] = VerifyAhead(start, state.output_token_ids[-1], drafts, logits)
 

@@ -5,7 +5,9 @@ walks it and encodes every kernel (about as long again: 2.1 ms of a 3.3 ms `mlx_
 28-layer model on an H100), then vLLM schedules and handles outputs. One after the other on one thread, those
 make the step. MLX releases the GIL while it evaluates, and a stream made by `mx.new_thread_unsafe_stream`
 may be evaluated from any thread, so the decode-ahead's launch runs here on a second thread while the engine's
-thread reads the previous step's tokens, goes back to vLLM and builds the step after.
+thread reads the previous step's tokens, goes back to vLLM and builds the step after. A draft model's forwards
+(draft_model.py) and a verify forward queued ahead go the same way: the thread encodes one while the engine's
+thread builds the next.
 
 What keeps that safe (MLX puts no lock around such a stream): one thread encodes at a time (the engine's
 thread calls `settle` before any evaluation of its own, and a `launch` waits for the one before it);

@@ -2,50 +2,59 @@
 without speculation, and the runner's own step timer (`MetalWorker.step_times`: graph build, launch, wait,
 vLLM's share) for each.
 
-    python benchmarks/profile/prof_draft.py [SHAPE] [DRAFT_LAYERS | ngram]
+    python benchmarks/profile/prof_draft.py [SHAPE] [DRAFT_LAYERS | ngram] [TRIALS]
 
 SHAPE is a `vmetal.bench.shapes` name (default qwen3-0.6b, bfloat16; `deep-tiny` or `copy-tiny` on the CPU
 host). The drafts come from the checkpoint's first DRAFT_LAYERS layers (default 4), or with `ngram` from vLLM's
-n-gram lookup (meant for a copying shape, `qwen3-0.6b-copying`, whose drafts are kept). 96 greedy tokens of
-one code prompt, after a warm-up request. Prints one JSON object per engine: output tok/s and the step summary
-by kind (`decode`: plain decode rows; `mixed`: steps that verified drafts) and rows. Three engines: plain, the
+n-gram lookup (meant for a copying shape, `qwen3-0.6b-copying`, whose drafts are kept). Three engines, alive at
+once in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process can reach their drafters): plain, the
 drafter as served, and the drafter the other way about queuing ahead (the drafts' and their verify forward
 queued at the end of the step before, `decode_ahead.VerifyAhead`: off as served for a draft model, on for
-n-gram; the drafter's `queue_ahead`, which this process can switch because the engine runs in it:
-VLLM_ENABLE_V1_MULTIPROCESSING=0 for all three, so they compare like with like).
+n-gram; the drafter's `queue_ahead`). Each trial (default 5) runs 96 greedy tokens of one code prompt on each
+engine in turn, the order rotating, after a warm-up request each: a lent GPU's speed drifts by tens of percent
+between minutes, and engines stepped in turn see the same drift, so the per-trial ratios tell a few percent
+apart where separate runs cannot (as prof_ab.py does for two settings). Prints one JSON object per engine
+(output tok/s per trial and their median; the step summary by kind over all its trials' steps: `decode` plain
+decode rows, `mixed` steps that verified drafts), then one with the medians of the per-trial ratios.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n" * 3
 
-def run(model: Path, spec: dict | None, drafter: type | None = None, ahead: bool = False) -> dict:
+
+def _set_queue_ahead(worker, ahead: bool) -> None:
+    # Set on this engine's drafter alone: the engines share the drafter classes.
+    getattr(worker, "worker", worker).model_runner.drafter.queue_ahead = ahead
+
+
+def start(model: Path, spec: dict | None, ahead: bool | None) -> object:
     from vllm import LLM, SamplingParams
 
-    if drafter is not None:
-        drafter.queue_ahead = ahead
     llm = LLM(model=str(model), max_model_len=1024, max_num_seqs=4, seed=0,
               **({"speculative_config": spec} if spec else {}))
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
-        prompt = "def fibonacci(n):\n    if n < 2:\n        return n\n" * 3
-        llm.generate([prompt], params, use_tqdm=False)  # warm-up
-        llm.collective_rpc("step_times", kwargs={"clear": True})
-        start = time.perf_counter()
-        out = llm.generate([prompt], params, use_tqdm=False)[0]
-        elapsed = time.perf_counter() - start
-        name = "plain" if spec is None else f"{spec.get('method', 'draft')}{', queued ahead' if ahead else ''}"
-        return {"engine": name, "tok_s": round(len(out.outputs[0].token_ids) / elapsed, 1),
-                "steps": llm.collective_rpc("step_times")[0], "counts": llm.collective_rpc("step_counts")[0],
-                "tokens": list(out.outputs[0].token_ids)}
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    if ahead is not None:
+        llm.collective_rpc(_set_queue_ahead, args=(ahead,))
+    llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True), use_tqdm=False)
+    llm.collective_rpc("step_times", kwargs={"clear": True})  # the steps of the trials alone
+    return llm
+
+
+def trial(llm) -> tuple[float, list[int]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    began = time.perf_counter()
+    out = llm.generate([PROMPT], params, use_tqdm=False)[0]
+    return len(out.outputs[0].token_ids) / (time.perf_counter() - began), list(out.outputs[0].token_ids)
 
 
 def main() -> None:
@@ -53,29 +62,51 @@ def main() -> None:
     from vmetal.bench.shapes import SHAPES, build_model, first_layers
 
     prepare_environ()
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process: `run` switches its drafter
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engines in this process: `start` reaches the drafters
     from vmetal.engine.runner.draft_model import DraftModelDrafter
     from vmetal.engine.runner.speculative import NgramDrafter
     from vmetal.preflight.features import ngram_config
 
     shape_name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-0.6b"
     drafts = sys.argv[2] if len(sys.argv) > 2 else "4"
+    trials = int(sys.argv[3]) if len(sys.argv) > 3 else 5
     dtype = "bfloat16" if shape_name.startswith("qwen3-0.6b") else "float32"
     root = Path(tempfile.gettempdir()) / "vmetal-prof-draft"
     model = build_model(root / f"{shape_name}-{dtype}", dtype, SHAPES[shape_name])
     if drafts == "ngram":
-        spec, drafter = ngram_config(), NgramDrafter
+        spec, served = ngram_config(), NgramDrafter.queue_ahead
     else:
         draft = first_layers(model, root / f"{shape_name}-{dtype}-first{drafts}", int(drafts))
-        spec, drafter = {"model": str(draft), "num_speculative_tokens": 3}, DraftModelDrafter
-    served = drafter.queue_ahead
-    plain = None
-    for s, ahead in ((None, False), (spec, served), (spec, not served)):
-        got = run(model, s, drafter if s else None, ahead)
-        tokens = got.pop("tokens")
-        plain = plain or tokens
-        print(json.dumps({**got, "tokens_as_plain": tokens == plain}), flush=True)
-    drafter.queue_ahead = served
+        spec, served = {"model": str(draft), "num_speculative_tokens": 3}, DraftModelDrafter.queue_ahead
+    method = spec.get("method", "draft")
+    names = {"plain": (None, None), method: (spec, served),
+             f"{method}, {'not ' if served else ''}queued ahead": (spec, not served)}
+    engines = {name: start(model, s, ahead) for name, (s, ahead) in names.items()}
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    same: dict[str, bool] = dict.fromkeys(engines, True)
+    plain_tokens = None
+    for t in range(trials):
+        order = list(engines)[t % len(engines):] + list(engines)[:t % len(engines)]
+        for name in order:
+            tok_s, tokens = trial(engines[name])
+            rates[name].append(tok_s)
+            plain_tokens = tokens if name == "plain" and plain_tokens is None else plain_tokens
+            if name != "plain" and plain_tokens is not None:
+                same[name] &= tokens == plain_tokens
+        print(f"trial {t + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+    for name, llm in engines.items():
+        print(json.dumps({"engine": name, "tok_s": round(statistics.median(rates[name]), 1),
+                          "trials": [round(r, 1) for r in rates[name]],
+                          "steps": llm.collective_rpc("step_times")[0],
+                          "counts": llm.collective_rpc("step_counts")[0], "tokens_as_plain": same[name]}),
+              flush=True)
+    ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(rates[a], rates[b])), 3)  # noqa: E731
+    flipped = list(engines)[2]
+    print(json.dumps({"shape": shape_name, "drafts": drafts, "trials": trials,
+                      f"{method} / plain": ratio(method, "plain"), f"{flipped} / {method}": ratio(flipped, method)}),
+          flush=True)
+    for llm in engines.values():
+        llm.llm_engine.engine_core.shutdown()
 
 
 if __name__ == "__main__":

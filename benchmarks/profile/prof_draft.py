@@ -2,20 +2,22 @@
 without speculation, and the runner's own step timer (`MetalWorker.step_times`: graph build, launch, wait,
 vLLM's share) for each.
 
-    python benchmarks/profile/prof_draft.py [SHAPE] [DRAFT_LAYERS | ngram] [TRIALS]
+    python benchmarks/profile/prof_draft.py [SHAPE] [DRAFT_LAYERS | ngram] [TRIALS] [TOKENS]
 
-SHAPE is a `vmetal.bench.shapes` name (default qwen3-0.6b, bfloat16; `deep-tiny` or `copy-tiny` on the CPU
-host). The drafts come from the checkpoint's first DRAFT_LAYERS layers (default 4), or with `ngram` from vLLM's
-n-gram lookup (meant for a copying shape, `qwen3-0.6b-copying`, whose drafts are kept). Three engines, alive at
-once in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process can reach their drafters): plain, the
-drafter as served, and the drafter the other way about queuing ahead (the drafts' and their verify forward
-queued at the end of the step before, `decode_ahead.VerifyAhead`: off as served for a draft model, on for
-n-gram; the drafter's `queue_ahead`). Each trial (default 5) runs 96 greedy tokens of one code prompt on each
-engine in turn, the order rotating, after a warm-up request each: a lent GPU's speed drifts by tens of percent
-between minutes, and engines stepped in turn see the same drift, so the per-trial ratios tell a few percent
-apart where separate runs cannot (as prof_ab.py does for two settings). Prints one JSON object per engine
-(output tok/s per trial and their median; the step summary by kind over all its trials' steps: `decode` plain
-decode rows, `mixed` steps that verified drafts), then one with the medians of the per-trial ratios.
+SHAPE is a `vmetal.bench.shapes` name (default qwen3-0.6b, bfloat16; `deep-tiny` or `copy-tiny` on the CPU host).
+The drafts come from the checkpoint's first DRAFT_LAYERS layers (default 4), or with `ngram` from vLLM's n-gram
+lookup (meant for a copying shape, `qwen3-0.6b-copying`, whose drafts are kept), TOKENS a step (default what `vmetal
+serve --speculative` drafts: 3 for a draft model, as mlx-lm does; on CUDA a verify of fewer than 4 positions takes
+MLX's vector attention kernel, of 4 or more cuDNN's, whose graph MLX builds again for every new key length). Three
+engines, alive at once in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process can reach their drafters):
+plain, the drafter as served, and the drafter the other way about queuing ahead (the drafts' and their verify
+forward queued at the end of the step before, `decode_ahead.VerifyAhead`: off as served for a draft model, on for
+n-gram; the drafter's `queue_ahead`). Each trial (default 5) runs 96 greedy tokens of one code prompt on each engine
+in turn, the order rotating, after a warm-up request each: a lent GPU's speed drifts by tens of percent between
+minutes, and engines stepped in turn see the same drift, so the per-trial ratios tell a few percent apart where
+separate runs cannot (as prof_ab.py does for two settings). Prints one JSON object per engine (output tok/s per
+trial and their median; the step summary by kind over all its trials' steps: `decode` plain decode rows, `mixed`
+steps that verified drafts), then one with the medians of the per-trial ratios.
 """
 
 from __future__ import annotations
@@ -65,19 +67,21 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engines in this process: `start` reaches the drafters
     from vmetal.engine.runner.draft_model import DraftModelDrafter
     from vmetal.engine.runner.speculative import NgramDrafter
-    from vmetal.preflight.features import ngram_config
+    from vmetal.preflight.features import DRAFT_TOKENS, ngram_config
 
     shape_name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-0.6b"
     drafts = sys.argv[2] if len(sys.argv) > 2 else "4"
     trials = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    tokens = int(sys.argv[4]) if len(sys.argv) > 4 else None
     dtype = "bfloat16" if shape_name.startswith("qwen3-0.6b") else "float32"
     root = Path(tempfile.gettempdir()) / "vmetal-prof-draft"
     model = build_model(root / f"{shape_name}-{dtype}", dtype, SHAPES[shape_name])
     if drafts == "ngram":
-        spec, served = ngram_config(), NgramDrafter.queue_ahead
+        spec, served = ngram_config(tokens), NgramDrafter.queue_ahead
     else:
         draft = first_layers(model, root / f"{shape_name}-{dtype}-first{drafts}", int(drafts))
-        spec, served = {"model": str(draft), "num_speculative_tokens": 3}, DraftModelDrafter.queue_ahead
+        spec = {"model": str(draft), "num_speculative_tokens": tokens or DRAFT_TOKENS}
+        served = DraftModelDrafter.queue_ahead
     method = spec.get("method", "draft")
     names = {"plain": (None, None), method: (spec, served),
              f"{method}, {'not ' if served else ''}queued ahead": (spec, not served)}
@@ -102,7 +106,7 @@ def main() -> None:
               flush=True)
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(rates[a], rates[b])), 3)  # noqa: E731
     flipped = list(engines)[2]
-    print(json.dumps({"shape": shape_name, "drafts": drafts, "trials": trials,
+    print(json.dumps({"shape": shape_name, "drafts": drafts, "tokens": spec["num_speculative_tokens"], "trials": trials,
                       f"{method} / plain": ratio(method, "plain"), f"{flipped} / {method}": ratio(flipped, method)}),
           flush=True)
     for llm in engines.values():

@@ -92,11 +92,11 @@ def main() -> None:
     for t in range(trials):
         order = list(engines)[t % len(engines):] + list(engines)[:t % len(engines)]
         for name in order:
-            tok_s, tokens = trial(engines[name])
+            tok_s, ids = trial(engines[name])
             rates[name].append(tok_s)
-            plain_tokens = tokens if name == "plain" and plain_tokens is None else plain_tokens
+            plain_tokens = ids if name == "plain" and plain_tokens is None else plain_tokens
             if name != "plain" and plain_tokens is not None:
-                same[name] &= tokens == plain_tokens
+                same[name] &= ids == plain_tokens
         print(f"trial {t + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
     for name, llm in engines.items():
         print(json.dumps({"engine": name, "tok_s": round(statistics.median(rates[name]), 1),

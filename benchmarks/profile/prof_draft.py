@@ -39,13 +39,13 @@ def _set_queue_ahead(worker, ahead: bool) -> None:
 
 
 def start(model: Path, spec: dict | None, ahead: bool | None) -> object:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     llm = LLM(model=str(model), max_model_len=1024, max_num_seqs=4, seed=0,
               **({"speculative_config": spec} if spec else {}))
     if ahead is not None:
         llm.collective_rpc(_set_queue_ahead, args=(ahead,))
-    llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True), use_tqdm=False)
+    trial(llm)  # warm-up
     llm.collective_rpc("step_times", kwargs={"clear": True})  # the steps of the trials alone
     return llm
 

@@ -1,6 +1,6 @@
-"""Where a speculating step's time goes, beside a plain decode step: vLLM's `LLM` on one stream, with and
-without speculation, and the runner's own step timer (`MetalWorker.step_times`: graph build, launch, wait,
-vLLM's share) for each.
+"""Where a speculating step's time goes, beside a plain decode step: vLLM's `LLM` on one stream, with and without
+speculation, and the runner's own step timer (`MetalWorker.step_times`: graph build, launch, wait, vLLM's share) for
+each.
 
     python benchmarks/profile/prof_draft.py [SHAPE] [DRAFT_LAYERS | ngram] [TRIALS] [TOKENS]
 
@@ -11,13 +11,13 @@ serve --speculative` drafts: 3 for a draft model, as mlx-lm does; on CUDA a veri
 MLX's vector attention kernel, of 4 or more cuDNN's, whose graph MLX builds again for every new key length). Three
 engines, alive at once in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process can reach their drafters):
 plain, the drafter as served, and the drafter the other way about queuing ahead (the drafts' and their verify
-forward queued at the end of the step before, `decode_ahead.VerifyAhead`: off as served for a draft model, on for
-n-gram; the drafter's `queue_ahead`). Each trial (default 5) runs 96 greedy tokens of one code prompt on each engine
-in turn, the order rotating, after a warm-up request each: a lent GPU's speed drifts by tens of percent between
-minutes, and engines stepped in turn see the same drift, so the per-trial ratios tell a few percent apart where
-separate runs cannot (as prof_ab.py does for two settings). Prints one JSON object per engine (output tok/s per
-trial and their median; the step summary by kind over all its trials' steps: `decode` plain decode rows, `mixed`
-steps that verified drafts), then one with the medians of the per-trial ratios.
+forward queued at the end of the step before, `decode_ahead.VerifyAhead`: as served on for n-gram, and for a draft
+model where a launch thread runs, as on a GPU; the drafter's `queue_ahead`). Each trial (default 5) runs 96 greedy
+tokens of one code prompt on each engine in turn, the order rotating, after a warm-up request each: a lent GPU's
+speed drifts by tens of percent between minutes, and engines stepped in turn see the same drift, so the per-trial
+ratios tell a few percent apart where separate runs cannot (as prof_ab.py does for two settings). Prints one JSON
+object per engine (output tok/s per trial and their median; the step summary by kind over all its trials' steps:
+`decode` plain decode rows, `mixed` steps that verified drafts), then one with the medians of the per-trial ratios.
 """
 
 from __future__ import annotations
@@ -33,9 +33,12 @@ from pathlib import Path
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n" * 3
 
 
-def _set_queue_ahead(worker, ahead: bool) -> None:
-    # Set on this engine's drafter alone: the engines share the drafter classes.
-    getattr(worker, "worker", worker).model_runner.drafter.queue_ahead = ahead
+def _queue_ahead(worker, ahead: bool | None = None) -> bool:
+    """This engine's drafter's `queue_ahead`, set to `ahead` first unless None."""
+    drafter = getattr(worker, "worker", worker).model_runner.drafter
+    if ahead is not None:
+        drafter.queue_ahead = ahead
+    return drafter.queue_ahead
 
 
 def start(model: Path, spec: dict | None, ahead: bool | None) -> object:
@@ -44,7 +47,7 @@ def start(model: Path, spec: dict | None, ahead: bool | None) -> object:
     llm = LLM(model=str(model), max_model_len=1024, max_num_seqs=4, seed=0,
               **({"speculative_config": spec} if spec else {}))
     if ahead is not None:
-        llm.collective_rpc(_set_queue_ahead, args=(ahead,))
+        llm.collective_rpc(_queue_ahead, args=(ahead,))
     trial(llm)  # warm-up
     llm.collective_rpc("step_times", kwargs={"clear": True})  # the steps of the trials alone
     return llm
@@ -65,8 +68,6 @@ def main() -> None:
 
     prepare_environ()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engines in this process: `start` reaches the drafters
-    from vmetal.engine.runner.draft_model import DraftModelDrafter
-    from vmetal.engine.runner.speculative import NgramDrafter
     from vmetal.preflight.features import DRAFT_TOKENS, ngram_config
 
     shape_name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-0.6b"
@@ -77,15 +78,14 @@ def main() -> None:
     root = Path(tempfile.gettempdir()) / "vmetal-prof-draft"
     model = build_model(root / f"{shape_name}-{dtype}", dtype, SHAPES[shape_name])
     if drafts == "ngram":
-        spec, served = ngram_config(tokens), NgramDrafter.queue_ahead
+        spec = ngram_config(tokens)
     else:
         draft = first_layers(model, root / f"{shape_name}-{dtype}-first{drafts}", int(drafts))
         spec = {"model": str(draft), "num_speculative_tokens": tokens or DRAFT_TOKENS}
-        served = DraftModelDrafter.queue_ahead
     method = spec.get("method", "draft")
-    names = {"plain": (None, None), method: (spec, served),
-             f"{method}, {'not ' if served else ''}queued ahead": (spec, not served)}
-    engines = {name: start(model, s, ahead) for name, (s, ahead) in names.items()}
+    engines = {"plain": start(model, None, None), method: start(model, spec, None)}
+    served = engines[method].collective_rpc(_queue_ahead)[0]
+    engines[f"{method}, {'not ' if served else ''}queued ahead"] = start(model, spec, not served)
     rates: dict[str, list[float]] = {name: [] for name in engines}
     same: dict[str, bool] = dict.fromkeys(engines, True)
     plain_tokens = None

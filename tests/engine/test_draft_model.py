@@ -44,22 +44,28 @@ def llm(qwen3_model, draft):
 
 
 def test_greedy_with_drafts_accepted_and_rejected_matches_mlx_lm(llm, qwen3_model):
-    assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, qwen3_model, queued_ahead=False)
+    """With a launch thread (this module's engines, a GPU's default) the drafts and their verify forward are
+    queued at the end of the step before."""
+    assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, qwen3_model, queued_ahead=True)
 
 
 def test_requests_joining_while_others_speculate_match_mlx_lm(llm, qwen3_model):
     assert_joining_requests_like_mlx(qwen3_model, llm, "draft-join", max_tokens=TOKENS)
 
 
-def test_the_target_as_its_own_draft_has_every_draft_accepted(qwen3_model):
+def test_the_target_as_its_own_draft_has_every_draft_accepted(qwen3_model, monkeypatch):
     """The draft's cache follows the request through accepted drafts: with the target itself drafting, every
-    draft is the target's own greedy token."""
+    draft is the target's own greedy token. Launched on the engine's thread (VLLM_METAL_LAUNCH_THREAD=0, this
+    CPU's default), the drafts are made when vLLM asks for them and none is queued ahead."""
+    monkeypatch.setenv("VLLM_METAL_LAUNCH_THREAD", "0")
     with running_llm(qwen3_model, max_model_len=256, max_num_seqs=4, seed=0,
                      speculative_config=config(qwen3_model, 4)) as llm:
         outs = llm.generate(PROMPTS[:3], greedy(TOKENS), use_tqdm=False)
         assert_greedy_like_mlx(qwen3_model, outs, TOKENS)
         counts = spec_counts(llm)
+        steps = llm.collective_rpc("step_counts")[0]
     assert counts["num_draft_tokens"] > 0 and counts["num_accepted_tokens"] == counts["num_draft_tokens"]
+    assert "spec_ahead_used" not in steps and "thread_launches" not in steps, steps
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["mlx", "paged"])

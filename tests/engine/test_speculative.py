@@ -46,7 +46,7 @@ def llm(qwen3_model):
 def assert_greedy_like_mlx_while_drafts_are_kept_and_rejected(llm, model, queued_ahead: bool = True) -> None:
     """Greedy output identical to mlx-lm's on `model`, while some drafts were kept and some rolled back, and
     the verify forwards queued at the end of a step (decode_ahead.VerifyAhead) were used where the drafter
-    queues them (`queued_ahead`; n-gram drafts do, a draft model's do not), else none was."""
+    queues them (`queued_ahead`; n-gram drafts do, a draft model's where a launch thread runs), else none was."""
     before = spec_counts(llm)
     ahead = llm.collective_rpc("step_counts")[0].get("spec_ahead_used", 0)
     outs = llm.generate([REPEATING, *PROMPTS], greedy(TOKENS), use_tqdm=False)

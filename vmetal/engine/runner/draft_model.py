@@ -8,15 +8,17 @@ ours: the draft is loaded with mlx-lm beside the target and keeps a cache of its
 
 - Each step, for every request that may speculate, the draft cache is cut back to the longest prefix it shares
   with the request's tokens (what it held past that were its own rejected drafts), fed the tokens it has not
-  seen, and asked for k tokens greedily, each fed back as the next input, when vLLM asks for the drafts
-  (`propose`), each forward starting on the device while the next is built; the target verifies them in the
-  step vLLM schedules them in. Queuing the draft's and the verify forwards at the end of the step before
-  instead (`queue_ahead`, as the runner does for n-gram drafts: decode_ahead.VerifyAhead) was measured slower
-  on both machines here, one stream, the same engine and lease: 57.3 against 66.8 tok/s on an H100
-  (Qwen3-0.6B's shape, a 4-layer draft, `prof_draft.py`, 2026-12-06) and 20.4 against 21.8 on 2 CPU cores:
-  most of such a step is the device's (three draft forwards and a (k + 1)-position verify); queued early,
-  MLX blocked in the verify's `async_eval` about as long as it otherwise waits for its result, and the step
-  took longer (18.4 against 16.7 ms).
+  seen, and asked for k tokens greedily, each fed back as the next input, each forward starting on the device
+  while the next is built. Without a launch thread that happens when vLLM asks for the drafts (`propose`), and
+  the target verifies them in the step vLLM schedules them in; where a launch thread encodes them (launches.py:
+  by default on a GPU) it happens at the end of the step before, the verify forward queued behind them
+  (`queue_ahead`, as the runner does for n-gram drafts: decode_ahead.VerifyAhead), so the device runs both
+  while vLLM handles that step's output.
+  Which pays depends on the thread (one stream, Qwen3-0.6B's shape, a 4-layer draft, `prof_draft.py`, the
+  engines stepped in turn): with it, queued ahead ran 1.049x as fast as not (5 trials on an H200, 2026-12-07;
+  1.082x with cuDNN's attention off, 1.052x drafting 2 tokens); without it 57.3 against 66.8 tok/s on an H100
+  (2026-12-06) and 0.977x on 2 CPU cores: queued early on the engine's own thread, MLX blocked in the
+  verify's `async_eval` about as long as it otherwise waits for its result.
 - Greedy drafts are a deterministic function of the context, so verification is the same as for n-gram
   drafts: exact for greedy requests, rejection sampling for sampled ones (a draft proposed with certainty is
   kept with the target's probability of it), which keeps the output distribution exactly.
@@ -72,8 +74,6 @@ class DraftModelDrafter:
     """Proposes `num_tokens` greedy tokens per request from the draft model; `last` is set by the runner after
     each step (row order, tokens sampled per row), as for `speculative.NgramDrafter`."""
 
-    queue_ahead = False  # the runner does not queue the drafts' and their verify forwards early (module doc)
-
     def __init__(self, vllm_config: Any, target_config: dict[str, Any], times: StepTimes | None = None,
                  launches: Launches | None = None):
         import mlx.core as mx
@@ -102,6 +102,9 @@ class DraftModelDrafter:
         # The runner's launches (launches.py): with a launch thread, each draft forward is encoded there while
         # the engine's thread builds the next.
         self.launches = launches or Launches(threaded=False)
+        # Whether the runner queues the drafts and their verify forward at the end of the step before: where a
+        # thread launches them (module doc).
+        self.queue_ahead = self.launches.threaded
 
     @property
     def kv_bytes_per_token(self) -> int:

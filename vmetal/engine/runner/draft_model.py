@@ -6,19 +6,19 @@ the scheduler feeds them back the next step, and the runner's verification decid
 proposer differs. vLLM's own `DraftModelProposer` runs a torch model in the GPU runner's buffers, so this one is
 ours: the draft is loaded with mlx-lm beside the target and keeps a cache of its own per request.
 
-- Each step, for every request that may speculate, the draft cache is cut back to the longest prefix it shares
-  with the request's tokens (what it held past that were its own rejected drafts), fed the tokens it has not
-  seen, and asked for k tokens greedily, each fed back as the next input, each forward starting on the device
-  while the next is built. Without a launch thread that happens when vLLM asks for the drafts (`propose`), and
-  the target verifies them in the step vLLM schedules them in; where a launch thread encodes them (launches.py:
-  by default on a GPU) it happens at the end of the step before, the verify forward queued behind them
-  (`queue_ahead`, as the runner does for n-gram drafts: decode_ahead.VerifyAhead), so the device runs both
-  while vLLM handles that step's output.
-  Which pays depends on the thread (one stream, Qwen3-0.6B's shape, a 4-layer draft, `prof_draft.py`, the
-  engines stepped in turn): with it, queued ahead ran 1.049x as fast as not (5 trials on an H200, 2026-12-07;
-  1.082x with cuDNN's attention off, 1.052x drafting 2 tokens); without it 57.3 against 66.8 tok/s on an H100
-  (2026-12-06) and 0.977x on 2 CPU cores: queued early on the engine's own thread, MLX blocked in the
-  verify's `async_eval` about as long as it otherwise waits for its result.
+- Each step, for every request that may speculate, the draft cache is cut back to the longest prefix it shares with
+  the request's tokens (what it held past that were its own rejected drafts), fed the tokens it has not seen, and
+  asked for k tokens greedily, each fed back as the next input, each forward starting on the device while the next
+  is built. Without a launch thread that happens when vLLM asks for the drafts (`propose`), and the target verifies
+  them in the step vLLM schedules them in; where a launch thread encodes them (launches.py: by default on a GPU) it
+  happens at the end of the step before, the verify forward queued behind them (`queue_ahead`, as the runner does
+  for n-gram drafts: decode_ahead.VerifyAhead), so the device runs both while vLLM handles that step's output. Which
+  pays depends on the thread (one stream, Qwen3-0.6B's shape, a 4-layer draft, `prof_draft.py`, the engines stepped
+  in turn): with it, queued ahead ran 1.049x as fast as not (5 trials on an H200, 2026-12-07; 1.082x with cuDNN's
+  attention off, 1.052x drafting 2 tokens); without it 57.3 against 66.8 tok/s on an H100 (2026-12-06) and 20.4
+  against 21.8 on 2 CPU cores: queued early on the engine's own thread, MLX blocked in the verify's `async_eval`
+  about as long as it otherwise waits for its result. (On the CPU MLX computes inside the launch, so a thread gains
+  nothing there: 0.977x queued with one forced on.)
 - Greedy drafts are a deterministic function of the context, so verification is the same as for n-gram
   drafts: exact for greedy requests, rejection sampling for sampled ones (a draft proposed with certainty is
   kept with the target's probability of it), which keeps the output distribution exactly.

@@ -8,16 +8,17 @@ SHAPE is a `vmetal.bench.shapes` name (default qwen3-0.6b, bfloat16; `deep-tiny`
 The drafts come from the checkpoint's first DRAFT_LAYERS layers (default 4), or with `ngram` from vLLM's n-gram
 lookup (meant for a copying shape, `qwen3-0.6b-copying`, whose drafts are kept), TOKENS a step (default what `vmetal
 serve --speculative` drafts: 3 for a draft model, as mlx-lm does; on CUDA a verify of fewer than 4 positions takes
-MLX's vector attention kernel, of 4 or more cuDNN's, whose graph MLX builds again for every new key length). Three
-engines, alive at once in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process can reach their drafters):
-plain, the drafter as served, and the drafter the other way about queuing ahead (the drafts' and their verify
-forward queued at the end of the step before, `decode_ahead.VerifyAhead`: as served on for n-gram, and for a draft
-model where a launch thread runs, as on a GPU; the drafter's `queue_ahead`). Each trial (default 5) runs 96 greedy
-tokens of one code prompt on each engine in turn, the order rotating, after a warm-up request each: a lent GPU's
-speed drifts by tens of percent between minutes, and engines stepped in turn see the same drift, so the per-trial
-ratios tell a few percent apart where separate runs cannot (as prof_ab.py does for two settings). Prints one JSON
-object per engine (output tok/s per trial and their median; the step summary by kind over all its trials' steps:
-`decode` plain decode rows, `mixed` steps that verified drafts), then one with the medians of the per-trial ratios.
+MLX's vector attention kernel, of 4 or more cuDNN's, whose graph MLX builds again for every new key length: on an
+H200 neither changed the ~8 ms a speculating step waits for its launches, RESULTS-gpu.md). Three engines, alive at
+once in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process can reach their drafters): plain, the
+drafter as served, and the drafter the other way about queuing ahead (the drafts' and their verify forward queued at
+the end of the step before, `decode_ahead.VerifyAhead`: as served on for n-gram, and for a draft model where a
+launch thread runs, as on a GPU; the drafter's `queue_ahead`). Each trial (default 5) runs 96 greedy tokens of one
+code prompt on each engine in turn, the order rotating, after a warm-up request each: a lent GPU's speed drifts by
+tens of percent between minutes, and engines stepped in turn see the same drift, so the per-trial ratios tell a few
+percent apart where separate runs cannot (as prof_ab.py does for two settings). Prints one JSON object per engine
+(output tok/s per trial and their median; the step summary by kind over all its trials' steps: `decode` plain decode
+rows, `mixed` steps that verified drafts), then one with the medians of the per-trial ratios.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ runner build them, each phase timed, beside a plain one-token step of the same t
 
     python benchmarks/profile/prof_spec_step.py [--shape qwen3-0.6b] [--draft-layers 4] [--tokens 3] [--steps 64]
 
-On an H100 a speculating step of Qwen3-0.6B's shape with a 4-layer draft kept the launch thread busy about 8 ms
-where a plain step's launch takes about 2, with 2 drafts as with 3 and with cuDNN's attention off as on
-(`prof_draft.py`): this tells which launch holds it, and whether the loader does (vmetal's `models.load`, with
-and without its kernels, against `mlx_lm.load`). Every draft is rejected (the target's own token is kept and
-the caches trimmed back), so each step feeds one new token to both models, as with a random-weight draft.
-Prints one line per loader: per phase the median ms over the steps.
+On an H100 and an H200 a speculating step of Qwen3-0.6B's shape with a 4-layer draft kept the engine's thread
+waiting about 8 ms for the launch thread where a plain step's launch takes about 2, on the H200 with 2 drafts as
+with 3 and with cuDNN's attention off as on (`prof_draft.py`, RESULTS-gpu.md): this tells which launch holds it,
+and whether the loader does (vmetal's `models.load`, with and without its kernels, against `mlx_lm.load`). Every
+draft is rejected (the target's own token is kept and the caches trimmed back), so each step feeds one new token
+to both models, as with a random-weight draft. Prints one line per loader: per phase the median ms over the steps.
 """
 
 from __future__ import annotations

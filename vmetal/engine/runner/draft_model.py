@@ -178,9 +178,16 @@ class DraftModelDrafter:
             for layer in cache:
                 layer.trim(len(held) - keep)
         self.caches[req_id] = (cache, held[:keep])
+        feed = tokens[keep:]
+        # A step feeds what the draft has not seen since its drafts: one token, or two once all were kept (the
+        # last draft and the target's own). One forward takes those; prefill's prompt path (all but the last
+        # token in a forward of their own, to skip the last layer's MLP for them) would launch every layer
+        # twice for that, and pays only on a prompt.
+        short = len(feed) <= self.num_tokens + 1
         with self.times.build():
-            logits = mlx_cache.prefill(self.model, cache, tokens[keep:], head_on_rows=self.loaded.head_on_rows)
-            out = [mx.argmax(logits, axis=-1).astype(mx.int32)]
+            logits = mlx_cache.prefill(self.model, cache, feed, head_on_rows=self.loaded.head_on_rows,
+                                       last=1 if short else 0)
+            out = [mx.argmax(logits[-1] if short else logits, axis=-1).astype(mx.int32)]
         for _ in range(k - 1):
             # Each forward starts on the device while the next is built, as mlx-lm's draft loop does.
             with self.times.launch():

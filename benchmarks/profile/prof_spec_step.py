@@ -9,7 +9,8 @@ waiting about 8 ms for the launch thread where a plain step's launch takes about
 with 3 and with cuDNN's attention off as on (`prof_draft.py`, RESULTS-gpu.md): this tells which launch holds it,
 and whether the loader does (vmetal's `models.load`, with and without its kernels, against `mlx_lm.load`). Every
 draft is rejected (the target's own token is kept and the caches trimmed back), so each step feeds one new token
-to both models, as with a random-weight draft. Prints one line per loader: per phase the median ms over the steps.
+to both models, as with a random-weight draft. Prints one line per loader: per phase the median ms over the steps;
+then the target's forward alone at each of `--widths` token counts (build, launch, wait).
 """
 
 from __future__ import annotations
@@ -75,12 +76,45 @@ def run(target, draft, tokens: int, steps: int) -> dict[str, float]:
     return {k: round(statistics.median(v), 3) for k, v in phases.items()}
 
 
+def sweep(target, widths: list[int], steps: int) -> dict[str, float]:
+    """One forward of the target over `width` new tokens (a verify's shape), built, launched and waited for
+    alone, per width: the median ms of each phase, so a device's cost of a wider forward shows apart from the
+    drafts queued before it. Each forward's positions are trimmed off again, so every one sees the same cache."""
+    import mlx.core as mx
+
+    from vmetal.engine.runner.kv import mlx_cache
+
+    cache = mlx_cache.new_request_cache(target.model)
+    mlx_cache.prefill(target.model, cache, list(range(1, 17)))
+    mx.eval([c.state for c in cache])
+    out: dict[str, float] = {}
+    for width in widths:
+        rows: dict[str, list[float]] = {}
+        for step in range(steps + 4):
+            logits, build = _timed(lambda: mx.argmax(
+                mlx_cache.prefill(target.model, cache, list(range(3, 3 + width)), last=width), axis=-1))
+            _, launch = _timed(lambda: mx.async_eval(logits))
+            _, wait = _timed(lambda: logits.tolist())
+            for layer in cache:
+                layer.trim(width)
+            if step >= 4:
+                for k, v in (("build", build), ("launch", launch), ("wait", wait)):
+                    rows.setdefault(k, []).append(v)
+        for k, v in rows.items():
+            out[f"{width} {k}"] = round(statistics.median(v), 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap, "qwen3-0.6b")
     ap.add_argument("--draft-layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=3)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--loaders", default="vmetal,vmetal-kernels-off,vmetal-unpacked,mlx-lm",
+                    help="which loaders to time, comma-separated")
+    ap.add_argument("--widths", default="1,2,3,4,8",
+                    help="the target's forward timed alone at each of these token counts (none: '')")
     args = ap.parse_args()
 
     from vmetal.bench.inprocess import prepare_environ
@@ -99,12 +133,16 @@ def main() -> None:
             self.model = mlx_lm_load(str(path))[0]
 
     loaders = {"vmetal": lambda p: models.load(str(p)),
-               "vmetal, kernels off": lambda p: models.load(str(p), kernels=False),
-               "vmetal, unpacked": lambda p: models.load(str(p), packed=False),
+               "vmetal-kernels-off": lambda p: models.load(str(p), kernels=False),
+               "vmetal-unpacked": lambda p: models.load(str(p), packed=False),
                "mlx-lm": _Plain}
-    for name, load in loaders.items():
+    for name in args.loaders.split(","):
+        load = loaders[name]
         target, draft = load(checkpoint), load(draft_dir)
         print(f"{name}: {run(target, draft, args.tokens, args.steps)}", flush=True)
+        if args.widths:
+            widths = [int(w) for w in args.widths.split(",")]
+            print(f"{name}, target alone: {sweep(target, widths, args.steps)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the target's verify forward built and launched (`mx.async_eval`) one by one as `
 runner build them, each phase timed, beside a plain one-token step of the same target.
 
     python benchmarks/profile/prof_spec_step.py [--shape qwen3-0.6b] [--draft-layers 4] [--tokens 3] [--steps 64]
+        [--loaders vmetal,vmetal-kernels-off,vmetal-unpacked,mlx-lm] [--widths 1,2,3,4,8]
 
 On an H100 and an H200 a speculating step of Qwen3-0.6B's shape with a 4-layer draft kept the engine's thread
 waiting about 8 ms for the launch thread where a plain step's launch takes about 2, on the H200 with 2 drafts as

@@ -11,6 +11,7 @@ other on the same machine, so the rows of one regeneration share a machine, a mo
   speculative bench_speculative.py  n-gram speculation vs the same engine without it (random weights: the cost)
   speculative-copy-tiny  the same on a model that copies its context (vmetal.bench.copying: the gain)
   draft    bench_draft.py    draft-model speculation beside mlx_lm.generate --draft-model
+  draft-copy-deep-tiny  the same with a pair that agrees (a copying model and its cut: the gain)
   kv-capacity bench_kv_capacity.py  full-context requests a KV pool holds, sliding groups vs one block table
 
 Not regenerated here, because they are not measured on this kind of machine: the GPU section (row 4: run on
@@ -45,6 +46,8 @@ SECTIONS = {
     "speculative-copy-tiny": ("bench_speculative.py", ["--shape", "copy-tiny"],
                               ["--shape", "copy-tiny", "--trials", "1"]),
     "draft": ("bench_draft.py", [], ["--trials", "1", "--prompts", "2"]),
+    "draft-copy-deep-tiny": ("bench_draft.py", ["--shape", "copy-deep-tiny", "--draft-layers", "4"],
+                             ["--shape", "copy-deep-tiny", "--draft-layers", "4", "--trials", "1", "--prompts", "2"]),
     "kv-capacity": ("bench_kv_capacity.py", [], []),
 }
 

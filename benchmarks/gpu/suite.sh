@@ -3,11 +3,13 @@
 #
 #   bash benchmarks/gpu/suite.sh [OUT_DIR] [STEP...]
 #
-# Steps, in the order they run (all by default): host engine serving draft draft-paged ngram ngram-paged moe.
+# Steps, in the order they run (all by default): host engine serving draft draft-paged draft-copying ngram ngram-paged
+# moe.
 # Each writes its section into OUT_DIR/RESULTS-gpu.md (not RESULTS.md: those sections are the CPU host's) and its
 # raw report and log into OUT_DIR (default /tmp/vmetal-gpu-results); a step that fails is logged and the next one
-# runs; OUT_DIR/DONE marks the end. Every model is random-weight Qwen3 in Qwen3-0.6B's shape, bfloat16. The
-# results file kept here is benchmarks/RESULTS-gpu.md: copy OUT_DIR/RESULTS-gpu.md over it as the scripts wrote it.
+# runs; OUT_DIR/DONE marks the end. The dense models are Qwen3 in Qwen3-0.6B's shape, bfloat16 (random weights, or
+# weights that copy for ngram and draft-copying). The results file kept here is benchmarks/RESULTS-gpu.md: copy
+# OUT_DIR/RESULTS-gpu.md over it as the scripts wrote it.
 #
 # A lease ends a call at 10 minutes and this takes ~20, so start it detached and collect it in later calls:
 #   setsid nohup bash benchmarks/gpu/suite.sh /tmp/res >/tmp/suite.out 2>&1 &
@@ -17,7 +19,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${1:-/tmp/vmetal-gpu-results}
 shift || true
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(host engine serving draft draft-paged ngram ngram-paged moe)
+[ ${#steps[@]} -gt 0 ] || steps=(host engine serving draft draft-paged draft-copying ngram ngram-paged moe)
 mkdir -p "$out"
 rm -f "$out/DONE"
 results="$out/RESULTS-gpu.md"
@@ -46,6 +48,9 @@ for s in "${steps[@]}"; do
         --output-len 128 --model-dir "$model" --log-dir "$out/serving-logs" ;;
     draft) step draft benchmarks/bench_draft.py "${gpu[@]}" --draft-layers 4 --trials 5 ;;
     draft-paged) step draft-paged benchmarks/bench_draft.py "${gpu[@]}" --draft-layers 4 --trials 5 --paged ;;
+    # the same pair cut from the copying model, which keeps nearly every draft (bench_draft.py's docstring)
+    draft-copying) step draft-copying benchmarks/bench_draft.py --shape qwen3-0.6b-copying --dtype bfloat16 \
+        --draft-layers 4 --trials 5 ;;
     # n-gram speculation on Qwen3-0.6B's shape with weights that copy their context (vmetal.bench.copying)
     ngram) step ngram benchmarks/bench_speculative.py --shape qwen3-0.6b-copying --dtype bfloat16 --trials 5 ;;
     ngram-paged) step ngram-paged benchmarks/bench_speculative.py --shape qwen3-0.6b-copying --dtype bfloat16 \

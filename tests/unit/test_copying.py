@@ -65,3 +65,24 @@ def test_a_checkpoint_whose_heads_are_too_narrow_is_refused_with_the_reason(tmp_
     folder = build_model(tmp_path / "narrow", "float32", SHAPES["tiny"])  # head_dim 64
     with pytest.raises(ValueError, match="head_dim >= 128"):
         make_copying(folder)
+
+
+def test_its_cut_to_the_copying_layers_gives_the_targets_logits_and_a_shorter_cut_does_not(tmp_path):
+    """The agreeing draft pair bench_draft.py measures (`copy-deep-tiny` and its first 4 layers): every layer past
+    the induction layer adds nothing, so the cut's logits are the deeper model's own, where a cut that drops the
+    induction layer predicts other tokens."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from vmetal.bench.shapes import first_layers
+
+    deep = build_model(tmp_path / "deep", "float32", {**SHAPES["copy-tiny"], "num_layers": 6})
+    target, tokenizer = load(str(deep))
+    ids = mx.array([tokenizer.encode(FILE * 2)])
+    want = target(ids)[0]
+    cut, _ = load(str(first_layers(deep, tmp_path / "cut", 4)))
+    assert len(cut.layers) == 4
+    assert mx.array_equal(cut(ids)[0], want).item()
+    short, _ = load(str(first_layers(deep, tmp_path / "short", 3)))
+    agree = (mx.argmax(short(ids)[0], axis=-1) == mx.argmax(want, axis=-1)).mean().item()
+    assert agree < 0.5, agree

@@ -51,6 +51,9 @@ SHAPES["gpt-oss-20b-cut"] = {
 SHAPES["copy-tiny"] = {"arch": "qwen3", "hidden_size": 256, "num_layers": 4, "num_heads": 2, "num_kv_heads": 2,
                        "intermediate_size": 256, "head_dim": 128, "copying": 3}
 SHAPES["qwen3-0.6b-copying"] = {**SHAPES["qwen3-0.6b"], "copying": 3}
+# copy-tiny at Qwen3-0.6B's depth: its copying lives in layers 0..3, so a cut to those (`first_layers`) is a draft
+# that computes what the target does, the agreeing pair a draft-model benchmark wants (benchmarks/bench_draft.py).
+SHAPES["copy-deep-tiny"] = {**SHAPES["copy-tiny"], "num_layers": 28}
 DEFAULT_SHAPE = "tiny"
 
 

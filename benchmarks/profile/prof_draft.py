@@ -4,18 +4,19 @@ each.
 
     python benchmarks/profile/prof_draft.py [SHAPE] [DRAFT_LAYERS | ngram] [TRIALS] [TOKENS]
 
-SHAPE is a `vmetal.bench.shapes` name (default qwen3-0.6b, bfloat16; `deep-tiny` or `copy-tiny` on the CPU host).
-The drafts come from the checkpoint's first DRAFT_LAYERS layers (default 4), or with `ngram` from vLLM's n-gram
-lookup (meant for a copying shape, `qwen3-0.6b-copying`, whose drafts are kept), TOKENS a step (default what `vmetal
-serve --speculative` drafts: 3 for a draft model, as mlx-lm does; on CUDA a verify of fewer than 4 positions takes
-MLX's vector attention kernel, of 4 or more cuDNN's, whose graph MLX builds again for every new key length: on an
-H200 neither changed the ~8 ms a speculating step waits for its launches, RESULTS-gpu.md). Three engines, alive at
-once in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process can reach their drafters): plain, the
-drafter as served, and the drafter the other way about queuing ahead (the drafts' and their verify forward queued at
-the end of the step before, `decode_ahead.VerifyAhead`: as served on for n-gram, and for a draft model where a
-launch thread runs, as on a GPU; the drafter's `queue_ahead`). Each trial (default 5) runs 96 greedy tokens of one
-code prompt on each engine in turn, the order rotating, after a warm-up request each: a lent GPU's speed drifts by
-tens of percent between minutes, and engines stepped in turn see the same drift, so the per-trial ratios tell a few
+SHAPE is a `vmetal.bench.shapes` name (default qwen3-0.6b, bfloat16; `deep-tiny` or `copy-tiny` on the CPU host). The
+drafts come from the checkpoint's first DRAFT_LAYERS layers (default 4), or with `ngram` from vLLM's n-gram lookup
+(meant for a copying shape, `qwen3-0.6b-copying`, whose drafts are kept), TOKENS a step (default what `vmetal serve
+--speculative` drafts: 3 for a draft model, as mlx-lm does; on CUDA a verify of fewer than 4 positions takes MLX's
+vector attention kernel, of 4 or more cuDNN's, whose graph MLX builds again for every new key length: on an H200 neither
+changed the ~8 ms a speculating step waits for its launches, RESULTS-gpu.md). Three engines, alive at once in this
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0, so this process can reach their drafters): plain, the drafter as served, and
+the drafter the other way about queuing ahead (the drafts' and their verify forward queued at the end of the step
+before, `decode_ahead.VerifyAhead`: as served on for n-gram, and for a draft model where a launch thread runs, as on a
+GPU; the drafter's `queue_ahead`), and where the served drafter queues ahead a fourth: the same with its verify forward
+launched whole rather than in parts (`MlxModelRunner.verify_launch_parts`). Each trial (default 5) runs 96 greedy tokens
+of one code prompt on each engine in turn, the order rotating, after a warm-up request each: a lent GPU's speed drifts
+by tens of percent between minutes, and engines stepped in turn see the same drift, so the per-trial ratios tell a few
 percent apart where separate runs cannot (as prof_ab.py does for two settings). Prints one JSON object per engine
 (output tok/s per trial and their median; the step summary by kind over all its trials' steps: `decode` plain decode
 rows, `mixed` steps that verified drafts), then one with the medians of the per-trial ratios.
@@ -42,13 +43,20 @@ def _queue_ahead(worker, ahead: bool | None = None) -> bool:
     return drafter.queue_ahead
 
 
-def start(model: Path, spec: dict | None, ahead: bool | None) -> object:
+def _verify_parts(worker, parts: int) -> None:
+    """Launch this engine's verify forwards queued ahead in `parts` (`MlxModelRunner.verify_launch_parts`)."""
+    getattr(worker, "worker", worker).model_runner.verify_launch_parts = parts
+
+
+def start(model: Path, spec: dict | None, ahead: bool | None, parts: int | None = None) -> object:
     from vllm import LLM
 
     llm = LLM(model=str(model), max_model_len=1024, max_num_seqs=4, seed=0,
               **({"speculative_config": spec} if spec else {}))
     if ahead is not None:
         llm.collective_rpc(_queue_ahead, args=(ahead,))
+    if parts is not None:
+        llm.collective_rpc(_verify_parts, args=(parts,))
     trial(llm)  # warm-up
     llm.collective_rpc("step_times", kwargs={"clear": True})  # the steps of the trials alone
     return llm
@@ -87,6 +95,8 @@ def main() -> None:
     engines = {"plain": start(model, None, None), method: start(model, spec, None)}
     served = engines[method].collective_rpc(_queue_ahead)[0]
     engines[f"{method}, {'not ' if served else ''}queued ahead"] = start(model, spec, not served)
+    if served:  # and, queued ahead as served, its verify forward launched whole rather than in parts
+        engines[f"{method}, verify launched whole"] = start(model, spec, None, parts=1)
     rates: dict[str, list[float]] = {name: [] for name in engines}
     same: dict[str, bool] = dict.fromkeys(engines, True)
     plain_tokens = None
@@ -107,9 +117,11 @@ def main() -> None:
               flush=True)
     ratio = lambda a, b: round(statistics.median(x / y for x, y in zip(rates[a], rates[b])), 3)  # noqa: E731
     flipped = list(engines)[2]
+    ratios = {f"{method} / plain": ratio(method, "plain"), f"{flipped} / {method}": ratio(flipped, method)}
+    if served:
+        ratios[f"{method} / {method}, verify launched whole"] = ratio(method, f"{method}, verify launched whole")
     print(json.dumps({"shape": shape_name, "drafts": drafts, "tokens": spec["num_speculative_tokens"], "trials": trials,
-                      f"{method} / plain": ratio(method, "plain"), f"{flipped} / {method}": ratio(flipped, method)}),
-          flush=True)
+                      **ratios}), flush=True)
     for llm in engines.values():
         llm.llm_engine.engine_core.shutdown()
 

@@ -196,3 +196,34 @@ def test_nbytes_follows_the_batch(model):
     assert 0 < batch.nbytes < before
     batch.remove({"b", "c"})
     assert batch.nbytes == 0
+
+
+def test_a_forward_launched_in_parts_gives_the_same_logits_and_leaves_the_cache_as_it_was(model):
+    """`launched_in_parts`: a speculating step's verify forward handed to a real launch thread layer group by
+    layer group while it is built (one launch before each later group, then the whole) gets the logits of the
+    forward built and launched at once, and the caches' own `update_and_fetch` is back once it is built."""
+    from vmetal.engine.runner.kv.mlx_cache import launched_in_parts
+    from vmetal.engine.runner.launches import Launches
+
+    def verify(parts: int, launches: Launches) -> tuple[mx.array, int]:
+        with launches.stream_context():
+            cache = new_request_cache(model)
+            mx.eval(prefill(model, cache, PROMPTS["c"]))
+            before = launches.done
+            with launched_in_parts(cache, parts, launches.launch):
+                logits = prefill(model, cache, [7, 8, 9, 10], last=4)
+            launches.settle(upto=launches.launch(logits))
+            parts_launched = launches.done - before - 1
+        assert all("update_and_fetch" not in vars(c) for c in cache)
+        assert cache[0].offset == len(PROMPTS["c"]) + 4
+        return logits, parts_launched
+
+    launches = Launches(threaded=True)
+    try:
+        whole, none = verify(1, launches)
+        split, three = verify(len(model.layers), launches)
+    finally:
+        launches.close()
+    assert (none, three) == (0, len(model.layers) - 1)
+    assert whole.shape == (4, model.args.vocab_size)
+    close(split, whole)

@@ -21,6 +21,9 @@ logger = logging.getLogger("vllm.vmetal")  # under "vllm": its handlers and leve
 
 
 class MlxModelRunner(ModelRunnerBase):
+    # A verify forward queued ahead goes to the launch thread in this many parts (mlx_cache.launched_in_parts).
+    verify_launch_parts = 4
+
     def __init__(self, vllm_config: Any, device: Any, metal_config: Any, group: Any = None):
         super().__init__(vllm_config, device, metal_config, group)
         # Per-request caches: requests in prefill, or decoders the scheduler paused.
@@ -292,7 +295,8 @@ class MlxModelRunner(ModelRunnerBase):
             # What vLLM will count as computed: every token but the one just sampled, which is fed next.
             start = state.num_tokens - 1
             self._trim_request_cache(cache, self.cache_len[req_id] - start)
-            with self.step_times.build():
+            parts = self.verify_launch_parts if self.launches.threaded else 1
+            with self.step_times.build(), mlx_cache.launched_in_parts(cache, parts, self.launches.launch):
                 fed = mx.concatenate([mx.array([state.output_token_ids[-1]], dtype=mx.int32),
                                       mx.array(drafts, dtype=mx.int32)])
                 logits = mlx_cache.prefill(self.model, cache, fed, head_on_rows=self.loaded.head_on_rows,

@@ -9,6 +9,8 @@ every decoding request advances in one forward per step.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -90,6 +92,36 @@ class DecodeBatch:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self._caches or [])
+
+
+@contextlib.contextmanager
+def launched_in_parts(cache: list[Any], parts: int, launch: Callable[..., Any]) -> Iterator[None]:
+    """While a forward on `cache` is built, hand its first layers to `launch` (a launch thread's) as soon as they
+    are built: the K/V that layers L/parts, 2L/parts, .. store, which cover every layer before them, so the thread
+    encodes a forward's first part while this thread builds the rest.
+
+    A speculating step waits for its verify forward's tokens before it can draft again (what is kept decides what
+    the draft sees next), so building the forward and launching it add up there, where a plain decode step queued
+    ahead overlaps the two across steps (decode_ahead.py). Launched in parts, the launch of one part overlaps the
+    build of the next. mlx-lm's forwards give no hook between layers; the cache's `update_and_fetch` is the one
+    call every layer makes with what it has built, so it is wrapped on those layers' caches for the build only.
+    """
+    every = -(-len(cache) // max(parts, 1))
+    marked = [c for i, c in enumerate(cache) if i and i % every == 0]
+    for layer in marked:
+        fetch = layer.update_and_fetch
+
+        def update_and_fetch(keys: Any, values: Any, fetch: Callable[..., Any] = fetch) -> Any:
+            out = fetch(keys, values)
+            launch(out)
+            return out
+
+        layer.update_and_fetch = update_and_fetch  # shadows the class's method on this instance only
+    try:
+        yield
+    finally:
+        for layer in marked:
+            del layer.update_and_fetch
 
 
 def new_request_cache(model: Any) -> list[Any]:

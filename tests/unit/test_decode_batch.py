@@ -227,3 +227,18 @@ def test_a_forward_launched_in_parts_gives_the_same_logits_and_leaves_the_cache_
     assert (none, three) == (0, len(model.layers) - 1)
     assert whole.shape == (4, model.args.vocab_size)
     close(split, whole)
+
+
+def test_a_layer_without_a_kv_cache_is_not_launched_in_parts():
+    """A model whose cache list holds a layer with no K/V to fetch (None here) is launched whole there: no error,
+    and the other layers' caches get their own method back."""
+    from vmetal.engine.runner.kv.mlx_cache import launched_in_parts
+
+    cache = [KVCache(), None, KVCache(), KVCache()]
+    launched = []
+    with launched_in_parts(cache, 4, launched.append):
+        keys = mx.ones((1, 1, 2, 4))
+        for layer in (cache[2], cache[3]):
+            layer.update_and_fetch(keys, keys)
+    assert len(launched) == 2
+    assert all("update_and_fetch" not in vars(c) for c in cache if c is not None)

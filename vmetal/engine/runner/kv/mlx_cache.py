@@ -107,7 +107,8 @@ def launched_in_parts(cache: list[Any], parts: int, launch: Callable[..., Any]) 
     call every layer makes with what it has built, so it is wrapped on those layers' caches for the build only.
     """
     every = -(-len(cache) // max(parts, 1))
-    marked = [c for i, c in enumerate(cache) if i and i % every == 0]
+    # A layer whose cache keeps no K/V it fetches (none, or a state of another kind) is left as it is.
+    marked = [c for i, c in enumerate(cache) if i and i % every == 0 and callable(getattr(c, "update_and_fetch", None))]
     for layer in marked:
         fetch = layer.update_and_fetch
 

@@ -93,6 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.kernel and not mx.cuda.is_available():
         ap.error("--kernel needs MLX's CUDA backend (mlx[cuda]); this MLX has none")
+    if not all(r.isdigit() and 0 < int(r) <= 32 for r in args.rows.split(",")):
+        ap.error(f"--rows {args.rows!r} is not a list of row counts from 1 to 32 (e.g. 1,2,4)")
     rows = [int(r) for r in args.rows.split(",")]
     weights = [mx.random.normal((3072, 1024)).astype(mx.bfloat16) for _ in range(8)]  # more than a cache holds
     mx.eval(weights)

@@ -106,13 +106,16 @@ def sweep(target, widths: list[int], steps: int) -> dict[str, float]:
     return out
 
 
+LOADERS = ("vmetal", "vmetal-kernels-off", "vmetal-unpacked", "mlx-lm")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(ap, "qwen3-0.6b")
     ap.add_argument("--draft-layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=3)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--loaders", default="vmetal,vmetal-kernels-off,vmetal-unpacked,mlx-lm",
+    ap.add_argument("--loaders", default=",".join(LOADERS),
                     help="which loaders to time, comma-separated")
     ap.add_argument("--widths", default="1,2,3,4,8",
                     help="the target's forward timed alone at each of these token counts (none: '')")
@@ -121,6 +124,14 @@ def main() -> None:
     from vmetal.bench.inprocess import prepare_environ
     from vmetal.bench.shapes import first_layers
 
+    names = args.loaders.split(",")
+    unknown = [n for n in names if n not in LOADERS]
+    if unknown:
+        ap.error(f"unknown loader(s) {', '.join(unknown)}; choose from {', '.join(LOADERS)}")
+    widths = [w for w in args.widths.split(",") if w]
+    if not all(w.isdigit() and int(w) > 0 for w in widths):
+        ap.error(f"--widths {args.widths!r} is not a list of positive token counts (e.g. 1,2,4)")
+    widths = [int(w) for w in widths]
     prepare_environ()
     checkpoint = model_dir(args, "prof-spec-")
     draft_dir = first_layers(checkpoint, Path(str(checkpoint) + f"-first{args.draft_layers}"), args.draft_layers)
@@ -137,12 +148,11 @@ def main() -> None:
                "vmetal-kernels-off": lambda p: models.load(str(p), kernels=False),
                "vmetal-unpacked": lambda p: models.load(str(p), packed=False),
                "mlx-lm": _Plain}
-    for name in args.loaders.split(","):
+    for name in names:
         load = loaders[name]
         target, draft = load(checkpoint), load(draft_dir)
         print(f"{name}: {run(target, draft, args.tokens, args.steps)}", flush=True)
-        if args.widths:
-            widths = [int(w) for w in args.widths.split(",")]
+        if widths:
             print(f"{name}, target alone: {sweep(target, widths, args.steps)}", flush=True)
 
 

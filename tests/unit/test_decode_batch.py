@@ -221,10 +221,10 @@ def test_a_forward_launched_in_parts_gives_the_same_logits_and_leaves_the_cache_
     launches = Launches(threaded=True)
     try:
         whole, none = verify(1, launches)
-        split, three = verify(len(model.layers), launches)
+        split, in_parts = verify(len(model.layers), launches)
     finally:
         launches.close()
-    assert (none, three) == (0, len(model.layers) - 1)
+    assert (none, in_parts) == (0, len(model.layers) - 1)
     assert whole.shape == (4, model.args.vocab_size)
     close(split, whole)
 
